@@ -1,0 +1,136 @@
+"""Pure-PyTorch reference ops: the CPU path and the ground truth the Triton kernels are tested against.
+
+Shapes use T = tokens in the packed batch, B = sequences, H = query heads, KVH = KV heads,
+D = head dim, NB = physical blocks, BS = block size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm with an optional fused residual add.
+
+    x, residual: [T, hidden]; weight: [hidden]. Returns (normed, new_residual) where
+    new_residual = x + residual (or x when residual is None), computed in float32 like HF.
+    """
+    if residual is not None:
+        x = x + residual
+    residual_out = x
+    xf = x.to(torch.float32)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype), residual_out
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU activation: gate_up [T, 2*I] holding [gate | up] -> silu(gate) * up, [T, I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                 cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, H, D] and k [T, KVH, D] by position (HF's rotate-half convention).
+
+    cos_sin_cache: [max_positions, D] holding [cos | sin] of the D/2 frequencies (float32).
+    """
+    cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)  # [T, D/2] each
+    cos = torch.cat([cos, cos], dim=-1).unsqueeze(1)
+    sin = torch.cat([sin, sin], dim=-1).unsqueeze(1)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(torch.float32)
+        x1, x2 = xf.chunk(2, dim=-1)
+        return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def write_kv_to_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                      value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store key/value [T, KVH, D] into the paged caches [NB, BS, KVH, D] at flat slots [T].
+
+    A slot of -1 means "do not store" (a padding token).
+    """
+    num_blocks, block_size = key_cache.shape[:2]
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    key_cache.view(num_blocks * block_size, *key_cache.shape[2:])[slots] = key[valid].to(key_cache.dtype)
+    value_cache.view(num_blocks * block_size, *value_cache.shape[2:])[slots] = value[valid].to(value_cache.dtype)
+
+
+def gather_paged_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """Read one sequence's first `length` tokens from a paged cache.
+
+    cache: [NB, BS, KVH, D]; block_table: [max_blocks] int; returns [length, KVH, D].
+    """
+    block_size = cache.shape[1]
+    num_blocks = (length + block_size - 1) // block_size
+    blocks = cache[block_table[:num_blocks].long()]  # [n, BS, KVH, D]
+    return blocks.reshape(-1, *cache.shape[2:])[:length]
+
+
+def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                    scale: float, query_lens_cpu: list[int] | None = None,
+                    seq_lens_cpu: list[int] | None = None) -> torch.Tensor:
+    """Causal attention of packed queries over each sequence's paged K/V (prefill, chunked
+    prefill with a cached prefix, and decode in one call).
+
+    query: [T, H, D], the new tokens of B sequences packed back to back; sequence b's queries
+    are query[query_start_loc[b]:query_start_loc[b+1]] and are the *last* q_len tokens of its
+    seq_lens[b] tokens (their K/V must already be in the cache).
+    key_cache/value_cache: [NB, BS, KVH, D]; block_tables: [B, max_blocks]; seq_lens: [B];
+    query_start_loc: [B+1]. Returns [T, H, D].
+    """
+    q_lens = query_lens_cpu or (query_start_loc[1:] - query_start_loc[:-1]).tolist()
+    s_lens = seq_lens_cpu or seq_lens.tolist()
+    num_heads, num_kv_heads = query.shape[1], key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(query)
+    starts = [0]
+    for q_len in q_lens:
+        starts.append(starts[-1] + q_len)
+    decode_rows = [b for b, q_len in enumerate(q_lens) if q_len == 1]
+    if decode_rows:
+        _decode_attention(query, key_cache, value_cache, block_tables, s_lens, starts, decode_rows,
+                          scale, group, out)
+    for b, q_len in enumerate(q_lens):
+        if q_len == 1 or q_len == 0:
+            continue
+        ctx = s_lens[b]
+        k = gather_paged_kv(key_cache, block_tables[b], ctx).repeat_interleave(group, dim=1)
+        v = gather_paged_kv(value_cache, block_tables[b], ctx).repeat_interleave(group, dim=1)
+        q = query[starts[b]:starts[b + 1]]
+        # query i sits at position ctx - q_len + i and sees keys 0..that position.
+        q_pos = torch.arange(ctx - q_len, ctx).unsqueeze(1)
+        mask = torch.arange(ctx).unsqueeze(0) <= q_pos  # [q_len, ctx]
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1).to(q.dtype),
+                                           v.transpose(0, 1).to(q.dtype), attn_mask=mask, scale=scale)
+        out[starts[b]:starts[b + 1]] = o.transpose(0, 1)
+    return out
+
+
+def _decode_attention(query, key_cache, value_cache, block_tables, s_lens, starts, rows, scale,
+                      group, out) -> None:
+    """Single-token queries of many sequences at once: gather K/V padded to the longest context."""
+    max_ctx = max(s_lens[b] for b in rows)
+    idx = torch.tensor([starts[b] for b in rows])
+    k = torch.stack([_pad(gather_paged_kv(key_cache, block_tables[b], s_lens[b]), max_ctx) for b in rows])
+    v = torch.stack([_pad(gather_paged_kv(value_cache, block_tables[b], s_lens[b]), max_ctx) for b in rows])
+    lens = torch.tensor([s_lens[b] for b in rows])
+    mask = (torch.arange(max_ctx).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]  # [n,1,1,ctx]
+    q = query[idx].unsqueeze(2)  # [n, H, 1, D]
+    k = k.repeat_interleave(group, dim=2).transpose(1, 2).to(q.dtype)  # [n, H, ctx, D]
+    v = v.repeat_interleave(group, dim=2).transpose(1, 2).to(q.dtype)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out[idx] = o.squeeze(2)
+
+
+def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
+    if x.shape[0] == length:
+        return x
+    return torch.cat([x, x.new_zeros(length - x.shape[0], *x.shape[1:])])

@@ -1,0 +1,75 @@
+"""Per-request sampling parameters, validated once when a request is made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_N = 16
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+
+
+class SamplingParamsError(ValueError):
+    """A sampling field is out of range; the message names the field and the allowed range."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request (field names follow the established servers' APIs).
+
+    top_k <= 0 means off; logprobs None means no logprobs, N >= 0 means the chosen token's
+    logprob plus the top-N alternatives. A seed of None is replaced by a random one when the
+    request is created, so every request samples reproducibly from (seed, sample index, position).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+    n: int = 1
+    logprobs: int | None = None
+    min_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        """True when sampling reduces to argmax (temperature 0)."""
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        """Raise SamplingParamsError naming the first field that is out of range."""
+        checks = [
+            (self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (0.0 <= self.temperature <= 100.0, "temperature must be in [0, 100]"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (self.top_k >= -1, "top_k must be -1, 0 (off) or a positive count"),
+            (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
+            (0.0 < self.repetition_penalty <= 10.0, "repetition_penalty must be in (0, 10]"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
+            (self.seed is None or 0 <= self.seed < 2**64, "seed must be in [0, 2^64)"),
+            (1 <= self.n <= MAX_N, f"n must be in [1, {MAX_N}]"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"logprobs must be in [0, {MAX_LOGPROBS}]"),
+            (0 <= self.min_tokens <= self.max_tokens, "min_tokens must be in [0, max_tokens]"),
+            (len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings"),
+            (all(0 < len(s) <= MAX_STOP_STRING_CHARS for s in self.stop),
+             f"stop strings must be non-empty and at most {MAX_STOP_STRING_CHARS} characters"),
+            (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SamplingParamsError(message)
