@@ -1,0 +1,75 @@
+"""Worker registry in Redis: each worker writes its address and load under a key with a TTL on
+every heartbeat; a worker that stops heartbeating drops out when its key expires."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+ROLES = ("prefill", "decode", "worker")
+
+
+@dataclass
+class WorkerLoad:
+    """What the router balances on: prefill by queued prompt tokens, decode by free KV blocks
+    and running sequences."""
+
+    queued_prompt_tokens: int = 0
+    running: int = 0
+    waiting: int = 0
+    free_blocks: int = 0
+    total_blocks: int = 0
+    cached_blocks: int = 0
+
+
+@dataclass
+class WorkerInfo:
+    """One registered worker: its role, gRPC address and (decode) KV transfer endpoint."""
+
+    worker_id: str
+    role: str
+    address: str
+    kv_endpoint: str = ""
+    load: WorkerLoad = field(default_factory=WorkerLoad)
+
+    def to_json(self) -> str:
+        """Serialised form stored in Redis."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> WorkerInfo:
+        """Inverse of to_json."""
+        data = json.loads(raw)
+        data["load"] = WorkerLoad(**data.get("load", {}))
+        return cls(**data)
+
+
+class WorkerRegistry:
+    """Register, heartbeat, list and deregister workers (redis.asyncio client)."""
+
+    def __init__(self, redis, prefix: str = "pdserve", ttl_s: float = 3.0):
+        self.redis = redis
+        self.prefix = prefix
+        self.ttl_ms = int(ttl_s * 1000)
+
+    def _key(self, role: str, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{role}:{worker_id}"
+
+    async def heartbeat(self, info: WorkerInfo) -> None:
+        """Write (or refresh) the worker's entry; it expires unless refreshed within the TTL."""
+        if info.role not in ROLES:
+            raise ValueError(f"unknown worker role {info.role!r}; expected one of {ROLES}")
+        await self.redis.set(self._key(info.role, info.worker_id), info.to_json(), px=self.ttl_ms)
+
+    async def deregister(self, role: str, worker_id: str) -> None:
+        """Remove the worker at once (graceful shutdown)."""
+        await self.redis.delete(self._key(role, worker_id))
+
+    async def list(self, role: str) -> list[WorkerInfo]:
+        """The live workers of one role, sorted by id."""
+        keys = [k async for k in self.redis.scan_iter(match=self._key(role, "*"), count=200)]
+        if not keys:
+            return []
+        values = await self.redis.mget(keys)
+        workers = [WorkerInfo.from_json(v) for v in values if v is not None]
+        return sorted(workers, key=lambda w: w.worker_id)
