@@ -1,0 +1,1 @@
+"""Generated code of the pdserve proto packages (pdserve.v1 lives in the v1 subpackage)."""
