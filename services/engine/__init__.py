@@ -1,0 +1,13 @@
+"""The continuous-batching engine (used by the prefill, decode and colocated roles).
+
+Modules, one responsibility each:
+- config: EngineConfig (frozen).
+- request: Request and its n Sequence samples.
+- block_pool: KV blocks, ref counts, the O(1) free queue and the prefix cache (lazy LRU eviction).
+- kv_cache_manager: block tables over the pool: prefix hits, growth, forks, copy-on-write.
+- scheduler: iteration-level scheduling, chunked prefill, preemption by recompute, static batches.
+- stop_checker / sample_processor: sampling rows, stop conditions, held-back text.
+- engine: LLMEngine (add_request / abort_request / step / generate / stats).
+- async_engine: AsyncEngine, the engine in its own thread for asyncio servers.
+- model_runner: ModelRunner, the forward pass over the paged KV cache.
+"""

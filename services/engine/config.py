@@ -1,0 +1,44 @@
+"""The engine's own configuration section (frozen once built)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits and policies of one engine.
+
+    num_blocks: KV blocks the engine may use (None: all the runner has).
+    max_num_seqs: running sequences at once (each of a request's n samples counts).
+    max_num_batched_tokens: tokens computed per step (prompt chunks + decode tokens).
+    max_model_len: prompt + max_tokens limit per request (None: the model's
+        max_position_embeddings, or the pool's capacity when the runner does not say).
+    static_batch_size: None for continuous batching; k for the static baseline, which admits
+        up to k waiting requests only when the previous batch has fully finished.
+    """
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = None
+    static_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}"),
+            (self.num_blocks is None or self.num_blocks >= 1,
+             f"num_blocks must be >= 1, got {self.num_blocks}"),
+            (self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}"),
+            (self.max_num_batched_tokens >= 1,
+             f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"),
+            (self.max_model_len is None or self.max_model_len >= 2,
+             f"max_model_len must be >= 2, got {self.max_model_len}"),
+            (self.static_batch_size is None or self.static_batch_size >= 1,
+             f"static_batch_size must be >= 1 or None, got {self.static_batch_size}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"EngineConfig: {message}")

@@ -1,0 +1,218 @@
+"""LLMEngine: the synchronous continuous-batching engine (schedule -> run -> sample -> stop)."""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from models.sampler import Sampler
+from models.sampling_params import SamplingParams
+from services.engine.block_pool import BlockPool
+from services.engine.config import EngineConfig
+from services.engine.kv_cache_manager import KVCacheManager
+from services.engine.model_runner import ScheduledChunk
+from services.engine.outputs import CompletedSample, GenerationResult, RequestOutput, SampleOutput
+from services.engine.request import Request, Sequence
+from services.engine.sample_processor import SampleProcessor, make_stop_checker
+from services.engine.scheduler import ScheduledSample, Scheduler, SchedulerOutput
+from services.engine.stats import EngineCounters, EngineStats
+from services.engine.validation import RequestRejectedError, validate_request
+
+
+class LLMEngine:
+    """Continuous batching over one ModelRunner.
+
+    runner: has block_size, num_blocks, execute(chunks) -> logits [N, V], copy_blocks(pairs);
+    tokenizer: has eos_token_ids (and decode, for the incremental detokenizer), or None for an
+    engine that returns token ids only (no text, no stop strings, no EOS). Not thread-safe:
+    one thread calls add_request / abort_request / step (AsyncEngine arranges that).
+    """
+
+    def __init__(self, runner: Any, tokenizer: Any, config: EngineConfig) -> None:
+        if config.block_size != runner.block_size:
+            raise ValueError(f"EngineConfig.block_size {config.block_size} differs from the "
+                             f"runner's KV cache block size {runner.block_size}")
+        num_blocks = config.num_blocks or runner.num_blocks
+        if num_blocks > runner.num_blocks:
+            raise ValueError(f"EngineConfig.num_blocks {num_blocks} exceeds the runner's KV cache "
+                             f"({runner.num_blocks} blocks)")
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.config = config
+        self.num_blocks = num_blocks
+        model_config = getattr(runner, "config", None)
+        self.vocab_size: int | None = getattr(model_config, "vocab_size", None)
+        self.max_model_len = config.max_model_len or getattr(
+            model_config, "max_position_embeddings", num_blocks * config.block_size)
+        self.eos_token_ids = frozenset(tokenizer.eos_token_ids) if tokenizer is not None else frozenset()
+        self.sampler = Sampler(self.eos_token_ids)
+        self.pool = BlockPool(num_blocks, enable_caching=config.enable_prefix_caching)
+        self.kv = KVCacheManager(self.pool, config.block_size)
+        self.scheduler = Scheduler(config, self.kv)
+        self.processor = SampleProcessor(self.sampler)
+        self.counters = EngineCounters()
+        self.requests: dict[str, Request] = {}
+        self._pending_outputs: list[RequestOutput] = []
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+        self._generate_calls = itertools.count()
+
+    def validate_request(self, prompt_token_ids: Seq[int], params: SamplingParams) -> None:
+        """Raise RequestRejectedError (a ValueError) if the request can never be served."""
+        validate_request(
+            prompt_token_ids, params, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
+            max_num_seqs=self.config.max_num_seqs, num_blocks=self.num_blocks,
+            block_size=self.config.block_size, can_detokenize=self.tokenizer is not None)
+
+    def add_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams) -> None:
+        """Queue a request. ValueError on a duplicate id, an empty prompt, or one that cannot fit."""
+        if not isinstance(request_id, str) or not request_id:
+            raise RequestRejectedError(f"request_id must be a non-empty string, got {request_id!r}")
+        if request_id in self.requests:
+            raise RequestRejectedError(f"request id {request_id!r} is already in use")
+        self.validate_request(prompt_token_ids, params)
+        prompt = [int(t) for t in prompt_token_ids]
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        samples = [Sequence(next(self._seq_ids), i, prompt) for i in range(params.n)]
+        for sample in samples:
+            sample.stop_checker = make_stop_checker(self.tokenizer, prompt, params, self.eos_token_ids)
+        request = Request(request_id, prompt, params, seed, next(self._arrivals), samples)
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request wherever it is and free its blocks; False if it is unknown or done.
+        Its final output (finish_reason "abort") comes from the next step()."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        self.scheduler.remove(request)
+        self.counters.num_aborted_requests += 1
+        aborted = [SampleOutput(s.sample_index, finish_reason="abort") for s in request.live_samples]
+        for sample in request.live_samples:
+            sample.finish_reason = "abort"
+        self._pending_outputs.append(RequestOutput(
+            request_id, aborted, request.num_prompt_tokens, request.num_cached_tokens or 0, True))
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        """True while a request is queued or running, or an abort output is not yet returned."""
+        return bool(self.requests) or bool(self._pending_outputs)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration: schedule, copy shared blocks, run the model, sample, apply stops.
+
+        Returns one RequestOutput per request that progressed or finished in this step.
+        """
+        outputs, self._pending_outputs = self._pending_outputs, []
+        sched = self.scheduler.schedule()
+        self.counters.num_preemptions = self.scheduler.num_preemptions
+        if not sched.scheduled:
+            return outputs
+        self.counters.num_steps += 1
+        self.runner.copy_blocks(sched.copy_pairs)
+        logits = self.runner.execute([self._chunk(s) for s in sched.scheduled])
+        self._advance(sched)
+        targets = [self._sampling_targets(s) for s in sched.scheduled if s.needs_logits]
+        deltas = self.processor.sample(logits, targets)
+        self.counters.num_generated_tokens += len(deltas)
+        outputs.extend(self._collect_outputs(deltas))
+        return outputs
+
+    def _chunk(self, s: ScheduledSample) -> ScheduledChunk:
+        sample = s.sample
+        return ScheduledChunk(
+            seq_id=sample.seq_id,
+            token_ids=sample.token_slice(s.start, s.start + s.num_tokens),
+            start_position=s.start,
+            block_table=[b.block_id for b in sample.block_table],
+            needs_logits=s.needs_logits,
+        )
+
+    def _advance(self, sched: SchedulerOutput) -> None:
+        """Mark the computed tokens, register full blocks, fork finished shared prompts."""
+        c = self.counters
+        c.num_cache_hit_tokens += sched.num_cache_hit_tokens
+        c.num_cache_query_tokens += sched.num_cache_query_tokens
+        for s in sched.scheduled:
+            sample = s.sample
+            # A decode feeds back just the last sampled token; anything else is (re)computed prompt.
+            if s.num_tokens == 1 and sample.output_token_ids and s.start == sample.num_tokens - 1:
+                c.num_decode_tokens_computed += 1
+            else:
+                c.num_prefill_tokens_computed += s.num_tokens
+            sample.num_computed_tokens += s.num_tokens
+            self.kv.cache_full_blocks(sample)
+            if s.fork:
+                self.kv.fork(sample, [x for x in s.request.live_samples if x is not sample])
+                s.request.forked = True
+
+    def _sampling_targets(self, s: ScheduledSample) -> tuple[Request, list[Sequence]]:
+        """The samples that draw from this chunk's logits row: all live ones at a fork."""
+        return s.request, (s.request.live_samples if s.fork else [s.sample])
+
+    def _collect_outputs(self, deltas: list[tuple[Request, Sequence, SampleOutput]]) -> list[RequestOutput]:
+        """Group sample deltas per request; release finished samples and requests."""
+        by_request: dict[str, RequestOutput] = {}
+        for request, sample, delta in deltas:
+            out = by_request.get(request.request_id)
+            if out is None:
+                out = RequestOutput(request.request_id, [], request.num_prompt_tokens,
+                                    request.num_cached_tokens or 0, False)
+                by_request[request.request_id] = out
+            out.samples.append(delta)
+            if sample.is_finished:
+                self.scheduler.free_sample(sample)
+        for request_id, out in by_request.items():
+            request = self.requests[request_id]
+            if request.is_finished:
+                out.finished = True
+                self.scheduler.remove(request)
+                del self.requests[request_id]
+                self.counters.num_finished_requests += 1
+        return list(by_request.values())
+
+    def stats(self) -> EngineStats:
+        """A snapshot of blocks, queues and counters."""
+        sched = self.scheduler
+        return EngineStats(
+            num_blocks_total=self.num_blocks,
+            num_blocks_free=self.pool.num_free_blocks,
+            num_blocks_cached=self.pool.num_cached_blocks,
+            num_running_requests=len(sched.running),
+            num_running_seqs=sched.num_running_seqs,
+            num_waiting_requests=len(sched.waiting),
+            num_waiting_prompt_tokens=sum(r.num_prompt_tokens for r in sched.waiting),
+            counters=EngineCounters(**vars(self.counters)),
+        )
+
+    def generate(self, prompts_token_ids: Seq[Seq[int]],
+                 params: SamplingParams | Seq[SamplingParams]) -> list[GenerationResult]:
+        """Run the prompts to completion (the engine must be idle); results in prompt order."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("generate() needs an idle engine; step() the running requests first")
+        if isinstance(params, SamplingParams):
+            params_list = [params] * len(prompts_token_ids)
+        else:
+            params_list = list(params)
+        if len(params_list) != len(prompts_token_ids):
+            raise ValueError(f"{len(prompts_token_ids)} prompts but {len(params_list)} SamplingParams")
+        call = next(self._generate_calls)
+        results: dict[str, GenerationResult] = {}
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts_token_ids, params_list)):
+                request_id = f"generate-{call}-{i}"
+                self.add_request(request_id, prompt, p)
+                results[request_id] = GenerationResult(
+                    request_id, list(prompt), [CompletedSample(k) for k in range(p.n)])
+        except ValueError:
+            for request_id in results:
+                self.abort_request(request_id)
+            self._pending_outputs.clear()
+            raise
+        while self.has_unfinished_requests():
+            for out in self.step():
+                results[out.request_id].add(out)
+        return list(results.values())

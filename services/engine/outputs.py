@@ -1,0 +1,74 @@
+"""What the engine hands back: per-step deltas (RequestOutput) and finished results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SampleOutput:
+    """What one sample produced in one step.
+
+    token_ids: new token ids; text: new text (held-back stop-string candidates excluded);
+    logprobs: raw logprob of each new token (None unless params.logprobs is set);
+    top_logprobs: per new token, the top params.logprobs (token id, logprob) pairs;
+    finish_reason: "stop" | "length" | "abort" once the sample has finished.
+    """
+
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    """A request's progress in one step: the samples that progressed (or finished).
+
+    prompt_tokens: prompt length; cached_tokens: prompt tokens served from the prefix cache;
+    finished: every sample has finished (the last output of the request).
+    """
+
+    request_id: str
+    samples: list[SampleOutput]
+    prompt_tokens: int
+    cached_tokens: int
+    finished: bool
+
+
+@dataclass
+class CompletedSample:
+    """One sample's whole output."""
+
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class GenerationResult:
+    """A finished request's whole output, samples in index order."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    samples: list[CompletedSample]
+    cached_tokens: int = 0
+
+    def add(self, output: RequestOutput) -> None:
+        """Fold one step's output into the result."""
+        self.cached_tokens = output.cached_tokens
+        for delta in output.samples:
+            sample = self.samples[delta.index]
+            sample.token_ids.extend(delta.token_ids)
+            sample.text += delta.text
+            if delta.logprobs is not None:
+                sample.logprobs = (sample.logprobs or []) + delta.logprobs
+            if delta.top_logprobs is not None:
+                sample.top_logprobs = (sample.top_logprobs or []) + delta.top_logprobs
+            if delta.finish_reason is not None:
+                sample.finish_reason = delta.finish_reason

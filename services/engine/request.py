@@ -1,0 +1,126 @@
+"""Engine-side state of a request and of each of its n samples (sequences)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from models.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from services.engine.block_pool import KVBlock
+    from services.engine.stop_checker import StopChecker
+
+
+class RequestStatus(enum.Enum):
+    """Where a request is in the scheduler."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sample of a request: its tokens, how many are in the KV cache, and its blocks.
+
+    The sequence's tokens are prompt_token_ids + output_token_ids; the first num_computed_tokens
+    of them have KV in block_table (position p lives in block_table[p // block_size]).
+    block_hashes / prefix_uids describe the full blocks registered (or matched) in the prefix cache.
+    """
+
+    seq_id: int
+    sample_index: int
+    prompt_token_ids: list[int]
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_table: list[KVBlock] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)
+    prefix_uids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_checker: StopChecker | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        """True once the sample has a finish reason."""
+        return self.finish_reason is not None
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output without building the whole list."""
+        prompt_len = len(self.prompt_token_ids)
+        if end <= prompt_len:
+            return self.prompt_token_ids[start:end]
+        if start >= prompt_len:
+            return self.output_token_ids[start - prompt_len:end - prompt_len]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - prompt_len]
+
+    def reset_kv_state(self) -> None:
+        """Forget everything about the KV cache (after its blocks were freed)."""
+        self.num_computed_tokens = 0
+        self.block_table = []
+        self.block_hashes = []
+        self.prefix_uids = []
+
+
+@dataclass(eq=False)
+class Request:
+    """A request: its prompt, params, resolved seed and n samples.
+
+    Until the prompt is in the KV cache only one sample (the carrier, the first unfinished one)
+    runs; when its prompt is complete the other samples fork from it, sharing the prompt's
+    blocks. After a preemption the same happens again (forked goes back to False).
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int
+    arrival_index: int
+    samples: list[Sequence]
+    status: RequestStatus = RequestStatus.WAITING
+    forked: bool = False
+    num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache at first admission
+    num_preemptions: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Length of the prompt."""
+        return len(self.prompt_token_ids)
+
+    @property
+    def live_samples(self) -> list[Sequence]:
+        """Samples that have not finished."""
+        return [s for s in self.samples if not s.is_finished]
+
+    @property
+    def carrier(self) -> Sequence:
+        """The sample that computes the shared prompt (the first unfinished one)."""
+        for sample in self.samples:
+            if not sample.is_finished:
+                return sample
+        raise RuntimeError(f"request {self.request_id} has no unfinished sample")
+
+    @property
+    def fork_pending(self) -> bool:
+        """True while the other live samples still wait for the carrier's prompt blocks."""
+        return not self.forked and len(self.live_samples) > 1
+
+    @property
+    def is_finished(self) -> bool:
+        """True once every sample has finished."""
+        return all(s.is_finished for s in self.samples)
+
+    def active_samples(self) -> list[Sequence]:
+        """The samples the scheduler runs now: the carrier alone while a fork is pending."""
+        return [self.carrier] if self.fork_pending else self.live_samples
+
+    def target_length(self, sample: Sequence) -> int:
+        """How far `sample` has tokens to compute: up to the prompt's end while a fork is
+        pending (the others must share exactly the prompt's blocks), else all its tokens."""
+        return self.num_prompt_tokens if self.fork_pending else sample.num_tokens

@@ -1,0 +1,183 @@
+"""Iteration-level scheduler: decides, every step, which tokens of which sequences to compute.
+
+Policy (vLLM v1 style): running requests first, in admission order, each taking what it needs
+from the step's token budget (a long prompt is chunked across steps); then waiting requests in
+FCFS order while budget, sequence slots and blocks last. When a running request cannot get the
+blocks it needs, the most recently admitted running request is preempted: its blocks are freed,
+it goes back to the front of the waiting queue, and later recomputes prompt + generated tokens.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from services.engine.config import EngineConfig
+from services.engine.kv_cache_manager import KVCacheManager
+from services.engine.request import Request, RequestStatus, Sequence
+
+
+@dataclass
+class ScheduledSample:
+    """num_tokens tokens of `sample` computed this step, from position `start`.
+
+    needs_logits: the chunk reaches the end of the sample's tokens, so a token is sampled.
+    fork: the chunk completes the shared prompt of a request whose other samples fork from it.
+    """
+
+    request: Request
+    sample: Sequence
+    start: int
+    num_tokens: int
+    needs_logits: bool
+    fork: bool
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's work: the chunks to run and the block copies to make before running them."""
+
+    scheduled: list[ScheduledSample] = field(default_factory=list)
+    copy_pairs: list[tuple[int, int]] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    num_cache_hit_tokens: int = 0  # tokens served from the prefix cache at admissions this step
+    num_cache_query_tokens: int = 0  # tokens looked up in the prefix cache at admissions this step
+
+    @property
+    def num_batched_tokens(self) -> int:
+        """Tokens computed this step."""
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    """Holds the waiting queue and the running list and produces a SchedulerOutput per step."""
+
+    def __init__(self, config: EngineConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self._static_batch: set[str] = set()  # request ids of the current static batch
+
+    @property
+    def num_running_seqs(self) -> int:
+        """Unfinished samples of running requests (what max_num_seqs limits)."""
+        return sum(len(r.live_samples) for r in self.running)
+
+    def add(self, request: Request) -> None:
+        """Queue a new request at the back of the waiting queue."""
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def remove(self, request: Request) -> None:
+        """Take a request out of the scheduler (finished or aborted), freeing all its blocks."""
+        for sample in request.samples:
+            self.kv.free(sample)
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status == RequestStatus.WAITING:
+            self.waiting.remove(request)
+        request.status = RequestStatus.FINISHED
+        self._static_batch.discard(request.request_id)
+
+    def free_sample(self, sample: Sequence) -> None:
+        """Release the blocks of one finished sample while its siblings go on."""
+        self.kv.free(sample)
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's chunks, allocating (and copying) blocks for them."""
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            plan = self._plan(request, budget)
+            copies = self.kv.allocate(plan)
+            while copies is None:
+                victim = self.running[-1]
+                self.preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    return budget
+                copies = self.kv.allocate(plan)
+            out.copy_pairs.extend(copies)
+            budget -= self._record(request, plan, out)
+            index += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        self._maybe_open_static_batch()
+        while self.waiting and budget > 0:
+            request = self.waiting[0]
+            if self._static_batch and request.request_id not in self._static_batch:
+                break
+            if self.num_running_seqs + len(request.live_samples) > self.config.max_num_seqs:
+                break
+            carrier = request.carrier
+            target = request.target_length(carrier)
+            # A hit never covers the last token: its logits must be computed.
+            prefix = self.kv.find_cached_prefix(carrier, target - 1)
+            num_cached = len(prefix.blocks) * self.kv.block_size
+            num_new = min(target - num_cached, budget)
+            if not self.kv.admit(carrier, prefix, num_new):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = num_cached
+            out.num_cache_hit_tokens += num_cached
+            out.num_cache_query_tokens += target
+            budget -= self._record(request, [(carrier, num_new)], out)
+
+    def _maybe_open_static_batch(self) -> None:
+        """Static mode: once the previous batch is done, the next k waiting requests form one."""
+        size = self.config.static_batch_size
+        if size is None or self._static_batch or self.running:
+            return
+        self._static_batch = {r.request_id for r in list(self.waiting)[:size]}
+
+    def _plan(self, request: Request, budget: int) -> list[tuple[Sequence, int]]:
+        """(sample, new tokens) for a running request's active samples within the budget."""
+        plan = []
+        for sample in request.active_samples():
+            if budget <= 0:
+                break
+            num_new = min(request.target_length(sample) - sample.num_computed_tokens, budget)
+            if num_new > 0:
+                plan.append((sample, num_new))
+                budget -= num_new
+        return plan
+
+    def _record(self, request: Request, plan: Iterable[tuple[Sequence, int]], out: SchedulerOutput) -> int:
+        """Append the plan's chunks to the output; returns the tokens they use."""
+        used = 0
+        for sample, num_new in plan:
+            start = sample.num_computed_tokens
+            end = start + num_new
+            fork = request.fork_pending and end == request.num_prompt_tokens
+            out.scheduled.append(ScheduledSample(
+                request, sample, start, num_new, needs_logits=end == sample.num_tokens, fork=fork))
+            used += num_new
+        return used
+
+    def preempt(self, request: Request) -> None:
+        """Free all of a running request's blocks and put it at the front of the waiting queue;
+        it later recomputes its prompt and generated tokens."""
+        if request.status != RequestStatus.RUNNING:
+            raise RuntimeError(f"request {request.request_id} is not running")
+        self.running.remove(request)
+        for sample in request.samples:
+            self.kv.free(sample)
+        request.forked = False
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
