@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from services import cli_generate, cli_models
+from services import cli_demo, cli_generate, cli_models
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     cli_models.register(sub)
     cli_generate.register(sub)
+    cli_demo.register(sub)
     return parser
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+# The suite runs many small forwards on a 2-core CI machine: one intra-op thread is several
+# times faster there than torch's default, and leaves a core for the servers tests start.
+torch.set_num_threads(1)
+
 HF_CONFIGS = {
     # GQA (4 query heads over 2 KV heads), llama3 rope scaling, tied embeddings.
     "llama": dict(
