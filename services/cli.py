@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from services import cli_demo, cli_generate, cli_models
+from services import cli_demo, cli_generate, cli_models, cli_serve, cli_up
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli_models.register(sub)
     cli_generate.register(sub)
     cli_demo.register(sub)
+    cli_serve.register(sub)
+    cli_up.register(sub)
     return parser
 
 

@@ -1,0 +1,55 @@
+"""`pdserve serve router|prefill|decode|worker`: run one server process."""
+
+from __future__ import annotations
+
+import argparse
+
+from services.cli_env import add_flag
+from services.engine_setup import add_engine_flags
+
+ROLES = ("router", "prefill", "decode", "worker")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `serve ROLE` with the flags every role takes (each reads PDSERVE_<FLAG> too)."""
+    p = sub.add_parser("serve", help="run one pdserve server: router, prefill, decode or worker (colocated)")
+    p.add_argument("role", choices=ROLES)
+    add_flag(p, "--host", "127.0.0.1", str, "address to listen on")
+    add_flag(p, "--port", 0, int, "gRPC port (0: any free port; the router's default in `up` is 50051)")
+    add_flag(p, "--advertise-host", None, str, "host other services use to reach this one (default: --host)")
+    add_flag(p, "--redis-url", "redis://127.0.0.1:6379/0", str, "Redis holding request state and the registry")
+    add_flag(p, "--redis-prefix", "pdserve", str, "key prefix in Redis")
+    add_flag(p, "--worker-id", None, str, "worker id in the registry (default: role + random suffix)")
+    add_flag(p, "--heartbeat-s", 1.0, float, "worker heartbeat interval; a worker silent for 3 beats is dropped")
+    add_flag(p, "--kv-port", 0, int, "decode: KV transfer port (0: any free port)")
+    add_flag(p, "--lease-ms", 30000, int, "router: how long a decode reservation waits for its KV")
+    add_flag(p, "--model-name", None, str, "router: the name GetModelInfo reports (default: --model)")
+    add_engine_flags(p)
+    p.set_defaults(run=run)
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Start the chosen server and serve until SIGTERM/SIGINT."""
+    from services.server_runtime import run_server
+
+    if not ns.model:
+        raise ValueError("--model DIR (or PDSERVE_MODEL) is required")
+    if ns.role == "router":
+        from services.router.server import serve_router
+
+        return run_server(lambda: serve_router(ns))
+    return run_server(lambda: _serve_worker(ns))
+
+
+async def _serve_worker(ns: argparse.Namespace) -> None:
+    from services.workers.runtime import WorkerContext, serve_worker
+
+    ctx = WorkerContext(ns, ns.role)
+    if ns.role == "worker":
+        from services.workers import colocated as role_module
+    elif ns.role == "prefill":
+        from services.workers import prefill as role_module
+    else:
+        from services.workers import decode as role_module
+    register, names = role_module.register(ctx) if ns.role == "worker" else await role_module.setup(ctx, ns)
+    await serve_worker(ns, ctx, register, names)

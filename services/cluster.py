@@ -1,0 +1,132 @@
+"""A local cluster as subprocesses: Redis (embedded unless a URL is given), prefill and decode
+servers (or colocated workers), and the router. Used by `pdserve up`, the demo and the tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.state.embedded_redis import EmbeddedRedis, free_port
+
+
+@dataclass
+class ServerProcess:
+    """One child server: its role, process, log file and the address it announced."""
+
+    role: str
+    process: subprocess.Popen
+    log_path: Path
+    address: str = ""
+    kv_endpoint: str = ""
+
+
+@dataclass
+class LocalCluster:
+    """Start and stop a whole pdserve cluster on this machine (all on 127.0.0.1)."""
+
+    model_dir: str
+    prefill: int = 1
+    decode: int = 1
+    colocated: int = 0
+    router_port: int = 0
+    redis_url: str | None = None
+    threads_per_worker: int = 1
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    processes: list[ServerProcess] = field(default_factory=list)
+    redis: EmbeddedRedis | None = None
+
+    def __post_init__(self) -> None:
+        self.log_dir = Path(tempfile.mkdtemp(prefix="pdserve-cluster-"))
+        self.prefix = f"pdserve-{os.getpid()}-{int(time.time() * 1000)}"
+
+    @property
+    def router_address(self) -> str:
+        """host:port of the router."""
+        return next(p.address for p in self.processes if p.role == "router")
+
+    def start(self, timeout_s: float = 120.0) -> LocalCluster:
+        """Start everything; returns when the router's health check says SERVING."""
+        try:
+            if not self.redis_url:
+                self.redis = EmbeddedRedis().start()
+                self.redis_url = self.redis.url
+            roles = ["prefill"] * self.prefill + ["decode"] * self.decode + ["worker"] * self.colocated
+            workers = [self._spawn(role, i, 0) for i, role in enumerate(roles)]
+            for proc in workers:
+                self._wait_ready(proc, timeout_s)
+            router = self._spawn("router", 0, self.router_port or free_port())
+            self._wait_ready(router, timeout_s)
+            self._wait_serving(router.address, timeout_s)
+            return self
+        except BaseException:
+            self.stop()
+            raise
+
+    def _spawn(self, role: str, index: int, port: int) -> ServerProcess:
+        log_path = self.log_dir / f"{role}-{index}.log"
+        cmd = [sys.executable, "-m", "services.cli", "serve", role, "--model", self.model_dir,
+               "--port", str(port), "--redis-url", self.redis_url, "--redis-prefix", self.prefix,
+               "--worker-id", f"{role}-{index}", "--threads", str(self.threads_per_worker),
+               *self.extra_args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       env=env, cwd=Path(__file__).resolve().parent.parent)
+        proc = ServerProcess(role, process, log_path)
+        self.processes.append(proc)
+        return proc
+
+    def _wait_ready(self, proc: ServerProcess, timeout_s: float) -> None:
+        """Wait for the child's READY line (polling its log: it is another process)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in proc.log_path.read_text(errors="replace").splitlines():
+                if line.startswith("READY "):
+                    parts = line.split()
+                    proc.address = parts[2]
+                    proc.kv_endpoint = parts[3] if len(parts) > 3 else ""
+                    return
+            if proc.process.poll() is not None:
+                raise RuntimeError(f"{proc.role} exited with {proc.process.returncode}:\n"
+                                   f"{proc.log_path.read_text(errors='replace')[-4000:]}")
+            time.sleep(0.05)
+        raise TimeoutError(f"{proc.role} not ready in {timeout_s}s; log: {proc.log_path}")
+
+    def _wait_serving(self, address: str, timeout_s: float) -> None:
+        with grpc.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s,
+                                  wait_for_ready=True)
+            if response.status != health_pb2.HealthCheckResponse.SERVING:
+                raise RuntimeError(f"router at {address} is not SERVING ({response.status})")
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM every child (by pid), wait, SIGKILL stragglers, stop embedded Redis."""
+        for proc in reversed(self.processes):
+            if proc.process.poll() is None:
+                proc.process.terminate()
+        for proc in reversed(self.processes):
+            try:
+                proc.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.process.kill()
+                proc.process.wait()
+        self.processes.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

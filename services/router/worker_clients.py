@@ -1,0 +1,56 @@
+"""gRPC channels to workers, one per address, reused across requests."""
+
+from __future__ import annotations
+
+import grpc
+
+from protos.pdserve.v1 import (colocated_pb2_grpc, decode_pb2_grpc, prefill_pb2_grpc, worker_pb2,
+                               worker_pb2_grpc)
+
+MAX_MESSAGE_BYTES = 64 * 2**20
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+
+
+class WorkerClients:
+    """Stubs for every worker service at an address; channels are opened once and kept."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """The (lazily opened) channel to `address`."""
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return self._channels[address]
+
+    def prefill(self, address: str) -> prefill_pb2_grpc.PrefillWorkerStub:
+        """PrefillWorker stub."""
+        return prefill_pb2_grpc.PrefillWorkerStub(self.channel(address))
+
+    def decode(self, address: str) -> decode_pb2_grpc.DecodeWorkerStub:
+        """DecodeWorker stub."""
+        return decode_pb2_grpc.DecodeWorkerStub(self.channel(address))
+
+    def colocated(self, address: str) -> colocated_pb2_grpc.ColocatedWorkerStub:
+        """ColocatedWorker stub."""
+        return colocated_pb2_grpc.ColocatedWorkerStub(self.channel(address))
+
+    def control(self, address: str) -> worker_pb2_grpc.WorkerControlStub:
+        """WorkerControl stub (Abort, GetLoad, GetWorkerInfo)."""
+        return worker_pb2_grpc.WorkerControlStub(self.channel(address))
+
+    async def abort(self, address: str, request_id: str, timeout: float = 2.0) -> None:
+        """Best-effort abort of a request on a worker (it may already be gone)."""
+        try:
+            await self.control(address).Abort(worker_pb2.WorkerAbortRequest(request_id=request_id),
+                                               timeout=timeout)
+        except grpc.aio.AioRpcError:
+            pass
+
+    async def close(self) -> None:
+        """Close every channel."""
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()

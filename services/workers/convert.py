@@ -1,0 +1,43 @@
+"""Engine outputs and stats into the worker protos."""
+
+from __future__ import annotations
+
+import time
+
+from protos.pdserve.v1 import router_pb2, worker_pb2
+from services.engine.outputs import RequestOutput
+from services.engine.stats import EngineStats
+from services.state.registry import WorkerLoad
+
+
+def request_output_to_proto(output: RequestOutput) -> worker_pb2.RequestOutput:
+    """One engine step's output for a request as pdserve.v1.RequestOutput."""
+    samples = []
+    for s in output.samples:
+        top = [router_pb2.TopLogprobs(token_ids=[t for t, _ in row], logprobs=[lp for _, lp in row])
+               for row in (s.top_logprobs or [])]
+        samples.append(worker_pb2.SampleOutput(index=s.index, token_ids=s.token_ids, text=s.text,
+                                               logprobs=s.logprobs or [], top_logprobs=top,
+                                               finish_reason=s.finish_reason or ""))
+    return worker_pb2.RequestOutput(request_id=output.request_id, samples=samples,
+                                    prompt_tokens=output.prompt_tokens, cached_tokens=output.cached_tokens,
+                                    finished=output.finished)
+
+
+def stats_to_load_proto(stats: EngineStats, reservations: int = 0, reserved_blocks: int = 0) -> worker_pb2.WorkerLoad:
+    """The engine's accounting as pdserve.v1.WorkerLoad."""
+    return worker_pb2.WorkerLoad(
+        num_waiting_prompt_tokens=stats.num_waiting_prompt_tokens,
+        num_running_requests=stats.num_running_requests, num_running_seqs=stats.num_running_seqs,
+        num_waiting_requests=stats.num_waiting_requests, num_blocks_free=stats.num_blocks_free,
+        num_blocks_total=stats.num_blocks_total, num_blocks_cached=stats.num_blocks_cached,
+        num_reservations=reservations, num_blocks_reserved=reserved_blocks,
+        timestamp_unix_ms=int(time.time() * 1000))
+
+
+def stats_to_registry_load(stats: EngineStats) -> WorkerLoad:
+    """The engine's accounting as the registry's WorkerLoad (what the router balances on)."""
+    return WorkerLoad(queued_prompt_tokens=stats.num_waiting_prompt_tokens,
+                      running=stats.num_running_seqs, waiting=stats.num_waiting_requests,
+                      free_blocks=stats.num_blocks_free, total_blocks=stats.num_blocks_total,
+                      cached_blocks=stats.num_blocks_cached)

@@ -1,0 +1,111 @@
+"""What the prefill, decode and colocated worker processes share: the engine on its thread,
+WorkerControl (Abort, GetLoad, GetWorkerInfo), and the registry heartbeat carrying the load."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Awaitable, Callable
+
+import grpc
+import redis.asyncio as aioredis
+
+from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
+from services.engine.async_engine import AsyncEngine
+from services.engine_setup import build_engine, engine_args_from
+from services.grpc_common.status import map_errors
+from services.server_runtime import logger, start_grpc_server, wait_for_shutdown_signal
+from services.state.registry import WorkerInfo, WorkerRegistry
+from services.workers.convert import stats_to_load_proto, stats_to_registry_load
+
+ROLE_PROTO = {"prefill": worker_pb2.WORKER_ROLE_PREFILL, "decode": worker_pb2.WORKER_ROLE_DECODE,
+              "worker": worker_pb2.WORKER_ROLE_COLOCATED}
+
+
+class WorkerContext:
+    """One worker process's engine, identity and abort hooks."""
+
+    def __init__(self, ns: argparse.Namespace, role: str):
+        self.role = role
+        self.worker_id = ns.worker_id or f"{role}-{uuid.uuid4().hex[:8]}"
+        self.engine, self.tokenizer = build_engine(engine_args_from(ns))
+        self.async_engine = AsyncEngine(self.engine)
+        self.kv_endpoint = ""
+        self.abort_hooks: list[Callable[[str], Awaitable[bool]]] = [self.async_engine.abort]
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort the request everywhere this worker holds it (engine, reservations, transfers)."""
+        found = False
+        for hook in self.abort_hooks:
+            found = bool(await hook(request_id)) or found
+        return found
+
+
+class WorkerControlServicer(worker_pb2_grpc.WorkerControlServicer):
+    """Abort, GetLoad and GetWorkerInfo for any worker role."""
+
+    def __init__(self, ctx: WorkerContext):
+        self.ctx = ctx
+
+    @map_errors
+    async def Abort(self, request, context):
+        """Abort a request; found is False when the worker does not hold it."""
+        return worker_pb2.WorkerAbortResponse(found=await self.ctx.abort(request.request_id))
+
+    @map_errors
+    async def GetLoad(self, request, context):
+        """The engine's current accounting."""
+        return stats_to_load_proto(self.ctx.async_engine.stats())
+
+    @map_errors
+    async def GetWorkerInfo(self, request, context):
+        """Role, id and KV endpoint."""
+        return worker_pb2.WorkerInfo(worker_id=self.ctx.worker_id, role=ROLE_PROTO[self.ctx.role],
+                                     kv_endpoint=self.ctx.kv_endpoint)
+
+
+async def heartbeat_forever(registry: WorkerRegistry, ctx: WorkerContext, address: str,
+                            interval_s: float) -> None:
+    """Write the worker's entry and load to Redis every interval (the TTL drops a dead worker)."""
+    while True:
+        info = WorkerInfo(ctx.worker_id, ctx.role, address, ctx.kv_endpoint,
+                          stats_to_registry_load(ctx.async_engine.stats()))
+        try:
+            await registry.heartbeat(info)
+        except (OSError, aioredis.RedisError) as exc:  # Redis away: keep serving, retry next beat
+            logger.warning("heartbeat to Redis failed: %s", exc)
+        await asyncio.sleep(interval_s)
+
+
+async def serve_worker(ns: argparse.Namespace, ctx: WorkerContext,
+                       register: Callable[[grpc.aio.Server], None], service_names: list[str]) -> None:
+    """Start the engine and the gRPC server, register in Redis, serve until SIGTERM/SIGINT,
+    then deregister and stop."""
+    ctx.async_engine.start()
+    control = WorkerControlServicer(ctx)
+
+    def register_all(server: grpc.aio.Server) -> None:
+        worker_pb2_grpc.add_WorkerControlServicer_to_server(control, server)
+        register(server)
+
+    from protos.pdserve.v1 import worker_pb2 as wpb
+
+    names = service_names + [wpb.DESCRIPTOR.services_by_name["WorkerControl"].full_name]
+    server, port = await start_grpc_server(register_all, names, ns.host, ns.port)
+    address = f"{ns.advertise_host or ns.host}:{port}"
+    redis = aioredis.from_url(ns.redis_url)
+    registry = WorkerRegistry(redis, prefix=ns.redis_prefix, ttl_s=3 * ns.heartbeat_s)
+    beat = asyncio.create_task(heartbeat_forever(registry, ctx, address, ns.heartbeat_s))
+    logger.info("%s %s listening on %s", ctx.role, ctx.worker_id, address)
+    print(f"READY {ctx.role} {address} {ctx.kv_endpoint}", flush=True)
+    try:
+        await wait_for_shutdown_signal()
+    finally:
+        beat.cancel()
+        with contextlib.suppress(Exception):
+            await registry.deregister(ctx.role, ctx.worker_id)
+        await server.stop(grace=5)
+        ctx.async_engine.shutdown()
+        await redis.aclose()
