@@ -1,44 +1,29 @@
 """AsyncEngine: drives an LLMEngine from asyncio without ever blocking the event loop.
 
 The engine lives in one dedicated thread, the only one that touches it. The event loop sends
-commands (add, abort, stop) through a thread-safe queue; the engine thread applies them between
-steps, runs step(), and hands the outputs back with loop.call_soon_threadsafe to one
-asyncio.Queue per request. While nothing is running the thread blocks on the command queue.
+commands (add, add prefilled, abort, reservation calls, stop) through a thread-safe queue; the
+engine thread applies them in order between steps, runs step(), and hands the outputs back with
+loop.call_soon_threadsafe to one asyncio.Queue per request (or to the future of a call). While
+nothing is running the thread blocks on the command queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import queue
 import threading
-from collections.abc import AsyncIterator, Sequence as Seq
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence as Seq
+from typing import Any
 
 from models.sampling_params import SamplingParams
+from services.engine.async_commands import Abort, Add, Call, CallerIdHook, Stop, settle
+from services.engine.chunk_info import LayerHook
 from services.engine.engine import LLMEngine
 from services.engine.outputs import RequestOutput
 from services.engine.stats import EngineStats
-
-
-@dataclass
-class _Add:
-    """Command: add a request to the engine."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-
-
-@dataclass
-class _Abort:
-    """Command: abort a request."""
-
-    request_id: str
-
-
-class _Stop:
-    """Command: end the engine thread."""
+from services.grpc_common.errors import PdserveError
 
 
 class EngineDeadError(RuntimeError):
@@ -48,13 +33,16 @@ class EngineDeadError(RuntimeError):
 class AsyncEngine:
     """The engine for asyncio servers.
 
-    generate() yields RequestOutput deltas until the request finishes; leaving the iteration
-    early (client gone, task cancelled) aborts the request. start() must run inside the event
-    loop that will consume the outputs.
+    generate() / generate_prefilled() yield RequestOutput deltas until the request finishes;
+    leaving the iteration early (client gone, task cancelled) aborts the request. start() must
+    run inside the event loop that will consume the outputs. layer_hook (a prefill server's),
+    if given, is passed to every step; it runs in the engine thread and sees the callers'
+    request ids in its ChunkInfos.
     """
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, layer_hook: LayerHook | None = None) -> None:
         self.engine = engine
+        self._layer_hook = CallerIdHook(layer_hook) if layer_hook is not None else None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}  # engine-side id -> the request's stream
         self._engine_ids: dict[str, str] = {}  # caller's request id -> engine-side id
@@ -63,6 +51,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stats = engine.stats()
         self._error: BaseException | None = None
+        self._calls: set[asyncio.Future] = set()  # futures of Call commands not yet settled
 
     def start(self) -> None:
         """Start the engine thread, bound to the running event loop."""
@@ -76,7 +65,7 @@ class AsyncEngine:
         """Stop the engine thread after its current step (running requests are dropped)."""
         if self._thread is None:
             return
-        self._commands.put(_Stop())
+        self._commands.put(Stop())
         self._thread.join(timeout)
         self._thread = None
 
@@ -95,19 +84,67 @@ class AsyncEngine:
 
         Raises ValueError (from the first iteration) for a request the engine rejects.
         """
+        self._check_open(request_id)
+        self.engine.validate_request(prompt_token_ids, params)  # pure: reads only config
+        prompt = [int(t) for t in prompt_token_ids]
+
+        def command(engine_id: str) -> Add:
+            return Add(engine_id, lambda engine: engine.add_request(engine_id, prompt, params))
+
+        # aclosing: leaving this stream early must close the inner one now (its cleanup aborts).
+        async with contextlib.aclosing(self._stream(request_id, command)) as outputs:
+            async for output in outputs:
+                yield output
+
+    async def generate_prefilled(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
+                                 generated: Seq[Seq[int]], sample_indices: Seq[int] | None = None,
+                                 reservation_id: str | None = None, cached_tokens: int = 0
+                                 ) -> AsyncIterator[RequestOutput]:
+        """Continue a request another server started (see LLMEngine.add_prefilled_request) and
+        yield its outputs; the first output of each sample carries the generated tokens' text.
+
+        The reservation is consumed once the iteration starts, whatever happens. Raises (from
+        the first iteration) NotFoundError for a reservation that is not open, ValueError for
+        a request the engine rejects.
+        """
+        try:
+            self._check_open(request_id)
+        except BaseException:
+            if reservation_id is not None and self._thread is not None:
+                self._commands.put(Call(lambda engine: engine.release_reservation(reservation_id)))
+            raise
+        prompt = [int(t) for t in prompt_token_ids]
+        progress = [[int(t) for t in tokens] for tokens in generated]
+        indices = None if sample_indices is None else list(sample_indices)
+
+        def command(engine_id: str) -> Add:
+            return Add(engine_id, lambda engine: engine.add_prefilled_request(
+                engine_id, prompt, params, progress, indices, reservation_id, cached_tokens))
+
+        # aclosing: leaving this stream early must close the inner one now (its cleanup aborts).
+        async with contextlib.aclosing(self._stream(request_id, command)) as outputs:
+            async for output in outputs:
+                yield output
+
+    def _check_open(self, request_id: str) -> None:
+        """Raise unless a new stream with this id may open now."""
         if self._thread is None:
             raise RuntimeError("AsyncEngine.start() was not called")
         if self._error is not None:
             raise EngineDeadError(f"the engine thread failed: {self._error!r}")
         if request_id in self._engine_ids:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self.engine.validate_request(prompt_token_ids, params)  # pure: reads only config
+
+    async def _stream(self, request_id: str, make_command: Callable[[str], Add]
+                      ) -> AsyncIterator[RequestOutput]:
+        """Send the command that adds the request (under a fresh engine-side id) and relay its
+        outputs; leaving early aborts it."""
         # A unique engine-side id, so a reused caller id never receives an old request's output.
         engine_id = f"{request_id}#{next(self._submissions)}"
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[engine_id] = stream
         self._engine_ids[request_id] = engine_id
-        self._commands.put(_Add(engine_id, [int(t) for t in prompt_token_ids], params))
+        self._commands.put(make_command(engine_id))
         finished = False
         try:
             while not finished:
@@ -122,7 +159,7 @@ class AsyncEngine:
             del self._streams[engine_id]
             del self._engine_ids[request_id]
             if not finished:
-                self._commands.put(_Abort(engine_id))
+                self._commands.put(Abort(engine_id))
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request; its stream ends with a finish_reason "abort" output. False when
@@ -130,8 +167,49 @@ class AsyncEngine:
         engine_id = self._engine_ids.get(request_id)
         if engine_id is None:
             return False
-        self._commands.put(_Abort(engine_id))
+        self._commands.put(Abort(engine_id))
         return True
+
+    async def reserve(self, reservation_id: str, num_prompt_tokens: int,
+                      expires_at: float | None = None) -> list[int]:
+        """LLMEngine.reserve in the engine thread: the reserved block ids, in logical order.
+        Raises what it raises (OverloadedError when too few blocks are free). If the caller is
+        cancelled meanwhile, the reservation is released."""
+        made: list[bool] = []  # set in the engine thread once the reservation exists
+
+        def reserve(engine: LLMEngine) -> list[int]:
+            block_ids = engine.reserve(reservation_id, num_prompt_tokens, expires_at)
+            made.append(True)
+            return block_ids
+
+        try:
+            return await self._call(reserve)
+        except asyncio.CancelledError:
+            # Runs after `reserve` in the engine thread, so `made` is final by then.
+            self._commands.put(Call(lambda engine: made and engine.release_reservation(reservation_id)))
+            raise
+
+    async def release_reservation(self, reservation_id: str) -> bool:
+        """LLMEngine.release_reservation in the engine thread (False when not open)."""
+        return await self._call(lambda e: e.release_reservation(reservation_id))
+
+    async def expire_reservations(self, now: float) -> list[str]:
+        """LLMEngine.expire_reservations in the engine thread: the ids it released."""
+        return await self._call(lambda e: e.expire_reservations(now))
+
+    async def _call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run fn(engine) in the engine thread, between steps, and return its result."""
+        if self._thread is None:
+            raise RuntimeError("AsyncEngine.start() was not called")
+        if self._error is not None:
+            raise EngineDeadError(f"the engine thread failed: {self._error!r}")
+        future = asyncio.get_running_loop().create_future()
+        self._calls.add(future)
+        self._commands.put(Call(fn, future))
+        try:
+            return await future
+        finally:
+            self._calls.discard(future)
 
     # ---- engine thread ----
 
@@ -143,7 +221,10 @@ class AsyncEngine:
                     return
                 if not self.engine.has_unfinished_requests():
                     continue
-                outputs = self.engine.step()
+                if self._layer_hook is None:
+                    outputs = self.engine.step()
+                else:
+                    outputs = self.engine.step(layer_hook=self._layer_hook)
                 self._stats = self.engine.stats()
                 if outputs:
                     self._loop.call_soon_threadsafe(self._deliver, outputs)
@@ -158,19 +239,33 @@ class AsyncEngine:
         except queue.Empty:
             return True
         while True:
-            if isinstance(command, _Stop):
+            if isinstance(command, Stop):
                 return False
-            if isinstance(command, _Add):
-                try:
-                    self.engine.add_request(command.request_id, command.prompt_token_ids, command.params)
-                except ValueError as exc:
-                    self._loop.call_soon_threadsafe(self._deliver_error, command.request_id, exc)
-            elif isinstance(command, _Abort):
-                self.engine.abort_request(command.request_id)
+            self._apply(command)
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
+                self._stats = self.engine.stats()
                 return True
+
+    def _apply(self, command: Add | Abort | Call) -> None:
+        """Apply one command; a request the engine refuses gets the error on its stream, a
+        call's error goes to its caller."""
+        if isinstance(command, Add):
+            try:
+                command.add(self.engine)
+            except (ValueError, PdserveError) as exc:
+                self._loop.call_soon_threadsafe(self._deliver_error, command.request_id, exc)
+        elif isinstance(command, Abort):
+            self.engine.abort_request(command.request_id)
+        else:
+            try:
+                result, error = command.fn(self.engine), None
+            except (ValueError, PdserveError) as exc:
+                result, error = None, exc
+            self._stats = self.engine.stats()  # the caller may read stats() as soon as it resumes
+            if command.future is not None:
+                self._loop.call_soon_threadsafe(settle, command.future, result, error)
 
     # ---- event loop side ----
 
@@ -190,3 +285,6 @@ class AsyncEngine:
         error.__cause__ = exc
         for stream in self._streams.values():
             stream.put_nowait(error)
+        for future in self._calls:
+            settle(future, None, error)
+

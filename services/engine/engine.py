@@ -10,11 +10,14 @@ from typing import Any
 from models.sampler import Sampler
 from models.sampling_params import SamplingParams
 from services.engine.block_pool import BlockPool
+from services.engine.chunk_info import LayerHook, chunk_infos
 from services.engine.config import EngineConfig
 from services.engine.kv_cache_manager import KVCacheManager
 from services.engine.model_runner import ScheduledChunk
 from services.engine.outputs import CompletedSample, GenerationResult, RequestOutput, SampleOutput
+from services.engine.prefilled import attach_prompt_kv, check_progress, prime_samples
 from services.engine.request import Request, Sequence
+from services.engine.reservations import ReservationBook
 from services.engine.sample_processor import SampleProcessor, make_stop_checker
 from services.engine.scheduler import ScheduledSample, Scheduler, SchedulerOutput
 from services.engine.stats import EngineCounters, EngineStats
@@ -27,7 +30,11 @@ class LLMEngine:
     runner: has block_size, num_blocks, execute(chunks) -> logits [N, V], copy_blocks(pairs);
     tokenizer: has eos_token_ids (and decode, for the incremental detokenizer), or None for an
     engine that returns token ids only (no text, no stop strings, no EOS). Not thread-safe:
-    one thread calls add_request / abort_request / step (AsyncEngine arranges that).
+    one thread calls every method (AsyncEngine arranges that).
+
+    Disaggregation: a decode server reserve()s blocks for a prompt whose KV another server
+    sends, then add_prefilled_request()s the request onto them; a prefill server passes a
+    layer_hook to step() to stream each layer's KV while the next one computes.
     """
 
     def __init__(self, runner: Any, tokenizer: Any, config: EngineConfig) -> None:
@@ -51,6 +58,7 @@ class LLMEngine:
         self.pool = BlockPool(num_blocks, enable_caching=config.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool, config.block_size)
         self.scheduler = Scheduler(config, self.kv)
+        self.reservations = ReservationBook(self.pool, config.block_size, self.max_model_len)
         self.processor = SampleProcessor(self.sampler)
         self.counters = EngineCounters()
         self.requests: dict[str, Request] = {}
@@ -68,19 +76,79 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams) -> None:
         """Queue a request. ValueError on a duplicate id, an empty prompt, or one that cannot fit."""
+        self._check_new_request(request_id, prompt_token_ids, params)
+        request = self._new_request(request_id, prompt_token_ids, params, range(params.n))
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+
+    def _check_new_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams) -> None:
         if not isinstance(request_id, str) or not request_id:
             raise RequestRejectedError(f"request_id must be a non-empty string, got {request_id!r}")
         if request_id in self.requests:
             raise RequestRejectedError(f"request id {request_id!r} is already in use")
         self.validate_request(prompt_token_ids, params)
+
+    def _new_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
+                     sample_indices: Seq[int]) -> Request:
         prompt = [int(t) for t in prompt_token_ids]
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        samples = [Sequence(next(self._seq_ids), i, prompt) for i in range(params.n)]
+        samples = [Sequence(next(self._seq_ids), i, prompt) for i in sample_indices]
         for sample in samples:
             sample.stop_checker = make_stop_checker(self.tokenizer, prompt, params, self.eos_token_ids)
-        request = Request(request_id, prompt, params, seed, next(self._arrivals), samples)
+        return Request(request_id, prompt, params, seed, next(self._arrivals), samples)
+
+    def reserve(self, reservation_id: str, num_prompt_tokens: int, expires_at: float | None = None) -> list[int]:
+        """Hold blocks for a prompt's KV (sent by a prefill server); returns their ids in logical
+        order. OverloadedError when too few blocks are free (see ReservationBook.reserve for the
+        other errors). With expires_at, expire_reservations(now) frees it once now >= expires_at."""
+        return self.reservations.reserve(reservation_id, num_prompt_tokens, expires_at).block_ids
+
+    def release_reservation(self, reservation_id: str) -> bool:
+        """Free an open reservation's blocks; False when it is not open (idempotent)."""
+        return self.reservations.release(reservation_id)
+
+    def expire_reservations(self, now: float) -> list[str]:
+        """Release the reservations whose expires_at <= now (same clock); returns their ids."""
+        return self.reservations.expire(now)
+
+    def add_prefilled_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
+                              generated: Seq[Seq[int]], sample_indices: Seq[int] | None = None,
+                              reservation_id: str | None = None, cached_tokens: int = 0) -> None:
+        """Continue a request another server started; its samples join the running batch.
+
+        generated[k]: the tokens sample sample_indices[k] (default k) already produced (finished
+        samples are left out). With reservation_id, the reservation's blocks hold the prompt's
+        KV and every sample has its first token; the reservation is consumed by this call
+        whatever happens (its blocks pass to the request, or are freed if the call raises).
+        Without, prompt + generated tokens are recomputed here. cached_tokens is echoed in the
+        outputs. Raises NotFoundError (reservation not open) or RequestRejectedError.
+        """
+        reservation = self.reservations.take(reservation_id) if reservation_id is not None else None
+        try:
+            self._check_new_request(request_id, prompt_token_ids, params)
+            indices = check_progress(len(prompt_token_ids), params, generated, sample_indices,
+                                     cached_tokens, self.vocab_size, reservation)
+        except BaseException:
+            if reservation is not None:
+                self.reservations.free(reservation)
+            raise
+        request = self._new_request(request_id, prompt_token_ids, params, indices)
+        request.num_cached_tokens = int(cached_tokens)
+        finished = prime_samples(request, generated)
+        if finished:
+            self._pending_outputs.append(RequestOutput(request_id, finished, request.num_prompt_tokens,
+                                                       request.num_cached_tokens, request.is_finished))
+        if request.is_finished:
+            if reservation is not None:
+                self.reservations.free(reservation)
+            self.counters.num_finished_requests += 1
+            return
         self.requests[request_id] = request
-        self.scheduler.add(request)
+        if reservation is None:
+            self.scheduler.add(request)
+        else:
+            attach_prompt_kv(self.kv, request, reservation.blocks)
+            self.scheduler.add_ready(request)
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request wherever it is and free its blocks; False if it is unknown or done.
@@ -90,7 +158,8 @@ class LLMEngine:
             return False
         self.scheduler.remove(request)
         self.counters.num_aborted_requests += 1
-        aborted = [SampleOutput(s.sample_index, finish_reason="abort") for s in request.live_samples]
+        aborted = [SampleOutput(s.sample_index, text=s.pending_text, finish_reason="abort")
+                   for s in request.live_samples]
         for sample in request.live_samples:
             sample.finish_reason = "abort"
         self._pending_outputs.append(RequestOutput(
@@ -101,10 +170,12 @@ class LLMEngine:
         """True while a request is queued or running, or an abort output is not yet returned."""
         return bool(self.requests) or bool(self._pending_outputs)
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, layer_hook: LayerHook | None = None) -> list[RequestOutput]:
         """Run one iteration: schedule, copy shared blocks, run the model, sample, apply stops.
 
         Returns one RequestOutput per request that progressed or finished in this step.
+        layer_hook(i, infos), if given, runs once layer i has written the K/V of the step's
+        chunks (infos: list[ChunkInfo]); it must not raise.
         """
         outputs, self._pending_outputs = self._pending_outputs, []
         sched = self.scheduler.schedule()
@@ -113,7 +184,11 @@ class LLMEngine:
             return outputs
         self.counters.num_steps += 1
         self.runner.copy_blocks(sched.copy_pairs)
-        logits = self.runner.execute([self._chunk(s) for s in sched.scheduled])
+        layer_done = None
+        if layer_hook is not None:
+            infos = chunk_infos(sched.scheduled, self.config.block_size)
+            layer_done = lambda i: layer_hook(i, infos)  # noqa: E731
+        logits = self.runner.execute([self._chunk(s) for s in sched.scheduled], layer_done=layer_done)
         self._advance(sched)
         targets = [self._sampling_targets(s) for s in sched.scheduled if s.needs_logits]
         deltas = self.processor.sample(logits, targets)
@@ -183,9 +258,11 @@ class LLMEngine:
             num_blocks_cached=self.pool.num_cached_blocks,
             num_running_requests=len(sched.running),
             num_running_seqs=sched.num_running_seqs,
-            num_waiting_requests=len(sched.waiting),
+            num_waiting_requests=len(sched.waiting) + len(sched.ready),
             num_waiting_prompt_tokens=sum(r.num_prompt_tokens for r in sched.waiting),
             counters=EngineCounters(**vars(self.counters)),
+            num_reservations=len(self.reservations),
+            num_blocks_reserved=self.reservations.num_blocks,
         )
 
     def generate(self, prompts_token_ids: Seq[Seq[int]],

@@ -17,6 +17,7 @@ class RequestStatus(enum.Enum):
     """Where a request is in the scheduler."""
 
     WAITING = "waiting"
+    READY = "ready"  # holds its prompt's KV already (a prefilled request); waits for a sequence slot
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -28,6 +29,8 @@ class Sequence:
     The sequence's tokens are prompt_token_ids + output_token_ids; the first num_computed_tokens
     of them have KV in block_table (position p lives in block_table[p // block_size]).
     block_hashes / prefix_uids describe the full blocks registered (or matched) in the prefix cache.
+    pending_text: text of tokens generated elsewhere (before this engine continued the sample),
+    handed out with the sample's next output.
     """
 
     seq_id: int
@@ -40,6 +43,7 @@ class Sequence:
     prefix_uids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_checker: StopChecker | None = None
+    pending_text: str = ""
 
     @property
     def num_tokens(self) -> int:

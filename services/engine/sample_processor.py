@@ -87,5 +87,5 @@ class SampleProcessor:
         check = sample.stop_checker.append(token_id)
         if check.finish_reason is not None:
             sample.finish_reason = check.finish_reason
-        return SampleOutput(sample.sample_index, [token_id], check.text_delta,
-                            finish_reason=check.finish_reason)
+        text, sample.pending_text = sample.pending_text + check.text_delta, ""
+        return SampleOutput(sample.sample_index, [token_id], text, finish_reason=check.finish_reason)

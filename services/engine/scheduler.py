@@ -2,7 +2,9 @@
 
 Policy (vLLM v1 style): running requests first, in admission order, each taking what it needs
 from the step's token budget (a long prompt is chunked across steps); then waiting requests in
-FCFS order while budget, sequence slots and blocks last. When a running request cannot get the
+FCFS order while budget, sequence slots and blocks last. Requests that arrive holding their
+prompt's KV already (prefilled on another server) wait in a separate ready queue and join the
+running batch, ahead of everything waiting, as soon as sequence slots allow. When a running request cannot get the
 blocks it needs, the most recently admitted running request is preempted: its blocks are freed,
 it goes back to the front of the waiting queue, and later recomputes prompt + generated tokens.
 """
@@ -24,6 +26,7 @@ class ScheduledSample:
 
     needs_logits: the chunk reaches the end of the sample's tokens, so a token is sampled.
     fork: the chunk completes the shared prompt of a request whose other samples fork from it.
+    admitted: the request was admitted this step (start is then its prefix-cache hit length).
     """
 
     request: Request
@@ -32,6 +35,7 @@ class ScheduledSample:
     num_tokens: int
     needs_logits: bool
     fork: bool
+    admitted: bool = False
 
 
 @dataclass
@@ -58,6 +62,7 @@ class Scheduler:
         self.kv = kv
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.ready: deque[Request] = deque()  # requests holding their KV, waiting for a slot
         self.num_preemptions = 0
         self._static_batch: set[str] = set()  # request ids of the current static batch
 
@@ -71,6 +76,11 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
 
+    def add_ready(self, request: Request) -> None:
+        """Queue a request whose live samples already hold their KV (prefilled elsewhere)."""
+        request.status = RequestStatus.READY
+        self.ready.append(request)
+
     def remove(self, request: Request) -> None:
         """Take a request out of the scheduler (finished or aborted), freeing all its blocks."""
         for sample in request.samples:
@@ -79,6 +89,8 @@ class Scheduler:
             self.running.remove(request)
         elif request.status == RequestStatus.WAITING:
             self.waiting.remove(request)
+        elif request.status == RequestStatus.READY:
+            self.ready.remove(request)
         request.status = RequestStatus.FINISHED
         self._static_batch.discard(request.request_id)
 
@@ -89,10 +101,23 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Pick this step's chunks, allocating (and copying) blocks for them."""
         out = SchedulerOutput()
+        self._admit_ready()
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.preempted:
             self._schedule_waiting(out, budget)
         return out
+
+    def _admit_ready(self) -> None:
+        """Move ready requests into the running batch while sequence slots last. They need no
+        blocks to join; if the blocks for their next tokens run short, the running pass
+        preempts as for any running request."""
+        while self.ready:
+            request = self.ready[0]
+            if self.num_running_seqs + len(request.live_samples) > self.config.max_num_seqs:
+                break
+            self.ready.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         index = 0
@@ -135,7 +160,7 @@ class Scheduler:
                 request.num_cached_tokens = num_cached
             out.num_cache_hit_tokens += num_cached
             out.num_cache_query_tokens += target
-            budget -= self._record(request, [(carrier, num_new)], out)
+            budget -= self._record(request, [(carrier, num_new)], out, admitted=True)
 
     def _maybe_open_static_batch(self) -> None:
         """Static mode: once the previous batch is done, the next k waiting requests form one."""
@@ -156,7 +181,8 @@ class Scheduler:
                 budget -= num_new
         return plan
 
-    def _record(self, request: Request, plan: Iterable[tuple[Sequence, int]], out: SchedulerOutput) -> int:
+    def _record(self, request: Request, plan: Iterable[tuple[Sequence, int]], out: SchedulerOutput,
+                admitted: bool = False) -> int:
         """Append the plan's chunks to the output; returns the tokens they use."""
         used = 0
         for sample, num_new in plan:
@@ -164,7 +190,8 @@ class Scheduler:
             end = start + num_new
             fork = request.fork_pending and end == request.num_prompt_tokens
             out.scheduled.append(ScheduledSample(
-                request, sample, start, num_new, needs_logits=end == sample.num_tokens, fork=fork))
+                request, sample, start, num_new, needs_logits=end == sample.num_tokens, fork=fork,
+                admitted=admitted))
             used += num_new
         return used
 

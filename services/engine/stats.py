@@ -25,7 +25,10 @@ class EngineStats:
     """A snapshot of the engine: KV blocks, queues and the running totals.
 
     num_blocks_cached counts blocks holding a prefix-cache entry, in use or free;
-    num_blocks_free counts blocks with no owner (cached ones included: they are evictable).
+    num_blocks_free counts blocks with no owner (cached ones included: they are evictable);
+    num_waiting_requests counts queued requests, prefilled ones waiting for a slot included;
+    num_reservations / num_blocks_reserved: decode-side reservations whose KV has not been
+    handed to a request yet, and the blocks they hold (not counted in num_blocks_free).
     """
 
     num_blocks_total: int
@@ -36,6 +39,8 @@ class EngineStats:
     num_waiting_requests: int
     num_waiting_prompt_tokens: int
     counters: EngineCounters
+    num_reservations: int = 0
+    num_blocks_reserved: int = 0
 
     @property
     def num_blocks_used(self) -> int:

@@ -1,0 +1,119 @@
+"""Decode-side reservations: KV blocks held for a prompt whose KV another server is sending.
+
+A reservation takes blocks from the pool outside the scheduler (so they count as used, never as
+free) until either a request takes them over (LLMEngine.add_prefilled_request) or it is
+released. Expiry is optional: a reservation made with `expires_at` is released by
+`expire(now)` once `now >= expires_at` (any clock, as long as the caller uses the same one).
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+from services.engine.block_pool import BlockPool, KVBlock
+from services.grpc_common.errors import (
+    AlreadyExistsError, InvalidRequestError, NotFoundError, OverloadedError, PromptTooLongError,
+)
+
+
+@dataclass(eq=False)
+class Reservation:
+    """Blocks for the KV of num_prompt_tokens prompt tokens, in logical order: the token at
+    position p goes to blocks[p // block_size], offset p % block_size."""
+
+    reservation_id: str
+    num_prompt_tokens: int
+    blocks: list[KVBlock]
+    expires_at: float | None = None
+
+    @property
+    def block_ids(self) -> list[int]:
+        """The physical ids of the reserved blocks, in logical order."""
+        return [b.block_id for b in self.blocks]
+
+
+class ReservationBook:
+    """The open reservations of one engine, by id. Not thread-safe (the engine's thread owns it)."""
+
+    def __init__(self, pool: BlockPool, block_size: int, max_model_len: int) -> None:
+        self.pool = pool
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self._by_id: dict[str, Reservation] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __contains__(self, reservation_id: object) -> bool:
+        return reservation_id in self._by_id
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks held by all open reservations."""
+        return sum(len(r.blocks) for r in self._by_id.values())
+
+    def reserve(self, reservation_id: str, num_prompt_tokens: int,
+                expires_at: float | None = None) -> Reservation:
+        """Take blocks for a prompt of num_prompt_tokens tokens (evicting free prefix-cache
+        blocks if needed).
+
+        Raises InvalidRequestError (bad id or count), AlreadyExistsError (id in use),
+        PromptTooLongError (the prompt can never fit this engine) or OverloadedError (not
+        enough free blocks now).
+        """
+        if not isinstance(reservation_id, str) or not reservation_id:
+            raise InvalidRequestError(f"reservation_id must be a non-empty string, got {reservation_id!r}")
+        if reservation_id in self._by_id:
+            raise AlreadyExistsError(f"reservation {reservation_id!r} already exists")
+        if (not isinstance(num_prompt_tokens, numbers.Integral) or isinstance(num_prompt_tokens, bool)
+                or num_prompt_tokens < 1):
+            raise InvalidRequestError(
+                f"reservation {reservation_id!r}: num_prompt_tokens must be an int >= 1, got {num_prompt_tokens!r}")
+        if num_prompt_tokens >= self.max_model_len:
+            raise PromptTooLongError(
+                f"reservation {reservation_id!r}: a prompt of {num_prompt_tokens} tokens leaves no room "
+                f"for output within max_model_len {self.max_model_len}")
+        needed = -(-int(num_prompt_tokens) // self.block_size)
+        if needed > self.pool.num_blocks:
+            raise PromptTooLongError(
+                f"reservation {reservation_id!r}: {num_prompt_tokens} tokens need {needed} KV blocks, "
+                f"the engine has {self.pool.num_blocks}")
+        if needed > self.pool.num_free_blocks:
+            raise OverloadedError(
+                f"reservation {reservation_id!r}: {num_prompt_tokens} tokens need {needed} KV blocks, "
+                f"{self.pool.num_free_blocks} are free")
+        reservation = Reservation(reservation_id, int(num_prompt_tokens), self.pool.allocate(needed),
+                                  expires_at)
+        self._by_id[reservation_id] = reservation
+        return reservation
+
+    def take(self, reservation_id: str) -> Reservation:
+        """Close a reservation and hand its blocks to the caller, who must either give them
+        to a request or pass the reservation to free(). NotFoundError when unknown."""
+        reservation = self._by_id.pop(reservation_id, None)
+        if reservation is None:
+            raise NotFoundError(f"reservation {reservation_id!r} does not exist (never made, "
+                                f"released, expired or already used)")
+        return reservation
+
+    def free(self, reservation: Reservation) -> None:
+        """Return the blocks of a reservation obtained from take() to the pool."""
+        self.pool.free(reversed(reservation.blocks))
+        reservation.blocks = []
+
+    def release(self, reservation_id: str) -> bool:
+        """Free a reservation's blocks; False (and nothing done) when it is not open."""
+        reservation = self._by_id.pop(reservation_id, None)
+        if reservation is None:
+            return False
+        self.free(reservation)
+        return True
+
+    def expire(self, now: float) -> list[str]:
+        """Release every reservation whose expires_at <= now; returns their ids."""
+        expired = [r.reservation_id for r in self._by_id.values()
+                   if r.expires_at is not None and r.expires_at <= now]
+        for reservation_id in expired:
+            self.release(reservation_id)
+        return expired
