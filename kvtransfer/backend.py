@@ -1,0 +1,99 @@
+"""The backend interface: how KV blocks move from a prefill server's cache into a decode server's
+reserved blocks. TCP is the first backend (tcp_sender / tcp_receiver); others (shared memory, NCCL,
+RDMA) implement the same three classes.
+
+Life of a transfer:
+    decode side:  receiver.expect(reservation_id, dst_block_ids, num_tokens, on_complete)
+    prefill side: transfer = sender.open(endpoint, reservation_id, num_tokens)   # handshake
+                  for each layer i as soon as its K/V are computed (ModelRunner layer_done hook):
+                      transfer.send_layer(i, key_cache_i, value_cache_i, src_block_ids)
+                  stats = transfer.finish(timeout)       # returns once the receiver holds all of it
+    decode side:  on_complete(reservation_id, None) -- or an exception if the transfer failed
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+OnComplete = Callable[[str, "Exception | None"], None]
+
+
+@dataclass(frozen=True)
+class TransferStats:
+    """What one transfer moved: K/V payload bytes, LAYER frames, blocks per layer, and the seconds
+    from open() until the receiver confirmed the whole KV was written."""
+
+    bytes: int
+    frames: int
+    blocks: int
+    seconds: float
+
+
+class KVTransfer(ABC):
+    """One prompt's KV on its way to one reservation (prefill side)."""
+
+    @abstractmethod
+    def send_layer(self, layer: int, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                   src_block_ids: Sequence[int], first_block: int = 0, snapshot: bool = False) -> None:
+        """Queue layer `layer`'s blocks for sending and return at once.
+
+        key_cache, value_cache: the sender's cache of that layer, each [num_blocks, block_size,
+        num_kv_heads, head_dim]; src_block_ids: its physical blocks holding the reservation's logical
+        blocks first_block, first_block + 1, ... (all of them by default; a part for chunked prefill).
+        The blocks are read later, on the sending thread: they must stay unchanged until finish() or
+        cancel() returns, unless snapshot=True (a copy is taken now; always so off the CPU)."""
+
+    @abstractmethod
+    def finish(self, timeout: float | None = None) -> TransferStats:
+        """Send the end marker and wait until the receiver has written everything; raises
+        KVTransferError (or a subclass) if the transfer failed, TimeoutError after `timeout`
+        seconds (the transfer is then cancelled)."""
+
+    @abstractmethod
+    def cancel(self) -> None:
+        """Give up: the receiver reports the reservation failed. Idempotent; after it returns the
+        source blocks are no longer read."""
+
+
+class KVSenderBackend(ABC):
+    """Opens transfers to receivers (prefill side)."""
+
+    @abstractmethod
+    def open(self, endpoint: str, reservation_id: str, num_tokens: int,
+             dst_block_ids: Sequence[int] | None = None, metadata: dict[str, str] | None = None,
+             timeout: float | None = None) -> KVTransfer:
+        """Handshake with the receiver at `endpoint` for reservation_id holding num_tokens tokens.
+        dst_block_ids, if given, must equal the reserved blocks (a routing check); metadata travels
+        in the handshake (e.g. W3C trace context). Raises KVLayoutMismatch, UnknownReservation,
+        KVAuthError or KVTransferError with a message naming the cause."""
+
+
+class KVReceiverBackend(ABC):
+    """Accepts transfers into reserved blocks of a decode server's cache."""
+
+    @property
+    @abstractmethod
+    def endpoint(self) -> str:
+        """Where senders connect (e.g. 'host:port'), as advertised to the router."""
+
+    @abstractmethod
+    def start(self) -> str:
+        """Start serving; returns the endpoint."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop serving; pending reservations fail."""
+
+    @abstractmethod
+    def expect(self, reservation_id: str, dst_block_ids: list[int], num_tokens: int,
+               on_complete: OnComplete) -> None:
+        """Register reserved blocks; on_complete(reservation_id, error_or_None) is called once, from
+        a backend thread, unless cancel() comes first."""
+
+    @abstractmethod
+    def cancel(self, reservation_id: str) -> bool:
+        """Forget a reservation; afterwards nothing is written into its blocks."""

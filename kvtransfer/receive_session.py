@@ -1,0 +1,205 @@
+"""One receiver connection: handshake, then LAYER frames written into the reserved blocks.
+
+Every header field is checked before a byte lands in the cache. Any malformed frame, refused
+handshake or dropped connection ends only this connection (an ERROR frame is sent when possible);
+a reservation bound to it is reported failed, so the decode side frees its blocks.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import socket
+import ssl
+import threading
+import time
+
+from kvtransfer import wire
+from kvtransfer.block_io import CacheBlocks
+from kvtransfer.errors import KVAuthError, KVProtocolError, KVTransferCancelled, KVTransferError
+from kvtransfer.layout import KVLayout
+from kvtransfer.reservations import Reservation, ReservationTable
+from kvtransfer.sockio import recv_exact, recv_into_views, send_views
+
+log = logging.getLogger(__name__)
+
+_DRAIN_SECONDS = 2.0  # after an ERROR frame, read and drop input so the peer can read the error
+
+
+class _Cancelled(Exception):
+    """The decode side cancelled the reservation: stop without reporting (it already knows)."""
+
+
+class ReceiveSession:
+    """Serves one accepted socket until it closes. `run` is the thread body and never raises."""
+
+    def __init__(self, sock: socket.socket, peer: str, layout: KVLayout, table: ReservationTable,
+                 blocks: CacheBlocks, auth_token: str | None = None, handshake_timeout_s: float = 10.0,
+                 idle_timeout_s: float | None = None, ssl_context: ssl.SSLContext | None = None):
+        self.sock = sock
+        self.ssl_context = ssl_context
+        self.peer = peer
+        self.layout = layout
+        self.table = table
+        self.blocks = blocks
+        self.auth_token = auth_token
+        self.handshake_timeout_s = handshake_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self._send_lock = threading.Lock()
+        self._aborted = False
+
+    def run(self) -> None:
+        """Handshake, stream, close; errors end this connection only."""
+        res: Reservation | None = None
+        try:
+            self.sock.settimeout(self.handshake_timeout_s)
+            if self.ssl_context is not None:  # handshake after the swap, so abort() can cut it
+                self.sock = self.ssl_context.wrap_socket(self.sock, server_side=True,
+                                                         do_handshake_on_connect=False)
+                self.sock.do_handshake()
+            res = self._handshake()
+            self.sock.settimeout(self.idle_timeout_s)
+            self._stream(res)
+        except _Cancelled:
+            pass
+        except KVTransferError as exc:
+            self._fail(res, exc, send_error=True)
+        except OSError as exc:  # PeerClosed (EOF), resets, timeouts, TLS errors
+            where = "during the handshake" if res is None else f"while filling reservation {res.reservation_id!r}"
+            self._fail(res, KVTransferError(f"connection from {self.peer} lost {where}: {exc}",
+                                            code="connection_lost"), send_error=False)
+        except Exception as exc:  # a bug: still never take the server down
+            log.exception("KV receive session from %s failed", self.peer)
+            self._fail(res, KVTransferError(f"receiver error: {exc}"), send_error=True)
+        finally:
+            self.sock.close()
+
+    def abort(self, code: str, message: str) -> None:
+        """Called from another thread (a cancel): tell the peer, then cut the socket, which wakes a
+        blocked read here."""
+        self._aborted = True
+        self._send_error(code, message, flags=socket.MSG_DONTWAIT)
+        try:  # the plain-socket shutdown: on TLS it leaves the SSL object to the reading thread
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _handshake(self) -> Reservation:
+        frame_type, size = self._read_header()
+        if frame_type != wire.HELLO:
+            raise KVProtocolError(f"expected HELLO, got {wire.FRAME_NAMES[frame_type]}")
+        if size > wire.MAX_JSON_PAYLOAD:
+            raise KVProtocolError(f"HELLO of {size} bytes exceeds the {wire.MAX_JSON_PAYLOAD}-byte limit")
+        hello = wire.Hello.decode(recv_exact(self.sock, size))
+        if self.auth_token is not None and not hmac.compare_digest(
+                (hello.auth_token or "").encode(), self.auth_token.encode()):
+            raise KVAuthError("the KV transfer auth token is missing or wrong")
+        self.layout.check_compatible(hello.layout, "receiver", "sender")
+        res = self.table.bind(hello, self)
+        self._send(wire.encode_json_frame(wire.HELLO_OK, {"num_blocks": res.num_blocks}))
+        return res
+
+    def _stream(self, res: Reservation) -> None:
+        while True:
+            frame_type, size = self._read_header()
+            if frame_type == wire.LAYER:
+                self._receive_layer(res, size)
+            elif frame_type == wire.FINISH:
+                self._expect_empty(frame_type, size)
+                self._complete(res)
+                return
+            elif frame_type == wire.CANCEL:
+                self._expect_empty(frame_type, size)
+                self.table.finish(res, KVTransferCancelled(
+                    f"the sender {self.peer} cancelled reservation {res.reservation_id!r}"))
+                return
+            else:
+                raise KVProtocolError(f"unexpected {wire.FRAME_NAMES[frame_type]} frame after the handshake")
+
+    def _receive_layer(self, res: Reservation, size: int) -> None:
+        if size < wire.LAYER_HEADER.size:
+            raise KVProtocolError(f"LAYER payload of {size} bytes is shorter than its sub-header")
+        layer, first, count = wire.LAYER_HEADER.unpack(recv_exact(self.sock, wire.LAYER_HEADER.size))
+        if layer >= self.layout.num_layers:
+            raise KVProtocolError(f"LAYER {layer} out of range: the layout has {self.layout.num_layers} layers")
+        if count < 1:
+            raise KVProtocolError(f"LAYER {layer} carries no blocks")
+        if first + count > res.num_blocks:
+            raise KVProtocolError(f"LAYER {layer} blocks [{first}, {first + count}) are outside the "
+                                  f"reservation's {res.num_blocks} blocks")
+        expected = wire.LAYER_HEADER.size + 2 * count * self.layout.block_bytes
+        if size != expected:
+            raise KVProtocolError(f"LAYER {layer} payload is {size} bytes, {count} blocks of K and V "
+                                  f"need {expected}")
+        dst = list(res.dst_block_ids[first:first + count])
+        if not self.table.begin_write(res):
+            raise _Cancelled()
+        try:
+            recv_into_views(self.sock, self.blocks.write_views(layer, dst))
+            self.blocks.commit(layer, dst)
+        except OSError:
+            if self._aborted:
+                raise _Cancelled() from None
+            raise
+        finally:
+            self.table.end_write(res)
+        res.received[layer, first:first + count] = True
+        res.bytes_received += size - wire.LAYER_HEADER.size
+
+    def _complete(self, res: Reservation) -> None:
+        missing = (~res.received).nonzero()
+        if missing[0].size:
+            raise KVTransferError(
+                f"FINISH before all KV arrived: {missing[0].size} (layer, block) pairs missing, first "
+                f"layer {int(missing[0][0])} block {int(missing[1][0])}", code="incomplete")
+        if not self.table.finish(res, None):
+            raise _Cancelled()
+        self._send(wire.encode_json_frame(wire.COMPLETE, {"bytes": res.bytes_received}))
+
+    def _read_header(self) -> tuple[int, int]:
+        return wire.decode_header(recv_exact(self.sock, wire.HEADER.size))
+
+    @staticmethod
+    def _expect_empty(frame_type: int, size: int) -> None:
+        if size != 0:
+            raise KVProtocolError(f"{wire.FRAME_NAMES[frame_type]} must have no payload, got {size} bytes")
+
+    def _fail(self, res: Reservation | None, error: KVTransferError, send_error: bool) -> None:
+        if res is not None:
+            self.table.finish(res, error)
+        if send_error and not self._aborted:
+            log.info("KV connection from %s refused: %s", self.peer, error)
+            self._send_error(error.code, str(error))
+            self._drain()
+
+    def _send(self, data: bytes) -> None:
+        with self._send_lock:
+            send_views(self.sock, [data])
+
+    def _send_error(self, code: str, message: str, flags: int = 0) -> None:
+        frame = wire.error_frame(code, message[:4000])
+        if not self._send_lock.acquire(timeout=1.0):
+            return
+        try:
+            if not flags:
+                self.sock.sendall(frame)
+            elif not isinstance(self.sock, ssl.SSLSocket):  # OpenSSL: no write while another thread reads
+                self.sock.send(frame, flags)
+        except (OSError, ValueError):
+            pass
+        finally:
+            self._send_lock.release()
+
+    def _drain(self) -> None:
+        """Half-close and read until the peer closes (bounded), so it can read the ERROR frame before
+        our close resets the connection."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + _DRAIN_SECONDS
+            buf = bytearray(1 << 16)
+            while (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                if self.sock.recv_into(buf) == 0:
+                    return
+        except OSError:
+            pass

@@ -1,0 +1,233 @@
+"""The prefill side of the TCP backend: handshake, then one LAYER frame per send_layer call, sent by
+a background thread so that sending layer i overlaps computing layer i + 1."""
+
+from __future__ import annotations
+
+import queue
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+
+import torch
+
+from kvtransfer import wire
+from kvtransfer.backend import KVSenderBackend, KVTransfer, TransferStats
+from kvtransfer.block_io import block_views, gather_blocks, tensor_bytes
+from kvtransfer.errors import KVProtocolError, KVTransferCancelled, KVTransferError, error_from_code
+from kvtransfer.layout import KVLayout
+from kvtransfer.sockio import configure_socket, readable, recv_exact, send_views
+
+_FINISH, _CANCEL = object(), object()
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """'host:port' or '[v6addr]:port' -> (host, port); ValueError when malformed."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"KV endpoint {endpoint!r} is not 'host:port'")
+    return host.strip("[]"), int(port)
+
+
+def read_control_frame(sock: socket.socket) -> tuple[int, dict]:
+    """Read one HELLO_OK / COMPLETE / ERROR frame -> (type, JSON payload)."""
+    frame_type, size = wire.decode_header(recv_exact(sock, wire.HEADER.size))
+    if frame_type not in (wire.HELLO_OK, wire.COMPLETE, wire.ERROR) or size > wire.MAX_JSON_PAYLOAD:
+        raise KVProtocolError(f"unexpected {wire.FRAME_NAMES[frame_type]} frame ({size} bytes) from the receiver")
+    return frame_type, wire.decode_json(recv_exact(sock, size), wire.FRAME_NAMES[frame_type])
+
+
+def raise_if_error(frame_type: int, message: dict) -> None:
+    """Raise the exception an ERROR frame carries."""
+    if frame_type == wire.ERROR:
+        raise error_from_code(str(message.get("code")), f"KV receiver refused: {message.get('message')}")
+
+
+class TCPKVSender(KVSenderBackend):
+    """Opens TCP transfers for a prefill server whose cache has `layout`. ssl_context: a client
+    context to speak TLS (server_hostname defaults to the endpoint's host); auth_token: the shared
+    secret the receivers expect."""
+
+    def __init__(self, layout: KVLayout, ssl_context: ssl.SSLContext | None = None,
+                 auth_token: str | None = None, server_hostname: str | None = None,
+                 connect_timeout_s: float = 10.0, socket_buffer_bytes: int | None = None):
+        self.layout = layout
+        self.ssl_context = ssl_context
+        self.auth_token = auth_token
+        self.server_hostname = server_hostname
+        self.connect_timeout_s = connect_timeout_s
+        self.socket_buffer_bytes = socket_buffer_bytes
+
+    def open(self, endpoint: str, reservation_id: str, num_tokens: int,
+             dst_block_ids: Sequence[int] | None = None, metadata: dict[str, str] | None = None,
+             timeout: float | None = None) -> TCPKVTransfer:
+        """Connect and handshake (see KVSenderBackend.open)."""
+        started = time.perf_counter()
+        host, port = parse_endpoint(endpoint)
+        hello = wire.Hello(self.layout, reservation_id, num_tokens,
+                           None if dst_block_ids is None else tuple(int(b) for b in dst_block_ids),
+                           self.auth_token, dict(metadata or {}))
+        frame = hello.encode()  # validates nothing yet: the receiver is the judge
+        sock = socket.create_connection((host, port), timeout=timeout or self.connect_timeout_s)
+        try:
+            configure_socket(sock, self.socket_buffer_bytes)
+            if self.ssl_context is not None:
+                sock = self.ssl_context.wrap_socket(sock, server_hostname=self.server_hostname or host)
+            send_views(sock, [frame])
+            frame_type, reply = read_control_frame(sock)
+            raise_if_error(frame_type, reply)
+            if frame_type != wire.HELLO_OK or reply.get("num_blocks") != self.layout.num_blocks_for(num_tokens):
+                raise KVProtocolError(f"bad handshake reply {wire.FRAME_NAMES[frame_type]} {reply}")
+            sock.settimeout(None)
+        except BaseException:
+            sock.close()
+            raise
+        return TCPKVTransfer(sock, self.layout, endpoint, reservation_id, reply["num_blocks"], started)
+
+
+class TCPKVTransfer(KVTransfer):
+    """A handshaken connection and its sending thread (see KVTransfer for the contract)."""
+
+    def __init__(self, sock: socket.socket, layout: KVLayout, endpoint: str, reservation_id: str,
+                 num_blocks: int, started: float):
+        self.layout = layout
+        self.endpoint = endpoint
+        self.reservation_id = reservation_id
+        self.num_blocks = num_blocks
+        self._sock = sock
+        self._started = started
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._cancelled = threading.Event()
+        self._ended = False  # finish or cancel was called
+        self._error: BaseException | None = None
+        self._stats: TransferStats | None = None
+        self._bytes = self._frames = 0
+        self._thread = threading.Thread(target=self._run, name=f"kv-send-{reservation_id}", daemon=True)
+        self._thread.start()
+
+    def send_layer(self, layer: int, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                   src_block_ids: Sequence[int], first_block: int = 0, snapshot: bool = False) -> None:
+        """Queue one layer's blocks (see KVTransfer.send_layer)."""
+        if self._error is not None:
+            raise self._error
+        if self._ended:
+            raise KVTransferError(f"transfer {self.reservation_id!r} is already finished or cancelled")
+        ids = (src_block_ids.tolist() if isinstance(src_block_ids, torch.Tensor)
+               else [int(b) for b in src_block_ids])
+        self._check_layer(layer, key_cache, value_cache, ids, first_block)
+        if snapshot or key_cache.device.type != "cpu":
+            copy = gather_blocks(key_cache, value_cache, ids)
+            ready = None
+            if copy.device.type == "cuda":  # the sending thread runs on another stream: wait for the gather
+                ready = torch.cuda.Event()
+                ready.record()
+            self._queue.put((layer, first_block, len(ids), (copy, ready), None))
+        else:
+            self._queue.put((layer, first_block, len(ids), (key_cache, value_cache), ids))
+
+    def finish(self, timeout: float | None = None) -> TransferStats:
+        """Wait for the receiver's confirmation (see KVTransfer.finish)."""
+        if not self._ended:
+            self._ended = True
+            self._queue.put(_FINISH)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self.cancel()
+            raise TimeoutError(f"KV transfer {self.reservation_id!r} to {self.endpoint} did not complete "
+                               f"within {timeout} s; cancelled")
+        if self._error is not None:
+            raise self._error
+        if self._stats is None:
+            raise KVTransferCancelled(f"transfer {self.reservation_id!r} was cancelled")
+        return self._stats
+
+    def cancel(self) -> None:
+        """Stop sending and tell the receiver (see KVTransfer.cancel)."""
+        self._ended = True
+        self._cancelled.set()
+        self._queue.put(_CANCEL)
+        self._thread.join(1.0)
+        if self._thread.is_alive():  # stuck in a send to a receiver that does not read: cut it
+            try:
+                socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._thread.join()
+
+    def _check_layer(self, layer: int, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                     ids: list[int], first_block: int) -> None:
+        if not 0 <= layer < self.layout.num_layers:
+            raise ValueError(f"layer {layer} out of range [0, {self.layout.num_layers})")
+        for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
+            self.layout.check_cache_tensor(cache, f"layer {layer} {name}")
+        if value_cache.shape[0] != key_cache.shape[0]:
+            raise ValueError(f"layer {layer}: K and V caches have different block counts")
+        if not ids or first_block < 0 or first_block + len(ids) > self.num_blocks:
+            raise ValueError(f"layer {layer}: {len(ids)} blocks at logical block {first_block} do not fit "
+                             f"the reservation's {self.num_blocks} blocks")
+        bad = [b for b in ids if not 0 <= b < key_cache.shape[0]]
+        if bad:
+            raise ValueError(f"layer {layer}: source block ids {bad[:5]} out of range [0, {key_cache.shape[0]})")
+
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _CANCEL or self._cancelled.is_set():
+                    self._sock.sendall(wire.encode_header(wire.CANCEL, 0))
+                    return
+                if item is _FINISH:
+                    self._finish_stream()
+                    return
+                self._raise_receiver_error()
+                self._send_item(*item)
+        except KVTransferError as exc:
+            self._error = exc
+        except OSError as exc:
+            if not self._cancelled.is_set():
+                self._error = self._receiver_error() or KVTransferError(
+                    f"connection to the KV receiver {self.endpoint} lost: {exc}", code="connection_lost")
+        finally:
+            self._sock.close()
+
+    def _send_item(self, layer: int, first: int, count: int, data, ids: list[int] | None) -> None:
+        bb = self.layout.block_bytes
+        if ids is None:  # a snapshot [2, count, words] and its CUDA event, maybe on a GPU
+            copy, ready = data
+            if ready is not None:
+                ready.synchronize()
+            views = [tensor_bytes(copy.cpu())]
+        else:
+            views = block_views(tensor_bytes(data[0]), ids, bb) + block_views(tensor_bytes(data[1]), ids, bb)
+        send_views(self._sock, [wire.encode_layer_header(layer, first, count, bb)] + views)
+        self._bytes += 2 * count * bb
+        self._frames += 1
+
+    def _finish_stream(self) -> None:
+        self._sock.sendall(wire.encode_header(wire.FINISH, 0))
+        frame_type, reply = read_control_frame(self._sock)
+        raise_if_error(frame_type, reply)
+        if frame_type != wire.COMPLETE:
+            raise KVProtocolError(f"expected COMPLETE, got {wire.FRAME_NAMES[frame_type]}")
+        self._stats = TransferStats(self._bytes, self._frames, self.num_blocks,
+                                    time.perf_counter() - self._started)
+
+    def _raise_receiver_error(self) -> None:
+        """The receiver speaks mid-stream only to refuse: stop at once if it did."""
+        if readable(self._sock):
+            error = self._receiver_error()
+            raise error or KVTransferError(f"the KV receiver {self.endpoint} closed the connection",
+                                           code="connection_lost")
+
+    def _receiver_error(self) -> KVTransferError | None:
+        """The ERROR frame the receiver sent before closing, if it can still be read."""
+        try:
+            self._sock.settimeout(1.0)
+            frame_type, message = read_control_frame(self._sock)
+            raise_if_error(frame_type, message)
+        except KVTransferError as exc:
+            return exc
+        except (OSError, ValueError):
+            return None
+        return None

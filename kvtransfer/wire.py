@@ -1,0 +1,136 @@
+"""The framed wire protocol of the TCP backend (no pickle anywhere).
+
+Every frame is a 16-byte header followed by `payload_len` bytes:
+
+    magic b"PDKV" | version u8 | type u8 | flags u16 (0) | payload_len u64      (network byte order)
+
+Frame types and payloads:
+    HELLO     sender -> receiver   UTF-8 JSON: protocol, layout, reservation_id, num_tokens,
+                                   dst_block_ids (or null), auth_token (or null), metadata {str: str}
+    HELLO_OK  receiver -> sender   JSON: {"num_blocks": n} (blocks per layer this transfer fills)
+    LAYER     sender -> receiver   12-byte sub-header (layer u32, first_block u32, num_blocks u32),
+                                   then num_blocks * block_bytes raw bytes of K, then the same of V;
+                                   blocks are logical (0 = the reservation's first block)
+    FINISH    sender -> receiver   empty: everything is sent
+    COMPLETE  receiver -> sender   JSON: {"bytes": n}: the whole KV is in the reserved blocks
+    CANCEL    sender -> receiver   empty: the sender gives up
+    ERROR     either way           JSON: {"code": str, "message": str}; the connection closes after it
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from kvtransfer.errors import KVProtocolError
+from kvtransfer.layout import KVLayout
+
+MAGIC = b"PDKV"
+VERSION = 1
+HEADER = struct.Struct("!4sBBHQ")
+LAYER_HEADER = struct.Struct("!III")
+MAX_JSON_PAYLOAD = 4 << 20  # a HELLO lists block ids: 4 MiB is ~500k of them
+
+HELLO, HELLO_OK, LAYER, FINISH, COMPLETE, CANCEL, ERROR = range(1, 8)
+FRAME_NAMES = {HELLO: "HELLO", HELLO_OK: "HELLO_OK", LAYER: "LAYER", FINISH: "FINISH",
+               COMPLETE: "COMPLETE", CANCEL: "CANCEL", ERROR: "ERROR"}
+
+
+def encode_header(frame_type: int, payload_len: int) -> bytes:
+    """The 16-byte header of a frame."""
+    return HEADER.pack(MAGIC, VERSION, frame_type, 0, payload_len)
+
+
+def decode_header(data: bytes) -> tuple[int, int]:
+    """Parse and validate a header -> (frame_type, payload_len); KVProtocolError when malformed."""
+    magic, version, frame_type, flags, payload_len = HEADER.unpack(data)
+    if magic != MAGIC:
+        raise KVProtocolError(f"bad frame magic {magic!r} (expected {MAGIC!r}): not a pdserve KV peer")
+    if version != VERSION:
+        raise KVProtocolError(f"unsupported wire version {version} (this side speaks {VERSION})")
+    if frame_type not in FRAME_NAMES:
+        raise KVProtocolError(f"unknown frame type {frame_type}")
+    if flags != 0:
+        raise KVProtocolError(f"frame flags must be 0, got {flags}")
+    return frame_type, payload_len
+
+
+def encode_json_frame(frame_type: int, message: dict[str, Any]) -> bytes:
+    """Header + compact JSON payload."""
+    payload = json.dumps(message, separators=(",", ":")).encode()
+    return encode_header(frame_type, len(payload)) + payload
+
+
+def decode_json(payload: bytes, what: str) -> dict[str, Any]:
+    """Parse a JSON object payload; KVProtocolError when it is not one."""
+    try:
+        message = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise KVProtocolError(f"{what} payload is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise KVProtocolError(f"{what} payload must be a JSON object, got {type(message).__name__}")
+    return message
+
+
+def encode_layer_header(layer: int, first_block: int, num_blocks: int, block_bytes: int) -> bytes:
+    """Frame header + LAYER sub-header for `num_blocks` blocks of K then V."""
+    payload_len = LAYER_HEADER.size + 2 * num_blocks * block_bytes
+    return encode_header(LAYER, payload_len) + LAYER_HEADER.pack(layer, first_block, num_blocks)
+
+
+def error_frame(code: str, message: str) -> bytes:
+    """An ERROR frame."""
+    return encode_json_frame(ERROR, {"code": code, "message": message})
+
+
+@dataclass(frozen=True)
+class Hello:
+    """The sender's handshake: which reservation it fills and with what layout."""
+
+    layout: KVLayout
+    reservation_id: str
+    num_tokens: int
+    dst_block_ids: tuple[int, ...] | None = None
+    auth_token: str | None = None
+    metadata: dict[str, str] | None = None
+
+    def encode(self) -> bytes:
+        """The HELLO frame."""
+        return encode_json_frame(HELLO, {
+            "protocol": VERSION, "layout": self.layout.to_dict(), "reservation_id": self.reservation_id,
+            "num_tokens": self.num_tokens,
+            "dst_block_ids": None if self.dst_block_ids is None else list(self.dst_block_ids),
+            "auth_token": self.auth_token, "metadata": self.metadata or {},
+        })
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Hello:
+        """Parse and validate a HELLO payload; KVProtocolError names the bad field."""
+        msg = decode_json(payload, "HELLO")
+        try:
+            layout = KVLayout.from_dict(msg.get("layout"))
+        except (TypeError, ValueError) as exc:
+            raise KVProtocolError(f"HELLO layout: {exc}") from None
+        rid = msg.get("reservation_id")
+        if not isinstance(rid, str) or not 0 < len(rid) <= 256:
+            raise KVProtocolError("HELLO reservation_id must be a non-empty string of <= 256 chars")
+        num_tokens = msg.get("num_tokens")
+        if not _is_int(num_tokens) or num_tokens < 1:
+            raise KVProtocolError(f"HELLO num_tokens must be a positive int, got {num_tokens!r}")
+        ids = msg.get("dst_block_ids")
+        if ids is not None and (not isinstance(ids, list) or not all(_is_int(i) and i >= 0 for i in ids)):
+            raise KVProtocolError("HELLO dst_block_ids must be null or a list of non-negative ints")
+        token = msg.get("auth_token")
+        if token is not None and not isinstance(token, str):
+            raise KVProtocolError("HELLO auth_token must be null or a string")
+        metadata = msg.get("metadata") or {}
+        if not isinstance(metadata, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise KVProtocolError("HELLO metadata must be an object of string to string")
+        return cls(layout, rid, num_tokens, None if ids is None else tuple(ids), token, metadata)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
