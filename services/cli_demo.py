@@ -1,5 +1,6 @@
-"""`pdserve demo`: the main job on a fresh machine: make the tiny model if needed, then stream
-a generation from it."""
+"""`pdserve demo`: the main job on a fresh machine: make the tiny model if needed, start a local
+cluster (embedded Redis, a prefill and a decode server, the router), stream a generation
+through the router's public API, and stop the cluster."""
 
 from __future__ import annotations
 
@@ -34,16 +35,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     p.add_argument("--model", default=None, help="checkpoint directory (default: the tiny model)")
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--in-process", action="store_true", help="no cluster: run the engine in this process")
     p.set_defaults(run=run)
 
 
 def run(ns: argparse.Namespace) -> int:
     """Stream the generation to the terminal."""
     from services.cli_generate import print_outputs
-    from services.llm import LLM
 
     model_dir = Path(ns.model) if ns.model else ensure_tiny_model(default_model_dir())
     params = SamplingParams(max_tokens=ns.max_tokens, temperature=0.8, top_p=0.95, seed=0)
-    print(f"prompt: {ns.prompt}")
-    print_outputs(LLM(str(model_dir)).stream(ns.prompt, params), 1, as_json=False)
+    if ns.in_process:
+        from services.llm import LLM
+
+        print(f"prompt: {ns.prompt}")
+        print_outputs(LLM(str(model_dir)).stream(ns.prompt, params), 1, as_json=False)
+        return 0
+    from services.cluster import LocalCluster
+    from services.router_client import stream_from_router
+
+    with LocalCluster(str(model_dir), prefill=1, decode=1) as cluster:
+        print(f"cluster up: router {cluster.router_address}, 1 prefill, 1 decode, embedded Redis")
+        print(f"prompt: {ns.prompt}")
+        print_outputs(stream_from_router(cluster.router_address, ns.prompt, params), 1, as_json=False)
+    print("cluster stopped")
     return 0

@@ -77,3 +77,77 @@ def test_colocated_worker_through_router_matches_transformers(model_dir):
     with LocalCluster(model_dir, prefill=0, decode=0, colocated=1) as cluster:
         results = asyncio.run(_generate_all(cluster.router_address, prompts, MAX_TOKENS))
     _check_against_transformers(model_dir, prompts, results)
+
+
+def _loads(cluster, role):
+    from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
+
+    loads = []
+    for proc in cluster.processes:
+        if proc.role == role:
+            with grpc.insecure_channel(proc.address) as channel:
+                loads.append(worker_pb2_grpc.WorkerControlStub(channel).GetLoad(worker_pb2.GetLoadRequest(), timeout=10))
+    return loads
+
+
+def _wait_all_blocks_free(cluster, roles=("prefill", "decode"), timeout_s=30.0):
+    """Poll the workers' GetLoad (other processes) until every KV block is free again."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        loads = [load for role in roles for load in _loads(cluster, role)]
+        if all(l.num_blocks_free == l.num_blocks_total and l.num_reservations == 0 for l in loads):
+            return loads
+        if time.monotonic() > deadline:
+            raise AssertionError(f"KV blocks still held: {loads}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def disaggregated(model_dir):
+    with LocalCluster(model_dir, prefill=2, decode=2) as cluster:
+        yield cluster
+
+
+def test_64_concurrent_requests_through_2_prefill_2_decode_match_transformers(model_dir, disaggregated):
+    prompts = _prompts(NUM_REQUESTS)
+    results = asyncio.run(_generate_all(disaggregated.router_address, prompts, MAX_TOKENS))
+    _check_against_transformers(model_dir, prompts, results)
+    served = [load.num_finished_requests for load in _loads(disaggregated, "decode")]
+    assert sum(served) >= NUM_REQUESTS
+    assert max(served) <= 0.75 * sum(served), served
+    _wait_all_blocks_free(disaggregated)
+
+
+def test_cancelling_a_stream_frees_blocks_on_both_sides(disaggregated):
+    async def cancel_mid_stream():
+        async with grpc.aio.insecure_channel(disaggregated.router_address) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            call = stub.Generate(router_pb2.GenerateRequest(
+                prompt="a long story " * 20,
+                sampling=router_pb2.SamplingParams(max_tokens=2000, ignore_eos=True)))
+            seen = 0
+            async for response in call:
+                seen += len(response.chunk.token_ids)
+                if seen >= 5:
+                    call.cancel()
+                    break
+            return seen
+
+    assert asyncio.run(cancel_mid_stream()) >= 5
+    _wait_all_blocks_free(disaggregated)
+
+
+def test_reservation_whose_kv_never_arrives_expires(disaggregated):
+    from protos.pdserve.v1 import decode_pb2, decode_pb2_grpc
+
+    decode = next(p for p in disaggregated.processes if p.role == "decode")
+    with grpc.insecure_channel(decode.address) as channel:
+        reply = decode_pb2_grpc.DecodeWorkerStub(channel).Reserve(
+            decode_pb2.ReserveRequest(request_id="never-sent", prompt_tokens=100, max_tokens=4, n=1,
+                                      lease_ms=300), timeout=10)
+    assert len(reply.block_ids) == 7
+    held = [l for l in _loads(disaggregated, "decode") if l.num_reservations]
+    assert held and held[0].num_blocks_reserved == 7
+    _wait_all_blocks_free(disaggregated, roles=("decode",), timeout_s=10)

@@ -24,14 +24,15 @@ def request_output_to_proto(output: RequestOutput) -> worker_pb2.RequestOutput:
                                     finished=output.finished)
 
 
-def stats_to_load_proto(stats: EngineStats, reservations: int = 0, reserved_blocks: int = 0) -> worker_pb2.WorkerLoad:
+def stats_to_load_proto(stats: EngineStats) -> worker_pb2.WorkerLoad:
     """The engine's accounting as pdserve.v1.WorkerLoad."""
     return worker_pb2.WorkerLoad(
         num_waiting_prompt_tokens=stats.num_waiting_prompt_tokens,
         num_running_requests=stats.num_running_requests, num_running_seqs=stats.num_running_seqs,
         num_waiting_requests=stats.num_waiting_requests, num_blocks_free=stats.num_blocks_free,
         num_blocks_total=stats.num_blocks_total, num_blocks_cached=stats.num_blocks_cached,
-        num_reservations=reservations, num_blocks_reserved=reserved_blocks,
+        num_reservations=stats.num_reservations, num_blocks_reserved=stats.num_blocks_reserved,
+        num_finished_requests=stats.counters.num_finished_requests + stats.counters.num_aborted_requests,
         timestamp_unix_ms=int(time.time() * 1000))
 
 

@@ -110,7 +110,7 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("num_waiting_prompt_tokens", "num_running_requests", "num_running_seqs", "num_waiting_requests", "num_blocks_free", "num_blocks_total", "num_blocks_cached", "num_reservations", "num_blocks_reserved", "timestamp_unix_ms")
+    __slots__ = ("num_waiting_prompt_tokens", "num_running_requests", "num_running_seqs", "num_waiting_requests", "num_blocks_free", "num_blocks_total", "num_blocks_cached", "num_reservations", "num_blocks_reserved", "timestamp_unix_ms", "num_finished_requests")
     NUM_WAITING_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_SEQS_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +121,7 @@ class WorkerLoad(_message.Message):
     NUM_RESERVATIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_RESERVED_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    NUM_FINISHED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     num_waiting_prompt_tokens: int
     num_running_requests: int
     num_running_seqs: int
@@ -131,7 +132,8 @@ class WorkerLoad(_message.Message):
     num_reservations: int
     num_blocks_reserved: int
     timestamp_unix_ms: int
-    def __init__(self, num_waiting_prompt_tokens: _Optional[int] = ..., num_running_requests: _Optional[int] = ..., num_running_seqs: _Optional[int] = ..., num_waiting_requests: _Optional[int] = ..., num_blocks_free: _Optional[int] = ..., num_blocks_total: _Optional[int] = ..., num_blocks_cached: _Optional[int] = ..., num_reservations: _Optional[int] = ..., num_blocks_reserved: _Optional[int] = ..., timestamp_unix_ms: _Optional[int] = ...) -> None: ...
+    num_finished_requests: int
+    def __init__(self, num_waiting_prompt_tokens: _Optional[int] = ..., num_running_requests: _Optional[int] = ..., num_running_seqs: _Optional[int] = ..., num_waiting_requests: _Optional[int] = ..., num_blocks_free: _Optional[int] = ..., num_blocks_total: _Optional[int] = ..., num_blocks_cached: _Optional[int] = ..., num_reservations: _Optional[int] = ..., num_blocks_reserved: _Optional[int] = ..., timestamp_unix_ms: _Optional[int] = ..., num_finished_requests: _Optional[int] = ...) -> None: ...
 
 class GetWorkerInfoRequest(_message.Message):
     __slots__ = ()

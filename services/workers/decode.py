@@ -1,0 +1,143 @@
+"""The decode server: reserves KV blocks for incoming prompts (a lease that expires if the KV
+never arrives), receives KV into them over kvtransfer, and streams the rest of the generation
+from its continuous batch."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+
+from kvtransfer import TCPKVReceiver
+from protos.pdserve.v1 import decode_pb2, decode_pb2_grpc
+from services.grpc_common.convert import sampling_params_from_engine_proto
+from services.grpc_common.errors import NotFoundError, UnavailableError
+from services.grpc_common.status import map_errors
+from services.workers.convert import request_output_to_proto
+from services.workers.runtime import WorkerContext
+
+EXPIRY_SWEEP_S = 0.25
+# The engine's own expiry is a safety net behind the server's: the server stops the receiver
+# first and then frees the blocks, so no late KV is ever written into reused blocks.
+ENGINE_EXPIRY_GRACE_S = 10.0
+
+
+@dataclass
+class Reservation:
+    """A lease on blocks for one request's prompt KV; `arrived` resolves when the KV is in."""
+
+    request_id: str
+    expires_at: float
+    arrived: asyncio.Future
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
+    """pdserve.v1.DecodeWorker."""
+
+    def __init__(self, ctx: WorkerContext, receiver: TCPKVReceiver):
+        self.ctx = ctx
+        self.receiver = receiver
+        self.reservations: dict[str, Reservation] = {}
+
+    @map_errors
+    async def Reserve(self, request, context):
+        """Hold blocks for the prompt and open them to the KV receiver until the lease ends."""
+        if request.prompt_tokens == 0:
+            raise ValueError("prompt_tokens must be > 0")
+        lease_s = (request.lease_ms or 30_000) / 1000
+        reservation_id = f"{request.request_id}/{uuid.uuid4().hex[:12]}"
+        expires_at = time.monotonic() + lease_s
+        block_ids = await self.ctx.async_engine.reserve(reservation_id, request.prompt_tokens,
+                                                        expires_at + ENGINE_EXPIRY_GRACE_S)
+        loop = asyncio.get_running_loop()
+        arrived = loop.create_future()
+
+        def on_complete(rid: str, error: Exception | None) -> None:  # a receiver thread
+            loop.call_soon_threadsafe(_resolve, arrived, error)
+
+        self.reservations[reservation_id] = Reservation(request.request_id, expires_at, arrived)
+        self.receiver.expect(reservation_id, list(block_ids), request.prompt_tokens, on_complete)
+        return decode_pb2.ReserveResponse(
+            reservation_id=reservation_id, kv_endpoint=self.ctx.kv_endpoint, block_ids=block_ids,
+            block_size=self.ctx.engine.config.block_size, lease_ms=int(lease_s * 1000),
+            lease_expires_unix_ms=int((time.time() + lease_s) * 1000))
+
+    @map_errors
+    async def Decode(self, request, context):
+        """Wait for the reservation's KV, then join the batch and stream the outputs."""
+        params = sampling_params_from_engine_proto(request.sampling)
+        reservation_id = request.reservation_id or None
+        if reservation_id is not None:
+            await self._wait_for_kv(reservation_id)
+        generated = [list(s.generated_token_ids) for s in request.samples]
+        indices = [s.index for s in request.samples]
+        stream = self.ctx.async_engine.generate_prefilled(
+            request.request_id, list(request.prompt_token_ids), params, generated, indices,
+            reservation_id, request.cached_tokens)
+        async for output in stream:
+            yield request_output_to_proto(output)
+
+    async def _wait_for_kv(self, reservation_id: str) -> None:
+        reservation = self.reservations.get(reservation_id)
+        if reservation is None:
+            raise NotFoundError(f"reservation {reservation_id!r} is not open (expired or unknown)")
+        try:
+            remaining = max(0.0, reservation.expires_at - time.monotonic())
+            await asyncio.wait_for(asyncio.shield(reservation.arrived), remaining)
+        except (asyncio.TimeoutError, Exception) as exc:
+            await self._drop(reservation_id)
+            raise UnavailableError(f"KV for reservation {reservation_id!r} did not arrive: {exc}") from exc
+        self.reservations.pop(reservation_id, None)
+
+    async def _drop(self, reservation_id: str) -> bool:
+        """Forget a reservation everywhere and free its blocks."""
+        reservation = self.reservations.pop(reservation_id, None)
+        self.receiver.cancel(reservation_id)
+        released = await self.ctx.async_engine.release_reservation(reservation_id)
+        if reservation is not None and not reservation.arrived.done():
+            reservation.arrived.set_exception(TimeoutError("reservation released"))
+            reservation.arrived.exception()  # retrieved: nobody may be waiting
+        return released or reservation is not None
+
+    async def abort_reservations(self, request_id: str) -> bool:
+        """Abort hook: drop the request's open reservations."""
+        ids = [rid for rid, r in self.reservations.items() if r.request_id == request_id]
+        results = [await self._drop(rid) for rid in ids]
+        return any(results)
+
+    async def expire_forever(self) -> None:
+        """Free reservations whose lease ran out before their KV (or their Decode) came:
+        the receiver forgets them first, then the engine frees their blocks."""
+        while True:
+            await asyncio.sleep(EXPIRY_SWEEP_S)
+            now = time.monotonic()
+            for rid in [rid for rid, r in self.reservations.items() if r.expires_at <= now]:
+                await self._drop(rid)
+            for rid in await self.ctx.async_engine.expire_reservations(now):
+                self.receiver.cancel(rid)
+
+
+def _resolve(future: asyncio.Future, error: Exception | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+        future.exception()  # mark retrieved; the waiter (if any) re-raises it
+
+
+async def setup(ctx: WorkerContext, ns: argparse.Namespace):
+    """Start the KV receiver and the lease sweeper; return (register, service names)."""
+    receiver = TCPKVReceiver(ctx.engine.runner.kv_caches, host=ns.host, port=ns.kv_port)
+    receiver.start()
+    host = ns.advertise_host or ns.host
+    ctx.kv_endpoint = f"{host}:{receiver.endpoint.rsplit(':', 1)[1]}"
+    servicer = DecodeServicer(ctx, receiver)
+    ctx.abort_hooks.append(servicer.abort_reservations)
+    sweeper = asyncio.create_task(servicer.expire_forever())
+    servicer.sweeper = sweeper  # keep a reference: the task runs for the server's life
+    names = [decode_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name]
+    return (lambda server: decode_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, server)), names

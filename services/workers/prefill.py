@@ -1,0 +1,131 @@
+"""The prefill server: batches prompts in its engine, streams each layer's KV to the decode
+server's reserved blocks while the next layer computes, and returns the first token at once."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from kvtransfer import KVLayout, TCPKVSender
+from kvtransfer.backend import KVTransfer
+from protos.pdserve.v1 import prefill_pb2, prefill_pb2_grpc
+from services.engine.async_engine import AsyncEngine
+from services.engine.chunk_info import ChunkInfo
+from services.engine.prefilled import finish_reason_after, first_token_params
+from services.grpc_common.convert import sampling_params_from_engine_proto
+from services.grpc_common.status import map_errors
+from services.workers.convert import request_output_to_proto
+from services.workers.runtime import WorkerContext
+
+logger = logging.getLogger("pdserve.prefill")
+TRANSFER_TIMEOUT_S = 60.0
+
+
+class LayerStreamer:
+    """The engine's layer hook: after layer i of a step, queue that layer's blocks of every
+    chunk whose request has an open transfer (runs on the engine thread)."""
+
+    def __init__(self, kv_caches):
+        self.kv_caches = kv_caches
+        self.transfers: dict[str, KVTransfer] = {}
+
+    def __call__(self, layer: int, infos: list[ChunkInfo]) -> None:
+        key_cache, value_cache = self.kv_caches[layer]
+        for info in infos:
+            transfer = self.transfers.get(info.request_id)
+            if transfer is None or info.start >= info.num_prompt_tokens:
+                continue
+            try:
+                if info.cached_block_ids:  # prefix-cache hit: those blocks' KV was computed earlier
+                    transfer.send_layer(layer, key_cache, value_cache, list(info.cached_block_ids), 0,
+                                        snapshot=True)
+                transfer.send_layer(layer, key_cache, value_cache, list(info.block_ids),
+                                    info.first_block_index, snapshot=True)
+            except Exception as exc:  # a broken transfer must not stop the engine's step
+                logger.warning("KV transfer for %s failed: %s", info.request_id, exc)
+                self.transfers.pop(info.request_id, None)
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
+    """pdserve.v1.PrefillWorker."""
+
+    def __init__(self, ctx: WorkerContext, streamer: LayerStreamer, sender: TCPKVSender):
+        self.ctx = ctx
+        self.streamer = streamer
+        self.sender = sender
+        self.background: set[asyncio.Task] = set()
+
+    @map_errors
+    async def Prefill(self, request, context):
+        """Compute the prompt's KV (streamed to the target as it is computed) and return the
+        first token of each sample; the transfer's end is awaited in the background."""
+        params = sampling_params_from_engine_proto(request.sampling)
+        prompt = list(request.prompt_token_ids)
+        target = request.kv_target
+        transfer = await asyncio.to_thread(
+            self.sender.open, target.kv_endpoint, target.reservation_id, len(prompt),
+            list(target.block_ids), dict(request.trace_context), TRANSFER_TIMEOUT_S)
+        self.streamer.transfers[request.request_id] = transfer
+        first_only = first_token_params(params)
+        merged = None
+        try:
+            async for output in self.ctx.async_engine.generate(request.request_id, prompt, first_only):
+                merged = output if merged is None else _merge(merged, output)
+        except BaseException:
+            self.streamer.transfers.pop(request.request_id, None)
+            await asyncio.to_thread(transfer.cancel)
+            raise
+        self.streamer.transfers.pop(request.request_id, None)
+        task = asyncio.create_task(self._finish(request.request_id, transfer))
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        for sample in merged.samples:  # the reason under the request's own params, not max_tokens=1
+            sample.finish_reason = finish_reason_after(self.ctx.engine, prompt, params, sample.token_ids)
+            if sample.finish_reason is None:
+                sample.text = ""  # the decode server sends this token's text with its first output
+        return prefill_pb2.PrefillResponse(output=request_output_to_proto(merged))
+
+    async def _finish(self, request_id: str, transfer: KVTransfer) -> None:
+        try:
+            await asyncio.to_thread(transfer.finish, TRANSFER_TIMEOUT_S)
+        except Exception as exc:  # the decode side sees the failure on its own reservation
+            logger.warning("KV transfer for %s did not complete: %s", request_id, exc)
+
+    async def abort_transfer(self, request_id: str) -> bool:
+        """Abort hook: cancel the request's open transfer, if any."""
+        transfer = self.streamer.transfers.pop(request_id, None)
+        if transfer is not None:
+            await asyncio.to_thread(transfer.cancel)
+        return transfer is not None
+
+
+def _merge(a, b):
+    """Fold two outputs of one request (samples by index, later deltas appended)."""
+    by_index = {s.index: s for s in a.samples}
+    for s in b.samples:
+        if s.index in by_index:
+            old = by_index[s.index]
+            old.token_ids += s.token_ids
+            old.text += s.text
+            old.logprobs = (old.logprobs or []) + (s.logprobs or []) if (old.logprobs or s.logprobs) else None
+            old.top_logprobs = ((old.top_logprobs or []) + (s.top_logprobs or [])
+                                if (old.top_logprobs or s.top_logprobs) else None)
+            old.finish_reason = s.finish_reason or old.finish_reason
+        else:
+            by_index[s.index] = s
+    a.samples = [by_index[i] for i in sorted(by_index)]
+    a.cached_tokens = max(a.cached_tokens, b.cached_tokens)
+    return a
+
+
+async def setup(ctx: WorkerContext, ns: argparse.Namespace):
+    """Install the layer hook on the engine, and return (register, service names)."""
+    kv_caches = ctx.engine.runner.kv_caches
+    streamer = LayerStreamer(kv_caches)
+    ctx.async_engine = AsyncEngine(ctx.engine, layer_hook=streamer)
+    ctx.abort_hooks = [ctx.async_engine.abort]
+    servicer = PrefillServicer(ctx, streamer, TCPKVSender(KVLayout.from_kv_caches(kv_caches)))
+    ctx.abort_hooks.append(servicer.abort_transfer)
+    names = [prefill_pb2.DESCRIPTOR.services_by_name["PrefillWorker"].full_name]
+    return (lambda server: prefill_pb2_grpc.add_PrefillWorkerServicer_to_server(servicer, server)), names
