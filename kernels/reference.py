@@ -116,21 +116,25 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
 
 def _decode_attention(query, key_cache, value_cache, block_tables, s_lens, starts, rows, scale,
                       group, out) -> None:
-    """Single-token queries of many sequences at once: gather K/V padded to the longest context."""
-    max_ctx = max(s_lens[b] for b in rows)
-    idx = torch.tensor([starts[b] for b in rows])
-    k = torch.stack([_pad(gather_paged_kv(key_cache, block_tables[b], s_lens[b]), max_ctx) for b in rows])
-    v = torch.stack([_pad(gather_paged_kv(value_cache, block_tables[b], s_lens[b]), max_ctx) for b in rows])
+    """Single-token queries of many sequences at once.
+
+    One gather of every row's blocks ([n, blocks, BS, KVH, D], padded to the longest context and
+    masked), and the `group` query heads that share a KV head folded into SDPA's query-length axis
+    ([n, KVH, group, D]) instead of repeating K/V per query head: no per-sequence Python work.
+    """
+    block_size, num_kv_heads, head_dim = key_cache.shape[1:]
+    n = len(rows)
     lens = torch.tensor([s_lens[b] for b in rows])
-    mask = (torch.arange(max_ctx).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]  # [n,1,1,ctx]
-    q = query[idx].unsqueeze(2)  # [n, H, 1, D]
-    k = k.repeat_interleave(group, dim=2).transpose(1, 2).to(q.dtype)  # [n, H, ctx, D]
-    v = v.repeat_interleave(group, dim=2).transpose(1, 2).to(q.dtype)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    out[idx] = o.squeeze(2)
+    num_blocks = -(-int(lens.max()) // block_size)
+    ctx = num_blocks * block_size
+    tables = block_tables[torch.tensor(rows), :num_blocks].reshape(-1).long()  # [n * blocks]
+    idx = torch.tensor([starts[b] for b in rows])
+    q = query[idx].view(n, num_kv_heads, group, head_dim)  # query head h uses KV head h // group
 
+    def gather(cache: torch.Tensor) -> torch.Tensor:  # -> [n, KVH, ctx, D] (a strided view)
+        return cache.index_select(0, tables).view(n, ctx, num_kv_heads, head_dim).transpose(1, 2)
 
-def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
-    if x.shape[0] == length:
-        return x
-    return torch.cat([x, x.new_zeros(length - x.shape[0], *x.shape[1:])])
+    k, v = gather(key_cache).to(q.dtype), gather(value_cache).to(q.dtype)
+    mask = (torch.arange(ctx).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]  # [n,1,1,ctx]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [n, KVH, group, D]
+    out[idx] = o.reshape(n, num_kv_heads * group, head_dim)
