@@ -1,7 +1,8 @@
 """Engine benchmark (issue 3): output tokens/s of the pdserve engine against three baselines
 measured in the same run, on the same prompts and output lengths, plus the engine's KV waste.
 
-    python -m services.bench.engine_bench --size base --num-requests 64 --threads 2 [--json out.json]
+    python -m services.bench.engine_bench --size base --num-requests 64 --hf-single-requests 16
+        --threads 1 [--json out.json]        (one command line)
 
 Workload: num_requests prompts of prompt_len random token ids (fixed seed), output lengths from
 an exponential of mean 128 capped at 512, greedy with ignore_eos, all submitted at once.
@@ -59,7 +60,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hf-single-requests", type=int, default=None,
                    help="run (b) on this many requests spread over the workload and estimate the "
                         "rest from them (default: all)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads, for every system")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads, the same for every system (default 1: on the 2-core CI "
+                        "machine a second thread gave no speed-up, and under load it made steps several "
+                        "times slower)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and output lengths")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
