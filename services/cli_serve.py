@@ -51,5 +51,5 @@ async def _serve_worker(ns: argparse.Namespace) -> None:
         from services.workers import prefill as role_module
     else:
         from services.workers import decode as role_module
-    register, names = role_module.register(ctx) if ns.role == "worker" else await role_module.setup(ctx, ns)
+    register, names = await role_module.setup(ctx, ns)
     await serve_worker(ns, ctx, register, names)

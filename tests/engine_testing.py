@@ -16,7 +16,7 @@ from models.tokenizer import Tokenizer
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.model_runner import ModelRunner
-from services.engine.outputs import CompletedSample, GenerationResult
+from services.engine.outputs import GenerationResult, SampleOutput
 
 BLOCK_SIZE = 16
 
@@ -82,7 +82,7 @@ def run_with_arrivals(engine: LLMEngine, requests: list[tuple[int, list[int], Sa
             i = pending.pop(0)
             _, prompt, params = requests[i]
             engine.add_request(f"r{i}", prompt, params)
-            samples = [CompletedSample(k) for k in range(params.n)]
+            samples = [SampleOutput(k) for k in range(params.n)]
             results[f"r{i}"] = GenerationResult(f"r{i}", prompt, samples)
         for out in engine.step():
             results[out.request_id].add(out)

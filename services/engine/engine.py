@@ -14,7 +14,7 @@ from services.engine.chunk_info import LayerHook, chunk_infos
 from services.engine.config import EngineConfig
 from services.engine.kv_cache_manager import KVCacheManager
 from services.engine.model_runner import ScheduledChunk
-from services.engine.outputs import CompletedSample, GenerationResult, RequestOutput, SampleOutput
+from services.engine.outputs import GenerationResult, RequestOutput, SampleOutput
 from services.engine.prefilled import attach_prompt_kv, check_progress, prime_samples
 from services.engine.request import Request, Sequence
 from services.engine.reservations import ReservationBook
@@ -283,7 +283,7 @@ class LLMEngine:
                 request_id = f"generate-{call}-{i}"
                 self.add_request(request_id, prompt, p)
                 results[request_id] = GenerationResult(
-                    request_id, list(prompt), [CompletedSample(k) for k in range(p.n)])
+                    request_id, list(prompt), [SampleOutput(k) for k in range(p.n)])
         except ValueError:
             for request_id in results:
                 self.abort_request(request_id)

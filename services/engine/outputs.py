@@ -22,6 +22,17 @@ class SampleOutput:
     top_logprobs: list[list[tuple[int, float]]] | None = None
     finish_reason: str | None = None
 
+    def merge(self, delta: SampleOutput) -> None:
+        """Append a later delta of the same sample (tokens, text, logprobs, finish reason)."""
+        self.token_ids.extend(delta.token_ids)
+        self.text += delta.text
+        if delta.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + delta.logprobs
+        if delta.top_logprobs is not None:
+            self.top_logprobs = (self.top_logprobs or []) + delta.top_logprobs
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+
 
 @dataclass
 class RequestOutput:
@@ -39,36 +50,17 @@ class RequestOutput:
 
 
 @dataclass
-class CompletedSample:
-    """One sample's whole output."""
-
-    index: int
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    logprobs: list[float] | None = None
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-    finish_reason: str | None = None
-
-
-@dataclass
 class GenerationResult:
-    """A finished request's whole output, samples in index order."""
+    """A finished request's whole output, samples in index order (each SampleOutput holds the
+    sample's tokens and text so far)."""
 
     request_id: str
     prompt_token_ids: list[int]
-    samples: list[CompletedSample]
+    samples: list[SampleOutput]
     cached_tokens: int = 0
 
     def add(self, output: RequestOutput) -> None:
         """Fold one step's output into the result."""
         self.cached_tokens = output.cached_tokens
         for delta in output.samples:
-            sample = self.samples[delta.index]
-            sample.token_ids.extend(delta.token_ids)
-            sample.text += delta.text
-            if delta.logprobs is not None:
-                sample.logprobs = (sample.logprobs or []) + delta.logprobs
-            if delta.top_logprobs is not None:
-                sample.top_logprobs = (sample.top_logprobs or []) + delta.top_logprobs
-            if delta.finish_reason is not None:
-                sample.finish_reason = delta.finish_reason
+            self.samples[delta.index].merge(delta)

@@ -25,7 +25,7 @@ class ColocatedServicer(colocated_pb2_grpc.ColocatedWorkerServicer):
             yield request_output_to_proto(output)
 
 
-def register(ctx: WorkerContext):
+async def setup(ctx: WorkerContext, ns=None):
     """The server registration function and service names for serve_worker."""
     servicer = ColocatedServicer(ctx)
     names = [colocated_pb2.DESCRIPTOR.services_by_name["ColocatedWorker"].full_name]

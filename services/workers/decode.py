@@ -86,7 +86,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
         try:
             remaining = max(0.0, reservation.expires_at - time.monotonic())
             await asyncio.wait_for(asyncio.shield(reservation.arrived), remaining)
-        except (asyncio.TimeoutError, Exception) as exc:
+        except Exception as exc:  # timed out, or the transfer failed
             await self._drop(reservation_id)
             raise UnavailableError(f"KV for reservation {reservation_id!r} did not arrive: {exc}") from exc
         self.reservations.pop(reservation_id, None)

@@ -12,6 +12,7 @@ from kvtransfer.backend import KVTransfer
 from protos.pdserve.v1 import prefill_pb2, prefill_pb2_grpc
 from services.engine.async_engine import AsyncEngine
 from services.engine.chunk_info import ChunkInfo
+from services.engine.outputs import RequestOutput
 from services.engine.prefilled import finish_reason_after, first_token_params
 from services.grpc_common.convert import sampling_params_from_engine_proto
 from services.grpc_common.status import map_errors
@@ -100,20 +101,14 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
         return transfer is not None
 
 
-def _merge(a, b):
-    """Fold two outputs of one request (samples by index, later deltas appended)."""
+def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """Fold a later output of the same request into `a` (samples by index)."""
     by_index = {s.index: s for s in a.samples}
-    for s in b.samples:
-        if s.index in by_index:
-            old = by_index[s.index]
-            old.token_ids += s.token_ids
-            old.text += s.text
-            old.logprobs = (old.logprobs or []) + (s.logprobs or []) if (old.logprobs or s.logprobs) else None
-            old.top_logprobs = ((old.top_logprobs or []) + (s.top_logprobs or [])
-                                if (old.top_logprobs or s.top_logprobs) else None)
-            old.finish_reason = s.finish_reason or old.finish_reason
+    for delta in b.samples:
+        if delta.index in by_index:
+            by_index[delta.index].merge(delta)
         else:
-            by_index[s.index] = s
+            by_index[delta.index] = delta
     a.samples = [by_index[i] for i in sorted(by_index)]
     a.cached_tokens = max(a.cached_tokens, b.cached_tokens)
     return a

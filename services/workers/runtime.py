@@ -90,9 +90,7 @@ async def serve_worker(ns: argparse.Namespace, ctx: WorkerContext,
         worker_pb2_grpc.add_WorkerControlServicer_to_server(control, server)
         register(server)
 
-    from protos.pdserve.v1 import worker_pb2 as wpb
-
-    names = service_names + [wpb.DESCRIPTOR.services_by_name["WorkerControl"].full_name]
+    names = service_names + [worker_pb2.DESCRIPTOR.services_by_name["WorkerControl"].full_name]
     server, port = await start_grpc_server(register_all, names, ns.host, ns.port)
     address = f"{ns.advertise_host or ns.host}:{port}"
     redis = aioredis.from_url(ns.redis_url)
