@@ -151,3 +151,23 @@ def test_reservation_whose_kv_never_arrives_expires(disaggregated):
     held = [l for l in _loads(disaggregated, "decode") if l.num_reservations]
     assert held and held[0].num_blocks_reserved == 7
     _wait_all_blocks_free(disaggregated, roles=("decode",), timeout_s=10)
+
+
+def test_pdserve_generate_through_the_router(model_dir, disaggregated):
+    import json
+    import subprocess
+    import sys
+
+    from models.sampling_params import SamplingParams
+    from services.llm import LLM
+
+    out = subprocess.run([sys.executable, "-m", "services.cli", "generate", "--router",
+                          disaggregated.router_address, "Hello there", "--max-tokens", "10",
+                          "--seed", "3", "--ignore-eos", "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    [completion] = [json.loads(line) for line in out.stdout.splitlines()]
+    [expected] = LLM(model_dir, threads=1).generate(
+        "Hello there", SamplingParams(max_tokens=10, seed=3, ignore_eos=True))
+    # Seeded sampling gives the same tokens across servers as in-process.
+    assert completion["token_ids"] == expected.samples[0].token_ids
+    assert completion["text"] == expected.samples[0].text and completion["finish_reason"] == "length"
