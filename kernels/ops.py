@@ -1,12 +1,109 @@
 """The ops the model calls, dispatched to the Triton kernels on CUDA and to the PyTorch
-reference (kernels/reference.py) everywhere else. Signatures are those of the reference."""
+reference (kernels/reference.py) everywhere else. Signatures are those of the reference.
+
+`PDSERVE_KERNELS` (read at import, or set `ops.BACKEND`) picks: "auto" (Triton for CUDA
+tensors, the reference otherwise), "reference" (always), "triton" (always; on the CPU this needs
+TRITON_INTERPRET=1 and is only for tests).
+"""
 
 from __future__ import annotations
 
+import os
+from functools import cache
+
+import torch
+
 from kernels import reference
 
-rms_norm = reference.rms_norm
-silu_and_mul = reference.silu_and_mul
-apply_rotary = reference.apply_rotary
-write_kv_to_cache = reference.write_kv_to_cache
-paged_attention = reference.paged_attention
+BACKENDS = ("auto", "reference", "triton")
+BACKEND = os.environ.get("PDSERVE_KERNELS", "auto")
+if BACKEND not in BACKENDS:
+    raise ValueError(f"PDSERVE_KERNELS={BACKEND!r} is not one of {', '.join(BACKENDS)}")
+
+# Decode split-K override (None: chosen per step from the batch and context lengths). CUDA-graph
+# capture fixes it so that a replayed graph runs the same launch whatever the context lengths.
+DECODE_NUM_SPLITS: int | None = None
+
+
+@cache
+def triton_available() -> bool:
+    """Whether the triton package imports here."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """The dispatch rule: Triton for CUDA tensors (when installed), or everywhere when forced."""
+    if BACKEND == "reference":
+        return False
+    if BACKEND == "triton":
+        return True
+    return tensor.is_cuda and triton_available()
+
+
+def rms_norm(x, weight, eps, residual=None):
+    """See reference.rms_norm: x, residual [T, hidden] -> (normed, x + residual)."""
+    if use_triton(x):
+        from kernels.triton_norm import rms_norm as triton_rms_norm
+        return triton_rms_norm(x, weight, eps, residual)
+    return reference.rms_norm(x, weight, eps, residual)
+
+
+def silu_and_mul(gate_up):
+    """See reference.silu_and_mul: [T, 2*I] -> [T, I]."""
+    if use_triton(gate_up):
+        from kernels.triton_activation import silu_and_mul as triton_silu_and_mul
+        return triton_silu_and_mul(gate_up)
+    return reference.silu_and_mul(gate_up)
+
+
+def apply_rotary(q, k, positions, cos_sin_cache):
+    """See reference.apply_rotary: rotate q [T, H, D] and k [T, KVH, D] by position."""
+    if use_triton(q):
+        from kernels.triton_rotary import apply_rotary as triton_apply_rotary
+        return triton_apply_rotary(q, k, positions, cos_sin_cache)
+    return reference.apply_rotary(q, k, positions, cos_sin_cache)
+
+
+def write_kv_to_cache(key, value, key_cache, value_cache, slot_mapping, k_scale=None, v_scale=None):
+    """See reference.write_kv_to_cache: store [T, KVH, D] at flat slots (int8/fp8 with scales)."""
+    if use_triton(key):
+        from kernels.triton_kv_write import write_kv_to_cache as triton_write
+        return triton_write(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
+    return reference.write_kv_to_cache(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
+
+
+def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
+                    query_lens_cpu=None, seq_lens_cpu=None, k_scale=None, v_scale=None):
+    """See reference.paged_attention. On the Triton path a step of only decode tokens runs the
+    split-K decode kernel; any step with a longer chunk runs the varlen prefill kernel."""
+    if not use_triton(query):
+        return reference.paged_attention(query, key_cache, value_cache, block_tables, seq_lens,
+                                         query_start_loc, scale, query_lens_cpu, seq_lens_cpu,
+                                         k_scale, v_scale)
+    q_lens = query_lens_cpu or (query_start_loc[1:] - query_start_loc[:-1]).tolist()
+    if q_lens and max(q_lens) == 1 and len(q_lens) == query.shape[0]:
+        from kernels.triton_decode_attention import choose_num_splits, paged_decode_attention
+        splits = DECODE_NUM_SPLITS
+        if splits is None:
+            s_lens = seq_lens_cpu or seq_lens.tolist()
+            splits = choose_num_splits(len(q_lens), key_cache.shape[2], max(s_lens), 64, _num_sms(query))
+        return paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens,
+                                      query_start_loc, scale, splits, k_scale, v_scale)
+    from kernels.triton_prefill_attention import paged_prefill_attention
+    return paged_prefill_attention(query, key_cache, value_cache, block_tables, seq_lens,
+                                   query_start_loc, scale, max(q_lens, default=0), k_scale, v_scale)
+
+
+def _num_sms(tensor: torch.Tensor) -> int:
+    if tensor.is_cuda:
+        return _cuda_sm_count(tensor.device.index or 0)
+    return 4  # the interpreter on the CPU: a few splits, so tests exercise the merge
+
+
+@cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

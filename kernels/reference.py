@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.kv_quant import dequantize_blocks, is_quantized, write_quantized
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,11 +52,19 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 
 
 def write_kv_to_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-                      value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+                      value_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """Store key/value [T, KVH, D] into the paged caches [NB, BS, KVH, D] at flat slots [T].
 
-    A slot of -1 means "do not store" (a padding token).
+    A slot of -1 means "do not store" (a padding token). With an int8/fp8 cache, k_scale and
+    v_scale [NB, KVH] float32 are its per-block, per-head scales (see kernels/kv_quant.py).
     """
+    if is_quantized(key_cache.dtype):
+        if k_scale is None or v_scale is None:
+            raise ValueError(f"a {key_cache.dtype} KV cache needs k_scale and v_scale")
+        write_quantized(key, key_cache, k_scale, slot_mapping)
+        write_quantized(value, value_cache, v_scale, slot_mapping)
+        return
     num_blocks, block_size = key_cache.shape[:2]
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
@@ -62,21 +72,27 @@ def write_kv_to_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
     value_cache.view(num_blocks * block_size, *value_cache.shape[2:])[slots] = value[valid].to(value_cache.dtype)
 
 
-def gather_paged_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+def gather_paged_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int,
+                    scales: torch.Tensor | None = None) -> torch.Tensor:
     """Read one sequence's first `length` tokens from a paged cache.
 
-    cache: [NB, BS, KVH, D]; block_table: [max_blocks] int; returns [length, KVH, D].
+    cache: [NB, BS, KVH, D]; block_table: [max_blocks] int; returns [length, KVH, D] (float32,
+    dequantized, when `scales` [NB, KVH] of an int8/fp8 cache are given).
     """
     block_size = cache.shape[1]
     num_blocks = (length + block_size - 1) // block_size
-    blocks = cache[block_table[:num_blocks].long()]  # [n, BS, KVH, D]
+    ids = block_table[:num_blocks].long()
+    blocks = cache[ids]  # [n, BS, KVH, D]
+    if scales is not None:
+        blocks = dequantize_blocks(blocks, scales[ids])
     return blocks.reshape(-1, *cache.shape[2:])[:length]
 
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                     scale: float, query_lens_cpu: list[int] | None = None,
-                    seq_lens_cpu: list[int] | None = None) -> torch.Tensor:
+                    seq_lens_cpu: list[int] | None = None, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of packed queries over each sequence's paged K/V (prefill, chunked
     prefill with a cached prefix, and decode in one call).
 
@@ -84,8 +100,10 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     are query[query_start_loc[b]:query_start_loc[b+1]] and are the *last* q_len tokens of its
     seq_lens[b] tokens (their K/V must already be in the cache).
     key_cache/value_cache: [NB, BS, KVH, D]; block_tables: [B, max_blocks]; seq_lens: [B];
-    query_start_loc: [B+1]. Returns [T, H, D].
+    query_start_loc: [B+1]; k_scale/v_scale: [NB, KVH] scales of an int8/fp8 cache. Returns [T, H, D].
     """
+    if is_quantized(key_cache.dtype) and (k_scale is None or v_scale is None):
+        raise ValueError(f"a {key_cache.dtype} KV cache needs k_scale and v_scale")
     q_lens = query_lens_cpu or (query_start_loc[1:] - query_start_loc[:-1]).tolist()
     s_lens = seq_lens_cpu or seq_lens.tolist()
     num_heads, num_kv_heads = query.shape[1], key_cache.shape[2]
@@ -96,45 +114,50 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         starts.append(starts[-1] + q_len)
     decode_rows = [b for b, q_len in enumerate(q_lens) if q_len == 1]
     if decode_rows:
-        _decode_attention(query, key_cache, value_cache, block_tables, s_lens, starts, decode_rows,
-                          scale, group, out)
+        _decode_attention(query, (key_cache, value_cache), (k_scale, v_scale), block_tables, s_lens,
+                          starts, decode_rows, scale, group, out)
     for b, q_len in enumerate(q_lens):
         if q_len == 1 or q_len == 0:
             continue
         ctx = s_lens[b]
-        k = gather_paged_kv(key_cache, block_tables[b], ctx).repeat_interleave(group, dim=1)
-        v = gather_paged_kv(value_cache, block_tables[b], ctx).repeat_interleave(group, dim=1)
+        k = gather_paged_kv(key_cache, block_tables[b], ctx, k_scale).repeat_interleave(group, dim=1)
+        v = gather_paged_kv(value_cache, block_tables[b], ctx, v_scale).repeat_interleave(group, dim=1)
         q = query[starts[b]:starts[b + 1]]
         # query i sits at position ctx - q_len + i and sees keys 0..that position.
-        q_pos = torch.arange(ctx - q_len, ctx).unsqueeze(1)
-        mask = torch.arange(ctx).unsqueeze(0) <= q_pos  # [q_len, ctx]
+        q_pos = torch.arange(ctx - q_len, ctx, device=query.device).unsqueeze(1)
+        mask = torch.arange(ctx, device=query.device).unsqueeze(0) <= q_pos  # [q_len, ctx]
         o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1).to(q.dtype),
                                            v.transpose(0, 1).to(q.dtype), attn_mask=mask, scale=scale)
         out[starts[b]:starts[b + 1]] = o.transpose(0, 1)
     return out
 
 
-def _decode_attention(query, key_cache, value_cache, block_tables, s_lens, starts, rows, scale,
-                      group, out) -> None:
+def _decode_attention(query, caches, scales, block_tables, s_lens, starts, rows, scale, group,
+                      out) -> None:
     """Single-token queries of many sequences at once.
 
     One gather of every row's blocks ([n, blocks, BS, KVH, D], padded to the longest context and
     masked), and the `group` query heads that share a KV head folded into SDPA's query-length axis
     ([n, KVH, group, D]) instead of repeating K/V per query head: no per-sequence Python work.
     """
-    block_size, num_kv_heads, head_dim = key_cache.shape[1:]
+    block_size, num_kv_heads, head_dim = caches[0].shape[1:]
     n = len(rows)
-    lens = torch.tensor([s_lens[b] for b in rows])
-    num_blocks = -(-int(lens.max()) // block_size)
+    device = query.device
+    lens = torch.tensor([s_lens[b] for b in rows], device=device)
+    num_blocks = -(-max(s_lens[b] for b in rows) // block_size)
     ctx = num_blocks * block_size
-    tables = block_tables[torch.tensor(rows), :num_blocks].reshape(-1).long()  # [n * blocks]
-    idx = torch.tensor([starts[b] for b in rows])
+    tables = block_tables[torch.tensor(rows, device=block_tables.device), :num_blocks].reshape(-1).long()
+    idx = torch.tensor([starts[b] for b in rows], device=device)
     q = query[idx].view(n, num_kv_heads, group, head_dim)  # query head h uses KV head h // group
 
-    def gather(cache: torch.Tensor) -> torch.Tensor:  # -> [n, KVH, ctx, D] (a strided view)
-        return cache.index_select(0, tables).view(n, ctx, num_kv_heads, head_dim).transpose(1, 2)
+    def gather(cache: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+        blocks = cache.index_select(0, tables)  # [n * blocks, BS, KVH, D]
+        if scales is not None:
+            blocks = dequantize_blocks(blocks, scales.index_select(0, tables))
+        # -> [n, KVH, ctx, D] (a strided view)
+        return blocks.view(n, ctx, num_kv_heads, head_dim).transpose(1, 2).to(q.dtype)
 
-    k, v = gather(key_cache).to(q.dtype), gather(value_cache).to(q.dtype)
-    mask = (torch.arange(ctx).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]  # [n,1,1,ctx]
+    k, v = gather(caches[0], scales[0]), gather(caches[1], scales[1])
+    mask = (torch.arange(ctx, device=device).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]  # [n,1,1,ctx]
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [n, KVH, group, D]
     out[idx] = o.reshape(n, num_kv_heads * group, head_dim)

@@ -15,6 +15,7 @@ from models.config import ModelConfig
 from models.rope import rope_cos_sin_cache
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (key_cache, value_cache), each [NB, BS, KVH, D]
+KVScales = tuple[torch.Tensor, torch.Tensor]  # (k_scale, v_scale) of an int8/fp8 cache, each [NB, KVH]
 
 
 class Attention(nn.Module):
@@ -33,8 +34,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
-                kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        """x: [T, hidden] -> [T, hidden]; stores this step's K/V before attending."""
+                kv_cache: KVCache, meta: AttentionMetadata, kv_scales: KVScales | None = None) -> torch.Tensor:
+        """x: [T, hidden] -> [T, hidden]; stores this step's K/V before attending
+        (kv_scales: the per-block scales when the cache is int8/fp8)."""
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
@@ -42,10 +44,11 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = ops.apply_rotary(q, k, positions, cos_sin)
         key_cache, value_cache = kv_cache
-        ops.write_kv_to_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+        k_scale, v_scale = kv_scales or (None, None)
+        ops.write_kv_to_cache(k, v, key_cache, value_cache, meta.slot_mapping, k_scale, v_scale)
         out = ops.paged_attention(q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
                                   meta.query_start_loc, self.scale, meta.query_lens_cpu,
-                                  meta.seq_lens_cpu)
+                                  meta.seq_lens_cpu, k_scale, v_scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
@@ -85,10 +88,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, residual, positions, cos_sin, kv_cache, meta):
+    def forward(self, x, residual, positions, cos_sin, kv_cache, meta, kv_scales=None):
         """x, residual: [T, hidden] -> (x, residual) for the next layer."""
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, cos_sin, kv_cache, meta)
+        h = self.self_attn(h, positions, cos_sin, kv_cache, meta, kv_scales)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -117,16 +120,19 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
-                meta: AttentionMetadata, layer_done=None) -> torch.Tensor:
+                meta: AttentionMetadata, layer_done=None,
+                kv_scales: list[KVScales] | None = None) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden].
 
         layer_done(i) is called after layer i has written its K/V (the prefill server streams
-        each layer's blocks while the next layer computes).
+        each layer's blocks while the next layer computes). kv_scales: per layer, the scales of
+        an int8/fp8 KV cache (None for a float cache).
         """
         x = self.embed_tokens(input_ids)
         residual = None
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, positions, self.cos_sin_cache, kv_caches[i], meta)
+            x, residual = layer(x, residual, positions, self.cos_sin_cache, kv_caches[i], meta,
+                                kv_scales[i] if kv_scales is not None else None)
             if layer_done is not None:
                 layer_done(i)
         x, _ = self.norm(x, residual)

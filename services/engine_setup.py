@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.kv_quant import KV_CACHE_DTYPES, kv_cache_torch_dtype
 from models.loader import load_model
 from models.tokenizer import Tokenizer
 from services.cli_env import add_flag
@@ -31,6 +32,7 @@ class EngineArgs:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     threads: int | None = None
+    kv_cache_dtype: str = "auto"
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +47,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--max-model-len", None, int, "prompt + output limit (default: the model's)")
     add_flag(parser, "--no-prefix-caching", False, bool, "turn the prefix cache off")
     add_flag(parser, "--threads", None, int, "torch CPU threads (default: torch's choice)")
+    add_flag(parser, "--kv-cache-dtype", "auto", str,
+             "KV cache dtype: auto (the model's) | int8 | fp8 (e4m3), with per-block scales",
+             choices=KV_CACHE_DTYPES)
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
@@ -53,10 +58,13 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         raise ValueError("--model DIR (or PDSERVE_MODEL) is required")
     if not Path(ns.model).is_dir():
         raise FileNotFoundError(f"--model {ns.model}: no such directory")
+    if ns.kv_cache_dtype not in KV_CACHE_DTYPES:  # an invalid PDSERVE_KV_CACHE_DTYPE skips argparse
+        raise ValueError(f"--kv-cache-dtype {ns.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
     return EngineArgs(model=ns.model, dtype=ns.dtype, device=ns.device, block_size=ns.block_size,
                       kv_cache_mb=ns.kv_cache_mb, max_num_seqs=ns.max_num_seqs,
                       max_num_batched_tokens=ns.max_num_batched_tokens, max_model_len=ns.max_model_len,
-                      enable_prefix_caching=not ns.no_prefix_caching, threads=ns.threads)
+                      enable_prefix_caching=not ns.no_prefix_caching, threads=ns.threads,
+                      kv_cache_dtype=ns.kv_cache_dtype)
 
 
 def build_engine(args: EngineArgs) -> tuple[LLMEngine, Tokenizer]:
@@ -65,9 +73,10 @@ def build_engine(args: EngineArgs) -> tuple[LLMEngine, Tokenizer]:
         torch.set_num_threads(args.threads)
     tokenizer = Tokenizer.from_dir(args.model)
     model, model_config = load_model(args.model, dtype=args.dtype, device=args.device)
-    per_block = kv_cache_bytes_per_block(model_config, args.block_size, model.embed_tokens.weight.dtype)
+    kv_dtype = kv_cache_torch_dtype(args.kv_cache_dtype, model.embed_tokens.weight.dtype)
+    per_block = kv_cache_bytes_per_block(model_config, args.block_size, kv_dtype)
     num_blocks = max(1, args.kv_cache_mb * 2**20 // per_block)
-    runner = ModelRunner(model, model_config, num_blocks, args.block_size)
+    runner = ModelRunner(model, model_config, num_blocks, args.block_size, kv_dtype)
     max_model_len = min(args.max_model_len or model_config.max_position_embeddings,
                         model_config.max_position_embeddings)
     config = EngineConfig(block_size=args.block_size, max_num_seqs=args.max_num_seqs,

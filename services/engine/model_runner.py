@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 
 from kernels.attention_metadata import AttentionMetadata
+from kernels.kv_cache_alloc import allocate_cache, cache_block_bytes
+from kernels.kv_quant import kv_cache_torch_dtype
 from models.config import ModelConfig
 from models.llama import LlamaForCausalLM
 from models.loader import load_model
@@ -42,14 +44,23 @@ class PreparedBatch:
 
 
 def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one block of K and V takes across all layers."""
-    elem = torch.tensor([], dtype=dtype).element_size()
-    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * elem
+    """Bytes one block of K and V takes across all layers (with an int8/fp8 cache, its
+    per-block, per-head float32 scales included)."""
+    return 2 * config.num_layers * cache_block_bytes(block_size, config.num_kv_heads, config.head_dim, dtype)
 
 
 class ModelRunner:
     """Owns the model and its paged KV cache (per layer K and V, each [NB, BS, KVH, D]) and runs
-    mixed prefill/decode steps over it."""
+    mixed prefill/decode steps over it.
+
+    kv_dtype: the cache dtype (default: the model's); int8 or float8_e4m3fn make a quantized
+    cache with per-block, per-head scales, stored inside each block (kernels/kv_cache_alloc.py).
+    kv_caches: per layer (K, V), the tensors that hold the cache, what the KV transfer and
+        copy-on-write move: [NB, BS, KVH, D] for a float cache; for a quantized one the packed
+        blocks [NB, BS, 1, row_bytes] (values and scales).
+    kv_data: per layer (K, V) [NB, BS, KVH, D] views the model reads and writes (= kv_caches
+        for a float cache); kv_scales: per layer (K, V) [NB, KVH] float32 views, or None.
+    """
 
     def __init__(self, model: LlamaForCausalLM, config: ModelConfig, num_blocks: int,
                  block_size: int = 16, kv_dtype: torch.dtype | None = None):
@@ -61,19 +72,38 @@ class ModelRunner:
         self.block_size = block_size
         self.device = next(model.parameters()).device
         self.kv_dtype = kv_dtype or next(model.parameters()).dtype
-        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
-             torch.zeros(shape, dtype=self.kv_dtype, device=self.device))
-            for _ in range(config.num_layers)
-        ]
+        layers = [tuple(allocate_cache(num_blocks, block_size, config.num_kv_heads, config.head_dim,
+                                       self.kv_dtype, self.device) for _ in range(2))
+                  for _ in range(config.num_layers)]
+        self.kv_caches = [(k.storage, v.storage) for k, v in layers]
+        self.kv_data = [(k.data, v.data) for k, v in layers]
+        self.kv_scales = [(k.scales, v.scales) for k, v in layers] if layers[0][0].scales is not None else None
+        self.decode_graphs = self._decode_graphs()
+
+    def _decode_graphs(self):
+        """CUDA graphs for decode steps on a GPU (services/engine/cuda_graphs.py), else None."""
+        if self.device.type != "cuda":
+            return None
+        from services.engine.cuda_graphs import DecodeGraphs, cuda_graphs_enabled
+
+        if not cuda_graphs_enabled(self.device):
+            return None
+        max_blocks = -(-self.config.max_position_embeddings // self.block_size)
+        return DecodeGraphs(self.model, self.kv_data, self.kv_scales, max_blocks, self.device)
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes the KV cache holds: K and V of every layer (scales included when quantized)."""
+        return sum(t.numel() * t.element_size() for pair in self.kv_caches for t in pair)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, num_blocks: int, block_size: int = 16,
-                 dtype: torch.dtype | str | None = None, device: str = "cpu") -> ModelRunner:
-        """Load a checkpoint directory and allocate a KV cache of `num_blocks` blocks."""
+                 dtype: torch.dtype | str | None = None, device: str = "cpu",
+                 kv_cache_dtype: str = "auto") -> ModelRunner:
+        """Load a checkpoint directory and allocate a KV cache of `num_blocks` blocks
+        (kv_cache_dtype: "auto" | "int8" | "fp8")."""
         model, config = load_model(model_dir, dtype=dtype, device=device)
-        return cls(model, config, num_blocks, block_size)
+        kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, model.embed_tokens.weight.dtype)
+        return cls(model, config, num_blocks, block_size, kv_dtype)
 
     def prepare(self, chunks: list[ScheduledChunk]) -> PreparedBatch:
         """Pack the chunks into flat tensors and attention metadata (no padding)."""
@@ -130,12 +160,18 @@ class ModelRunner:
         layer_done(i), if given, is called once layer i's K/V are in the cache.
         """
         batch = self.prepare(chunks)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta, layer_done)
+        hidden = None
+        if self.decode_graphs is not None and layer_done is None and max(batch.meta.query_lens_cpu) == 1:
+            hidden = self.decode_graphs.run(batch.input_ids, batch.positions, batch.meta)
+        if hidden is None:
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_data, batch.meta, layer_done,
+                                kv_scales=self.kv_scales)
         return self.model.compute_logits(hidden[batch.logits_indices])
 
     @torch.inference_mode()
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy the K/V of block src into block dst in every layer (copy-on-write)."""
+        """Copy the K/V of block src into block dst in every layer (copy-on-write; the scales of
+        a quantized cache are part of the block)."""
         if not pairs:
             return
         src = torch.tensor([s for s, _ in pairs], device=self.device)
