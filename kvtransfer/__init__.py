@@ -8,7 +8,8 @@
     transfer.finish(timeout=30)
 """
 
-from kvtransfer.backend import KVReceiverBackend, KVSenderBackend, KVTransfer, TransferStats
+from kvtransfer.backend import (KVReceiverBackend, KVSenderBackend, KVTransfer, ReceivedTransfer,
+                                TransferObserver, TransferStats)
 from kvtransfer.errors import (KVAuthError, KVLayoutMismatch, KVProtocolError, KVTransferCancelled,
                                KVTransferError, UnknownReservation)
 from kvtransfer.layout import KVLayout
@@ -17,6 +18,6 @@ from kvtransfer.tcp_sender import TCPKVSender, TCPKVTransfer
 
 __all__ = [
     "KVAuthError", "KVLayout", "KVLayoutMismatch", "KVProtocolError", "KVReceiverBackend",
-    "KVSenderBackend", "KVTransfer", "KVTransferCancelled", "KVTransferError", "TCPKVReceiver",
-    "TCPKVSender", "TCPKVTransfer", "TransferStats", "UnknownReservation",
+    "KVSenderBackend", "KVTransfer", "KVTransferCancelled", "KVTransferError", "ReceivedTransfer",
+    "TCPKVReceiver", "TCPKVSender", "TCPKVTransfer", "TransferObserver", "TransferStats", "UnknownReservation",
 ]

@@ -33,6 +33,25 @@ class TransferStats:
     seconds: float
 
 
+@dataclass(frozen=True)
+class ReceivedTransfer:
+    """What a receiver saw of one transfer that ended (for tracing and metrics): the sender's
+    handshake metadata (e.g. W3C trace context), K/V payload bytes written, blocks per layer,
+    when the handshake bound the reservation (Unix ns), the seconds from then until it ended,
+    and the error when it failed (None: the whole KV is in)."""
+
+    reservation_id: str
+    metadata: dict[str, str]
+    bytes: int
+    blocks: int
+    started_unix_ns: int
+    seconds: float
+    error: Exception | None
+
+
+TransferObserver = Callable[[ReceivedTransfer], None]
+
+
 class KVTransfer(ABC):
     """One prompt's KV on its way to one reservation (prefill side)."""
 

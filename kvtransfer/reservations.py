@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-from kvtransfer.backend import OnComplete
+from kvtransfer.backend import OnComplete, ReceivedTransfer, TransferObserver
 from kvtransfer.errors import KVTransferCancelled, KVTransferError, UnknownReservation
 from kvtransfer.layout import KVLayout
 from kvtransfer.wire import Hello
@@ -47,14 +48,17 @@ class Reservation:
     closed: bool = False
     bytes_received: int = 0
     metadata: dict[str, str] = field(default_factory=dict)  # the sender's handshake metadata (trace context)
+    bound_unix_ns: int = 0  # when a handshake bound it (time.time_ns())
+    bound_monotonic: float = 0.0
 
 
 class ReservationTable:
     """Registered reservations by id, for a cache of `num_cache_blocks` blocks with `layout`."""
 
-    def __init__(self, layout: KVLayout, num_cache_blocks: int):
+    def __init__(self, layout: KVLayout, num_cache_blocks: int, observer: TransferObserver | None = None):
         self.layout = layout
         self.num_cache_blocks = num_cache_blocks
+        self.observer = observer  # told of every bound reservation that ends (finished or failed)
         self._by_id: dict[str, Reservation] = {}
         self._cond = threading.Condition()
 
@@ -114,6 +118,7 @@ class ReservationTable:
                                       f"reserved blocks", code="size_mismatch")
             res.connection = connection
             res.metadata = dict(hello.metadata or {})
+            res.bound_unix_ns, res.bound_monotonic = time.time_ns(), time.monotonic()
             return res
 
     def begin_write(self, res: Reservation) -> bool:
@@ -168,8 +173,14 @@ class ReservationTable:
             res.connection.abort("cancelled", abort_message)
         self._cond.wait_for(lambda: not res.writing)
 
-    @staticmethod
-    def _report(res: Reservation, error: Exception | None) -> None:
+    def _report(self, res: Reservation, error: Exception | None) -> None:
+        if self.observer is not None and res.connection is not None:
+            report = ReceivedTransfer(res.reservation_id, res.metadata, res.bytes_received, res.num_blocks,
+                                      res.bound_unix_ns, time.monotonic() - res.bound_monotonic, error)
+            try:
+                self.observer(report)
+            except Exception:  # telemetry must not kill the connection thread
+                log.exception("transfer observer for reservation %s raised", res.reservation_id)
         try:
             res.on_complete(res.reservation_id, error)
         except Exception:  # a caller's bug must not kill the connection thread

@@ -10,7 +10,7 @@ import threading
 import torch
 
 from kvtransfer import wire
-from kvtransfer.backend import KVReceiverBackend
+from kvtransfer.backend import KVReceiverBackend, TransferObserver
 from kvtransfer.block_io import CacheBlocks
 from kvtransfer.layout import KVLayout
 from kvtransfer.receive_session import ReceiveSession
@@ -27,14 +27,16 @@ class TCPKVReceiver(KVReceiverBackend):
     engine's cache (written in place). One thread accepts, one thread serves each connection; the
     on_complete callbacks run on those threads (an asyncio caller hops into its loop with
     loop.call_soon_threadsafe). ssl_context: a server-side context to speak TLS (mTLS if it requires
-    client certificates); auth_token: a shared secret every sender must present in its handshake.
+    client certificates); auth_token: a shared secret every sender must present in its handshake;
+    observer: called (on a connection thread) with a ReceivedTransfer for every transfer that ends.
     """
 
     def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], layout: KVLayout | None = None,
                  host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None,
                  auth_token: str | None = None, max_connections: int = 256,
                  handshake_timeout_s: float = 10.0, idle_timeout_s: float | None = None,
-                 socket_buffer_bytes: int | None = None, zero_copy: bool | None = None):
+                 socket_buffer_bytes: int | None = None, zero_copy: bool | None = None,
+                 observer: TransferObserver | None = None):
         self.layout = layout or KVLayout.from_kv_caches(kv_caches)
         num_blocks = self.layout.check_kv_caches(kv_caches)
         self.kv_caches = kv_caches
@@ -46,7 +48,7 @@ class TCPKVReceiver(KVReceiverBackend):
         self.idle_timeout_s = idle_timeout_s
         self.socket_buffer_bytes = socket_buffer_bytes
         self.zero_copy = zero_copy
-        self.reservations = ReservationTable(self.layout, num_blocks)
+        self.reservations = ReservationTable(self.layout, num_blocks, observer)
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._sessions: dict[threading.Thread, ReceiveSession] = {}

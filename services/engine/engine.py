@@ -235,7 +235,7 @@ class LLMEngine:
             out = by_request.get(request.request_id)
             if out is None:
                 out = RequestOutput(request.request_id, [], request.num_prompt_tokens,
-                                    request.num_cached_tokens or 0, False)
+                                    request.num_cached_tokens or 0, False, request.queue_time_s)
                 by_request[request.request_id] = out
             out.samples.append(delta)
             if sample.is_finished:

@@ -39,7 +39,9 @@ class RequestOutput:
     """A request's progress in one step: the samples that progressed (or finished).
 
     prompt_tokens: prompt length; cached_tokens: prompt tokens served from the prefix cache;
-    finished: every sample has finished (the last output of the request).
+    finished: every sample has finished (the last output of the request);
+    queue_time_s: seconds the request waited in this engine's queue before it was first
+    scheduled (None on outputs of a request never scheduled here, e.g. aborted while waiting).
     """
 
     request_id: str
@@ -47,6 +49,7 @@ class RequestOutput:
     prompt_tokens: int
     cached_tokens: int
     finished: bool
+    queue_time_s: float | None = None
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -91,6 +92,20 @@ class Request:
     forked: bool = False
     num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache at first admission
     num_preemptions: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)  # when the engine got it
+    first_scheduled_time: float | None = None  # when it first joined the running batch
+
+    @property
+    def queue_time_s(self) -> float | None:
+        """Seconds from arrival until first scheduled (None while still waiting)."""
+        if self.first_scheduled_time is None:
+            return None
+        return self.first_scheduled_time - self.arrival_time
+
+    def mark_scheduled(self) -> None:
+        """Record the first time the request joins the running batch (later ones are ignored)."""
+        if self.first_scheduled_time is None:
+            self.first_scheduled_time = time.monotonic()
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -117,6 +117,7 @@ class Scheduler:
                 break
             self.ready.popleft()
             request.status = RequestStatus.RUNNING
+            request.mark_scheduled()
             self.running.append(request)
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -155,6 +156,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
+            request.mark_scheduled()
             self.running.append(request)
             if request.num_cached_tokens is None:
                 request.num_cached_tokens = num_cached

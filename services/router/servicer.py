@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 
 import grpc
@@ -13,8 +14,11 @@ from protos.pdserve.v1 import router_pb2, router_pb2_grpc
 from services.grpc_common.convert import sampling_params_from_proto, with_resolved_seed
 from services.grpc_common.errors import AlreadyExistsError, InvalidRequestError, PromptTooLongError
 from services.grpc_common.status import map_errors
+from services.lifecycle import Lifecycle
 from services.router.dispatch import Dispatcher
+from services.router.request_telemetry import RequestTelemetry
 from services.router.responses import SampleProgressState, StreamState
+from services.telemetry.metrics import RouterMetrics
 
 MAX_PROMPT_CHARS = 1_000_000
 
@@ -23,13 +27,16 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     """The public API. Thin: parse, hand to the Dispatcher, convert."""
 
     def __init__(self, tokenizer: Tokenizer, model_config: ModelConfig, model_name: str,
-                 dispatcher: Dispatcher, max_model_len: int, block_size: int):
+                 dispatcher: Dispatcher, max_model_len: int, block_size: int,
+                 metrics: RouterMetrics | None = None, lifecycle: Lifecycle | None = None):
         self.tokenizer = tokenizer
         self.model_config = model_config
         self.model_name = model_name
         self.dispatcher = dispatcher
         self.max_model_len = max_model_len
         self.block_size = block_size
+        self.metrics = metrics
+        self.lifecycle = lifecycle or Lifecycle()
         self.active: dict[str, StreamState] = {}
 
     def _prompt_ids(self, request: router_pb2.GenerateRequest) -> list[int]:
@@ -54,6 +61,23 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     @map_errors
     async def Generate(self, request: router_pb2.GenerateRequest, context):
         """Stream the request's tokens: chunks as they come, then one Completion per sample."""
+        self.lifecycle.check_accepting("Generate")
+        telemetry = RequestTelemetry(self.metrics, context)
+        error: BaseException | None = None
+        try:
+            # aclosing: a client leaving early closes the inner stream now (its cleanup aborts).
+            with self.lifecycle.track():
+                async with contextlib.aclosing(self._generate(request, telemetry)) as responses:
+                    async for response in responses:
+                        telemetry.observe(response)
+                        yield response
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            telemetry.end(error)
+
+    async def _generate(self, request: router_pb2.GenerateRequest, telemetry: RequestTelemetry):
         prompt_ids = self._prompt_ids(request)
         params = with_resolved_seed(sampling_params_from_proto(request.sampling if request.HasField("sampling") else None))
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
@@ -65,8 +89,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             raise AlreadyExistsError(f"request_id {request_id!r} is already in use")
         state = StreamState(request_id, len(prompt_ids), [SampleProgressState() for _ in range(params.n)])
         self.active[request_id] = state
+        carrier = telemetry.begin(request_id, len(prompt_ids), params)
         try:
-            async for response in self.dispatcher.run(state, prompt_ids, params):
+            async for response in self.dispatcher.run(state, prompt_ids, params, carrier):
                 yield response
         finally:
             self.active.pop(request_id, None)

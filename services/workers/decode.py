@@ -6,16 +6,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass
 
-from kvtransfer import TCPKVReceiver
+from opentelemetry.trace import SpanKind
+
+from kvtransfer import ReceivedTransfer, TCPKVReceiver
 from protos.pdserve.v1 import decode_pb2, decode_pb2_grpc
 from services.grpc_common.convert import sampling_params_from_engine_proto
 from services.grpc_common.errors import NotFoundError, UnavailableError
 from services.grpc_common.status import map_errors
+from services.server_runtime import advertised_host
+from services.telemetry import spans, tracing
+from services.telemetry.metrics import WorkerMetrics
 from services.workers.convert import request_output_to_proto
+from services.workers.request_trace import WorkerRequestTrace
 from services.workers.runtime import WorkerContext
 
 EXPIRY_SWEEP_S = 0.25
@@ -44,6 +51,21 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
     @map_errors
     async def Reserve(self, request, context):
         """Hold blocks for the prompt and open them to the KV receiver until the lease ends."""
+        self.ctx.lifecycle.check_accepting("Reserve")
+        span = spans.start(spans.DECODE_RESERVE, tracing.parent_from(None, context), SpanKind.SERVER)
+        try:
+            response = await self._reserve(request)
+        except BaseException as exc:
+            spans.end_with_error(span, exc)
+            raise
+        if span.is_recording():
+            span.set_attributes({spans.GEN_AI_REQUEST_ID: request.request_id,
+                                 spans.PDSERVE_RESERVATION_ID: response.reservation_id,
+                                 spans.PDSERVE_KV_BLOCKS: len(response.block_ids)})
+        span.end()
+        return response
+
+    async def _reserve(self, request) -> decode_pb2.ReserveResponse:
         if request.prompt_tokens == 0:
             raise ValueError("prompt_tokens must be > 0")
         lease_s = (request.lease_ms or 30_000) / 1000
@@ -66,18 +88,46 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
 
     @map_errors
     async def Decode(self, request, context):
-        """Wait for the reservation's KV, then join the batch and stream the outputs."""
+        """Wait for the reservation's KV, then join the batch and stream the outputs. While
+        draining, a Decode of a reservation this server granted is still served."""
+        if not request.reservation_id:
+            self.ctx.lifecycle.check_accepting("Decode without a reservation")
+        trace = WorkerRequestTrace(spans.DECODE, request.request_id, request.trace_context, context,
+                                   self.ctx.metrics, "decode", self.ctx.worker_id, forward=False,
+                                   count_finished=True)
+        generated_tokens = 0
+        error: BaseException | None = None
+        try:
+            # aclosing: a caller leaving early aborts the request here now, not at collection.
+            with self.ctx.lifecycle.track():
+                async with contextlib.aclosing(self._decode(request, trace)) as outputs:
+                    async for output in outputs:
+                        generated_tokens += sum(len(s.token_ids) for s in output.samples)
+                        yield output
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            trace.end(error, {spans.GEN_AI_USAGE_COMPLETION_TOKENS: generated_tokens})
+
+    async def _decode(self, request, trace: WorkerRequestTrace):
         params = sampling_params_from_engine_proto(request.sampling)
         reservation_id = request.reservation_id or None
         if reservation_id is not None:
+            waited_from = spans.now_ns()
             await self._wait_for_kv(reservation_id)
+            spans.record(spans.KV_WAIT, trace.span, waited_from, spans.now_ns(),
+                         {spans.PDSERVE_RESERVATION_ID: reservation_id})
         generated = [list(s.generated_token_ids) for s in request.samples]
         indices = [s.index for s in request.samples]
+        trace.submitted()
         stream = self.ctx.async_engine.generate_prefilled(
             request.request_id, list(request.prompt_token_ids), params, generated, indices,
             reservation_id, request.cached_tokens)
-        async for output in stream:
-            yield request_output_to_proto(output)
+        async with contextlib.aclosing(stream) as outputs:
+            async for output in outputs:
+                trace.on_output(output)
+                yield request_output_to_proto(output)
 
     async def _wait_for_kv(self, reservation_id: str) -> None:
         reservation = self.reservations.get(reservation_id)
@@ -119,6 +169,21 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
                 self.receiver.cancel(rid)
 
 
+def observe_received(metrics: WorkerMetrics, report: ReceivedTransfer) -> None:
+    """A KV transfer into this server ended (a receiver thread): metrics (direction
+    "received") and a kv.receive span under the sender's kv.transfer span, whose context came
+    in the handshake."""
+    metrics.observe_transfer("received", report.bytes, report.seconds, ok=report.error is None)
+    parent = tracing.extract(report.metadata)
+    if parent is None:
+        return
+    span = spans.start(spans.KV_RECEIVE, parent, SpanKind.CONSUMER, report.started_unix_ns)
+    span.set_attributes({spans.PDSERVE_RESERVATION_ID: report.reservation_id,
+                         spans.PDSERVE_KV_BYTES: report.bytes, spans.PDSERVE_KV_BLOCKS: report.blocks,
+                         spans.PDSERVE_KV_SECONDS: report.seconds})
+    spans.end_with_error(span, report.error)
+
+
 def _resolve(future: asyncio.Future, error: Exception | None) -> None:
     if future.done():
         return
@@ -131,12 +196,14 @@ def _resolve(future: asyncio.Future, error: Exception | None) -> None:
 
 async def setup(ctx: WorkerContext, ns: argparse.Namespace):
     """Start the KV receiver and the lease sweeper; return (register, service names)."""
-    receiver = TCPKVReceiver(ctx.engine.runner.kv_caches, host=ns.host, port=ns.kv_port)
+    receiver = TCPKVReceiver(ctx.engine.runner.kv_caches, host=ns.host, port=ns.kv_port,
+                             observer=lambda report: observe_received(ctx.metrics, report))
     receiver.start()
-    host = ns.advertise_host or ns.host
+    host = advertised_host(ns)
     ctx.kv_endpoint = f"{host}:{receiver.endpoint.rsplit(':', 1)[1]}"
     servicer = DecodeServicer(ctx, receiver)
     ctx.abort_hooks.append(servicer.abort_reservations)
+    ctx.lifecycle.add_source(lambda: len(servicer.reservations))  # granted, Decode still to come
     sweeper = asyncio.create_task(servicer.expire_forever())
     servicer.sweeper = sweeper  # keep a reference: the task runs for the server's life
     names = [decode_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name]

@@ -7,8 +7,10 @@ import argparse
 import asyncio
 import logging
 
+from opentelemetry.trace import SpanKind
+
 from kvtransfer import KVLayout, TCPKVSender
-from kvtransfer.backend import KVTransfer
+from kvtransfer.backend import KVTransfer, TransferStats
 from protos.pdserve.v1 import prefill_pb2, prefill_pb2_grpc
 from services.engine.async_engine import AsyncEngine
 from services.engine.chunk_info import ChunkInfo
@@ -16,7 +18,9 @@ from services.engine.outputs import RequestOutput
 from services.engine.prefilled import finish_reason_after, first_token_params
 from services.grpc_common.convert import sampling_params_from_engine_proto
 from services.grpc_common.status import map_errors
+from services.telemetry import spans, tracing
 from services.workers.convert import request_output_to_proto
+from services.workers.request_trace import WorkerRequestTrace
 from services.workers.runtime import WorkerContext
 
 logger = logging.getLogger("pdserve.prefill")
@@ -61,25 +65,38 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
     async def Prefill(self, request, context):
         """Compute the prompt's KV (streamed to the target as it is computed) and return the
         first token of each sample; the transfer's end is awaited in the background."""
+        self.ctx.lifecycle.check_accepting("Prefill")
+        trace = WorkerRequestTrace(spans.PREFILL, request.request_id, request.trace_context, context,
+                                   self.ctx.metrics, "prefill", self.ctx.worker_id, forward=True)
+        try:
+            with self.ctx.lifecycle.track():
+                response = await self._prefill(request, trace)
+        except BaseException as exc:
+            trace.end(exc)
+            raise
+        trace.end()
+        return response
+
+    async def _prefill(self, request, trace: WorkerRequestTrace) -> prefill_pb2.PrefillResponse:
         params = sampling_params_from_engine_proto(request.sampling)
         prompt = list(request.prompt_token_ids)
-        target = request.kv_target
-        transfer = await asyncio.to_thread(
-            self.sender.open, target.kv_endpoint, target.reservation_id, len(prompt),
-            list(target.block_ids), dict(request.trace_context), TRANSFER_TIMEOUT_S)
+        transfer, kv_span = await self._open_transfer(request, len(prompt), trace)
         self.streamer.transfers[request.request_id] = transfer
         first_only = first_token_params(params)
         merged = None
+        trace.submitted()
         try:
             async for output in self.ctx.async_engine.generate(request.request_id, prompt, first_only):
+                trace.on_output(output)
                 merged = output if merged is None else _merge(merged, output)
-        except BaseException:
+        except BaseException as exc:
             self.streamer.transfers.pop(request.request_id, None)
             await asyncio.to_thread(transfer.cancel)
+            self._count_transfer(kv_span, None, exc)
             raise
         self.streamer.transfers.pop(request.request_id, None)
-        task = asyncio.create_task(self._finish(request.request_id, transfer))
-        self.background.add(task)
+        task = asyncio.create_task(self._finish(request.request_id, transfer, kv_span))
+        self.background.add(task)  # counted in flight by the lifecycle until the KV is in
         task.add_done_callback(self.background.discard)
         for sample in merged.samples:  # the reason under the request's own params, not max_tokens=1
             sample.finish_reason = finish_reason_after(self.ctx.engine, prompt, params, sample.token_ids)
@@ -87,11 +104,42 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
                 sample.text = ""  # the decode server sends this token's text with its first output
         return prefill_pb2.PrefillResponse(output=request_output_to_proto(merged))
 
-    async def _finish(self, request_id: str, transfer: KVTransfer) -> None:
+    async def _open_transfer(self, request, num_tokens: int, trace: WorkerRequestTrace):
+        """Handshake with the decode server's receiver, under a kv.transfer span whose
+        context travels in the handshake (the receiver's span joins the trace)."""
+        target = request.kv_target
+        kv_span = spans.start(spans.KV_TRANSFER, trace.span, SpanKind.PRODUCER)
+        if kv_span.is_recording():
+            kv_span.set_attributes({spans.PDSERVE_KV_ENDPOINT: target.kv_endpoint,
+                                    spans.PDSERVE_RESERVATION_ID: target.reservation_id})
         try:
-            await asyncio.to_thread(transfer.finish, TRANSFER_TIMEOUT_S)
+            transfer = await asyncio.to_thread(
+                self.sender.open, target.kv_endpoint, target.reservation_id, num_tokens,
+                list(target.block_ids), tracing.inject(kv_span), TRANSFER_TIMEOUT_S)
+        except BaseException as exc:
+            self._count_transfer(kv_span, None, exc)
+            raise
+        return transfer, kv_span
+
+    async def _finish(self, request_id: str, transfer: KVTransfer, kv_span) -> None:
+        try:
+            stats = await asyncio.to_thread(transfer.finish, TRANSFER_TIMEOUT_S)
         except Exception as exc:  # the decode side sees the failure on its own reservation
             logger.warning("KV transfer for %s did not complete: %s", request_id, exc)
+            self._count_transfer(kv_span, None, exc)
+            return
+        self._count_transfer(kv_span, stats, None)
+
+    def _count_transfer(self, kv_span, stats: TransferStats | None, error: BaseException | None) -> None:
+        """KV metrics (direction "sent") and the end of the kv.transfer span."""
+        if stats is not None:
+            self.ctx.metrics.observe_transfer("sent", stats.bytes, stats.seconds, ok=True)
+            if kv_span.is_recording():
+                kv_span.set_attributes({spans.PDSERVE_KV_BYTES: stats.bytes, spans.PDSERVE_KV_BLOCKS: stats.blocks,
+                                        spans.PDSERVE_KV_FRAMES: stats.frames, spans.PDSERVE_KV_SECONDS: stats.seconds})
+        else:
+            self.ctx.metrics.observe_transfer("sent", 0, 0.0, ok=False)
+        spans.end_with_error(kv_span, error)
 
     async def abort_transfer(self, request_id: str) -> bool:
         """Abort hook: cancel the request's open transfer, if any."""
@@ -122,5 +170,6 @@ async def setup(ctx: WorkerContext, ns: argparse.Namespace):
     ctx.abort_hooks = [ctx.async_engine.abort]
     servicer = PrefillServicer(ctx, streamer, TCPKVSender(KVLayout.from_kv_caches(kv_caches)))
     ctx.abort_hooks.append(servicer.abort_transfer)
+    ctx.lifecycle.add_source(lambda: len(servicer.background))  # transfers still finishing
     names = [prefill_pb2.DESCRIPTOR.services_by_name["PrefillWorker"].full_name]
     return (lambda server: prefill_pb2_grpc.add_PrefillWorkerServicer_to_server(servicer, server)), names

@@ -16,8 +16,12 @@ from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from services.engine.async_engine import AsyncEngine
 from services.engine_setup import build_engine, engine_args_from
 from services.grpc_common.status import map_errors
-from services.server_runtime import logger, start_grpc_server, wait_for_shutdown_signal
+from services.lifecycle import Lifecycle, ShutdownSignals
+from services.server_runtime import advertised_host, drain_and_stop, logger, start_server_with_health
 from services.state.registry import WorkerInfo, WorkerRegistry
+from services.telemetry.engine_collector import EngineStatsCollector
+from services.telemetry.metrics import WorkerMetrics
+from services.telemetry.process import ProcessTelemetry
 from services.workers.convert import stats_to_load_proto, stats_to_registry_load
 
 ROLE_PROTO = {"prefill": worker_pb2.WORKER_ROLE_PREFILL, "decode": worker_pb2.WORKER_ROLE_DECODE,
@@ -30,6 +34,9 @@ class WorkerContext:
     def __init__(self, ns: argparse.Namespace, role: str):
         self.role = role
         self.worker_id = ns.worker_id or f"{role}-{uuid.uuid4().hex[:8]}"
+        self.telemetry = ProcessTelemetry.start(ns, role)
+        self.metrics = WorkerMetrics(self.telemetry.registry)
+        self.lifecycle = Lifecycle()
         self.engine, self.tokenizer = build_engine(engine_args_from(ns))
         self.async_engine = AsyncEngine(self.engine)
         self.kv_endpoint = ""
@@ -81,9 +88,11 @@ async def heartbeat_forever(registry: WorkerRegistry, ctx: WorkerContext, addres
 
 async def serve_worker(ns: argparse.Namespace, ctx: WorkerContext,
                        register: Callable[[grpc.aio.Server], None], service_names: list[str]) -> None:
-    """Start the engine and the gRPC server, register in Redis, serve until SIGTERM/SIGINT,
-    then deregister and stop."""
+    """Start the engine and the gRPC server, register in Redis, serve until SIGTERM/SIGINT;
+    then NOT_SERVING, deregister, drain in-flight requests (up to --drain-timeout-s) and stop."""
+    signals = ShutdownSignals()
     ctx.async_engine.start()
+    ctx.telemetry.registry.register(EngineStatsCollector(lambda: ctx.async_engine.stats()))
     control = WorkerControlServicer(ctx)
 
     def register_all(server: grpc.aio.Server) -> None:
@@ -91,19 +100,28 @@ async def serve_worker(ns: argparse.Namespace, ctx: WorkerContext,
         register(server)
 
     names = service_names + [worker_pb2.DESCRIPTOR.services_by_name["WorkerControl"].full_name]
-    server, port = await start_grpc_server(register_all, names, ns.host, ns.port)
-    address = f"{ns.advertise_host or ns.host}:{port}"
+    running = await start_server_with_health(register_all, names, ns.host, ns.port)
+    address = f"{advertised_host(ns)}:{running.port}"
     redis = aioredis.from_url(ns.redis_url)
     registry = WorkerRegistry(redis, prefix=ns.redis_prefix, ttl_s=3 * ns.heartbeat_s)
     beat = asyncio.create_task(heartbeat_forever(registry, ctx, address, ns.heartbeat_s))
+
+    async def leave() -> None:  # no heartbeat may land after the delete
+        beat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beat
+        await registry.deregister(ctx.role, ctx.worker_id)
+
+    ctx.telemetry.serve_metrics(ns)
     logger.info("%s %s listening on %s", ctx.role, ctx.worker_id, address)
     print(f"READY {ctx.role} {address} {ctx.kv_endpoint}", flush=True)
     try:
-        await wait_for_shutdown_signal()
+        await signals.wait()
+        await drain_and_stop(running, ctx.lifecycle, ns.drain_timeout_s, signals, leave)
     finally:
-        beat.cancel()
         with contextlib.suppress(Exception):
-            await registry.deregister(ctx.role, ctx.worker_id)
-        await server.stop(grace=5)
+            await leave()
+        await running.server.stop(grace=0)
         ctx.async_engine.shutdown()
         await redis.aclose()
+        ctx.telemetry.close()

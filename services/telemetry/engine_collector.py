@@ -1,0 +1,62 @@
+"""Engine gauges and counters, read from the engine's latest snapshot (EngineStats) when
+Prometheus scrapes: the engine's step loop does no metrics work at all."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from services.engine.stats import EngineStats
+
+
+class EngineStatsCollector(Collector):
+    """Exports an engine's EngineStats: running/waiting requests, KV blocks (total, used, free,
+    cached, reserved), KV usage, prefix-cache hits, preemptions, steps and token totals."""
+
+    def __init__(self, stats: Callable[[], EngineStats]):
+        self.stats = stats
+
+    def describe(self):
+        """Nothing up front: the registry then skips its duplicate check collect()."""
+        return []
+
+    def collect(self) -> Iterator:
+        """The current values."""
+        s = self.stats()
+        c = s.counters
+        gauges = {
+            "num_requests_running": ("Requests in the running batch.", s.num_running_requests),
+            "num_requests_waiting": ("Requests queued (prefilled ones waiting for a slot included).",
+                                     s.num_waiting_requests),
+            "num_sequences_running": ("Samples in the running batch.", s.num_running_seqs),
+            "num_waiting_prompt_tokens": ("Prompt tokens of waiting requests.", s.num_waiting_prompt_tokens),
+            "kv_cache_blocks_total": ("KV cache blocks.", s.num_blocks_total),
+            "kv_cache_blocks_used": ("KV cache blocks owned by a sequence.", s.num_blocks_used),
+            "kv_cache_blocks_free": ("KV cache blocks with no owner (cached ones included).", s.num_blocks_free),
+            "kv_cache_blocks_cached": ("KV cache blocks holding a prefix-cache entry.", s.num_blocks_cached),
+            "kv_cache_blocks_reserved": ("KV blocks reserved for prompts whose KV is on its way.",
+                                         s.num_blocks_reserved),
+            "kv_cache_usage_perc": ("Share of KV cache blocks in use (1 = full).",
+                                    s.num_blocks_used / s.num_blocks_total if s.num_blocks_total else 0.0),
+            "num_kv_reservations": ("Open KV reservations (decode servers).", s.num_reservations),
+            "prefix_cache_hit_rate": ("Share of looked-up prompt tokens served from the prefix cache.",
+                                      s.prefix_cache_hit_rate),
+        }
+        for name, (doc, value) in gauges.items():
+            yield GaugeMetricFamily(f"pdserve:{name}", doc, value=value)
+        counters = {
+            "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.", c.num_cache_query_tokens),
+            "prefix_cache_hits": ("Prompt tokens served from the prefix cache.", c.num_cache_hit_tokens),
+            "num_preemptions": ("Requests preempted (their KV freed, to be recomputed).", c.num_preemptions),
+            "engine_steps": ("Engine iterations run.", c.num_steps),
+            "prefill_tokens_computed": ("Prompt (and recomputed) tokens run through the model.",
+                                        c.num_prefill_tokens_computed),
+            "decode_tokens_computed": ("Decode tokens run through the model.", c.num_decode_tokens_computed),
+            "engine_generated_tokens": ("Tokens sampled by the engine.", c.num_generated_tokens),
+            "engine_requests_finished": ("Requests the engine finished.", c.num_finished_requests),
+            "engine_requests_aborted": ("Requests the engine aborted.", c.num_aborted_requests),
+        }
+        for name, (doc, value) in counters.items():
+            yield CounterMetricFamily(f"pdserve:{name}", doc, value=value)
