@@ -1,4 +1,4 @@
-"""`pdserve serve router|prefill|decode|worker`: run one server process."""
+"""`pdserve serve router|prefill|decode|worker|openai`: run one server process."""
 
 from __future__ import annotations
 
@@ -6,16 +6,19 @@ import argparse
 
 from services.cli_env import add_flag
 from services.engine_setup import add_engine_flags
+from services.telemetry.flags import add_telemetry_flags
 
-ROLES = ("router", "prefill", "decode", "worker")
+ROLES = ("router", "prefill", "decode", "worker", "openai")
+OPENAI_DEFAULT_PORT = 8000
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `serve ROLE` with the flags every role takes (each reads PDSERVE_<FLAG> too)."""
-    p = sub.add_parser("serve", help="run one pdserve server: router, prefill, decode or worker (colocated)")
+    p = sub.add_parser("serve", help="run one pdserve server: router, prefill, decode, worker (colocated) "
+                                     "or openai (the OpenAI-compatible HTTP API)")
     p.add_argument("role", choices=ROLES)
     add_flag(p, "--host", "127.0.0.1", str, "address to listen on")
-    add_flag(p, "--port", 0, int, "gRPC port (0: any free port; the router's default in `up` is 50051)")
+    add_flag(p, "--port", None, int, "port (0: any free port; default 0, openai 8000; the router's in `up` is 50051)")
     add_flag(p, "--advertise-host", None, str, "host other services use to reach this one (default: --host)")
     add_flag(p, "--redis-url", "redis://127.0.0.1:6379/0", str, "Redis holding request state and the registry")
     add_flag(p, "--redis-prefix", "pdserve", str, "key prefix in Redis")
@@ -23,8 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_flag(p, "--heartbeat-s", 1.0, float, "worker heartbeat interval; a worker silent for 3 beats is dropped")
     add_flag(p, "--kv-port", 0, int, "decode: KV transfer port (0: any free port)")
     add_flag(p, "--lease-ms", 30000, int, "router: how long a decode reservation waits for its KV")
-    add_flag(p, "--model-name", None, str, "router: the name GetModelInfo reports (default: --model)")
+    add_flag(p, "--model-name", None, str, "router: the name GetModelInfo reports (default: --model); "
+                                           "openai: the name clients use (default: the router's)")
+    add_flag(p, "--router", "127.0.0.1:50051", str, "openai: the router's host:port")
+    add_flag(p, "--api-key", None, str, "openai: API keys clients must send as 'Authorization: Bearer KEY', "
+                                        "comma-separated (default: none, the API is open)")
+    add_flag(p, "--router-wait-s", 120.0, float, "openai: how long to wait for the router at start")
     add_engine_flags(p)
+    add_telemetry_flags(p)  # --otlp-endpoint, --metrics-port, --log-json, --drain-timeout-s, ...
     p.set_defaults(run=run)
 
 
@@ -34,6 +43,12 @@ def run(ns: argparse.Namespace) -> int:
 
     if not ns.model:
         raise ValueError("--model DIR (or PDSERVE_MODEL) is required")
+    if ns.port is None:
+        ns.port = OPENAI_DEFAULT_PORT if ns.role == "openai" else 0
+    if ns.role == "openai":
+        from services.openai.server import serve_openai
+
+        return run_server(lambda: serve_openai(ns))
     if ns.role == "router":
         from services.router.server import serve_router
 

@@ -1,4 +1,5 @@
-"""`pdserve up`: a local cluster (embedded Redis, prefill, decode, router) until Ctrl-C/SIGTERM."""
+"""`pdserve up`: a local cluster (embedded Redis, prefill, decode, router, OpenAI-compatible HTTP
+server) until Ctrl-C/SIGTERM."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_flag(p, "--port", 50051, int, "router port")
     add_flag(p, "--redis-url", None, str, "external Redis (default: an embedded valkey server)")
     add_flag(p, "--threads-per-worker", 1, int, "torch threads in each worker process")
+    add_flag(p, "--openai-port", 8000, int, "port of the OpenAI-compatible HTTP API (0: do not start it)")
+    add_flag(p, "--api-key", None, str, "API keys the OpenAI API requires, comma-separated (default: open)")
     p.set_defaults(run=run)
 
 
@@ -32,9 +35,13 @@ def start_cluster(ns: argparse.Namespace):
     if ns.prefill == 0 and ns.colocated == 0:
         raise ValueError("no workers: give --prefill/--decode or --colocated")
     model = ns.model or str(ensure_tiny_model(default_model_dir()))
+    if ns.openai_port < 0:
+        raise ValueError(f"--openai-port must be a port number or 0 (off), got {ns.openai_port}")
     cluster = LocalCluster(model, prefill=ns.prefill, decode=ns.decode, colocated=ns.colocated,
                            router_port=ns.port, redis_url=ns.redis_url,
-                           threads_per_worker=ns.threads_per_worker)
+                           threads_per_worker=ns.threads_per_worker, openai=ns.openai_port > 0,
+                           openai_port=ns.openai_port,
+                           env={"PDSERVE_API_KEY": ns.api_key} if ns.api_key else {})  # not on command lines
     return cluster.start()
 
 
@@ -48,6 +55,9 @@ def run(ns: argparse.Namespace) -> int:
         print(f"pdserve cluster up: router at {cluster.router_address} "
               f"({ns.prefill} prefill, {ns.decode} decode, {ns.colocated} colocated); logs in {cluster.log_dir}")
         print(f"try: pdserve generate --router {cluster.router_address} \"Once upon a time\"", flush=True)
+        if cluster.openai:
+            print(f"OpenAI-compatible API at http://{cluster.openai_address}/v1 "
+                  f"(model {cluster.model_dir!r})", flush=True)
         stop.wait()
     finally:
         cluster.stop()

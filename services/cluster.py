@@ -1,5 +1,6 @@
 """A local cluster as subprocesses: Redis (embedded unless a URL is given), prefill and decode
-servers (or colocated workers), and the router. Used by `pdserve up`, the demo and the tests."""
+servers (or colocated workers), the router, and optionally the OpenAI-compatible HTTP server.
+Used by `pdserve up`, the demo and the tests."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class ServerProcess:
     log_path: Path
     address: str = ""
     kv_endpoint: str = ""
+    metrics_address: str = ""  # host:port of its Prometheus /metrics, when it serves one
 
 
 @dataclass
@@ -41,6 +43,9 @@ class LocalCluster:
     threads_per_worker: int = 1
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    openai: bool = False  # also start `serve openai` in front of the router
+    openai_port: int = 0  # its HTTP port (0: any free port)
+    openai_args: list[str] = field(default_factory=list)  # e.g. ["--api-key", "KEY"]
     processes: list[ServerProcess] = field(default_factory=list)
     redis: EmbeddedRedis | None = None
 
@@ -52,6 +57,11 @@ class LocalCluster:
     def router_address(self) -> str:
         """host:port of the router."""
         return next(p.address for p in self.processes if p.role == "router")
+
+    @property
+    def openai_address(self) -> str:
+        """host:port of the OpenAI-compatible HTTP server (clients use http://HOST:PORT/v1)."""
+        return next(p.address for p in self.processes if p.role == "openai")
 
     def start(self, timeout_s: float = 120.0) -> LocalCluster:
         """Start everything; returns when the router's health check says SERVING."""
@@ -66,17 +76,21 @@ class LocalCluster:
             router = self._spawn("router", 0, self.router_port or free_port())
             self._wait_ready(router, timeout_s)
             self._wait_serving(router.address, timeout_s)
+            if self.openai:
+                args = ["--router", router.address, *self.openai_args]
+                self._wait_ready(self._spawn("openai", 0, self.openai_port or free_port(), args), timeout_s)
             return self
         except BaseException:
             self.stop()
             raise
 
-    def _spawn(self, role: str, index: int, port: int) -> ServerProcess:
+    def _spawn(self, role: str, index: int, port: int, args: list[str] | None = None) -> ServerProcess:
+        """Start `pdserve serve ROLE`; `args` replace the cluster's extra_args (engine flags)."""
         log_path = self.log_dir / f"{role}-{index}.log"
         cmd = [sys.executable, "-m", "services.cli", "serve", role, "--model", self.model_dir,
                "--port", str(port), "--redis-url", self.redis_url, "--redis-prefix", self.prefix,
                "--worker-id", f"{role}-{index}", "--threads", str(self.threads_per_worker),
-               *self.extra_args]
+               "--metrics-port", "0", *(self.extra_args if args is None else args)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         with log_path.open("wb") as log:
             process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -90,6 +104,8 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for line in proc.log_path.read_text(errors="replace").splitlines():
+                if line.startswith("METRICS "):  # printed before READY by servers with /metrics
+                    proc.metrics_address = line.split()[2]
                 if line.startswith("READY "):
                     parts = line.split()
                     proc.address = parts[2]

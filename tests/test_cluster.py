@@ -171,3 +171,17 @@ def test_pdserve_generate_through_the_router(model_dir, disaggregated):
     # Seeded sampling gives the same tokens across servers as in-process.
     assert completion["token_ids"] == expected.samples[0].token_ids
     assert completion["text"] == expected.samples[0].text and completion["finish_reason"] == "length"
+
+
+def test_request_finished_at_prefill_releases_its_decode_reservation(disaggregated):
+    async def one_token():
+        async with grpc.aio.insecure_channel(disaggregated.router_address) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            responses = [r async for r in stub.Generate(router_pb2.GenerateRequest(
+                prompt="hello", sampling=router_pb2.SamplingParams(max_tokens=1)))]
+        return responses[-1].complete
+
+    done = asyncio.run(one_token())
+    assert done.finish_reason in ("length", "stop") and done.completion_tokens == 1
+    # The lease is 30 s; the blocks must come back long before that.
+    _wait_all_blocks_free(disaggregated, roles=("decode",), timeout_s=5)

@@ -1,0 +1,129 @@
+"""The aiohttp application: routes, and the middlewares for metrics, errors and API keys.
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /v1/models/{model},
+GET /health (the router's health), GET /metrics. Only /v1/* needs an API key (when keys are
+configured), so probes and scrapers need none.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from services.openai.chat import create_chat_completion
+from services.openai.completions import create_completion
+from services.openai.errors import INVALID_REQUEST, OpenAIError, internal
+from services.openai.frontend import FRONTEND_KEY, Frontend, frontend_of
+
+logger = logging.getLogger("pdserve.openai")
+MAX_BODY_BYTES = 32 * 2**20
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def build_app(front: Frontend) -> web.Application:
+    """The application serving `front`'s model."""
+    app = web.Application(middlewares=[_metrics_middleware, _error_middleware, _auth_middleware],
+                          client_max_size=MAX_BODY_BYTES)
+    app[FRONTEND_KEY] = front
+    app.router.add_post("/v1/completions", create_completion)
+    app.router.add_post("/v1/chat/completions", create_chat_completion)
+    app.router.add_get("/v1/models", _list_models)
+    app.router.add_get("/v1/models/{model}", _get_model)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+def _model_card(front: Frontend) -> dict:
+    return {"id": front.model_name, "object": "model", "created": front.created, "owned_by": "pdserve",
+            "max_model_len": front.limits.max_model_len}
+
+
+async def _list_models(request: web.Request) -> web.Response:
+    front = frontend_of(request)
+    return web.json_response({"object": "list", "data": [_model_card(front)]})
+
+
+async def _get_model(request: web.Request) -> web.Response:
+    front = frontend_of(request)
+    front.check_model({"model": request.match_info["model"]})
+    return web.json_response(_model_card(front))
+
+
+async def _health(request: web.Request) -> web.Response:
+    front = frontend_of(request)
+    if await front.link.healthy():
+        return web.json_response({"status": "ok"})
+    return web.json_response({"status": "router unavailable"}, status=503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    front = frontend_of(request)
+    return web.Response(text=front.metrics.render(), content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
+def _endpoint(request: web.Request) -> str:
+    """The route's path pattern as a metrics label ("unmatched" for 404s: no unbounded labels)."""
+    route = request.match_info.route
+    resource = route.resource if route is not None else None
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def _metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    front = frontend_of(request)
+    start = time.perf_counter()
+    status = 499  # the client went away before a response (nginx's convention)
+    front.metrics.in_flight += 1
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        front.metrics.in_flight -= 1
+        front.metrics.observe_request(_endpoint(request), status, time.perf_counter() - start)
+
+
+@web.middleware
+async def _error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error as OpenAI's JSON: ours, aiohttp's (404 route, 405 method, 413 body) and bugs."""
+    try:
+        return await handler(request)
+    except OpenAIError as error:
+        return web.json_response(error.body(), status=error.status)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        message = error.reason if error.status != 404 else f"Invalid URL ({request.method} {request.path})"
+        code = "unknown_url" if error.status == 404 else None
+        body = OpenAIError(error.status, message, INVALID_REQUEST, None, code).body()
+        return web.json_response(body, status=error.status, headers=_allow_header(error))
+    except ConnectionResetError:  # the client went away mid-response: nobody to answer
+        raise
+    except Exception as error:  # noqa: BLE001 - the boundary that turns bugs into a 500 body
+        logger.exception("request failed: %s %s", request.method, request.path)
+        return web.json_response(internal(error).body(), status=500)
+
+
+def _allow_header(error: web.HTTPException) -> dict[str, str]:
+    allow = error.headers.get("Allow")
+    return {"Allow": allow} if allow else {}
+
+
+@web.middleware
+async def _auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    keys = frontend_of(request).config.api_keys
+    if keys and request.path.startswith("/v1/"):
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip().encode(), k.encode())
+                                                  for k in keys):
+            message = ("Incorrect API key provided." if header else
+                       "No API key provided: send it as 'Authorization: Bearer KEY'.")
+            raise OpenAIError(401, message, INVALID_REQUEST, None, "invalid_api_key")
+    return await handler(request)

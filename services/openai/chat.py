@@ -1,0 +1,105 @@
+"""POST /v1/chat/completions: the checkpoint's chat template renders the messages, the front end
+tokenizes the prompt (no special tokens added: the template has them) and sends the ids."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from protos.pdserve.v1 import router_pb2
+from services.openai.accumulate import Usage, collect
+from services.openai.chat_template import normalize_messages
+from services.openai.errors import invalid
+from services.openai.fields import opt_bool, opt_dict, reject_if_set
+from services.openai.frontend import Frontend, frontend_of, read_body, read_stream_flags
+from services.openai.logprobs import chat_logprobs
+from services.openai.router_link import TokenEvent
+from services.openai.sampling import read_sampling, to_proto
+from services.openai.streaming import relay_stream
+
+
+def chat_prompt_ids(front: Frontend, body: dict[str, Any]) -> list[int]:
+    """The token ids of the rendered conversation. 400 when the model has no chat template, the
+    messages are malformed, or the request asks for tools or a structured response format."""
+    if front.chat_template is None:
+        raise invalid("this model has no chat template; use /v1/completions", "messages")
+    messages = normalize_messages(body.get("messages"))
+    for name in ("tools", "functions", "tool_choice", "function_call"):
+        reject_if_set(body, name, (None, [], "none"))
+    reject_if_set(body, "response_format", (None, {"type": "text"}))
+    reject_if_set(body, "logit_bias", (None, {}))
+    add_generation_prompt = opt_bool(body, "add_generation_prompt")
+    text = front.chat_template.render(messages, True if add_generation_prompt is None else add_generation_prompt,
+                                      opt_dict(body, "chat_template_kwargs"))
+    ids = front.tokenizer.encode(text, add_special_tokens=False)
+    if not ids:
+        raise invalid("the rendered conversation is empty", "messages")
+    return ids
+
+
+async def create_chat_completion(request: web.Request) -> web.StreamResponse:
+    """Handle POST /v1/chat/completions (JSON response, or server-sent events with stream true)."""
+    front = frontend_of(request)
+    body = await read_body(request)
+    model = front.check_model(body)
+    prompt_ids = chat_prompt_ids(front, body)
+    fields = read_sampling(body, front.limits, chat=True)
+    # OpenAI's chat default: generate until the context is full (or a stop/eos comes first).
+    fields.setdefault("max_tokens", max(1, front.limits.max_model_len - len(prompt_ids)))
+    stream, include_usage = read_stream_flags(body)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    call = router_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=router_pb2.TokenIds(ids=prompt_ids),
+                                      sampling=to_proto(fields))
+    n, want_logprobs = fields.get("n", 1), "logprobs" in fields
+    head = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": None}
+    async with contextlib.aclosing(front.link.generate_many([call], "messages")) as events:
+        if stream:
+            chunk_head = {**head, "object": "chat.completion.chunk"}
+            return await relay_stream(request, events, _ChatChunks(front, chunk_head, n, want_logprobs),
+                                      include_usage, front.metrics)
+        choices, usage = await collect(events, n)
+    front.metrics.count_tokens(usage.as_json()["prompt_tokens"], usage.completion_tokens)
+    return web.json_response({**head, "choices": [
+        {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
+         "logprobs": chat_logprobs(front.strings, c.token_ids, c.logprobs, c.top_logprobs)
+         if want_logprobs else None}
+        for i, c in enumerate(choices)], "usage": usage.as_json()})
+
+
+class _ChatChunks:
+    """Turns TokenEvents into chat.completion.chunk objects: a role delta per choice first,
+    content deltas, then an empty delta carrying the finish_reason."""
+
+    def __init__(self, front: Frontend, head: dict[str, Any], num_choices: int, want_logprobs: bool) -> None:
+        self.front = front
+        self.head = head
+        self.num_choices = num_choices
+        self.want_logprobs = want_logprobs
+
+    def opening(self) -> list[dict[str, Any]]:
+        """One chunk per choice announcing the assistant role."""
+        return [self._chunk(i, {"role": "assistant", "content": ""}, None, None) for i in range(self.num_choices)]
+
+    def chunk(self, event: TokenEvent) -> dict[str, Any] | None:
+        """The chunk for one event (None for an empty one)."""
+        if event.finish_reason is not None:
+            return self._chunk(event.choice, {}, None, event.finish_reason)
+        if not event.text and not (self.want_logprobs and event.token_ids):
+            return None  # tokens whose text is held back (a possible stop string, half a character)
+        logprobs = None
+        if self.want_logprobs and event.token_ids:
+            logprobs = chat_logprobs(self.front.strings, event.token_ids, event.logprobs, event.top_logprobs)
+        return self._chunk(event.choice, {"content": event.text}, logprobs, None)
+
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+        """The last chunk when stream_options.include_usage is set: no choices, the usage."""
+        return {**self.head, "choices": [], "usage": usage.as_json()}
+
+    def _chunk(self, index: int, delta: dict[str, Any], logprobs: Any, finish: str | None) -> dict[str, Any]:
+        return {**self.head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                          "finish_reason": finish}]}

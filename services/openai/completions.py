@@ -1,0 +1,120 @@
+"""POST /v1/completions: one Generate call per prompt, choices indexed prompt * n + sample."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from protos.pdserve.v1 import router_pb2
+from services.openai.accumulate import Usage, collect
+from services.openai.errors import invalid
+from services.openai.fields import reject_if_set
+from services.openai.frontend import Frontend, frontend_of, read_body, read_stream_flags
+from services.openai.logprobs import completion_logprobs
+from services.openai.router_link import TokenEvent
+from services.openai.sampling import read_sampling, to_proto
+from services.openai.streaming import relay_stream
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the completions API
+MAX_PROMPTS = 64
+
+
+def read_prompts(body: dict[str, Any], vocab_size: int) -> list[str | list[int]]:
+    """`prompt` as a list: a string, a list of strings, a list of token ids, or a list of those."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompts: list = [prompt]
+    elif isinstance(prompt, list) and prompt and all(_is_token(t) for t in prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(
+            isinstance(p, str) or (isinstance(p, list) and all(_is_token(t) for t in p)) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise invalid("prompt must be a string, a list of strings, a list of token ids or a list of "
+                      "token-id lists", "prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise invalid(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", "prompt")
+    for p in prompts:
+        if isinstance(p, list) and not p:
+            raise invalid("a token-id prompt must not be empty", "prompt")
+        if isinstance(p, list) and max(p) >= vocab_size:
+            raise invalid(f"prompt token id {max(p)} is outside the vocabulary (size {vocab_size})", "prompt")
+    return prompts
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _generate_request(request_id: str, prompt: str | list[int],
+                      sampling: router_pb2.SamplingParams) -> router_pb2.GenerateRequest:
+    if isinstance(prompt, str):
+        return router_pb2.GenerateRequest(request_id=request_id, prompt=prompt, sampling=sampling)
+    return router_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=router_pb2.TokenIds(ids=prompt),
+                                      sampling=sampling)
+
+
+async def create_completion(request: web.Request) -> web.StreamResponse:
+    """Handle POST /v1/completions (JSON response, or server-sent events with stream true)."""
+    front = frontend_of(request)
+    body = await read_body(request)
+    model = front.check_model(body)
+    for name, allowed in (("echo", (None, False)), ("suffix", (None, "")), ("logit_bias", (None, {}))):
+        reject_if_set(body, name, allowed)
+    prompts = read_prompts(body, front.info.vocab_size)
+    fields = read_sampling(body, front.limits, chat=False)
+    fields.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
+    reject_if_set(body, "best_of", (None, 1, fields.get("n", 1)))
+    stream, include_usage = read_stream_flags(body)
+    sampling = to_proto(fields)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    calls = [_generate_request(f"{request_id}-{i}", p, sampling) for i, p in enumerate(prompts)]
+    n, want_logprobs = fields.get("n", 1), "logprobs" in fields
+    head = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": None}
+    async with contextlib.aclosing(front.link.generate_many(calls, "prompt")) as events:
+        if stream:
+            return await relay_stream(request, events, _CompletionChunks(front, head, want_logprobs),
+                                      include_usage, front.metrics)
+        choices, usage = await collect(events, len(prompts) * n)
+    front.metrics.count_tokens(usage.as_json()["prompt_tokens"], usage.completion_tokens)
+    return web.json_response({**head, "choices": [
+        {"index": i, "text": c.text, "finish_reason": c.finish_reason,
+         "logprobs": completion_logprobs(front.strings, c.token_ids, c.logprobs, c.top_logprobs, 0)
+         if want_logprobs else None}
+        for i, c in enumerate(choices)], "usage": usage.as_json()})
+
+
+class _CompletionChunks:
+    """Turns TokenEvents into text_completion stream chunks (text offsets tracked per choice)."""
+
+    def __init__(self, front: Frontend, head: dict[str, Any], want_logprobs: bool) -> None:
+        self.front = front
+        self.head = head
+        self.want_logprobs = want_logprobs
+        self.offsets: dict[int, int] = {}
+
+    def opening(self) -> list[dict[str, Any]]:
+        """Nothing precedes the first tokens in a completions stream."""
+        return []
+
+    def chunk(self, event: TokenEvent) -> dict[str, Any] | None:
+        """The chunk for one event (None for an empty one)."""
+        if event.finish_reason is None and not event.text and not (self.want_logprobs and event.token_ids):
+            return None  # tokens whose text is held back (a possible stop string, half a character)
+        logprobs = None
+        if self.want_logprobs and event.token_ids:
+            offset = self.offsets.get(event.choice, 0)
+            logprobs = completion_logprobs(self.front.strings, event.token_ids, event.logprobs,
+                                           event.top_logprobs, offset)
+            self.offsets[event.choice] = offset + sum(len(t) for t in logprobs["tokens"])
+        return {**self.head, "choices": [{"index": event.choice, "text": event.text, "logprobs": logprobs,
+                                          "finish_reason": event.finish_reason}]}
+
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+        """The last chunk when stream_options.include_usage is set: no choices, the usage."""
+        return {**self.head, "choices": [], "usage": usage.as_json()}
