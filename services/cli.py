@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from services import cli_demo, cli_generate, cli_models, cli_serve, cli_up
+from services import cli_bench
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_demo.register(sub)
     cli_serve.register(sub)
     cli_up.register(sub)
+    cli_bench.register(sub)
     return parser
 
 

@@ -1,0 +1,46 @@
+"""`pdserve bench serve`: build the workload for the router's model, run it, print the summary,
+and save the figures when asked."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from services.bench.engine_bench_report import now_utc
+from services.bench.serve import run_serve
+from services.bench.serve_client import model_facts
+from services.bench.serve_datasets import build_requests, describe
+from services.bench.serve_flags import dataset_spec_from, serve_settings_from
+from services.bench.serve_metrics import parse_slos
+from services.bench.serve_report import provenance, record_dicts, summary_lines, write_json
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Run the benchmark against ns.router; 0 when every request succeeded, 1 otherwise."""
+    if not ns.router:
+        raise ValueError("--router HOST:PORT (or PDSERVE_ROUTER) is required")
+    spec = dataset_spec_from(ns)
+    settings = serve_settings_from(ns)
+    slos = parse_slos(ns.goodput)
+    facts = model_facts(ns.router)
+    requests = build_requests(spec, facts.vocab_size, facts.max_model_len)
+    workload = describe(requests)
+    print(f"pdserve bench serve: {workload['num_requests']} {spec.name} requests "
+          f"(mean prompt {workload['mean_input_len']:.0f}, mean output {workload['mean_output_len']:.0f} tokens) "
+          f"to {ns.router} ({facts.model_name}), rate {settings.request_rate} req/s, burstiness "
+          f"{settings.burstiness}, max concurrency {settings.max_concurrency}", flush=True)
+    result = run_serve(ns.router, requests, settings, slos)
+    print("\n".join(summary_lines(result.metrics)))
+    for error, count in result.errors.items():
+        print(f"{count} request(s) failed: {error}", file=sys.stderr)
+    if ns.save_result is not None:
+        figures = {"command": "pdserve bench " + shlex.join(sys.argv[2:] if len(sys.argv) > 2 else []),
+                   **provenance(), "router": ns.router, "model": facts.model_name,
+                   "dataset": {**vars(spec), **workload}, "settings": settings.as_dict(),
+                   "metrics": result.metrics.as_dict(), "errors": result.errors}
+        if ns.save_detailed:
+            figures["requests"] = record_dicts(result.records)
+        path = ns.save_result or f"bench-serve-{now_utc().replace(':', '')}.json"
+        print(f"saved {write_json(path, figures)}")
+    return 0 if result.metrics.failed == 0 else 1
