@@ -30,6 +30,7 @@ def test_registry_lists_live_workers_and_drops_silent_ones(redis_url):
                                             WorkerLoad(free_blocks=7, total_blocks=8)))
         await registry.heartbeat(WorkerInfo("d2", "decode", "127.0.0.1:3"))
         await registry.heartbeat(WorkerInfo("p1", "prefill", "127.0.0.1:4"))
+        assert 0 < await client.pttl("t1:workers:prefill") <= 300  # the index expires like its entries
         decode = await registry.list("decode")
         assert [w.worker_id for w in decode] == ["d1", "d2"]
         assert decode[0].load.free_blocks == 7
@@ -41,6 +42,7 @@ def test_registry_lists_live_workers_and_drops_silent_ones(redis_url):
                 break
             await asyncio.sleep(0.05)
         assert await registry.list("decode") == []
+        assert await client.smembers("t1:workers:decode") == set()  # pruned from the index too
         with pytest.raises(ValueError, match="unknown worker role"):
             await registry.heartbeat(WorkerInfo("x", "bogus", "a"))
         await client.aclose()

@@ -55,21 +55,37 @@ class WorkerRegistry:
     def _key(self, role: str, worker_id: str) -> str:
         return f"{self.prefix}:worker:{role}:{worker_id}"
 
+    def _members_key(self, role: str) -> str:
+        # An index of the role's worker ids, so listing never scans the keyspace (which holds
+        # every request record too); an id whose entry expired is dropped when listed.
+        return f"{self.prefix}:workers:{role}"
+
     async def heartbeat(self, info: WorkerInfo) -> None:
         """Write (or refresh) the worker's entry; it expires unless refreshed within the TTL."""
         if info.role not in ROLES:
             raise ValueError(f"unknown worker role {info.role!r}; expected one of {ROLES}")
-        await self.redis.set(self._key(info.role, info.worker_id), info.to_json(), px=self.ttl_ms)
+        members = self._members_key(info.role)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._key(info.role, info.worker_id), info.to_json(), px=self.ttl_ms)
+            pipe.sadd(members, info.worker_id)
+            pipe.pexpire(members, self.ttl_ms)
+            await pipe.execute()
 
     async def deregister(self, role: str, worker_id: str) -> None:
         """Remove the worker at once (graceful shutdown)."""
-        await self.redis.delete(self._key(role, worker_id))
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._key(role, worker_id))
+            pipe.srem(self._members_key(role), worker_id)
+            await pipe.execute()
 
     async def list(self, role: str) -> list[WorkerInfo]:
         """The live workers of one role, sorted by id."""
-        keys = [k async for k in self.redis.scan_iter(match=self._key(role, "*"), count=200)]
-        if not keys:
+        ids = sorted(i.decode() if isinstance(i, bytes) else i
+                     for i in await self.redis.smembers(self._members_key(role)))
+        if not ids:
             return []
-        values = await self.redis.mget(keys)
-        workers = [WorkerInfo.from_json(v) for v in values if v is not None]
-        return sorted(workers, key=lambda w: w.worker_id)
+        values = await self.redis.mget([self._key(role, i) for i in ids])
+        gone = [i for i, v in zip(ids, values) if v is None]
+        if gone:
+            await self.redis.srem(self._members_key(role), *gone)
+        return [WorkerInfo.from_json(v) for v in values if v is not None]
