@@ -14,6 +14,7 @@ from protos.pdserve.v1 import (colocated_pb2, decode_pb2, prefill_pb2, router_pb
 from services.grpc_common.convert import engine_sampling_params_to_proto
 from services.grpc_common.errors import UnavailableError
 from services.lifecycle import is_draining_refusal
+from services.router.progress import ProgressRecorder
 from services.router.responses import StreamState, responses_for
 from services.router.worker_choice import InFlight, choose_decode, choose_prefill
 from services.router.worker_clients import WorkerClients
@@ -56,14 +57,13 @@ class Dispatcher:
                 raise UnavailableError("no workers registered: need prefill + decode servers or "
                                        "colocated workers")
             stream = self._colocated(state, prompt_ids, params, colocated, carrier)
-        async for response in stream:
-            if response.HasField("chunk") and response.chunk.token_ids:
-                await self.store.append_tokens(state.request_id, response.chunk.index,
-                                               list(response.chunk.token_ids))
-            elif response.HasField("complete"):
-                await self.store.finish(state.request_id, response.complete.index,
-                                        response.complete.finish_reason)
-            yield response
+        recorder = ProgressRecorder(self.store, state.request_id)
+        try:
+            async for response in stream:
+                recorder.record(response)
+                yield response
+        finally:
+            await recorder.close()
 
     async def _on_first_available(self, workers: list[WorkerInfo], choose, prompt_tokens: int,
                                   call: Callable[[WorkerInfo], Awaitable]) -> tuple[WorkerInfo, object]:

@@ -53,18 +53,25 @@ class RequestStore:
 
     async def append_tokens(self, request_id: str, index: int, token_ids: list[int]) -> None:
         """Record tokens of sample `index` as sent to the client."""
-        if not token_ids:
-            return
-        key = self._tokens_key(request_id, index)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, *token_ids)
-            pipe.expire(key, self.ttl_s)
-            pipe.expire(self._key(request_id), self.ttl_s)
-            await pipe.execute()
+        await self.record_progress(request_id, {index: list(token_ids)}, {})
 
     async def finish(self, request_id: str, index: int, reason: str) -> None:
         """Record sample `index` as finished with `reason`."""
-        await self.redis.hset(self._key(request_id), f"finished:{index}", reason)
+        await self.record_progress(request_id, {}, {index: reason})
+
+    async def record_progress(self, request_id: str, tokens: dict[int, list[int]],
+                              finished: dict[int, str]) -> None:
+        """In one round trip: append tokens sent per sample, mark finished samples, refresh TTLs."""
+        key = self._key(request_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for index, token_ids in tokens.items():
+                if token_ids:
+                    pipe.rpush(self._tokens_key(request_id, index), *token_ids)
+                    pipe.expire(self._tokens_key(request_id, index), self.ttl_s)
+            for index, reason in finished.items():
+                pipe.hset(key, f"finished:{index}", reason)
+            pipe.expire(key, self.ttl_s)
+            await pipe.execute()
 
     async def get(self, request_id: str) -> RequestRecord | None:
         """The record, or None when unknown or expired."""
