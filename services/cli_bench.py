@@ -7,6 +7,7 @@ import argparse
 
 from services.bench.serve_flags import add_dataset_flags, add_load_flags
 from services.cli_env import add_flag
+from services.grpc_common.channels import add_client_security_flags
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +24,7 @@ def _register_serve(bench: argparse._SubParsersAction) -> None:
                          description="Send a workload to pdserve.v1.Router/Generate and report TTFT, TPOT, "
                                      "ITL, end-to-end latency, throughput and goodput.")
     add_flag(p, "--router", None, str, "HOST:PORT of the router", required=False)
+    add_client_security_flags(p, api_key_help="the API key to send to the router (its --api-key)")
     add_dataset_flags(p)
     add_load_flags(p)
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")

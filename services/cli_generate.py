@@ -10,6 +10,7 @@ import sys
 from models.sampling_params import SamplingParams
 from services.cli_env import add_flag
 from services.engine_setup import add_engine_flags, engine_args_from
+from services.grpc_common.channels import ClientSecurity, add_client_security_flags
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text in-process (--model) or through a router (--router)")
     p.add_argument("prompt")
     add_flag(p, "--router", None, str, "HOST:PORT of a running pdserve router (instead of --model)")
+    add_client_security_flags(p, api_key_help="with --router: the API key to send (the router's --api-key)")
     add_sampling_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object per completion")
     add_engine_flags(p)
@@ -49,7 +51,7 @@ def run(ns: argparse.Namespace) -> int:
     if ns.router:
         from services.router_client import stream_from_router
 
-        outputs = stream_from_router(ns.router, ns.prompt, params)
+        outputs = stream_from_router(ns.router, ns.prompt, params, security=ClientSecurity.from_namespace(ns))
     else:
         from services.llm import LLM
 

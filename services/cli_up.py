@@ -41,7 +41,8 @@ def start_cluster(ns: argparse.Namespace):
                            router_port=ns.port, redis_url=ns.redis_url,
                            threads_per_worker=ns.threads_per_worker, openai=ns.openai_port > 0,
                            openai_port=ns.openai_port,
-                           env={"PDSERVE_API_KEY": ns.api_key} if ns.api_key else {})  # not on command lines
+                           # the OpenAI API's keys only (the router's would be its --api-key), not on command lines
+                           role_env={"openai": {"PDSERVE_API_KEY": ns.api_key}} if ns.api_key else {})
     return cluster.start()
 
 

@@ -9,6 +9,8 @@ import grpc
 from models.sampling_params import SamplingParams
 from protos.pdserve.v1 import router_pb2, router_pb2_grpc
 from services.engine.outputs import RequestOutput, SampleOutput
+from services.grpc_common.channels import PLAINTEXT, ClientSecurity
+from services.router.worker_clients import CHANNEL_OPTIONS
 
 
 def sampling_params_to_proto(params: SamplingParams) -> router_pb2.SamplingParams:
@@ -26,19 +28,35 @@ def sampling_params_to_proto(params: SamplingParams) -> router_pb2.SamplingParam
     return msg
 
 
-def stream_from_router(address: str, prompt: str, params: SamplingParams,
-                       timeout_s: float = 600.0) -> Iterator[RequestOutput]:
-    """Yield RequestOutput-shaped deltas (one sample each) as the router streams them."""
-    with grpc.insecure_channel(address) as channel:
+class RouterCallError(ValueError):
+    """The router ended the call with an error status (`code`): refused credentials, bad input..."""
+
+    def __init__(self, address: str, error: grpc.RpcError):
+        self.code = error.code()
+        super().__init__(f"the router at {address} answered {self.code.name}: {error.details()}")
+
+
+def stream_from_router(address: str, prompt: str, params: SamplingParams, timeout_s: float = 600.0,
+                       security: ClientSecurity = PLAINTEXT) -> Iterator[RequestOutput]:
+    """Yield RequestOutput-shaped deltas (one sample each) as the router streams them
+    (`security`: TLS and the API key to dial with); RouterCallError when the call fails."""
+    with security.channel(address, CHANNEL_OPTIONS) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         request = router_pb2.GenerateRequest(prompt=prompt, sampling=sampling_params_to_proto(params))
-        for response in stub.Generate(request, timeout=timeout_s):
-            if response.HasField("chunk"):
-                c = response.chunk
-                sample = SampleOutput(index=c.index, token_ids=list(c.token_ids), text=c.text)
-                yield RequestOutput(response.request_id, [sample], 0, 0, False)
-            else:
-                done = response.complete
-                sample = SampleOutput(index=done.index, finish_reason=done.finish_reason)
-                yield RequestOutput(response.request_id, [sample], done.prompt_tokens,
-                                    done.cached_tokens, False)
+        try:
+            yield from _outputs(stub.Generate(request, timeout=timeout_s))
+        except grpc.RpcError as error:
+            raise RouterCallError(address, error) from None
+
+
+def _outputs(responses) -> Iterator[RequestOutput]:
+    for response in responses:
+        if response.HasField("chunk"):
+            c = response.chunk
+            sample = SampleOutput(index=c.index, token_ids=list(c.token_ids), text=c.text)
+            yield RequestOutput(response.request_id, [sample], 0, 0, False)
+        else:
+            done = response.complete
+            sample = SampleOutput(index=done.index, finish_reason=done.finish_reason)
+            yield RequestOutput(response.request_id, [sample], done.prompt_tokens,
+                                done.cached_tokens, False)

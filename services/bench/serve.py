@@ -11,6 +11,7 @@ from services.bench.serve_arrivals import arrival_offsets
 from services.bench.serve_client import LoadSpec, run_load
 from services.bench.serve_datasets import BenchRequest
 from services.bench.serve_metrics import RequestRecord, ServeMetrics, compute_metrics, run_duration
+from services.grpc_common.channels import PLAINTEXT, ClientSecurity
 
 
 @dataclass(frozen=True)
@@ -70,17 +71,18 @@ def run_async(coroutine):
 
 
 def run_serve(address: str, requests: list[BenchRequest], settings: ServeSettings,
-              slos: dict[str, float] | None = None) -> ServeRun:
-    """Warm up, send the workload on its schedule, and compute the figures (slos in seconds)."""
+              slos: dict[str, float] | None = None, security: ClientSecurity = PLAINTEXT) -> ServeRun:
+    """Warm up, send the workload on its schedule, and compute the figures (slos in seconds);
+    security: TLS and the API key to dial the router with."""
     if not requests:
         raise ValueError("the workload has no requests")
     if settings.warmup:
         warm = warmup_requests(requests, settings.warmup)
-        run_async(run_load(address, warm, LoadSpec(offsets=(0.0,) * len(warm), progress=False)))
+        run_async(run_load(address, warm, LoadSpec(offsets=(0.0,) * len(warm), progress=False), 0, security))
     offsets = arrival_offsets(len(requests), settings.request_rate, settings.burstiness, settings.seed)
     load = LoadSpec(tuple(offsets), settings.max_concurrency, settings.temperature, settings.timeout_s,
                     settings.progress)
-    records = run_async(run_load(address, requests, load, settings.seed))
+    records = run_async(run_load(address, requests, load, settings.seed, security))
     errors: dict[str, int] = {}
     for r in records:
         if r.error:

@@ -13,6 +13,8 @@ import grpc
 from protos.pdserve.v1 import router_pb2, router_pb2_grpc
 from services.bench.serve_datasets import BenchRequest
 from services.bench.serve_metrics import RequestRecord
+from services.grpc_common.channels import PLAINTEXT, ClientSecurity
+from services.router.worker_clients import CHANNEL_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -36,9 +38,9 @@ class ModelFacts:
     max_model_len: int
 
 
-def model_facts(address: str, timeout_s: float = 30.0) -> ModelFacts:
+def model_facts(address: str, timeout_s: float = 30.0, security: ClientSecurity = PLAINTEXT) -> ModelFacts:
     """Ask the router what it serves (vocabulary and length limit for the workload)."""
-    with grpc.insecure_channel(address) as channel:
+    with security.channel(address, CHANNEL_OPTIONS) as channel:
         info = router_pb2_grpc.RouterStub(channel).GetModelInfo(
             router_pb2.GetModelInfoRequest(), timeout=timeout_s, wait_for_ready=True)
     return ModelFacts(info.model_name, info.vocab_size, info.max_model_len)
@@ -107,15 +109,16 @@ class Progress:
 
 
 async def run_load(address: str, requests: list[BenchRequest], load: LoadSpec,
-                   seed: int = 0) -> list[RequestRecord]:
+                   seed: int = 0, security: ClientSecurity = PLAINTEXT) -> list[RequestRecord]:
     """Send every request at its offset (waiting for a free slot under max_concurrency) and
-    return their records, in workload order; send_time is seconds from the first send."""
+    return their records, in workload order; send_time is seconds from the first send.
+    security: TLS and the API key to dial the router with."""
     if len(load.offsets) != len(requests):
         raise ValueError(f"{len(load.offsets)} arrival offsets for {len(requests)} requests")
     records = [RequestRecord(r.prompt_len, r.output_len) for r in requests]
     limit = asyncio.Semaphore(load.max_concurrency) if load.max_concurrency else None
     progress = Progress(len(requests), load.progress)
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with security.aio_channel(address, CHANNEL_OPTIONS) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         await channel.channel_ready()
         start = time.perf_counter()

@@ -14,6 +14,7 @@ from services.bench.serve_datasets import build_requests, describe
 from services.bench.serve_flags import dataset_spec_from, serve_settings_from
 from services.bench.serve_metrics import parse_slos
 from services.bench.serve_report import provenance, record_dicts, summary_lines, write_json
+from services.grpc_common.channels import ClientSecurity
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -23,14 +24,15 @@ def run(ns: argparse.Namespace) -> int:
     spec = dataset_spec_from(ns)
     settings = serve_settings_from(ns)
     slos = parse_slos(ns.goodput)
-    facts = model_facts(ns.router)
+    security = ClientSecurity.from_namespace(ns)  # TLS flags and --api-key
+    facts = model_facts(ns.router, security=security)
     requests = build_requests(spec, facts.vocab_size, facts.max_model_len)
     workload = describe(requests)
     print(f"pdserve bench serve: {workload['num_requests']} {spec.name} requests "
           f"(mean prompt {workload['mean_input_len']:.0f}, mean output {workload['mean_output_len']:.0f} tokens) "
           f"to {ns.router} ({facts.model_name}), rate {settings.request_rate} req/s, burstiness "
           f"{settings.burstiness}, max concurrency {settings.max_concurrency}", flush=True)
-    result = run_serve(ns.router, requests, settings, slos)
+    result = run_serve(ns.router, requests, settings, slos, security)
     print("\n".join(summary_lines(result.metrics)))
     for error, count in result.errors.items():
         print(f"{count} request(s) failed: {error}", file=sys.stderr)

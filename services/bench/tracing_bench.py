@@ -33,6 +33,7 @@ import torch
 from models.tiny_model import SIZES, make_tiny_model
 from protos.pdserve.v1 import router_pb2, router_pb2_grpc
 from services.cluster import LocalCluster
+from services.router.worker_clients import CHANNEL_OPTIONS
 
 TARGET = 0.95
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -76,7 +77,7 @@ async def run_load(address: str, prompts: list[list[int]], max_tokens: int, conc
                     tokens += len(response.chunk.token_ids)
             return tokens
 
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         started = time.perf_counter()
         counts = await asyncio.gather(*(one(stub, p) for p in prompts))

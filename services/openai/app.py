@@ -95,7 +95,7 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except OpenAIError as error:
-        return web.json_response(error.body(), status=error.status)
+        return web.json_response(error.body(), status=error.status, headers=error.headers)
     except web.HTTPException as error:
         if error.status < 400:
             raise

@@ -6,9 +6,12 @@ place (the error middleware in app.py); a gRPC error from the router maps by its
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import grpc
+
+from services.grpc_common.retry_hint import DEFAULT_RETRY_AFTER_MS, retry_after_ms_of
 
 INVALID_REQUEST = "invalid_request_error"
 RATE_LIMIT = "rate_limit_error"
@@ -33,17 +36,20 @@ class OpenAIError(Exception):
     """A request that ends with an OpenAI error body and `status`.
 
     Attributes: status (HTTP code), message, type (e.g. "invalid_request_error"), param (the
-    request field at fault, or None) and code (a machine-readable reason, or None).
+    request field at fault, or None), code (a machine-readable reason, or None) and headers
+    (extra HTTP headers of the response, e.g. Retry-After on a 429).
     """
 
     def __init__(self, status: int, message: str, type: str = INVALID_REQUEST,
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.param = param
         self.code = code
+        self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
         """The JSON body: {"error": {"message", "type", "param", "code"}}."""
@@ -58,13 +64,23 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
 
 def from_rpc_error(error: grpc.aio.AioRpcError, param: str | None = None) -> OpenAIError:
     """The OpenAIError for a failed router call: INVALID_ARGUMENT/OUT_OF_RANGE -> 400 (with
-    `param` for the prompt-length case), RESOURCE_EXHAUSTED -> 429, UNAVAILABLE -> 503, an
-    unexpected code -> 500."""
+    `param` for the prompt-length case), RESOURCE_EXHAUSTED -> 429 with a Retry-After header
+    (the router's retry hint in whole seconds, rounded up), UNAVAILABLE -> 503, an unexpected
+    code -> 500."""
     code = error.code()
     status, kind, reason = _GRPC_TO_HTTP.get(code, (500, SERVER_ERROR, "internal_error"))
     details = error.details() or code.name
+    headers = {}
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        hint_ms = retry_after_ms_of(error)
+        headers["Retry-After"] = str(retry_after_seconds(DEFAULT_RETRY_AFTER_MS if hint_ms is None else hint_ms))
     return OpenAIError(status, details, kind, param if code == grpc.StatusCode.OUT_OF_RANGE else None,
-                       reason)
+                       reason, headers)
+
+
+def retry_after_seconds(retry_after_ms: int) -> int:
+    """An HTTP Retry-After value (whole seconds) for a hint in milliseconds, rounded up."""
+    return math.ceil(max(0, retry_after_ms) / 1000)
 
 
 def internal(error: BaseException) -> OpenAIError:

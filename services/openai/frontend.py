@@ -13,6 +13,7 @@ from aiohttp import web
 
 from models.tokenizer import Tokenizer
 from protos.pdserve.v1 import router_pb2
+from services.grpc_common.channels import PLAINTEXT, ClientSecurity
 from services.openai.chat_template import ChatTemplate
 from services.openai.errors import OpenAIError, invalid
 from services.openai.fields import opt_bool, opt_dict
@@ -29,7 +30,7 @@ class FrontendConfig:
     router: the router's host:port; model_dir: the checkpoint (tokenizer and chat template);
     model_name: the name clients use (None: the router's GetModelInfo name); api_keys: accepted
     `Authorization: Bearer` keys (empty: no key needed); router_wait_s: how long to wait for
-    the router at start.
+    the router at start; router_security: TLS and the API key for the front end's channel to the router.
     """
 
     router: str
@@ -37,6 +38,7 @@ class FrontendConfig:
     model_name: str | None = None
     api_keys: tuple[str, ...] = ()
     router_wait_s: float = 120.0
+    router_security: ClientSecurity = PLAINTEXT
 
 
 class Frontend:
@@ -61,7 +63,7 @@ class Frontend:
     async def connect(cls, config: FrontendConfig) -> Frontend:
         """Load the tokenizer and ask the router for the model's facts (waiting for it to come up)."""
         tokenizer = Tokenizer.from_dir(config.model_dir)
-        link = RouterLink(config.router)
+        link = RouterLink(config.router, config.router_security)
         try:
             info = await link.model_info(config.router_wait_s)
         except grpc.aio.AioRpcError as error:

@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.pdserve.v1 import router_pb2, router_pb2_grpc
+from services.grpc_common.channels import PLAINTEXT, ClientSecurity
 from services.openai.errors import from_rpc_error
 from services.router.worker_clients import CHANNEL_OPTIONS
 
@@ -53,11 +54,12 @@ def event_from_response(response: router_pb2.GenerateResponse, prompt_index: int
 
 
 class RouterLink:
-    """One channel to the router (`address` host:port), shared by all HTTP requests."""
+    """One channel to the router (`address` host:port), shared by all HTTP requests; `security`:
+    TLS / mutual TLS and the API key sent to the router (plaintext, no key by default)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, security: ClientSecurity = PLAINTEXT) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = security.aio_channel(address, CHANNEL_OPTIONS)
         self.stub = router_pb2_grpc.RouterStub(self.channel)
 
     async def model_info(self, timeout_s: float) -> router_pb2.ModelInfo:

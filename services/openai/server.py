@@ -8,6 +8,7 @@ from aiohttp import web
 
 from services.openai.app import build_app
 from services.openai.frontend import Frontend, FrontendConfig
+from services.security_flags import router_client_security
 from services.server_runtime import logger, wait_for_shutdown_signal
 
 
@@ -21,7 +22,8 @@ def config_from_args(ns: argparse.Namespace) -> FrontendConfig:
     if not ns.router:
         raise ValueError("--router HOST:PORT (or PDSERVE_ROUTER) is required")
     return FrontendConfig(router=ns.router, model_dir=ns.model, model_name=ns.model_name,
-                          api_keys=parse_api_keys(ns.api_key), router_wait_s=ns.router_wait_s)
+                          api_keys=parse_api_keys(ns.api_key), router_wait_s=ns.router_wait_s,
+                          router_security=router_client_security(ns))
 
 
 async def serve_openai(ns: argparse.Namespace) -> None:

@@ -25,6 +25,7 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
+MAX_EXPORT_BYTES = 32 * 2**20  # one OTLP export request at most
 KIND_NAMES = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
 
 
@@ -88,7 +89,8 @@ class OTLPTraceSink(trace_service_pb2_grpc.TraceServiceServicer):
     def start(cls, host: str = "127.0.0.1", port: int = 0, keep: bool = True) -> OTLPTraceSink:
         """Serve on host:port (0: a free port); `endpoint` is then "host:port"."""
         sink = cls(keep)
-        sink.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        sink.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),  # OTLP batches: 4 MiB is tight
+                                  options=[("grpc.max_receive_message_length", MAX_EXPORT_BYTES)])
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, sink.server)
         bound = sink.server.add_insecure_port(f"{host}:{port}")
         if bound == 0:
