@@ -87,7 +87,7 @@ def test_progress_recorder_coalesces_and_survives_redis_loss():
         client = aioredis.from_url(server.url)
         store = RequestStore(client, prefix="t3", ttl_s=60)
         assert await store.create("r", [1, 2], {"n": 2}, seed=1)
-        recorder = ProgressRecorder(store, "r")
+        recorder = ProgressRecorder(store, "r", [1, 2], {"n": 2}, 1)
         for i in range(50):
             recorder.record(chunk(i % 2, [i]))
         recorder.record(done(1, "stop"))
@@ -96,7 +96,7 @@ def test_progress_recorder_coalesces_and_survives_redis_loss():
         assert record.sent_tokens == [list(range(0, 50, 2)), list(range(1, 50, 2))]
         assert record.finished == [None, "stop"]
         server.stop()  # Redis goes away mid-stream: recording fails quietly, nothing raises
-        lost = ProgressRecorder(store, "r")
+        lost = ProgressRecorder(store, "r", [1, 2], {"n": 2}, 1, close_wait_s=0.2)
         lost.record(chunk(0, [99]))
         await lost.close()
         await client.aclose()

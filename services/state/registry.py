@@ -1,10 +1,17 @@
 """Worker registry in Redis: each worker writes its address and load under a key with a TTL on
-every heartbeat; a worker that stops heartbeating drops out when its key expires."""
+every heartbeat; a worker that stops heartbeating drops out when its key expires. A heartbeat
+rewrites the entry and the role's index whole, so after Redis restarts empty every live worker
+is back within one heartbeat."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import asdict, dataclass, field
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from services.state.redis_retry import RedisWait, url_of
 
 ROLES = ("prefill", "decode", "worker")
 
@@ -45,12 +52,14 @@ class WorkerInfo:
 
 
 class WorkerRegistry:
-    """Register, heartbeat, list and deregister workers (redis.asyncio client)."""
+    """Register, heartbeat, list and deregister workers (redis.asyncio client).
+    wait: how long list() waits for an unreachable Redis before UnavailableError (default 5 s)."""
 
-    def __init__(self, redis, prefix: str = "pdserve", ttl_s: float = 3.0):
+    def __init__(self, redis, prefix: str = "pdserve", ttl_s: float = 3.0, wait: RedisWait | None = None):
         self.redis = redis
         self.prefix = prefix
         self.ttl_ms = int(ttl_s * 1000)
+        self.wait = wait or RedisWait(url_of(redis))
 
     def _key(self, role: str, worker_id: str) -> str:
         return f"{self.prefix}:worker:{role}:{worker_id}"
@@ -61,9 +70,22 @@ class WorkerRegistry:
         return f"{self.prefix}:workers:{role}"
 
     async def heartbeat(self, info: WorkerInfo) -> None:
-        """Write (or refresh) the worker's entry; it expires unless refreshed within the TTL."""
+        """Write (or refresh) the worker's entry and its role's index, TTLs included, in one
+        transaction; it expires unless refreshed within the TTL. Raises on a Redis error, and
+        TimeoutError when Redis does not answer within the TTL (a later beat would be no use)."""
         if info.role not in ROLES:
             raise ValueError(f"unknown worker role {info.role!r}; expected one of {ROLES}")
+        await asyncio.wait_for(self._write_entry_twice_if_dropped(info), self.ttl_ms / 1000)
+
+    async def _write_entry_twice_if_dropped(self, info: WorkerInfo) -> None:
+        try:
+            await self._write_entry(info)
+        except RedisConnectionError:
+            # A pooled connection that a restarted Redis closed fails once and is dropped; a
+            # fresh one re-registers the worker in this beat rather than the next.
+            await self._write_entry(info)
+
+    async def _write_entry(self, info: WorkerInfo) -> None:
         members = self._members_key(info.role)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self._key(info.role, info.worker_id), info.to_json(), px=self.ttl_ms)
@@ -79,7 +101,11 @@ class WorkerRegistry:
             await pipe.execute()
 
     async def list(self, role: str) -> list[WorkerInfo]:
-        """The live workers of one role, sorted by id."""
+        """The live workers of one role, sorted by id. Waits for an unreachable Redis up to
+        `wait`, then raises UnavailableError."""
+        return await self.wait.call(lambda: self._list(role))
+
+    async def _list(self, role: str) -> list[WorkerInfo]:
         ids = sorted(i.decode() if isinstance(i, bytes) else i
                      for i in await self.redis.smembers(self._members_key(role)))
         if not ids:
