@@ -21,7 +21,12 @@ class PromptTooLongError(InvalidRequestError):
 
 class OverloadedError(PdserveError):
     """The server cannot take the request now (queue or KV blocks full); the client may retry
-    later: RESOURCE_EXHAUSTED."""
+    later: RESOURCE_EXHAUSTED. retry_after_ms: the hint sent with it (trailing metadata
+    `retry-after-ms` and a google.rpc.RetryInfo); None: the default hint."""
+
+    def __init__(self, message: str = "", retry_after_ms: int | None = None):
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
 
 
 class NotFoundError(PdserveError):
@@ -34,3 +39,8 @@ class AlreadyExistsError(PdserveError):
 
 class UnavailableError(PdserveError):
     """No server can serve the request right now (workers down, shutting down): UNAVAILABLE."""
+
+
+class IncompatiblePeerError(PdserveError):
+    """Another pdserve server refused this one as a peer (a KV cache layout that differs, KV
+    credentials it does not accept): a deployment to fix, not a request to retry: FAILED_PRECONDITION."""

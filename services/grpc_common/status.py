@@ -7,7 +7,9 @@
 An exception escaping a decorated method aborts the call with the code of the first class in
 the exception's MRO listed below (so a subclass of NotFoundError is NOT_FOUND) and its
 message as the details; an error from a downstream pdserve call (grpc.aio.AioRpcError) keeps
-its code and details; anything else is INTERNAL and logged with its traceback.
+its code and details; anything else is INTERNAL and logged with its traceback. A
+RESOURCE_EXHAUSTED carries a retry hint (see retry_hint.py): the OverloadedError's
+retry_after_ms, or the downstream server's, or the default.
 """
 
 from __future__ import annotations
@@ -24,11 +26,17 @@ import grpc
 from models.sampling_params import SamplingParamsError
 from services.grpc_common.errors import (
     AlreadyExistsError,
+    IncompatiblePeerError,
     InvalidRequestError,
     NotFoundError,
     OverloadedError,
     PromptTooLongError,
     UnavailableError,
+)
+from services.grpc_common.retry_hint import (
+    DEFAULT_RETRY_AFTER_MS,
+    overload_trailing_metadata,
+    retry_after_ms_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -42,6 +50,7 @@ STATUS_BY_EXCEPTION: dict[type[BaseException], grpc.StatusCode] = {
     NotFoundError: Code.NOT_FOUND,
     AlreadyExistsError: Code.ALREADY_EXISTS,
     UnavailableError: Code.UNAVAILABLE,
+    IncompatiblePeerError: Code.FAILED_PRECONDITION,
     ValueError: Code.INVALID_ARGUMENT,
     TimeoutError: Code.DEADLINE_EXCEEDED,
     NotImplementedError: Code.UNIMPLEMENTED,
@@ -98,4 +107,15 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
         logger.exception("servicer failed: %s", details)
     else:
         logger.debug("request ended with %s: %s", code.name, details)
+    if code == Code.RESOURCE_EXHAUSTED:
+        await context.abort(code, details, overload_trailing_metadata(_retry_after_ms(error), details))
     await context.abort(code, details)
+
+
+def _retry_after_ms(error: Exception) -> int:
+    """The retry hint a RESOURCE_EXHAUSTED carries: the OverloadedError's own, else a downstream
+    server's (the error itself, or the one an OverloadedError was raised from), else the default."""
+    hint = error.retry_after_ms if isinstance(error, OverloadedError) else retry_after_ms_of(error)
+    if hint is None and error.__cause__ is not None:
+        hint = retry_after_ms_of(error.__cause__)
+    return DEFAULT_RETRY_AFTER_MS if hint is None else hint
