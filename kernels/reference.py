@@ -159,5 +159,10 @@ def _decode_attention(query, caches, scales, block_tables, s_lens, starts, rows,
 
     k, v = gather(caches[0], scales[0]), gather(caches[1], scales[1])
     mask = (torch.arange(ctx, device=device).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]  # [n,1,1,ctx]
+    # Zeros past each row's length (as the Triton kernel loads them): those slots hold whatever a
+    # block held before, and a NaN there would survive the mask (0 * NaN) into the output.
+    padding = ~mask.transpose(2, 3)  # [n, 1, ctx, 1]
+    k.masked_fill_(padding, 0.0)  # in place: k and v are gathered copies, never the cache itself
+    v.masked_fill_(padding, 0.0)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [n, KVH, group, D]
     out[idx] = o.reshape(n, num_kv_heads * group, head_dim)

@@ -51,23 +51,27 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise SamplingParamsError naming the first field that is out of range."""
+        bad_stop = next((s for s in self.stop if not 0 < len(s) <= MAX_STOP_STRING_CHARS), None)
         checks = [
-            (self.max_tokens >= 1, "max_tokens must be >= 1"),
-            (0.0 <= self.temperature <= 100.0, "temperature must be in [0, 100]"),
-            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
-            (self.top_k >= -1, "top_k must be -1, 0 (off) or a positive count"),
-            (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
-            (0.0 < self.repetition_penalty <= 10.0, "repetition_penalty must be in (0, 10]"),
-            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
-            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
-            (self.seed is None or 0 <= self.seed < 2**64, "seed must be in [0, 2^64)"),
-            (1 <= self.n <= MAX_N, f"n must be in [1, {MAX_N}]"),
+            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (0.0 <= self.temperature <= 100.0, f"temperature must be in [0, 100], got {self.temperature}"),
+            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= -1, f"top_k must be -1, 0 (off) or a positive count, got {self.top_k}"),
+            (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
+            (0.0 < self.repetition_penalty <= 10.0,
+             f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}"),
+            (-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2.0 <= self.frequency_penalty <= 2.0,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (self.seed is None or 0 <= self.seed < 2**64, f"seed must be in [0, 2^64), got {self.seed}"),
+            (1 <= self.n <= MAX_N, f"n must be in [1, {MAX_N}], got {self.n}"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
-             f"logprobs must be in [0, {MAX_LOGPROBS}]"),
-            (0 <= self.min_tokens <= self.max_tokens, "min_tokens must be in [0, max_tokens]"),
-            (len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings"),
-            (all(0 < len(s) <= MAX_STOP_STRING_CHARS for s in self.stop),
-             f"stop strings must be non-empty and at most {MAX_STOP_STRING_CHARS} characters"),
+             f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"),
+            (0 <= self.min_tokens <= self.max_tokens,
+             f"min_tokens must be in [0, max_tokens], got {self.min_tokens} with max_tokens {self.max_tokens}"),
+            (len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}"),
+            (bad_stop is None, f"stop strings must be non-empty and at most {MAX_STOP_STRING_CHARS} characters, "
+                               f"got one of {len(bad_stop or '')} characters"),
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be >= 0"),
         ]
         for ok, message in checks:
