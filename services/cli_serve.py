@@ -6,6 +6,7 @@ import argparse
 
 from services.cli_env import add_flag
 from services.engine_setup import add_engine_flags
+from services.security_flags import add_server_security_flags
 from services.telemetry.flags import add_telemetry_flags
 
 ROLES = ("router", "prefill", "decode", "worker", "openai")
@@ -22,16 +23,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_flag(p, "--advertise-host", None, str, "host other services use to reach this one (default: --host)")
     add_flag(p, "--redis-url", "redis://127.0.0.1:6379/0", str, "Redis holding request state and the registry")
     add_flag(p, "--redis-prefix", "pdserve", str, "key prefix in Redis")
+    add_flag(p, "--redis-wait-s", 5.0, float, "router: how long a new request waits for an unreachable Redis "
+                                              "before it fails with UNAVAILABLE")
     add_flag(p, "--worker-id", None, str, "worker id in the registry (default: role + random suffix)")
     add_flag(p, "--heartbeat-s", 1.0, float, "worker heartbeat interval; a worker silent for 3 beats is dropped")
     add_flag(p, "--kv-port", 0, int, "decode: KV transfer port (0: any free port)")
+    add_flag(p, "--kv-connect-timeout-s", 10.0, float, "prefill: how long a decode server's KV receiver may take "
+                                                      "to accept and answer the handshake (then UNAVAILABLE)")
     add_flag(p, "--lease-ms", 30000, int, "router: how long a decode reservation waits for its KV")
+    add_flag(p, "--max-attempts", 5, int, "router: tries of one request on the workers (a worker that fails "
+                                         "mid-stream: the rest goes on elsewhere) before it fails UNAVAILABLE")
+    add_flag(p, "--stream-idle-timeout-s", 60.0, float, "router: a worker stream silent this long counts "
+                                                         "as failed (the request goes on elsewhere)")
+    add_flag(p, "--max-inflight-requests", 256, int, "router: Generate calls served at once; beyond it a "
+                                                     "call gets RESOURCE_EXHAUSTED at once, with a retry hint")
+    add_flag(p, "--max-queued-requests", 256, int, "workers: requests waiting at once (prefill: Prefill calls "
+                                                   "not yet answered; decode: reservations + requests waiting for "
+                                                   "a batch slot; colocated: the engine's waiting queue); beyond "
+                                                   "it RESOURCE_EXHAUSTED at once, with a retry hint")
+    add_flag(p, "--overload-retry-after-ms", 1000, int, "the retry hint (trailing metadata retry-after-ms) "
+                                                        "sent with RESOURCE_EXHAUSTED")
     add_flag(p, "--model-name", None, str, "router: the name GetModelInfo reports (default: --model); "
                                            "openai: the name clients use (default: the router's)")
     add_flag(p, "--router", "127.0.0.1:50051", str, "openai: the router's host:port")
-    add_flag(p, "--api-key", None, str, "openai: API keys clients must send as 'Authorization: Bearer KEY', "
-                                        "comma-separated (default: none, the API is open)")
+    add_flag(p, "--api-key", None, str, "router: API keys gRPC clients must send as metadata 'authorization: "
+                                        "Bearer KEY' (health and reflection stay open); openai: keys HTTP clients "
+                                        "must send as 'Authorization: Bearer KEY'; comma-separated (default: "
+                                        "none, the API is open; the openai server's key for the router is "
+                                        "--router-api-key)")
     add_flag(p, "--router-wait-s", 120.0, float, "openai: how long to wait for the router at start")
+    add_server_security_flags(p)  # --tls-cert/--tls-key/--tls-ca..., --kv-auth-token, --router-api-key, --redis-ca
     add_engine_flags(p)
     add_telemetry_flags(p)  # --otlp-endpoint, --metrics-port, --log-json, --drain-timeout-s, ...
     p.set_defaults(run=run)

@@ -15,7 +15,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.cluster_security import ClusterSecurity
+from services.grpc_common.channels import PLAINTEXT, ClientSecurity
+from services.router.worker_clients import CHANNEL_OPTIONS
 from services.state.embedded_redis import EmbeddedRedis, free_port
+from services.state.redis_connect import url_has_secret
 
 
 @dataclass
@@ -43,9 +47,11 @@ class LocalCluster:
     threads_per_worker: int = 1
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    role_env: dict[str, dict[str, str]] = field(default_factory=dict)  # role -> extra env (e.g. its secrets)
     openai: bool = False  # also start `serve openai` in front of the router
     openai_port: int = 0  # its HTTP port (0: any free port)
     openai_args: list[str] = field(default_factory=list)  # e.g. ["--api-key", "KEY"]
+    security: ClusterSecurity | None = None  # mutual TLS + API key + KV token + Redis password everywhere
     processes: list[ServerProcess] = field(default_factory=list)
     redis: EmbeddedRedis | None = None
 
@@ -67,7 +73,7 @@ class LocalCluster:
         """Start everything; returns when the router's health check says SERVING."""
         try:
             if not self.redis_url:
-                self.redis = EmbeddedRedis().start()
+                self.redis = EmbeddedRedis(password=self.security.redis_password if self.security else None).start()
                 self.redis_url = self.redis.url
             roles = ["prefill"] * self.prefill + ["decode"] * self.decode + ["worker"] * self.colocated
             workers = [self._spawn(role, i, 0) for i, role in enumerate(roles)]
@@ -88,10 +94,11 @@ class LocalCluster:
         """Start `pdserve serve ROLE`; `args` replace the cluster's extra_args (engine flags)."""
         log_path = self.log_dir / f"{role}-{index}.log"
         cmd = [sys.executable, "-m", "services.cli", "serve", role, "--model", self.model_dir,
-               "--port", str(port), "--redis-url", self.redis_url, "--redis-prefix", self.prefix,
+               "--port", str(port), *self._redis_url_arg(), "--redis-prefix", self.prefix,
                "--worker-id", f"{role}-{index}", "--threads", str(self.threads_per_worker),
-               "--metrics-port", "0", *(self.extra_args if args is None else args)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+               "--metrics-port", "0", *(self.security.args() if self.security else []),
+               *(self.extra_args if args is None else args)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, **self._secret_env(role)}
         with log_path.open("wb") as log:
             process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        env=env, cwd=Path(__file__).resolve().parent.parent)
@@ -117,8 +124,28 @@ class LocalCluster:
             time.sleep(0.05)
         raise TimeoutError(f"{proc.role} not ready in {timeout_s}s; log: {proc.log_path}")
 
+    def _redis_url_arg(self) -> list[str]:
+        return [] if url_has_secret(self.redis_url) else ["--redis-url", self.redis_url]
+
+    def _secret_env(self, role: str) -> dict[str, str]:
+        """Secrets go to the children by environment, not on their (world-readable) command lines."""
+        env = {"PDSERVE_REDIS_URL": self.redis_url} if url_has_secret(self.redis_url) else {}
+        return {**env, **(self.security.env(role) if self.security else {}), **self.role_env.get(role, {})}
+
+    def client_security(self, with_api_key: bool = True) -> ClientSecurity:
+        """How a client dials this cluster's servers (plaintext unless `security` is set)."""
+        return self.security.client(with_api_key) if self.security else PLAINTEXT
+
+    def channel(self, address: str, with_api_key: bool = True) -> grpc.Channel:
+        """A synchronous channel to one of the cluster's servers (TLS and API key when secured)."""
+        return self.client_security(with_api_key).channel(address, CHANNEL_OPTIONS)
+
+    def aio_channel(self, address: str, with_api_key: bool = True) -> grpc.aio.Channel:
+        """A grpc.aio channel to one of the cluster's servers (TLS and API key when secured)."""
+        return self.client_security(with_api_key).aio_channel(address, CHANNEL_OPTIONS)
+
     def _wait_serving(self, address: str, timeout_s: float) -> None:
-        with grpc.insecure_channel(address) as channel:
+        with self.channel(address, with_api_key=False) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s,
                                   wait_for_ready=True)
@@ -140,6 +167,24 @@ class LocalCluster:
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
+
+    def add_server(self, role: str, timeout_s: float = 120.0) -> ServerProcess:
+        """Start one more server of `role` (prefill, decode, worker or router) and wait until it
+        is ready; workers register themselves, a router serves at once."""
+        index = sum(1 for _ in self.log_dir.glob("*.log"))  # unique: every server wrote one
+        proc = self._spawn(role, index, free_port() if role == "router" else 0)
+        self._wait_ready(proc, timeout_s)
+        return proc
+
+    def kill(self, proc: ServerProcess) -> None:
+        """SIGKILL one server (by its pid), as a crash would, and forget it."""
+        proc.process.kill()
+        proc.process.wait()
+        self.processes.remove(proc)
+
+    def servers(self, role: str) -> list[ServerProcess]:
+        """The running servers of `role` that are ready (announced their address)."""
+        return [p for p in self.processes if p.role == role and p.address]
 
     def __enter__(self) -> LocalCluster:
         return self.start()

@@ -9,15 +9,23 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health
 
 from services.grpc_common.health import add_health_and_reflection
+from services.grpc_common.malformed import MalformedRequestInterceptor
+from services.grpc_common.tls import TlsConfig
 from services.lifecycle import Lifecycle, ShutdownSignals
 from services.router.worker_clients import CHANNEL_OPTIONS
+
+# Clients ping every 10 s to find dead peers (CHANNEL_OPTIONS); the server must accept those
+# pings during a long call that sends no data (a slow prefill) instead of closing the connection
+# for "too many pings" (gRPC's default allows one per 5 min).
+SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                  ("grpc.http2.max_ping_strikes", 0)]
 
 logger = logging.getLogger("pdserve")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
@@ -55,12 +63,19 @@ async def start_grpc_server(register: Callable[[grpc.aio.Server], None], service
 
 
 async def start_server_with_health(register: Callable[[grpc.aio.Server], None], service_names: list[str],
-                                   host: str, port: int) -> RunningServer:
-    """As start_grpc_server, keeping the health servicer (for the graceful stop)."""
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+                                   host: str, port: int, tls: TlsConfig | None = None,
+                                   interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> RunningServer:
+    """As start_grpc_server, keeping the health servicer (for the graceful stop). tls: listen
+    with TLS (mutual when it has a CA) instead of plaintext; interceptors: e.g. the API-key check."""
+    # Last in the chain: undecodable bytes get INVALID_ARGUMENT, after e.g. the API-key check.
+    server = grpc.aio.server(options=SERVER_OPTIONS,
+                             interceptors=[*interceptors, MalformedRequestInterceptor()])
     register(server)
     health_servicer = await add_health_and_reflection(server, service_names)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", tls.server_credentials())
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     await server.start()

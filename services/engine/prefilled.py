@@ -42,12 +42,22 @@ def finish_reason_after(engine: LLMEngine, prompt_token_ids: Seq[int], params: S
     """The finish reason ("stop" | "length") a sample of a request with `params` has once it has
     produced `generated`, or None when it goes on. Reads only the engine's tokenizer and EOS
     ids, so any thread may call it."""
+    return outcome_after(engine, prompt_token_ids, params, generated)[0]
+
+
+def outcome_after(engine: LLMEngine, prompt_token_ids: Seq[int], params: SamplingParams,
+                  generated: Seq[int]) -> tuple[str | None, str]:
+    """(finish reason or None, the text released) of a sample of a request with `params` once it
+    has produced `generated`: the text a stream of that sample has sent through its last token
+    (text that may still start a stop string, or an incomplete character, is held back)."""
     checker = make_stop_checker(engine.tokenizer, list(prompt_token_ids), params, engine.eos_token_ids)
+    text = []
     for token in generated:
-        reason = checker.append(int(token)).finish_reason
-        if reason is not None:
-            return reason
-    return None
+        check = checker.append(int(token))
+        text.append(check.text_delta)
+        if check.finish_reason is not None:
+            return check.finish_reason, "".join(text)
+    return None, "".join(text)
 
 
 def check_progress(prompt_len: int, params: SamplingParams, generated: Seq[Seq[int]],

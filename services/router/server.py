@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import argparse
 
-import redis.asyncio as aioredis
-
 from models.config import ModelConfig
 from models.tokenizer import Tokenizer
 from protos.pdserve.v1 import router_pb2, router_pb2_grpc
+from services.grpc_common.channels import ClientSecurity
 from services.grpc_common.health import service_names_of
+from services.grpc_common.tls import TlsConfig
 from services.lifecycle import Lifecycle, ShutdownSignals
+from services.router.admission import AdmissionControl, AdmissionLimits
 from services.router.dispatch import Dispatcher
+from services.router.failover import RetryPolicy
 from services.router.servicer import RouterServicer
 from services.router.worker_clients import WorkerClients
+from services.security_flags import router_interceptors
 from services.server_runtime import advertised_host, drain_and_stop, logger, start_server_with_health
+from services.state.redis_connect import check_redis, open_redis, redact_url
+from services.state.redis_retry import RedisWait
 from services.state.registry import WorkerRegistry
 from services.state.request_store import RequestStore
 from services.telemetry.metrics import RouterMetrics
@@ -27,19 +32,25 @@ async def serve_router(ns: argparse.Namespace) -> None:
     signals = ShutdownSignals()
     tokenizer = Tokenizer.from_dir(ns.model)
     model_config = ModelConfig.from_dir(ns.model)
-    redis = aioredis.from_url(ns.redis_url)
-    await redis.ping()
-    clients = WorkerClients()
-    dispatcher = Dispatcher(WorkerRegistry(redis, prefix=ns.redis_prefix), RequestStore(redis, prefix=ns.redis_prefix),
-                            clients, lease_ms=ns.lease_ms)
+    tls = TlsConfig.for_server(ns)
+    redis = open_redis(ns.redis_url, ns.redis_ca)
+    await check_redis(redis, ns.redis_url)
+    clients = WorkerClients(ClientSecurity(tls))  # its certificate is the client certificate
+    redis_wait = RedisWait(redact_url(ns.redis_url), ns.redis_wait_s)  # Redis away: wait, then UNAVAILABLE
+    dispatcher = Dispatcher(WorkerRegistry(redis, prefix=ns.redis_prefix, wait=redis_wait),
+                            RequestStore(redis, prefix=ns.redis_prefix, wait=redis_wait),
+                            clients, lease_ms=ns.lease_ms,
+                            policy=RetryPolicy(max_attempts=ns.max_attempts,
+                                               stream_idle_timeout_s=ns.stream_idle_timeout_s))
     max_model_len = min(ns.max_model_len or model_config.max_position_embeddings,
                         model_config.max_position_embeddings)
     lifecycle = Lifecycle()
     servicer = RouterServicer(tokenizer, model_config, ns.model_name or ns.model, dispatcher,
-                              max_model_len, ns.block_size, RouterMetrics(telemetry.registry), lifecycle)
+                              max_model_len, ns.block_size, RouterMetrics(telemetry.registry), lifecycle,
+                              AdmissionControl(AdmissionLimits(ns.max_inflight_requests, ns.overload_retry_after_ms)))
     running = await start_server_with_health(
         lambda s: router_pb2_grpc.add_RouterServicer_to_server(servicer, s),
-        service_names_of(router_pb2), ns.host, ns.port)
+        service_names_of(router_pb2), ns.host, ns.port, tls=tls, interceptors=router_interceptors(ns))
     telemetry.serve_metrics(ns)
     logger.info("router listening on %s:%d", ns.host, running.port)
     print(f"READY router {advertised_host(ns)}:{running.port}", flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import uuid
 
 import grpc
@@ -12,15 +13,19 @@ from models.sampling_params import MAX_LOGPROBS, MAX_N
 from models.tokenizer import Tokenizer
 from protos.pdserve.v1 import router_pb2, router_pb2_grpc
 from services.grpc_common.convert import sampling_params_from_proto, with_resolved_seed
-from services.grpc_common.errors import AlreadyExistsError, InvalidRequestError, PromptTooLongError
+from services.grpc_common.errors import (AlreadyExistsError, InvalidRequestError, NotFoundError,
+                                         PromptTooLongError)
 from services.grpc_common.status import map_errors
 from services.lifecycle import Lifecycle
-from services.router.dispatch import Dispatcher
+from services.router.admission import AdmissionControl
+from services.router.dispatch import Dispatcher, params_record
 from services.router.request_telemetry import RequestTelemetry
 from services.router.responses import SampleProgressState, StreamState
+from services.router.resume import params_from_record, resumed_state
 from services.telemetry.metrics import RouterMetrics
 
 MAX_PROMPT_CHARS = 1_000_000
+MAX_REQUEST_ID_CHARS = 200
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -28,7 +33,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     def __init__(self, tokenizer: Tokenizer, model_config: ModelConfig, model_name: str,
                  dispatcher: Dispatcher, max_model_len: int, block_size: int,
-                 metrics: RouterMetrics | None = None, lifecycle: Lifecycle | None = None):
+                 metrics: RouterMetrics | None = None, lifecycle: Lifecycle | None = None,
+                 admission: AdmissionControl | None = None):
         self.tokenizer = tokenizer
         self.model_config = model_config
         self.model_name = model_name
@@ -37,26 +43,33 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.block_size = block_size
         self.metrics = metrics
         self.lifecycle = lifecycle or Lifecycle()
+        self.admission = admission or AdmissionControl()  # bounded calls in flight: RESOURCE_EXHAUSTED beyond
         self.active: dict[str, StreamState] = {}
 
     def _prompt_ids(self, request: router_pb2.GenerateRequest) -> list[int]:
+        """The request's prompt as token ids, after checking every token id it names (prompt
+        and stop_token_ids) against the vocabulary."""
         kind = request.WhichOneof("input")
         if kind == "prompt":
-            if len(request.prompt) > MAX_PROMPT_CHARS:
-                raise PromptTooLongError(f"prompt has {len(request.prompt)} characters; "
-                                         f"the limit is {MAX_PROMPT_CHARS}")
+            if not request.prompt:  # else the tokenizer's BOS alone would make it a prompt
+                raise InvalidRequestError("the prompt is empty")
+            _check_text_length("prompt", request.prompt)
             ids = self.tokenizer.encode(request.prompt)
         elif kind == "prompt_token_ids":
             ids = list(request.prompt_token_ids.ids)
-            bad = [t for t in ids if t >= self.model_config.vocab_size]
-            if bad:
-                raise InvalidRequestError(f"prompt_token_ids holds {bad[0]}, outside the vocabulary "
-                                          f"(size {self.model_config.vocab_size})")
+            self._check_in_vocab("prompt_token_ids", ids)
         else:
             raise InvalidRequestError("set either prompt or prompt_token_ids")
         if not ids:
             raise InvalidRequestError("the prompt is empty")
+        self._check_in_vocab("sampling.stop_token_ids", request.sampling.stop_token_ids)
         return ids
+
+    def _check_in_vocab(self, field: str, ids) -> None:
+        vocab_size = self.model_config.vocab_size
+        bad = next((t for t in ids if t >= vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(f"{field} holds {bad}, outside the vocabulary (size {vocab_size})")
 
     @map_errors
     async def Generate(self, request: router_pb2.GenerateRequest, context):
@@ -66,7 +79,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         error: BaseException | None = None
         try:
             # aclosing: a client leaving early closes the inner stream now (its cleanup aborts).
-            with self.lifecycle.track():
+            with self.admission.admit(), self.lifecycle.track():
                 async with contextlib.aclosing(self._generate(request, telemetry)) as responses:
                     async for response in responses:
                         telemetry.observe(response)
@@ -78,6 +91,29 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             telemetry.end(error)
 
     async def _generate(self, request: router_pb2.GenerateRequest, telemetry: RequestTelemetry):
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS:  # room for the workers' attempt suffixes
+            raise InvalidRequestError(f"request_id has {len(request.request_id)} characters; "
+                                      f"the limit is {MAX_REQUEST_ID_CHARS}")
+        if request.resume:
+            state, prompt_ids, params, record, replay = await self._resumed(request)
+        else:
+            state, prompt_ids, params = await self._created(request)
+            record, replay = None, []
+        request_id = state.request_id
+        self.active[request_id] = state
+        carrier = telemetry.begin(request_id, len(prompt_ids), params)
+        try:
+            for response in replay:
+                yield response
+            if not state.finished:
+                async with contextlib.aclosing(self.dispatcher.run(state, prompt_ids, params, carrier, record)) as rs:
+                    async for response in rs:
+                        yield response
+        finally:
+            self.active.pop(request_id, None)
+
+    async def _created(self, request: router_pb2.GenerateRequest):
+        """Validate a new request and record it in Redis: (state, prompt ids, params)."""
         prompt_ids = self._prompt_ids(request)
         params = with_resolved_seed(sampling_params_from_proto(request.sampling if request.HasField("sampling") else None))
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
@@ -85,16 +121,30 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                                      f"exceeds the model's context of {self.max_model_len} tokens")
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self.active or not await self.dispatcher.store.create(
-                request_id, prompt_ids, {"n": params.n, "max_tokens": params.max_tokens}, params.seed):
-            raise AlreadyExistsError(f"request_id {request_id!r} is already in use")
-        state = StreamState(request_id, len(prompt_ids), [SampleProgressState() for _ in range(params.n)])
-        self.active[request_id] = state
-        carrier = telemetry.begin(request_id, len(prompt_ids), params)
-        try:
-            async for response in self.dispatcher.run(state, prompt_ids, params, carrier):
-                yield response
-        finally:
-            self.active.pop(request_id, None)
+                request_id, prompt_ids, params_record(params), params.seed):
+            raise AlreadyExistsError(f"request_id {request_id!r} is already in use (resume it with resume=true)")
+        return StreamState(request_id, len(prompt_ids), [SampleProgressState() for _ in range(params.n)]), \
+            prompt_ids, params
+
+    async def _resumed(self, request: router_pb2.GenerateRequest):
+        """A reconnecting client's request from its Redis record: (state, prompt ids, params,
+        the record as rewritten, responses to send before the continuation)."""
+        request_id = request.request_id
+        if not request_id:
+            raise InvalidRequestError("resume needs the request_id of the request to resume")
+        if request_id in self.active:
+            raise AlreadyExistsError(f"request_id {request_id!r} is still streaming on this router")
+        record = await self.dispatcher.store.get(request_id)
+        if record is None:
+            raise NotFoundError(f"no record of request_id {request_id!r} (never started, or expired)")
+        params = params_from_record(record)
+        state, replay = resumed_state(record, params, list(request.received_tokens), self.tokenizer)
+        # From here on the record holds what the client and this router agree on.
+        record = dataclasses.replace(record, sent_tokens=[list(s.token_ids) for s in state.samples],
+                                     finished=[s.finish_reason for s in state.samples])
+        store = self.dispatcher.store
+        await store.wait.call(lambda: store.rewrite(record))  # Redis away: wait, then UNAVAILABLE
+        return state, record.prompt_token_ids, params, record, replay
 
     @map_errors
     async def Abort(self, request: router_pb2.AbortRequest, context) -> router_pb2.AbortResponse:
@@ -108,6 +158,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     @map_errors
     async def Tokenize(self, request: router_pb2.TokenizeRequest, context) -> router_pb2.TokenizeResponse:
         """Token ids of a text with this model's tokenizer."""
+        _check_text_length("text", request.text)
         ids = self.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
         return router_pb2.TokenizeResponse(ids=ids, count=len(ids))
 
@@ -123,3 +174,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if self.tokenizer.bos_token_id is not None:
             info.bos_token_id = self.tokenizer.bos_token_id
         return info
+
+
+def _check_text_length(field: str, text: str) -> None:
+    """OUT_OF_RANGE for a text longer than MAX_PROMPT_CHARS (tokenizing it would hold the loop)."""
+    if len(text) > MAX_PROMPT_CHARS:
+        raise PromptTooLongError(f"{field} has {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from protos.pdserve.v1 import (colocated_pb2_grpc, decode_pb2_grpc, prefill_pb2_grpc, worker_pb2,
                                worker_pb2_grpc)
+from services.grpc_common.channels import PLAINTEXT, ClientSecurity
 
 MAX_MESSAGE_BYTES = 64 * 2**20
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -14,15 +17,18 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 
 
 class WorkerClients:
-    """Stubs for every worker service at an address; channels are opened once and kept."""
+    """Stubs for every worker service at an address; channels are opened once and kept.
+    security: how to dial the workers (TLS / mutual TLS; plaintext by default)."""
 
-    def __init__(self) -> None:
+    def __init__(self, security: ClientSecurity = PLAINTEXT) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self.security = security
+        self._background: set[asyncio.Future] = set()  # aborts in flight (the loop holds tasks weakly)
 
     def channel(self, address: str) -> grpc.aio.Channel:
         """The (lazily opened) channel to `address`."""
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = self.security.aio_channel(address, CHANNEL_OPTIONS)
         return self._channels[address]
 
     def prefill(self, address: str) -> prefill_pb2_grpc.PrefillWorkerStub:
@@ -48,6 +54,20 @@ class WorkerClients:
                                                timeout=timeout)
         except grpc.aio.AioRpcError:
             pass
+
+    async def abort_all(self, targets: list[tuple[str, str]]) -> None:
+        """Abort request ids on workers, as (address, request id) pairs, in tasks of their own:
+        a cleanup that runs while its caller is being cancelled still reaches the workers."""
+        tasks = [asyncio.ensure_future(self.abort(address, request_id)) for address, request_id in targets]
+        self._background.update(tasks)
+        for task in tasks:
+            task.add_done_callback(self._background.discard)
+        if tasks:
+            await asyncio.shield(asyncio.gather(*tasks))
+
+    async def probe(self, address: str, timeout: float) -> None:
+        """Raise grpc.aio.AioRpcError unless the worker at `address` answers within `timeout`."""
+        await self.control(address).GetLoad(worker_pb2.GetLoadRequest(), timeout=timeout)
 
     async def close(self) -> None:
         """Close every channel."""

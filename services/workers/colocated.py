@@ -10,6 +10,8 @@ from services.grpc_common.convert import sampling_params_from_engine_proto
 from services.grpc_common.status import map_errors
 from services.telemetry import spans
 from services.workers.convert import request_output_to_proto
+from services.workers.queue_bound import QueueBound
+from services.workers.request_checks import RequestIds
 from services.workers.request_trace import WorkerRequestTrace
 from services.workers.runtime import WorkerContext
 
@@ -17,21 +19,31 @@ from services.workers.runtime import WorkerContext
 class ColocatedServicer(colocated_pb2_grpc.ColocatedWorkerServicer):
     """pdserve.v1.ColocatedWorker: Generate streams a request's outputs from this engine."""
 
-    def __init__(self, ctx: WorkerContext):
+    def __init__(self, ctx: WorkerContext, queue: QueueBound | None = None):
         self.ctx = ctx
+        self.queue = queue or QueueBound(what="worker's waiting queue")
+        self.running = RequestIds()  # a second Generate of a running id: ALREADY_EXISTS
 
     @map_errors
     async def Generate(self, request, context):
-        """Run the request here and stream its outputs; leaving early aborts it."""
+        """Run the request here and stream its outputs; leaving early aborts it. With samples, continue
+        them from their generated tokens (their text is restated in their first output)."""
         self.ctx.lifecycle.check_accepting("Generate")
+        self.queue.check(self.ctx.async_engine.stats().num_waiting_requests)
         trace = WorkerRequestTrace(spans.WORKER_GENERATE, request.request_id, request.trace_context, context,
                                    self.ctx.metrics, "worker", self.ctx.worker_id, forward=True,
                                    count_finished=True)
         error: BaseException | None = None
         try:
             params = sampling_params_from_engine_proto(request.sampling)
-            stream = self.ctx.async_engine.generate(request.request_id, list(request.prompt_token_ids), params)
-            with self.ctx.lifecycle.track():
+            prompt = list(request.prompt_token_ids)
+            if request.samples:  # a continuation (a retry elsewhere): recompute prompt + tokens here
+                stream = self.ctx.async_engine.generate_prefilled(
+                    request.request_id, prompt, params, [list(s.generated_token_ids) for s in request.samples],
+                    [s.index for s in request.samples])
+            else:
+                stream = self.ctx.async_engine.generate(request.request_id, prompt, params)
+            with self.ctx.lifecycle.track(), self.running.hold(request.request_id):
                 async with contextlib.aclosing(stream) as outputs:
                     async for output in outputs:
                         trace.on_output(output)
@@ -45,6 +57,6 @@ class ColocatedServicer(colocated_pb2_grpc.ColocatedWorkerServicer):
 
 async def setup(ctx: WorkerContext, ns=None):
     """The server registration function and service names for serve_worker."""
-    servicer = ColocatedServicer(ctx)
+    servicer = ColocatedServicer(ctx, QueueBound.from_flags(ns, "worker's waiting queue"))
     names = [colocated_pb2.DESCRIPTOR.services_by_name["ColocatedWorker"].full_name]
     return (lambda server: colocated_pb2_grpc.add_ColocatedWorkerServicer_to_server(servicer, server)), names

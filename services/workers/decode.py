@@ -16,12 +16,15 @@ from opentelemetry.trace import SpanKind
 from kvtransfer import ReceivedTransfer, TCPKVReceiver
 from protos.pdserve.v1 import decode_pb2, decode_pb2_grpc
 from services.grpc_common.convert import sampling_params_from_engine_proto
-from services.grpc_common.errors import NotFoundError, UnavailableError
+from services.grpc_common.errors import InvalidRequestError, NotFoundError, UnavailableError
 from services.grpc_common.status import map_errors
+from services.security_flags import kv_receiver_options
 from services.server_runtime import advertised_host
 from services.telemetry import spans, tracing
 from services.telemetry.metrics import WorkerMetrics
 from services.workers.convert import request_output_to_proto
+from services.workers.queue_bound import QueueBound
+from services.workers.request_checks import RequestIds, check_decode, check_reserve
 from services.workers.request_trace import WorkerRequestTrace
 from services.workers.runtime import WorkerContext
 
@@ -38,15 +41,18 @@ class Reservation:
     request_id: str
     expires_at: float
     arrived: asyncio.Future
+    prompt_tokens: int = 0
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
     """pdserve.v1.DecodeWorker."""
 
-    def __init__(self, ctx: WorkerContext, receiver: TCPKVReceiver):
+    def __init__(self, ctx: WorkerContext, receiver: TCPKVReceiver, queue: QueueBound | None = None):
         self.ctx = ctx
         self.receiver = receiver
         self.reservations: dict[str, Reservation] = {}
+        self.decoding = RequestIds()  # Decode calls in progress (a second one: ALREADY_EXISTS)
+        self.queue = queue or QueueBound(what="decode queue")  # reservations + requests waiting for a slot
 
     @map_errors
     async def Reserve(self, request, context):
@@ -54,8 +60,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
         self.ctx.lifecycle.check_accepting("Reserve")
         span = spans.start(spans.DECODE_RESERVE, tracing.parent_from(None, context), SpanKind.SERVER)
         try:
-            response = await self._reserve(request)
+            with self.queue.hold(len(self.reservations) + self.ctx.async_engine.stats().num_waiting_requests):
+                response = await self._reserve(request)
         except BaseException as exc:
+            self.queue.add_hint(exc)  # KV blocks short (the engine's OverloadedError): our retry hint
             spans.end_with_error(span, exc)
             raise
         if span.is_recording():
@@ -66,8 +74,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
         return response
 
     async def _reserve(self, request) -> decode_pb2.ReserveResponse:
-        if request.prompt_tokens == 0:
-            raise ValueError("prompt_tokens must be > 0")
+        check_reserve(request, self.ctx.engine)
         lease_s = (request.lease_ms or 30_000) / 1000
         reservation_id = f"{request.request_id}/{uuid.uuid4().hex[:12]}"
         expires_at = time.monotonic() + lease_s
@@ -79,7 +86,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
         def on_complete(rid: str, error: Exception | None) -> None:  # a receiver thread
             loop.call_soon_threadsafe(_resolve, arrived, error)
 
-        self.reservations[reservation_id] = Reservation(request.request_id, expires_at, arrived)
+        self.reservations[reservation_id] = Reservation(request.request_id, expires_at, arrived,
+                                                        request.prompt_tokens)
         self.receiver.expect(reservation_id, list(block_ids), request.prompt_tokens, on_complete)
         return decode_pb2.ReserveResponse(
             reservation_id=reservation_id, kv_endpoint=self.ctx.kv_endpoint, block_ids=block_ids,
@@ -111,23 +119,46 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
             trace.end(error, {spans.GEN_AI_USAGE_COMPLETION_TOKENS: generated_tokens})
 
     async def _decode(self, request, trace: WorkerRequestTrace):
-        params = sampling_params_from_engine_proto(request.sampling)
         reservation_id = request.reservation_id or None
-        if reservation_id is not None:
-            waited_from = spans.now_ns()
-            await self._wait_for_kv(reservation_id)
-            spans.record(spans.KV_WAIT, trace.span, waited_from, spans.now_ns(),
-                         {spans.PDSERVE_RESERVATION_ID: reservation_id})
-        generated = [list(s.generated_token_ids) for s in request.samples]
-        indices = [s.index for s in request.samples]
-        trace.submitted()
-        stream = self.ctx.async_engine.generate_prefilled(
-            request.request_id, list(request.prompt_token_ids), params, generated, indices,
-            reservation_id, request.cached_tokens)
-        async with contextlib.aclosing(stream) as outputs:
-            async for output in outputs:
-                trace.on_output(output)
-                yield request_output_to_proto(output)
+        # Held from before the KV wait (no await in between): a second Decode of a request
+        # already here is refused at once and leaves the first one's reservation alone.
+        with self.decoding.hold(request.request_id):
+            params = await self._checked(request, reservation_id)
+            if reservation_id is not None:
+                waited_from = spans.now_ns()
+                await self._wait_for_kv(reservation_id)
+                spans.record(spans.KV_WAIT, trace.span, waited_from, spans.now_ns(),
+                             {spans.PDSERVE_RESERVATION_ID: reservation_id})
+            generated = [list(s.generated_token_ids) for s in request.samples]
+            indices = [s.index for s in request.samples]
+            trace.submitted()
+            stream = self.ctx.async_engine.generate_prefilled(
+                request.request_id, list(request.prompt_token_ids), params, generated, indices,
+                reservation_id, request.cached_tokens)
+            async with contextlib.aclosing(stream) as outputs:
+                async for output in outputs:
+                    trace.on_output(output)
+                    yield request_output_to_proto(output)
+
+    async def _checked(self, request, reservation_id: str | None):
+        """The request's params once it passes every check that needs no KV (so a malformed
+        Decode fails now, not after the KV wait). A refused Decode releases the reservation it
+        names, as the engine does: a Decode consumes its reservation whatever happens."""
+        reservation = self.reservations.get(reservation_id) if reservation_id is not None else None
+        if reservation_id is not None and reservation is None:
+            raise NotFoundError(f"reservation {reservation_id!r} is not open (expired or unknown)")
+        if reservation is not None and reservation.request_id != request.request_id:
+            raise InvalidRequestError(f"reservation {reservation_id!r} belongs to request "
+                                      f"{reservation.request_id!r}, not {request.request_id!r}")
+        try:
+            params = sampling_params_from_engine_proto(request.sampling)
+            check_decode(request, params, self.ctx.engine,
+                         reservation.prompt_tokens if reservation is not None else None)
+        except Exception:
+            if reservation_id is not None:
+                await self._drop(reservation_id)
+            raise
+        return params
 
     async def _wait_for_kv(self, reservation_id: str) -> None:
         reservation = self.reservations.get(reservation_id)
@@ -197,11 +228,12 @@ def _resolve(future: asyncio.Future, error: Exception | None) -> None:
 async def setup(ctx: WorkerContext, ns: argparse.Namespace):
     """Start the KV receiver and the lease sweeper; return (register, service names)."""
     receiver = TCPKVReceiver(ctx.engine.runner.kv_caches, host=ns.host, port=ns.kv_port,
-                             observer=lambda report: observe_received(ctx.metrics, report))
+                             observer=lambda report: observe_received(ctx.metrics, report),
+                             **kv_receiver_options(ns))  # TLS / mutual TLS, KV token
     receiver.start()
     host = advertised_host(ns)
     ctx.kv_endpoint = f"{host}:{receiver.endpoint.rsplit(':', 1)[1]}"
-    servicer = DecodeServicer(ctx, receiver)
+    servicer = DecodeServicer(ctx, receiver, QueueBound.from_flags(ns, "decode queue"))
     ctx.abort_hooks.append(servicer.abort_reservations)
     ctx.lifecycle.add_source(lambda: len(servicer.reservations))  # granted, Decode still to come
     sweeper = asyncio.create_task(servicer.expire_forever())

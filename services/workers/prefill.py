@@ -15,16 +15,20 @@ from protos.pdserve.v1 import prefill_pb2, prefill_pb2_grpc
 from services.engine.async_engine import AsyncEngine
 from services.engine.chunk_info import ChunkInfo
 from services.engine.outputs import RequestOutput
-from services.engine.prefilled import finish_reason_after, first_token_params
+from services.engine.prefilled import first_token_params, outcome_after
 from services.grpc_common.convert import sampling_params_from_engine_proto
 from services.grpc_common.status import map_errors
+from services.security_flags import kv_sender_options
 from services.telemetry import spans, tracing
 from services.workers.convert import request_output_to_proto
+from services.workers.queue_bound import QueueBound
+from services.workers.request_checks import RequestIds, check_prefill, transfer_error
 from services.workers.request_trace import WorkerRequestTrace
 from services.workers.runtime import WorkerContext
 
 logger = logging.getLogger("pdserve.prefill")
 TRANSFER_TIMEOUT_S = 60.0
+KV_CONNECT_TIMEOUT_S = 10.0  # connect + handshake with a decode server's KV receiver (--kv-connect-timeout-s)
 
 
 class LayerStreamer:
@@ -55,8 +59,12 @@ class LayerStreamer:
 class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
     """pdserve.v1.PrefillWorker."""
 
-    def __init__(self, ctx: WorkerContext, streamer: LayerStreamer, sender: TCPKVSender):
+    def __init__(self, ctx: WorkerContext, streamer: LayerStreamer, sender: TCPKVSender,
+                 queue: QueueBound | None = None, connect_timeout_s: float = KV_CONNECT_TIMEOUT_S):
         self.ctx = ctx
+        self.connect_timeout_s = connect_timeout_s
+        self.running = RequestIds()  # a second Prefill of a running id would replace its transfer
+        self.queue = queue or QueueBound(what="prefill queue")  # Prefill calls not yet answered
         self.streamer = streamer
         self.sender = sender
         self.background: set[asyncio.Task] = set()
@@ -69,7 +77,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
         trace = WorkerRequestTrace(spans.PREFILL, request.request_id, request.trace_context, context,
                                    self.ctx.metrics, "prefill", self.ctx.worker_id, forward=True)
         try:
-            with self.ctx.lifecycle.track():
+            with self.queue.hold(), self.ctx.lifecycle.track(), self.running.hold(request.request_id):
                 response = await self._prefill(request, trace)
         except BaseException as exc:
             trace.end(exc)
@@ -79,6 +87,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
 
     async def _prefill(self, request, trace: WorkerRequestTrace) -> prefill_pb2.PrefillResponse:
         params = sampling_params_from_engine_proto(request.sampling)
+        check_prefill(request, params, self.ctx.engine)  # before the handshake holds anything
         prompt = list(request.prompt_token_ids)
         transfer, kv_span = await self._open_transfer(request, len(prompt), trace)
         self.streamer.transfers[request.request_id] = transfer
@@ -98,10 +107,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
         task = asyncio.create_task(self._finish(request.request_id, transfer, kv_span))
         self.background.add(task)  # counted in flight by the lifecycle until the KV is in
         task.add_done_callback(self.background.discard)
-        for sample in merged.samples:  # the reason under the request's own params, not max_tokens=1
-            sample.finish_reason = finish_reason_after(self.ctx.engine, prompt, params, sample.token_ids)
-            if sample.finish_reason is None:
-                sample.text = ""  # the decode server sends this token's text with its first output
+        for sample in merged.samples:  # reason and text under the request's own params, not max_tokens=1
+            sample.finish_reason, sample.text = outcome_after(self.ctx.engine, prompt, params, sample.token_ids)
         return prefill_pb2.PrefillResponse(output=request_output_to_proto(merged))
 
     async def _open_transfer(self, request, num_tokens: int, trace: WorkerRequestTrace):
@@ -113,13 +120,26 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
             kv_span.set_attributes({spans.PDSERVE_KV_ENDPOINT: target.kv_endpoint,
                                     spans.PDSERVE_RESERVATION_ID: target.reservation_id})
         try:
-            transfer = await asyncio.to_thread(
-                self.sender.open, target.kv_endpoint, target.reservation_id, num_tokens,
-                list(target.block_ids), tracing.inject(kv_span), TRANSFER_TIMEOUT_S)
+            transfer = await self._handshake(target, num_tokens, tracing.inject(kv_span))
         except BaseException as exc:
             self._count_transfer(kv_span, None, exc)
-            raise
+            error = transfer_error(exc, target.kv_endpoint) if isinstance(exc, Exception) else exc
+            if error is exc:
+                raise
+            raise error from exc
         return transfer, kv_span
+
+    async def _handshake(self, target, num_tokens: int, carrier: dict[str, str]) -> KVTransfer:
+        """sender.open in a thread, bounded by connect_timeout_s. If the call is cancelled
+        meanwhile (client gone, deadline), a transfer that still opens is cancelled at once."""
+        opening = asyncio.ensure_future(asyncio.to_thread(
+            self.sender.open, target.kv_endpoint, target.reservation_id, num_tokens,
+            list(target.block_ids), carrier, self.connect_timeout_s))
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(_cancel_if_opened)
+            raise
 
     async def _finish(self, request_id: str, transfer: KVTransfer, kv_span) -> None:
         try:
@@ -149,6 +169,13 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
         return transfer is not None
 
 
+def _cancel_if_opened(opening: asyncio.Future) -> None:
+    """Done callback of an abandoned handshake: cancel the transfer it opened, if it did."""
+    if opening.cancelled() or opening.exception() is not None:
+        return
+    asyncio.get_running_loop().run_in_executor(None, opening.result().cancel)
+
+
 def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
     """Fold a later output of the same request into `a` (samples by index)."""
     by_index = {s.index: s for s in a.samples}
@@ -164,11 +191,16 @@ def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
 
 async def setup(ctx: WorkerContext, ns: argparse.Namespace):
     """Install the layer hook on the engine, and return (register, service names)."""
+    connect_timeout_s = getattr(ns, "kv_connect_timeout_s", KV_CONNECT_TIMEOUT_S)
+    if not connect_timeout_s > 0:
+        raise ValueError(f"--kv-connect-timeout-s must be > 0, got {connect_timeout_s}")
     kv_caches = ctx.engine.runner.kv_caches
     streamer = LayerStreamer(kv_caches)
     ctx.async_engine = AsyncEngine(ctx.engine, layer_hook=streamer)
     ctx.abort_hooks = [ctx.async_engine.abort]
-    servicer = PrefillServicer(ctx, streamer, TCPKVSender(KVLayout.from_kv_caches(kv_caches)))
+    servicer = PrefillServicer(ctx, streamer, TCPKVSender(KVLayout.from_kv_caches(kv_caches), **kv_sender_options(ns)),
+                               QueueBound.from_flags(ns, "prefill queue"),
+                               connect_timeout_s)
     ctx.abort_hooks.append(servicer.abort_transfer)
     ctx.lifecycle.add_source(lambda: len(servicer.background))  # transfers still finishing
     names = [prefill_pb2.DESCRIPTOR.services_by_name["PrefillWorker"].full_name]

@@ -16,8 +16,10 @@ from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from services.engine.async_engine import AsyncEngine
 from services.engine_setup import build_engine, engine_args_from
 from services.grpc_common.status import map_errors
+from services.grpc_common.tls import TlsConfig
 from services.lifecycle import Lifecycle, ShutdownSignals
 from services.server_runtime import advertised_host, drain_and_stop, logger, start_server_with_health
+from services.state.redis_connect import check_redis, open_redis
 from services.state.registry import WorkerInfo, WorkerRegistry
 from services.telemetry.engine_collector import EngineStatsCollector
 from services.telemetry.metrics import WorkerMetrics
@@ -90,6 +92,8 @@ async def serve_worker(ns: argparse.Namespace, ctx: WorkerContext,
                        register: Callable[[grpc.aio.Server], None], service_names: list[str]) -> None:
     """Start the engine and the gRPC server, register in Redis, serve until SIGTERM/SIGINT;
     then NOT_SERVING, deregister, drain in-flight requests (up to --drain-timeout-s) and stop."""
+    redis = open_redis(ns.redis_url, ns.redis_ca)
+    await check_redis(redis, ns.redis_url, require_reachable=False)  # wrong credentials: stop here
     signals = ShutdownSignals()
     ctx.async_engine.start()
     ctx.telemetry.registry.register(EngineStatsCollector(lambda: ctx.async_engine.stats()))
@@ -100,9 +104,8 @@ async def serve_worker(ns: argparse.Namespace, ctx: WorkerContext,
         register(server)
 
     names = service_names + [worker_pb2.DESCRIPTOR.services_by_name["WorkerControl"].full_name]
-    running = await start_server_with_health(register_all, names, ns.host, ns.port)
+    running = await start_server_with_health(register_all, names, ns.host, ns.port, tls=TlsConfig.for_server(ns))
     address = f"{advertised_host(ns)}:{running.port}"
-    redis = aioredis.from_url(ns.redis_url)
     registry = WorkerRegistry(redis, prefix=ns.redis_prefix, ttl_s=3 * ns.heartbeat_s)
     beat = asyncio.create_task(heartbeat_forever(registry, ctx, address, ns.heartbeat_s))
 

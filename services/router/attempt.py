@@ -1,0 +1,232 @@
+"""One attempt at serving a request on the registered workers: reserve KV on a decode server,
+prefill on a prefill server (which streams the KV there and returns the first token at once),
+then relay the decode server's stream. A request that already has tokens (a retry after a
+worker failed, a resume) continues on a decode server instead, which recomputes prompt + tokens.
+With colocated workers only, one worker does either."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from models.sampling_params import SamplingParams
+from protos.pdserve.v1 import colocated_pb2, decode_pb2, prefill_pb2, router_pb2, worker_pb2
+from services.grpc_common.convert import engine_sampling_params_to_proto
+from services.grpc_common.errors import OverloadedError, UnavailableError
+from services.grpc_common.retry_hint import retry_after_ms_of
+from services.lifecycle import is_draining_refusal
+from services.router.failover import SuspectWorkers, WorkerFailedError
+from services.router.responses import StreamState, responses_for
+from services.router.worker_choice import InFlight, choose_decode, choose_prefill
+from services.router.worker_clients import WorkerClients
+from services.state.registry import WorkerInfo, WorkerRegistry
+from services.telemetry import tracing
+
+
+@dataclass
+class Attempt:
+    """One try: the id the workers know the request by (unique per attempt, so aborting an old
+    attempt never touches a newer one), and the workers it reached, as (worker, address)."""
+
+    worker_request_id: str
+    workers: list[WorkerInfo] = field(default_factory=list)
+
+
+@dataclass
+class AttemptRunner:
+    """Runs attempts against the registry's workers, counting them in flight for load-aware choice."""
+
+    registry: WorkerRegistry
+    clients: WorkerClients
+    inflight: InFlight
+    suspects: SuspectWorkers
+    lease_ms: int
+    rpc_timeout_s: float
+    stream_idle_timeout_s: float
+
+    async def run(self, state: StreamState, attempt: Attempt, prompt_ids: list[int], params: SamplingParams,
+                  carrier: dict[str, str]) -> AsyncIterator[router_pb2.GenerateResponse]:
+        """Serve (or continue) the request once; raises on any failure, leaving `state` at what
+        the client was sent. The attempt's workers are aborted unless the request finished."""
+        try:
+            prefill, decode = await self._workers("prefill"), await self._workers("decode")
+            if prefill and decode:
+                stream = (self._continue(state, attempt, prompt_ids, params, decode, carrier) if state.started
+                          else self._disaggregated(state, attempt, prompt_ids, params, prefill, decode, carrier))
+            else:
+                colocated = await self._workers("worker")
+                if not colocated:
+                    raise UnavailableError("no workers registered: need prefill + decode servers or "
+                                           "colocated workers")
+                stream = self._colocated(state, attempt, prompt_ids, params, colocated, carrier)
+            async with contextlib.aclosing(stream) as responses:
+                async for response in responses:
+                    yield response
+        finally:
+            if not state.finished:
+                await self.clients.abort_all([(w.address, attempt.worker_request_id)
+                                              for w in {w.worker_id: w for w in attempt.workers}.values()])
+
+    async def _workers(self, role: str) -> list[WorkerInfo]:
+        """Registered workers of `role`, leaving out suspects unless that leaves none."""
+        workers = await self.registry.list(role)
+        healthy = [w for w in workers if not self.suspects.is_suspect(w.worker_id)]
+        return healthy or workers
+
+    async def _on_first_available(self, attempt: Attempt, workers: list[WorkerInfo], choose, prompt_tokens: int,
+                                  call: Callable[[WorkerInfo], Awaitable]) -> tuple[WorkerInfo, object]:
+        """await call(worker) on the worker `choose` picks, counting it in flight there. A worker
+        that refuses (shutting down, or RESOURCE_EXHAUSTED) is left out and the next pick tried;
+        when all refuse: OverloadedError if one was full, else UnavailableError. Returns
+        (worker, result); on success the in-flight count stays (the caller ends it)."""
+        refused: set[str] = set()
+        full = None
+        while True:
+            worker = choose([w for w in workers if w.worker_id not in refused], self.inflight)
+            self.inflight.add(worker.worker_id, prompt_tokens)
+            attempt.workers.append(worker)
+            try:
+                return worker, await call(worker)
+            except BaseException as exc:
+                self.inflight.done(worker.worker_id, prompt_tokens)
+                overloaded = (isinstance(exc, grpc.aio.AioRpcError)
+                              and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED)
+                if not (overloaded or is_draining_refusal(exc)):
+                    raise
+                full = exc if overloaded else full
+                refused.add(worker.worker_id)
+                if len(refused) == len(workers):
+                    if full is not None:
+                        raise OverloadedError(f"every {worker.role} server is full: {full.details()}",
+                                              retry_after_ms=retry_after_ms_of(full)) from exc
+                    raise UnavailableError(f"every {worker.role} server is shutting down") from exc
+
+    async def _relay(self, state: StreamState, stream, first=None) -> AsyncIterator[router_pb2.GenerateResponse]:
+        """Relay a worker's output stream (after `first`, an output already read) until every
+        sample finished; a stall, an early end or an abort the router did not ask for raises
+        WorkerFailedError (the request then goes on elsewhere)."""
+        output = first
+        while True:
+            if output is None:
+                try:
+                    output = await asyncio.wait_for(stream.read(), self.stream_idle_timeout_s)
+                except TimeoutError:
+                    stream.cancel()
+                    raise WorkerFailedError(f"the worker sent nothing for {self.stream_idle_timeout_s:g} s") from None
+            if output is grpc.aio.EOF:
+                if state.finished:
+                    return
+                raise WorkerFailedError("the worker ended the stream before the request finished")
+            if not state.abort_requested and any(s.finish_reason == "abort" for s in output.samples):
+                raise WorkerFailedError("the worker aborted the request on its own (shutting down?)")
+            for response in responses_for(state, output):
+                yield response
+            output = None
+
+    async def _disaggregated(self, state, attempt, prompt_ids, params, prefill_workers, decode_workers, carrier):
+        n_prompt = len(prompt_ids)
+        sampling = engine_sampling_params_to_proto(params)
+        metadata = tracing.grpc_metadata(carrier)
+        rid = attempt.worker_request_id
+
+        def reserve(worker: WorkerInfo):
+            return self.clients.decode(worker.address).Reserve(decode_pb2.ReserveRequest(
+                request_id=rid, prompt_tokens=n_prompt, max_tokens=params.max_tokens,
+                n=params.n, lease_ms=self.lease_ms), timeout=self.rpc_timeout_s, metadata=metadata)
+
+        decode_worker, reservation = await self._on_first_available(attempt, decode_workers, choose_decode, 0, reserve)
+        try:
+            target = prefill_pb2.KvTarget(kv_endpoint=reservation.kv_endpoint,
+                                          reservation_id=reservation.reservation_id,
+                                          block_ids=reservation.block_ids)
+            prefill_request = prefill_pb2.PrefillRequest(
+                request_id=rid, prompt_token_ids=prompt_ids, sampling=sampling,
+                kv_target=target, trace_context=carrier)
+
+            def prefill(worker: WorkerInfo):
+                return self.clients.prefill(worker.address).Prefill(
+                    prefill_request, timeout=self.rpc_timeout_s, metadata=metadata)
+
+            prefill_worker, response = await self._on_first_available(
+                attempt, prefill_workers, choose_prefill, n_prompt, prefill)
+            self.inflight.done(prefill_worker.worker_id, n_prompt)
+            responses = responses_for(state, response.output)
+            if state.finished:  # done at the first token: nobody will send Decode, free the lease now
+                try:
+                    for response in responses:
+                        yield response
+                finally:  # also when the client leaves during the yield
+                    await self.clients.abort_all([(decode_worker.address, rid)])
+                return
+            for response in responses:
+                yield response
+            stream = self.clients.decode(decode_worker.address).Decode(decode_pb2.DecodeRequest(
+                request_id=rid, reservation_id=reservation.reservation_id, prompt_token_ids=prompt_ids,
+                samples=_progress_of(state), sampling=sampling, cached_tokens=state.cached_tokens,
+                trace_context=carrier), metadata=metadata)
+            async with contextlib.aclosing(self._relay(state, stream)) as responses:
+                async for response in responses:
+                    yield response
+        finally:
+            self.inflight.done(decode_worker.worker_id, 0)
+
+    async def _continue(self, state, attempt, prompt_ids, params, decode_workers, carrier):
+        """Continue a started request on a decode server: no reservation, it recomputes the
+        prompt and the tokens sent so far (like a preempted request) and goes on."""
+        metadata = tracing.grpc_metadata(carrier)
+        request = decode_pb2.DecodeRequest(
+            request_id=attempt.worker_request_id, prompt_token_ids=prompt_ids, samples=_progress_of(state),
+            sampling=engine_sampling_params_to_proto(params), trace_context=carrier)
+        def open_call(worker: WorkerInfo):
+            return self.clients.decode(worker.address).Decode(request, metadata=metadata)
+
+        async with contextlib.aclosing(self._open_and_relay(state, attempt, decode_workers, len(prompt_ids),
+                                                            open_call)) as responses:
+            async for response in responses:
+                yield response
+
+    async def _colocated(self, state, attempt, prompt_ids, params, workers, carrier):
+        metadata = tracing.grpc_metadata(carrier)
+        request = colocated_pb2.WorkerGenerateRequest(
+            request_id=attempt.worker_request_id, prompt_token_ids=prompt_ids,
+            sampling=engine_sampling_params_to_proto(params), trace_context=carrier,
+            samples=_progress_of(state) if state.started else [])
+        def open_call(worker: WorkerInfo):
+            return self.clients.colocated(worker.address).Generate(request, metadata=metadata)
+
+        async with contextlib.aclosing(self._open_and_relay(state, attempt, workers, len(prompt_ids),
+                                                            open_call)) as responses:
+            async for response in responses:
+                yield response
+
+    async def _open_and_relay(self, state, attempt, workers, prompt_tokens, open_call):
+        """Open a worker stream on the first worker that takes it and relay it."""
+        async def open_stream(worker: WorkerInfo):
+            stream = open_call(worker)
+            # A refusal (draining, full) comes with the first read; so does a recompute's end.
+            first = await asyncio.wait_for(stream.read(), self.stream_idle_timeout_s)
+            return stream, first
+
+        worker, (stream, first) = await self._on_first_available(attempt, workers, choose_decode, prompt_tokens,
+                                                                 open_stream)
+        try:
+            async with contextlib.aclosing(self._relay(state, stream, first)) as responses:
+                async for response in responses:
+                    yield response
+        finally:
+            self.inflight.done(worker.worker_id, prompt_tokens)
+
+
+def _progress_of(state: StreamState) -> list[worker_pb2.SampleProgress]:
+    """The unfinished samples' tokens, for a worker that continues them; each will restate
+    its text from the first character, which the relay then skips."""
+    progress = []
+    for index, sample in enumerate(state.samples):
+        if sample.finish_reason is None:
+            sample.expect_restated_text()
+            progress.append(worker_pb2.SampleProgress(index=index, generated_token_ids=sample.token_ids))
+    return progress
