@@ -119,17 +119,16 @@ async def run_streams(cluster: LocalCluster, prompts: list[list[int]], max_token
 
 async def kill_round(cluster: LocalCluster, prompts: list[list[int]], max_tokens: int, reference: list[list[int]],
                      role: str, rng: random.Random, replace: bool = True) -> RoundReport:
-    """Stream every prompt at once and SIGKILL the busiest server of `role` mid-way: a decode
-    server once a random 10-50% of all tokens arrived, a prefill server once a random number of streams
-    (1 to a third) got their first token. Then (replace) start a new server of that role."""
-    watch = ProgressWatch()
+    """Stream every prompt at once and SIGKILL a server of `role` at a random point: once its
+    role's servers have finished a random number of requests (up to half of them for decode and
+    colocated servers, a third for prefill), the busiest of them while it holds requests. The
+    trigger reads the servers' own counters, so a slow client cannot make it miss the work.
+    Then (replace) start a new server of that role."""
     started = time.monotonic()
-    streams = asyncio.ensure_future(run_streams(cluster, prompts, max_tokens, watch))
-    if role in ("decode", "worker"):  # killed mid-decode
-        await watch.reached("tokens", int(rng.uniform(0.1, 0.5) * len(prompts) * max_tokens))
-    else:
-        await watch.reached("first_tokens", rng.randint(1, max(1, len(prompts) // 3)))
-    victim = await _busiest(cluster, role, rng)
+    baseline = sum(load.num_finished_requests for _, load in await _loads_of(cluster, role))
+    streams = asyncio.ensure_future(run_streams(cluster, prompts, max_tokens))
+    share = 3 if role == "prefill" else 2
+    victim = await _busy_server(cluster, role, baseline + rng.randrange(len(prompts) // share), rng)
     cluster.kill(victim)
     results = await streams
     seconds = time.monotonic() - started
@@ -143,17 +142,30 @@ async def kill_round(cluster: LocalCluster, prompts: list[list[int]], max_tokens
         errors=[r.error for r in results if r.error], seconds=seconds)
 
 
-async def _busiest(cluster: LocalCluster, role: str, rng: random.Random):
-    """The server of `role` with the most requests on it now (running, waiting or reserved), so
-    that a kill always hits work in flight; ties broken at random."""
-    servers = cluster.servers(role)
+async def _loads_of(cluster: LocalCluster, role: str) -> list[tuple]:
+    """(ServerProcess, GetLoad) of every ready server of `role`."""
     loads = []
-    for proc in servers:
-        async with cluster.aio_channel(proc.address) as channel:
-            load = await worker_pb2_grpc.WorkerControlStub(channel).GetLoad(worker_pb2.GetLoadRequest(), timeout=10)
-        loads.append(load.num_running_requests + load.num_waiting_requests + load.num_reservations)
-    busiest = max(loads)
-    return rng.choice([proc for proc, load in zip(servers, loads) if load == busiest])
+    for proc in cluster.servers(role):
+        async with cluster.aio_channel(proc.address, with_api_key=False) as channel:
+            stub = worker_pb2_grpc.WorkerControlStub(channel)
+            loads.append((proc, await stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=10)))
+    return loads
+
+
+async def _busy_server(cluster: LocalCluster, role: str, finished_at_least: int, rng: random.Random,
+                       timeout_s: float = 60.0):
+    """Poll the servers of `role` until they finished `finished_at_least` requests in all and one
+    of them holds requests (running, waiting or reserved); return the one holding the most (ties
+    at random). After timeout_s, the busiest whatever its load."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        loads = await _loads_of(cluster, role)
+        held = [(proc, l.num_running_requests + l.num_waiting_requests + l.num_reservations) for proc, l in loads]
+        finished = sum(l.num_finished_requests for _, l in loads)
+        most = max(h for _, h in held)
+        if (most > 0 and finished >= finished_at_least) or time.monotonic() > deadline:
+            return rng.choice([proc for proc, h in held if h == most])
+        await asyncio.sleep(0.005)  # the trigger's polling interval
 
 
 async def worker_loads(cluster: LocalCluster) -> dict[str, worker_pb2.WorkerLoad]:
