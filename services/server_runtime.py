@@ -89,6 +89,7 @@ async def drain_and_stop(running: RunningServer, lifecycle: Lifecycle, timeout_s
     new requests and wait up to timeout_s for those in flight (a second signal cuts it
     short), then stop the server. True when every request finished."""
     await running.health.enter_graceful_shutdown()
+    lifecycle.accepting = False  # from now on: a request arriving while we deregister is refused too
     if leave is not None:
         try:
             await leave()
