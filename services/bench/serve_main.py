@@ -37,7 +37,7 @@ def run(ns: argparse.Namespace) -> int:
     for error, count in result.errors.items():
         print(f"{count} request(s) failed: {error}", file=sys.stderr)
     if ns.save_result is not None:
-        figures = {"command": "pdserve bench " + shlex.join(sys.argv[2:] if len(sys.argv) > 2 else []),
+        figures = {"command": "pdserve bench " + shlex.join(_redacted(sys.argv[2:])),
                    **provenance(), "router": ns.router, "model": facts.model_name,
                    "dataset": {**vars(spec), **workload}, "settings": settings.as_dict(),
                    "metrics": result.metrics.as_dict(), "errors": result.errors}
@@ -46,3 +46,17 @@ def run(ns: argparse.Namespace) -> int:
         path = ns.save_result or f"bench-serve-{now_utc().replace(':', '')}.json"
         print(f"saved {write_json(path, figures)}")
     return 0 if result.metrics.failed == 0 else 1
+
+
+def _redacted(argv: list[str]) -> list[str]:
+    """argv with the values of secret flags (--api-key) replaced by '***', for saved results."""
+    out, hide = [], False
+    for arg in argv:
+        if hide:
+            out.append("***")
+        elif arg.startswith("--api-key="):
+            out.append("--api-key=***")
+        else:
+            out.append(arg)
+        hide = arg == "--api-key"
+    return out
