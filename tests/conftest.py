@@ -69,3 +69,27 @@ def hf_checkpoint(tmp_path_factory):
         return cache[name]
 
     return make
+
+
+def pytest_report_header(config):
+    from tests.secure_switch import SECURE_ENV, secure_requested
+
+    if secure_requested():
+        return f"pdserve: {SECURE_ENV}=1: clusters run with mTLS, an API key, a KV token and a Redis password"
+    return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def secure_clusters(tmp_path_factory):
+    """With PDSERVE_TEST_SECURE=1, every LocalCluster started without its own `security` runs
+    secured with this session's throwaway certificates and secrets (tests/secure_switch.py);
+    yields that ClusterSecurity, or None when the switch is off."""
+    from tests.secure_switch import default_security_to, secure_requested, throwaway_security
+
+    if not secure_requested():
+        yield None
+        return
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        security = throwaway_security(tmp_path_factory.mktemp("secure-suite-pki"))
+        default_security_to(monkeypatch, security)
+        yield security

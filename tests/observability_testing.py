@@ -13,6 +13,8 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from protos.pdserve.v1 import router_pb2, router_pb2_grpc
+from services.grpc_common.channels import PLAINTEXT, ClientSecurity
+from services.router.worker_clients import CHANNEL_OPTIONS
 
 
 @dataclass
@@ -50,10 +52,12 @@ async def generate(stub: router_pb2_grpc.RouterStub, request: router_pb2.Generat
     return out
 
 
-def generate_all(address: str, requests: list[router_pb2.GenerateRequest], metadata=None) -> list[Generated]:
-    """Run the requests concurrently through the router at address."""
+def generate_all(address: str, requests: list[router_pb2.GenerateRequest], metadata=None,
+                 security: ClientSecurity = PLAINTEXT) -> list[Generated]:
+    """Run the requests concurrently through the router at address (dialled with `security`:
+    a LocalCluster's client_security() when it is secured)."""
     async def run():
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with security.aio_channel(address, CHANNEL_OPTIONS) as channel:
             stub = router_pb2_grpc.RouterStub(channel)
             return await asyncio.gather(*(generate(stub, r, metadata) for r in requests))
 

@@ -21,6 +21,7 @@ from services.bench.serve_datasets import DatasetSpec, build_requests, sample_le
 from services.bench.serve_metrics import RequestRecord, compute_metrics, meets_slos, parse_slos, run_duration
 from services.bench.serve_sharegpt import DATA_FILE, format_csv, load_sharegpt_like, synthesize_sharegpt_like
 from services.cluster import LocalCluster
+from tests.secure_switch import client_env, client_flags
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,9 +116,9 @@ def test_bench_serve_command_streams_every_requested_token(cluster, tmp_path):
             "--random-input-len", "40", "--random-output-len", "12", "--random-range-ratio", "0.5",
             "--mixed-long-prompt-len", "300", "--mixed-long-fraction", "0.25", "--request-rate", "20",
             "--burstiness", "0.5", "--goodput", "ttft:60000", "tpot:60000", "--save-result", str(out),
-            "--save-detailed", "--seed", "5"]
+            "--save-detailed", "--seed", "5", *client_flags(cluster)]
     proc = subprocess.run([sys.executable, "-m", "services.cli", *argv], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=180)
+                          text=True, timeout=180, env=client_env(cluster))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for needle in ("Serving Benchmark Result", "Median TTFT (ms)", "P99 ITL (ms)", "Request goodput (req/s)",
                    "Output token throughput (tok/s)", "12/12 requests"):
@@ -125,7 +126,7 @@ def test_bench_serve_command_streams_every_requested_token(cluster, tmp_path):
     figures = json.loads(out.read_text())
     spec = DatasetSpec("mixed", 12, input_len=40, output_len=12, range_ratio=0.5, long_prompt_len=300,
                        long_fraction=0.25, seed=5)
-    facts = model_facts(cluster.router_address)
+    facts = model_facts(cluster.router_address, security=cluster.client_security())
     expected = build_requests(spec, facts.vocab_size, facts.max_model_len)
     rows = figures["requests"]
     assert [(r["prompt_len"], r["output_len"]) for r in rows] == [(e.prompt_len, e.output_len) for e in expected]
@@ -141,10 +142,11 @@ def test_bench_serve_command_streams_every_requested_token(cluster, tmp_path):
 
 
 def test_max_concurrency_caps_requests_in_flight(cluster):
-    facts = model_facts(cluster.router_address)
+    facts = model_facts(cluster.router_address, security=cluster.client_security())
     requests = build_requests(DatasetSpec("random", 10, input_len=20, output_len=16, seed=2),
                               facts.vocab_size, facts.max_model_len)
-    run = run_serve(cluster.router_address, requests, ServeSettings(max_concurrency=2, progress=False))
+    run = run_serve(cluster.router_address, requests, ServeSettings(max_concurrency=2, progress=False),
+                    security=cluster.client_security())
     assert run.metrics.completed == 10
     events = sorted([(r.send_time, 1) for r in run.records] + [(r.send_time + r.e2e, -1) for r in run.records],
                     key=lambda e: (e[0], e[1]))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 import pytest
 import torch
 
@@ -43,8 +42,8 @@ def _hf_greedy(model_dir, prompts, max_tokens):
     return out
 
 
-async def _generate_all(address, prompts, max_tokens):
-    async with grpc.aio.insecure_channel(address) as channel:
+async def _generate_all(cluster, prompts, max_tokens):
+    async with cluster.aio_channel(cluster.router_address) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
 
         async def one(prompt):
@@ -75,7 +74,7 @@ def _check_against_transformers(model_dir, prompts, results):
 def test_colocated_worker_through_router_matches_transformers(model_dir):
     prompts = _prompts(16)
     with LocalCluster(model_dir, prefill=0, decode=0, colocated=1) as cluster:
-        results = asyncio.run(_generate_all(cluster.router_address, prompts, MAX_TOKENS))
+        results = asyncio.run(_generate_all(cluster, prompts, MAX_TOKENS))
     _check_against_transformers(model_dir, prompts, results)
 
 
@@ -85,7 +84,7 @@ def _loads(cluster, role):
     loads = []
     for proc in cluster.processes:
         if proc.role == role:
-            with grpc.insecure_channel(proc.address) as channel:
+            with cluster.channel(proc.address, with_api_key=False) as channel:
                 loads.append(worker_pb2_grpc.WorkerControlStub(channel).GetLoad(worker_pb2.GetLoadRequest(), timeout=10))
     return loads
 
@@ -112,7 +111,7 @@ def disaggregated(model_dir):
 
 def test_64_concurrent_requests_through_2_prefill_2_decode_match_transformers(model_dir, disaggregated):
     prompts = _prompts(NUM_REQUESTS)
-    results = asyncio.run(_generate_all(disaggregated.router_address, prompts, MAX_TOKENS))
+    results = asyncio.run(_generate_all(disaggregated, prompts, MAX_TOKENS))
     _check_against_transformers(model_dir, prompts, results)
     served = [load.num_finished_requests for load in _loads(disaggregated, "decode")]
     assert sum(served) >= NUM_REQUESTS
@@ -122,7 +121,7 @@ def test_64_concurrent_requests_through_2_prefill_2_decode_match_transformers(mo
 
 def test_cancelling_a_stream_frees_blocks_on_both_sides(disaggregated):
     async def cancel_mid_stream():
-        async with grpc.aio.insecure_channel(disaggregated.router_address) as channel:
+        async with disaggregated.aio_channel(disaggregated.router_address) as channel:
             stub = router_pb2_grpc.RouterStub(channel)
             call = stub.Generate(router_pb2.GenerateRequest(
                 prompt="a long story " * 20,
@@ -143,7 +142,7 @@ def test_reservation_whose_kv_never_arrives_expires(disaggregated):
     from protos.pdserve.v1 import decode_pb2, decode_pb2_grpc
 
     decode = next(p for p in disaggregated.processes if p.role == "decode")
-    with grpc.insecure_channel(decode.address) as channel:
+    with disaggregated.channel(decode.address, with_api_key=False) as channel:
         reply = decode_pb2_grpc.DecodeWorkerStub(channel).Reserve(
             decode_pb2.ReserveRequest(request_id="never-sent", prompt_tokens=100, max_tokens=4, n=1,
                                       lease_ms=300), timeout=10)
@@ -160,10 +159,12 @@ def test_pdserve_generate_through_the_router(model_dir, disaggregated):
 
     from models.sampling_params import SamplingParams
     from services.llm import LLM
+    from tests.secure_switch import client_env, client_flags
 
     out = subprocess.run([sys.executable, "-m", "services.cli", "generate", "--router",
                           disaggregated.router_address, "Hello there", "--max-tokens", "10",
-                          "--seed", "3", "--ignore-eos", "--json"], capture_output=True, text=True, timeout=120)
+                          "--seed", "3", "--ignore-eos", "--json", *client_flags(disaggregated)],
+                         capture_output=True, text=True, timeout=120, env=client_env(disaggregated))
     assert out.returncode == 0, out.stderr
     [completion] = [json.loads(line) for line in out.stdout.splitlines()]
     [expected] = LLM(model_dir, threads=1).generate(
@@ -175,7 +176,7 @@ def test_pdserve_generate_through_the_router(model_dir, disaggregated):
 
 def test_request_finished_at_prefill_releases_its_decode_reservation(disaggregated):
     async def one_token():
-        async with grpc.aio.insecure_channel(disaggregated.router_address) as channel:
+        async with disaggregated.aio_channel(disaggregated.router_address) as channel:
             stub = router_pb2_grpc.RouterStub(channel)
             responses = [r async for r in stub.Generate(router_pb2.GenerateRequest(
                 prompt="hello", sampling=router_pb2.SamplingParams(max_tokens=1)))]

@@ -39,8 +39,8 @@ def _prompts(n: int) -> list[list[int]]:
             for _ in range(n)]
 
 
-async def _health(address: str) -> int:
-    async with grpc.aio.insecure_channel(address) as channel:
+async def _health(cluster: LocalCluster, address: str) -> int:
+    async with cluster.aio_channel(address, with_api_key=False) as channel:
         response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         return response.status
 
@@ -57,8 +57,8 @@ async def _until(condition, what: str, timeout_s: float = 60.0) -> None:
 async def _drain_scenario(cluster: LocalCluster, victim) -> tuple[list, list]:
     redis = aioredis.from_url(cluster.redis_url)
     registry = WorkerRegistry(redis, prefix=cluster.prefix, ttl_s=60)
-    async with grpc.aio.insecure_channel(cluster.router_address) as channel, \
-            grpc.aio.insecure_channel(victim.address) as victim_channel:
+    async with cluster.aio_channel(cluster.router_address) as channel, \
+            cluster.aio_channel(victim.address, with_api_key=False) as victim_channel:
         router = router_pb2_grpc.RouterStub(channel)
         progress = [0] * NUM_STREAMS
 
@@ -79,7 +79,7 @@ async def _drain_scenario(cluster: LocalCluster, victim) -> tuple[list, list]:
         victim.process.send_signal(signal.SIGTERM)
 
         async def not_serving():
-            return await _health(victim.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+            return await _health(cluster, victim.address) == health_pb2.HealthCheckResponse.NOT_SERVING
         await _until(not_serving, "the victim to report NOT_SERVING")
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await decode.Reserve(decode_pb2.ReserveRequest(request_id="late", prompt_tokens=4, max_tokens=4, n=1))

@@ -54,7 +54,7 @@ def test_one_request_is_one_trace_across_router_prefill_transfer_and_decode(trac
     cluster, sink = traced_cluster
     prompt = _prompt(20, seed=1)  # 2 KV blocks
     (result,) = generate_all(cluster.router_address, [request_for(
-        prompt, 6, "trace-1", temperature=0.5, top_p=0.75, seed=3)])
+        prompt, 6, "trace-1", temperature=0.5, top_p=0.75, seed=3)], security=cluster.client_security())
     assert result.error is None and len(result.token_ids) == 6
     names = {S.ROUTER_GENERATE, S.DECODE_RESERVE, S.PREFILL, S.QUEUE, S.PREFILL_FORWARD, S.KV_TRANSFER,
              S.KV_RECEIVE, S.DECODE, S.KV_WAIT}
@@ -94,7 +94,8 @@ def test_a_clients_traceparent_is_continued(traced_cluster):
     cluster, sink = traced_cluster
     trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     (result,) = generate_all(cluster.router_address, [request_for(_prompt(5, seed=2), 3, "client-traced")],
-                             metadata=(("traceparent", f"00-{trace_id}-{parent_id}-01"),))
+                             metadata=(("traceparent", f"00-{trace_id}-{parent_id}-01"),),
+                             security=cluster.client_security())
     assert result.error is None
     t = _trace_of(sink, "client-traced", {S.ROUTER_GENERATE, S.DECODE})
     root = t[S.ROUTER_GENERATE][0]
@@ -108,7 +109,8 @@ def test_metrics_of_every_server_count_the_traffic(traced_cluster):
     assert set(servers) == {"router", "prefill", "decode"} and all(servers.values())
     before = {role: scrape(address) for role, address in servers.items()}
     prompts = [_prompt(10 + 7 * i, seed=100 + i) for i in range(5)]  # 10..38 tokens: 1-3 blocks
-    results = generate_all(cluster.router_address, [request_for(p, 5) for p in prompts])
+    results = generate_all(cluster.router_address, [request_for(p, 5) for p in prompts],
+                           security=cluster.client_security())
     assert all(r.error is None and len(r.token_ids) == 5 for r in results)
     blocks = sum(-(-len(p) // BLOCK_SIZE) for p in prompts)
 
@@ -145,7 +147,8 @@ def test_metrics_of_every_server_count_the_traffic(traced_cluster):
 
 def test_json_logs_carry_the_request_and_trace_ids(traced_cluster):
     cluster, sink = traced_cluster
-    (result,) = generate_all(cluster.router_address, [request_for(_prompt(4, seed=5), 2, "logged-1")])
+    (result,) = generate_all(cluster.router_address, [request_for(_prompt(4, seed=5), 2, "logged-1")],
+                             security=cluster.client_security())
     assert result.error is None
     root = _trace_of(sink, "logged-1", {S.ROUTER_GENERATE})[S.ROUTER_GENERATE][0]
     log_path = next(p.log_path for p in cluster.processes if p.role == "router")

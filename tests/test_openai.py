@@ -9,7 +9,6 @@ import time
 import urllib.error
 import urllib.request
 
-import grpc
 import openai
 import pytest
 
@@ -47,7 +46,7 @@ def _grpc_generate(cluster, sampling: router_pb2.SamplingParams, prompt: str | N
     request = router_pb2.GenerateRequest(prompt=prompt, sampling=sampling) if prompt is not None else \
         router_pb2.GenerateRequest(prompt_token_ids=router_pb2.TokenIds(ids=ids), sampling=sampling)
     text, tokens, done = "", [], None
-    with grpc.insecure_channel(cluster.router_address) as channel:
+    with cluster.channel(cluster.router_address) as channel:
         for response in router_pb2_grpc.RouterStub(channel).Generate(request, timeout=120):
             if response.HasField("chunk"):
                 text += response.chunk.text
@@ -61,7 +60,7 @@ def _worker_loads(cluster):
     loads = []
     for proc in cluster.processes:
         if proc.role in ("prefill", "decode"):
-            with grpc.insecure_channel(proc.address) as channel:
+            with cluster.channel(proc.address, with_api_key=False) as channel:
                 loads.append((proc.role, worker_pb2_grpc.WorkerControlStub(channel).GetLoad(
                     worker_pb2.GetLoadRequest(), timeout=10)))
     return loads
@@ -119,7 +118,7 @@ def test_greedy_completion_equals_the_grpc_api(cluster, client, model_dir):
         max_tokens=12, temperature=0.0, ignore_eos=True), prompt="Hello")
     assert [c.text for c in ids.choices] == [text, hello]
     assert ids.usage.prompt_tokens == done.prompt_tokens + hello_done.prompt_tokens
-    with grpc.insecure_channel(cluster.router_address) as channel:
+    with cluster.channel(cluster.router_address) as channel:
         prompt_ids = list(router_pb2_grpc.RouterStub(channel).Tokenize(
             router_pb2.TokenizeRequest(text=PROMPT, add_special_tokens=True)).ids)
     by_ids = client.completions.create(model=model_dir, prompt=prompt_ids, max_tokens=12, temperature=0,
@@ -306,7 +305,8 @@ def test_without_api_keys_the_api_is_open(cluster, model_dir):
 
     async def run():
         front = await Frontend.connect(FrontendConfig(router=cluster.router_address, model_dir=model_dir,
-                                                      model_name="tiny"))
+                                                      model_name="tiny",
+                                                      router_security=cluster.client_security()))
         runner = web.AppRunner(build_app(front), handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -17,11 +17,14 @@ from services.bench.simulate_calibrate import calibrate, refine_on_run
 from services.bench.simulate_fit import fit_step_costs
 from services.cluster import LocalCluster
 from services.engine_setup import EngineArgs
+from tests.secure_switch import secure_requested
 
 RATE, CALIBRATION_RATE, NUM_REQUESTS, SEED = 8.0, 4.0, 40, 3
 
 
 @pytest.mark.slow  # wall-clock timing of a real cluster: run alone with `pytest -m slow`
+@pytest.mark.skipif(secure_requested(), reason="PDSERVE_TEST_SECURE: the simulator's calibration dials the router "
+                                               "in plaintext (a timing model, not a security check)")
 def test_predicted_goodput_is_within_25_percent_of_a_real_runs(tmp_path):
     """A real cluster (tiny model, 1 prefill + 1 decode, one torch thread each) serves 40 requests
     with prompts spread over 51..972 tokens and 2..30 output tokens, Poisson at 8 req/s: the
