@@ -1,33 +1,55 @@
 """The int8/fp8 KV cache: quantization rules (reference path, CPU), greedy agreement with a float
-cache on the tiny model, bytes per token, the --kv-cache-dtype flag, copy-on-write and the KV
+cache on a trained tiny model, bytes per token, the --kv-cache-dtype flag, copy-on-write and the KV
 transfer moving quantized blocks with their scales."""
 
 from __future__ import annotations
 
 import argparse
 import random
+from dataclasses import dataclass
 
 import pytest
 import torch
+from tokenizers import Tokenizer as BackendTokenizer
 
 from kernels import reference
 from kernels.kv_cache_alloc import allocate_cache, cache_block_bytes
 from kernels.kv_quant import FP8_MAX, INT8_MAX, dequantize_blocks, kv_cache_torch_dtype
 from kvtransfer import KVLayout, TCPKVReceiver, TCPKVSender
 from models.config import ModelConfig
+from models.loader import load_model
 from models.tiny_model import make_tiny_model
+from models.tiny_model_train import training_tokens
 from services.engine.model_runner import ModelRunner, ScheduledChunk, kv_cache_bytes_per_block
 from services.engine_setup import EngineArgs, add_engine_flags, build_engine, engine_args_from
 from tests.engine_testing import greedy, load_tiny, one_torch_thread
 from tests.paged_generation import allocate_tables
 
 QUANTIZED = [torch.int8, torch.float8_e4m3fn]
+TRAINED_STEPS = 600  # ~20 s on one busy core; 300-400 steps leave 1-3 near-tied continuations
+
+
+@dataclass
+class TrainedTiny:
+    """The tiny Llama trained TRAINED_STEPS steps (loaded in float32), and the text [N] it learned."""
+
+    model: torch.nn.Module
+    config: ModelConfig
+    text: torch.Tensor
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     with one_torch_thread():
         yield load_tiny(tmp_path_factory.mktemp("tiny_llama_kvq"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    path = make_tiny_model(tmp_path_factory.mktemp("trained_llama_kvq"), train_steps=TRAINED_STEPS)
+    model, config = load_model(path, dtype=torch.float32)
+    text = training_tokens(BackendTokenizer.from_file(str(path / "tokenizer.json")))
+    return TrainedTiny(model, config, text)
 
 
 def write(cache, x, slots):
@@ -82,45 +104,45 @@ def greedy_run(runner, prompts, tables, max_new, forced=None):
     return tokens, torch.stack(steps, dim=1)
 
 
-def rank_of(logits: torch.Tensor, token: int) -> int:
-    """0 for the argmax, 1 for the runner-up, ..."""
-    return int((logits > logits[token]).sum())
-
-
-@pytest.mark.parametrize("dtype", [torch.int8])
-def test_int8_kv_greedy_agrees_with_float_kv(tiny, dtype, capsys):
-    """32 prompts x 64 greedy tokens, tiny Llama (random weights, float32).
-
-    Figures (printed): identical continuations, teacher-forced next-token agreement, and where
-    continuations part, how close the float model was to a tie. This checkpoint is chaotic: a
-    float16 cache (40x smaller error than int8) keeps only ~29 of 32 continuations identical,
-    so what is asserted is that int8 picks the float token >= 95% of the time on the float
-    model's own continuations, and that every continuation that parts does so at a near-tie
-    (each side's token in the other's top 3, float logits of the two < 0.25 apart).
-    """
+def text_prompts(text: torch.Tensor, count: int, max_new: int) -> list[list[int]]:
+    """count prompts of 16..51 tokens cut at seeded places from text [N] (the trained model's
+    text), each followed by at least max_new tokens of that text."""
     rng = random.Random(0)
-    prompts = [[rng.randrange(3, 512) for _ in range(rng.randrange(4, 40))] for _ in range(32)]
+    prompts = []
+    for _ in range(count):
+        length = rng.randrange(16, 52)
+        start = rng.randrange(0, text.numel() - length - max_new)
+        prompts.append(text[start:start + length].tolist())
+    return prompts
+
+
+@pytest.mark.parametrize("dtype", QUANTIZED)
+def test_quantized_kv_greedy_equals_float_kv_on_a_trained_model(trained, dtype, capsys):
+    """Issue 5's criterion: >= 95% of 32 greedy 64-token continuations identical to a float
+    cache's, on the make-tiny-model checkpoint trained TRAINED_STEPS steps (peaked
+    distributions like a real model's; on random weights the top two logits are nearly tied
+    everywhere and 3/32 continuations stay identical even though int8 picks the float token
+    97% of the time). Also printed and checked: teacher-forced next-token agreement on the
+    float continuations, and how far the quantized cache moves the logits."""
+    prompts = text_prompts(trained.text, 32, 64)
     tables, num_blocks = allocate_tables([len(p) for p in prompts], 64, 16)
+    model, config = trained.model, trained.config
     with one_torch_thread():
-        ref_tokens, ref_logits = greedy_run(ModelRunner(tiny.model, tiny.config, num_blocks, 16), prompts, tables, 64)
-        q_tokens, q_logits = greedy_run(ModelRunner(tiny.model, tiny.config, num_blocks, 16, dtype),
-                                        prompts, tables, 64)
-        forced, _ = greedy_run(ModelRunner(tiny.model, tiny.config, num_blocks, 16, dtype), prompts, tables,
-                               64, forced=ref_tokens)
+        ref_tokens, ref_logits = greedy_run(ModelRunner(model, config, num_blocks, 16), prompts, tables, 64)
+        q_tokens, _ = greedy_run(ModelRunner(model, config, num_blocks, 16, dtype), prompts, tables, 64)
+        forced, forced_logits = greedy_run(ModelRunner(model, config, num_blocks, 16, dtype), prompts, tables,
+                                           64, forced=ref_tokens)
     identical = sum(a == b for a, b in zip(ref_tokens, q_tokens))
     teacher_forced = sum(x == y for a, b in zip(ref_tokens, forced) for x, y in zip(a, b)) / (32 * 64)
-    worst_rank, worst_gap = 0, 0.0
-    for i, (a, b) in enumerate(zip(ref_tokens, q_tokens)):
-        part = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
-        if part is not None:
-            worst_rank = max(worst_rank, rank_of(ref_logits[i, part], b[part]), rank_of(q_logits[i, part], a[part]))
-            worst_gap = max(worst_gap, float(ref_logits[i, part, a[part]] - ref_logits[i, part, b[part]]))
+    shift = (forced_logits - ref_logits).abs().amax(dim=-1)  # [32, 64]: largest logit change per step
+    top2 = ref_logits.topk(2, dim=-1).values
     with capsys.disabled():
-        print(f"\n{dtype} KV vs float KV: {identical}/32 identical 64-token continuations, "
-              f"teacher-forced agreement {teacher_forced:.1%}; where continuations part: worst rank "
-              f"{worst_rank}, worst float-logit gap {worst_gap:.3f} (logit std {float(ref_logits.std()):.2f})")
-    assert teacher_forced >= 0.95
-    assert worst_rank <= 2 and worst_gap < 0.25
+        print(f"\n{dtype} KV vs float KV (tiny Llama trained {TRAINED_STEPS} steps): {identical}/32 identical "
+              f"64-token continuations, teacher-forced agreement {teacher_forced:.1%}; logit shift median "
+              f"{float(shift.median()):.3f} max {float(shift.max()):.3f}; float top-2 gap median "
+              f"{float((top2[..., 0] - top2[..., 1]).median()):.2f}")
+    assert identical >= 0.95 * 32
+    assert teacher_forced >= 0.99
 
 
 def test_kv_bytes_per_token_drop_by_the_element_size_ratio(tiny):
