@@ -11,6 +11,7 @@ from models.tiny_model import make_tiny_model
 from models.tokenizer import Tokenizer
 from protos.pdserve.v1 import router_pb2, router_pb2_grpc
 from services.cluster import LocalCluster
+from tests.hf_reference import hf_greedy
 
 NUM_REQUESTS = 64
 MAX_TOKENS = 12
@@ -25,21 +26,6 @@ def _prompts(n: int):
     gen = torch.Generator().manual_seed(7)
     return [torch.randint(2, 500, (int(torch.randint(3, 40, (1,), generator=gen)),), generator=gen).tolist()
             for _ in range(n)]
-
-
-def _hf_greedy(model_dir, prompts, max_tokens):
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
-    out = []
-    for p in prompts:
-        ids = torch.tensor([p])
-        with torch.no_grad():
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                 min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-        out.append(gen[0, len(p):].tolist())
-    return out
 
 
 async def _generate_all(cluster, prompts, max_tokens):
@@ -64,7 +50,7 @@ async def _generate_all(cluster, prompts, max_tokens):
 
 def _check_against_transformers(model_dir, prompts, results):
     tokenizer = Tokenizer.from_dir(model_dir)
-    expected = _hf_greedy(model_dir, prompts, MAX_TOKENS)
+    expected = hf_greedy(model_dir, prompts, MAX_TOKENS)
     for (tokens, text, finish), want in zip(results, expected):
         assert tokens == want
         assert text == tokenizer.decode(tokens)

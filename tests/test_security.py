@@ -29,6 +29,7 @@ from services.cluster_security import ClusterSecurity
 from services.grpc_common.channels import ClientSecurity
 from services.grpc_common.tls import TlsConfig
 from services.router.worker_clients import CHANNEL_OPTIONS
+from tests.hf_reference import hf_greedy
 from tests.security_testing import make_pki
 
 API_KEY = "sk-router-7f3a"
@@ -72,21 +73,6 @@ def _prompts(n: int) -> list[list[int]]:
             for _ in range(n)]
 
 
-def _hf_greedy(model_dir: str, prompts: list[list[int]]) -> list[list[int]]:
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
-    out = []
-    for p in prompts:
-        ids = torch.tensor([p])
-        with torch.no_grad():
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS,
-                                 min_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)
-        out.append(gen[0, len(p):].tolist())
-    return out
-
-
 async def _generate_all(cluster: LocalCluster, prompts: list[list[int]]) -> list[list[int]]:
     async with cluster.aio_channel(cluster.router_address) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
@@ -100,7 +86,7 @@ async def _generate_all(cluster: LocalCluster, prompts: list[list[int]]) -> list
 
 def test_greedy_streams_through_the_secure_cluster_match_transformers(cluster, model_dir):
     prompts = _prompts(8)
-    assert asyncio.run(_generate_all(cluster, prompts)) == _hf_greedy(model_dir, prompts)
+    assert asyncio.run(_generate_all(cluster, prompts)) == hf_greedy(model_dir, prompts, MAX_TOKENS)
 
 
 def _router_calls(stub: router_pb2_grpc.RouterStub, metadata=None):
@@ -188,7 +174,7 @@ def test_decode_kv_port_refuses_unauthenticated_senders_and_keeps_serving(cluste
         TCPKVSender(layout, mtls, KV_TOKEN).open(endpoint, "not-a-reservation", 4, timeout=10)
     assert not isinstance(past_auth.value, KVAuthError)
     prompts = _prompts(2)  # the decode still receives KV from the prefill server
-    assert asyncio.run(_generate_all(cluster, prompts)) == _hf_greedy(model_dir, prompts)
+    assert asyncio.run(_generate_all(cluster, prompts)) == hf_greedy(model_dir, prompts, MAX_TOKENS)
 
 
 def test_cancelled_stream_over_the_secure_channel_frees_its_blocks(cluster):
