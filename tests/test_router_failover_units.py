@@ -72,8 +72,9 @@ def test_relay_drops_restated_text_and_regenerated_tokens():
     assert responses_for(state, _output(0, [7], "ef")) == []
     sent = responses_for(state, _output(0, [8], "gh", "length"))
     assert [r.chunk.token_ids for r in sent[:1]] == [[8]] and sent[0].chunk.text == "gh"
-    assert sent[1].complete.finish_reason == "length" and sent[1].complete.completion_tokens == 3
-    assert state.samples[0].token_ids == [5, 6, 8]
+    # The re-generated token is the client's already: counted, recorded, not sent again.
+    assert sent[1].complete.finish_reason == "length" and sent[1].complete.completion_tokens == 4
+    assert state.samples[0].token_ids == [5, 6, 7, 8] and state.samples[0].text_chars == 8
 
 
 def test_relay_cuts_restated_text_inside_a_chunk():

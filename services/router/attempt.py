@@ -33,6 +33,7 @@ class Attempt:
     attempt never touches a newer one), and the workers it reached, as (worker, address)."""
 
     worker_request_id: str
+    avoid: set[str] = field(default_factory=set)  # worker ids that failed this request before
     workers: list[WorkerInfo] = field(default_factory=list)
 
 
@@ -53,12 +54,13 @@ class AttemptRunner:
         """Serve (or continue) the request once; raises on any failure, leaving `state` at what
         the client was sent. The attempt's workers are aborted unless the request finished."""
         try:
-            prefill, decode = await self._workers("prefill"), await self._workers("decode")
-            if prefill and decode:
-                stream = (self._continue(state, attempt, prompt_ids, params, decode, carrier) if state.started
-                          else self._disaggregated(state, attempt, prompt_ids, params, prefill, decode, carrier))
+            prefill, decode = await self._workers("prefill", attempt), await self._workers("decode", attempt)
+            if decode and state.started:
+                stream = self._continue(state, attempt, prompt_ids, params, decode, carrier)
+            elif prefill and decode:
+                stream = self._disaggregated(state, attempt, prompt_ids, params, prefill, decode, carrier)
             else:
-                colocated = await self._workers("worker")
+                colocated = await self._workers("worker", attempt)
                 if not colocated:
                     raise UnavailableError("no workers registered: need prefill + decode servers or "
                                            "colocated workers")
@@ -71,11 +73,18 @@ class AttemptRunner:
                 await self.clients.abort_all([(w.address, attempt.worker_request_id)
                                               for w in {w.worker_id: w for w in attempt.workers}.values()])
 
-    async def _workers(self, role: str) -> list[WorkerInfo]:
-        """Registered workers of `role`, leaving out suspects unless that leaves none."""
+    async def _workers(self, role: str, attempt: Attempt) -> list[WorkerInfo]:
+        """Registered workers of `role`, leaving out those that failed this request and
+        suspects, as long as that leaves any."""
         workers = await self.registry.list(role)
-        healthy = [w for w in workers if not self.suspects.is_suspect(w.worker_id)]
-        return healthy or workers
+        fresh = [w for w in workers if w.worker_id not in attempt.avoid]
+        healthy = [w for w in fresh if not self.suspects.is_suspect(w.worker_id)]
+        return healthy or fresh or workers
+
+    @staticmethod
+    def _check_not_aborted(state: StreamState) -> None:
+        if state.abort_requested:
+            raise WorkerFailedError("aborted by the client")  # the retry loop ends the stream with "abort"
 
     async def _on_first_available(self, attempt: Attempt, workers: list[WorkerInfo], choose, prompt_tokens: int,
                                   call: Callable[[WorkerInfo], Awaitable]) -> tuple[WorkerInfo, object]:
@@ -125,6 +134,9 @@ class AttemptRunner:
                 raise WorkerFailedError("the worker aborted the request on its own (shutting down?)")
             for response in responses_for(state, output):
                 yield response
+            if state.finished:  # every completion is out: the stream's end changes nothing
+                stream.cancel()
+                return
             output = None
 
     async def _disaggregated(self, state, attempt, prompt_ids, params, prefill_workers, decode_workers, carrier):
@@ -138,8 +150,10 @@ class AttemptRunner:
                 request_id=rid, prompt_tokens=n_prompt, max_tokens=params.max_tokens,
                 n=params.n, lease_ms=self.lease_ms), timeout=self.rpc_timeout_s, metadata=metadata)
 
+        self._check_not_aborted(state)
         decode_worker, reservation = await self._on_first_available(attempt, decode_workers, choose_decode, 0, reserve)
         try:
+            self._check_not_aborted(state)
             target = prefill_pb2.KvTarget(kv_endpoint=reservation.kv_endpoint,
                                           reservation_id=reservation.reservation_id,
                                           block_ids=reservation.block_ids)
@@ -154,6 +168,7 @@ class AttemptRunner:
             prefill_worker, response = await self._on_first_available(
                 attempt, prefill_workers, choose_prefill, n_prompt, prefill)
             self.inflight.done(prefill_worker.worker_id, n_prompt)
+            self._check_not_aborted(state)
             responses = responses_for(state, response.output)
             if state.finished:  # done at the first token: nobody will send Decode, free the lease now
                 try:
@@ -205,6 +220,7 @@ class AttemptRunner:
 
     async def _open_and_relay(self, state, attempt, workers, prompt_tokens, open_call):
         """Open a worker stream on the first worker that takes it and relay it."""
+        self._check_not_aborted(state)
         async def open_stream(worker: WorkerInfo):
             stream = open_call(worker)
             # A refusal (draining, full) comes with the first read; so does a recompute's end.

@@ -75,7 +75,7 @@ class Dispatcher:
             # cleanup that aborts the workers runs at once, not when the generators are collected.
             async with contextlib.aclosing(self._with_retries(state, prompt_ids, params, trace_carrier or {})) as rs:
                 async for response in rs:
-                    recorder.record(response)
+                    recorder.follow(state.samples)
                     yield response
         finally:
             self.attempts.pop(state.request_id, None)
@@ -83,39 +83,47 @@ class Dispatcher:
 
     async def _with_retries(self, state: StreamState, prompt_ids: list[int], params: SamplingParams,
                             carrier: dict[str, str]) -> AsyncIterator[router_pb2.GenerateResponse]:
-        failures = 0
+        failures = 0  # consecutive attempts that failed without sending the client anything
+        avoid: set[str] = set()  # workers that failed this request
         while True:
             # The first attempt of a new request keeps its id on the workers (traces, logs); a
             # retry or resume gets a fresh one, so an old attempt's abort never reaches it.
-            fresh = failures == 0 and not state.started
-            attempt = Attempt(state.request_id if fresh else f"{state.request_id}~{uuid.uuid4().hex[:8]}")
+            fresh = failures == 0 and not avoid and not state.started
+            attempt = Attempt(state.request_id if fresh else f"{state.request_id}~{uuid.uuid4().hex[:8]}",
+                              avoid=set(avoid))
             self.attempts[state.request_id] = attempt
+            sent_before = _progress(state)
             try:
                 async with contextlib.aclosing(self.runner.run(state, attempt, prompt_ids, params, carrier)) as rs:
                     async for response in rs:
                         yield response
                 return
             except Exception as exc:
+                if state.finished:  # every completion went out: a failure after that changes nothing
+                    return
+                if state.abort_requested:  # the failure may be the abort itself (reservation gone)
+                    break
                 # Full workers refuse a new request at once (the client retries later), but a
                 # stream already under way waits for room with the same bounded backoff.
                 retryable = is_worker_failure(exc) or (state.started and isinstance(exc, OverloadedError))
-                if state.finished or state.abort_requested or not retryable:
+                if not retryable:
                     raise
-                failures += 1
+                failures = 1 if _progress(state) > sent_before else failures + 1
+                avoid.update(w.worker_id for w in attempt.workers)
                 await self._suspect_dead(attempt.workers)
                 if failures >= self.policy.max_attempts:
                     raise UnavailableError(f"request {state.request_id} could not be served: {failures} attempts "
-                                           f"failed, the last with {_describe(exc)}") from exc
+                                           f"failed in a row, the last with {_describe(exc)}") from exc
                 delay = self.policy.delay_s(failures)
-                logger.warning("request %s: attempt %d failed (%s); retrying in %.0f ms", state.request_id,
-                               failures, _describe(exc), delay * 1000)
+                logger.warning("request %s: attempt failed (%s); retrying in %.0f ms", state.request_id,
+                               _describe(exc), delay * 1000)
                 await asyncio.sleep(delay)
-            if state.abort_requested:  # aborted between attempts: nothing runs anywhere
-                for index, sample in enumerate(state.samples):
-                    if sample.finish_reason is None:
-                        sample.finish_reason = "abort"
-                        yield completion(state, index)
-                return
+            if state.abort_requested:
+                break
+        for index, sample in enumerate(state.samples):  # aborted: nothing runs anywhere any more
+            if sample.finish_reason is None:
+                sample.finish_reason = "abort"
+                yield completion(state, index)
 
     async def _suspect_dead(self, workers: list[WorkerInfo]) -> None:
         """Probe the failed attempt's workers; those that do not answer become suspects, so
@@ -138,3 +146,8 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, grpc.aio.AioRpcError):
         return f"{error.code().name}: {error.details()}"
     return f"{type(error).__name__}: {error}"
+
+
+def _progress(state: StreamState) -> int:
+    """Tokens the client holds, over all samples."""
+    return sum(len(sample.token_ids) for sample in state.samples)

@@ -64,6 +64,21 @@ class ProgressRecorder:
             return
         self._wake.set()
 
+    def follow(self, samples) -> None:
+        """Catch up with the relay's per-sample state (token_ids, finish_reason): what the
+        client holds, including re-generated tokens a resume dropped because it had them."""
+        changed = False
+        for index, sample in enumerate(samples):
+            known = self.sent[index]
+            if len(sample.token_ids) > len(known):
+                known.extend(sample.token_ids[len(known):])
+                changed = True
+            if sample.finish_reason is not None and self.finished[index] is None:
+                self.finished[index] = sample.finish_reason
+                changed = True
+        if changed:
+            self._wake.set()
+
     def synced(self) -> bool:
         """Whether Redis holds everything recorded so far (as far as this recorder knows)."""
         return (not self._needs_rewrite and self._written == [len(t) for t in self.sent]

@@ -78,12 +78,16 @@ def _new_part(progress: SampleProgressState, sample: worker_pb2.SampleOutput) ->
     token_ids = list(sample.token_ids)
     logprobs, top_logprobs = list(sample.logprobs), list(sample.top_logprobs)
     if progress.skip_tokens and token_ids:
-        # A re-generated token comes with the text it releases, which the client also has.
+        # Re-generated tokens the client holds, with the text they release (it holds that too):
+        # not sent again, but from now on part of what the client has.
         drop = min(progress.skip_tokens, len(token_ids))
         progress.skip_tokens -= drop
+        progress.token_ids.extend(token_ids[:drop])
+        progress.text_chars += len(text)
         token_ids, logprobs, top_logprobs = token_ids[drop:], logprobs[drop:], top_logprobs[drop:]
         if not token_ids:
             return None
+        text = ""  # a chunk straddling the skip: its text is the dropped tokens' (one token a step)
     if not token_ids and not text:
         return None
     progress.token_ids.extend(token_ids)

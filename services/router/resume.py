@@ -48,16 +48,25 @@ def resumed_state(record: RequestRecord, params: SamplingParams, received: Seque
     if len(received) > params.n:
         raise InvalidRequestError(f"received_tokens has {len(received)} entries; the request has n={params.n}")
     counts = list(received) + [0] * (params.n - len(received))
-    state = StreamState(record.request_id, len(record.prompt_token_ids), [SampleProgressState() for _ in counts])
-    replay = []
     for index, (have, tokens, finished) in enumerate(zip(counts, record.sent_tokens, record.finished)):
         if finished is not None and have > len(tokens):
             raise InvalidRequestError(f"received_tokens[{index}] = {have}, but sample {index} finished "
                                       f"with {len(tokens)} tokens")
+    # Redis keeps no logprobs: with logprobs asked for, tokens the client lacks are generated
+    # again (identically) rather than replayed from the record.
+    finished_list = [None if f is not None and params.logprobs is not None and have < len(tokens) else f
+                     for have, tokens, f in zip(counts, record.sent_tokens, record.finished)]
+    # Unfinished samples continue either all from tokens or all from the prompt alone (what a
+    # worker can continue); if one has no agreed token, all restart and skip what the client has.
+    unfinished = [i for i, f in enumerate(finished_list) if f is None]
+    restart = any(min(counts[i], len(record.sent_tokens[i])) == 0 for i in unfinished)
+    state = StreamState(record.request_id, len(record.prompt_token_ids), [SampleProgressState() for _ in counts])
+    replay = []
+    for index, (have, tokens, finished) in enumerate(zip(counts, record.sent_tokens, finished_list)):
         if have > params.max_tokens:
             raise InvalidRequestError(f"received_tokens[{index}] = {have} exceeds max_tokens {params.max_tokens}")
         sample = state.samples[index]
-        agreed = min(have, len(tokens))
+        agreed = 0 if restart and finished is None else min(have, len(tokens))
         texts = released_text(tokenizer, record.prompt_token_ids, params, tokens if finished else tokens[:agreed])
         sample.token_ids = list(tokens[:agreed])
         sample.text_chars = sum(len(t) for t in texts[:agreed])

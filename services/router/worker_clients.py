@@ -13,7 +13,11 @@ from services.grpc_common.channels import PLAINTEXT, ClientSecurity
 MAX_MESSAGE_BYTES = 64 * 2**20
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+                   ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+                   # A worker restarted at the same address is reachable again within a second or two
+                   # (gRPC's default reconnect backoff grows to minutes).
+                   ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.min_reconnect_backoff_ms", 500),
+                   ("grpc.max_reconnect_backoff_ms", 2_000)]
 
 
 class WorkerClients:

@@ -17,6 +17,7 @@ from services.engine.chunk_info import ChunkInfo
 from services.engine.outputs import RequestOutput
 from services.engine.prefilled import first_token_params, outcome_after
 from services.grpc_common.convert import sampling_params_from_engine_proto
+from services.grpc_common.errors import UnavailableError
 from services.grpc_common.status import map_errors
 from services.security_flags import kv_sender_options
 from services.telemetry import spans, tracing
@@ -98,6 +99,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
             async for output in self.ctx.async_engine.generate(request.request_id, prompt, first_only):
                 trace.on_output(output)
                 merged = output if merged is None else _merge(merged, output)
+            if merged is None or any(s.finish_reason == "abort" for s in merged.samples):
+                raise UnavailableError(f"request {request.request_id!r} was aborted on this prefill server")
         except BaseException as exc:
             self.streamer.transfers.pop(request.request_id, None)
             await asyncio.to_thread(transfer.cancel)
