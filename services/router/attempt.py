@@ -224,7 +224,11 @@ class AttemptRunner:
         async def open_stream(worker: WorkerInfo):
             stream = open_call(worker)
             # A refusal (draining, full) comes with the first read; so does a recompute's end.
-            first = await asyncio.wait_for(stream.read(), self.stream_idle_timeout_s)
+            try:
+                first = await asyncio.wait_for(stream.read(), self.stream_idle_timeout_s)
+            except TimeoutError:
+                stream.cancel()
+                raise WorkerFailedError(f"the worker sent nothing for {self.stream_idle_timeout_s:g} s") from None
             return stream, first
 
         worker, (stream, first) = await self._on_first_available(attempt, workers, choose_decode, prompt_tokens,

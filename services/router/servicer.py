@@ -144,6 +144,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                                      finished=[s.finish_reason for s in state.samples])
         store = self.dispatcher.store
         await store.wait.call(lambda: store.rewrite(record))  # Redis away: wait, then UNAVAILABLE
+        if request_id in self.active:  # a concurrent resume of the same id got here first
+            raise AlreadyExistsError(f"request_id {request_id!r} is still streaming on this router")
         return state, record.prompt_token_ids, params, record, replay
 
     @map_errors
