@@ -114,6 +114,15 @@ class AttemptRunner:
                                               retry_after_ms=retry_after_ms_of(full)) from exc
                     raise UnavailableError(f"every {worker.role} server is shutting down") from exc
 
+    async def _read(self, stream):
+        """The stream's next output (or EOF); WorkerFailedError, the call cancelled, when the
+        worker sends nothing for stream_idle_timeout_s (a hung or partitioned peer)."""
+        try:
+            return await asyncio.wait_for(stream.read(), self.stream_idle_timeout_s)
+        except TimeoutError:
+            stream.cancel()
+            raise WorkerFailedError(f"the worker sent nothing for {self.stream_idle_timeout_s:g} s") from None
+
     async def _relay(self, state: StreamState, stream, first=None) -> AsyncIterator[router_pb2.GenerateResponse]:
         """Relay a worker's output stream (after `first`, an output already read) until every
         sample finished; a stall, an early end or an abort the router did not ask for raises
@@ -121,11 +130,7 @@ class AttemptRunner:
         output = first
         while True:
             if output is None:
-                try:
-                    output = await asyncio.wait_for(stream.read(), self.stream_idle_timeout_s)
-                except TimeoutError:
-                    stream.cancel()
-                    raise WorkerFailedError(f"the worker sent nothing for {self.stream_idle_timeout_s:g} s") from None
+                output = await self._read(stream)
             if output is grpc.aio.EOF:
                 if state.finished:
                     return
@@ -189,47 +194,34 @@ class AttemptRunner:
         finally:
             self.inflight.done(decode_worker.worker_id, 0)
 
-    async def _continue(self, state, attempt, prompt_ids, params, decode_workers, carrier):
+    def _continue(self, state, attempt, prompt_ids, params, decode_workers, carrier):
         """Continue a started request on a decode server: no reservation, it recomputes the
         prompt and the tokens sent so far (like a preempted request) and goes on."""
         metadata = tracing.grpc_metadata(carrier)
         request = decode_pb2.DecodeRequest(
             request_id=attempt.worker_request_id, prompt_token_ids=prompt_ids, samples=_progress_of(state),
             sampling=engine_sampling_params_to_proto(params), trace_context=carrier)
-        def open_call(worker: WorkerInfo):
-            return self.clients.decode(worker.address).Decode(request, metadata=metadata)
+        return self._open_and_relay(state, attempt, decode_workers, len(prompt_ids),
+                                    lambda w: self.clients.decode(w.address).Decode(request, metadata=metadata))
 
-        async with contextlib.aclosing(self._open_and_relay(state, attempt, decode_workers, len(prompt_ids),
-                                                            open_call)) as responses:
-            async for response in responses:
-                yield response
-
-    async def _colocated(self, state, attempt, prompt_ids, params, workers, carrier):
+    def _colocated(self, state, attempt, prompt_ids, params, workers, carrier):
+        """Serve (or continue) the request on a colocated worker."""
         metadata = tracing.grpc_metadata(carrier)
         request = colocated_pb2.WorkerGenerateRequest(
             request_id=attempt.worker_request_id, prompt_token_ids=prompt_ids,
             sampling=engine_sampling_params_to_proto(params), trace_context=carrier,
             samples=_progress_of(state) if state.started else [])
-        def open_call(worker: WorkerInfo):
-            return self.clients.colocated(worker.address).Generate(request, metadata=metadata)
-
-        async with contextlib.aclosing(self._open_and_relay(state, attempt, workers, len(prompt_ids),
-                                                            open_call)) as responses:
-            async for response in responses:
-                yield response
+        return self._open_and_relay(state, attempt, workers, len(prompt_ids),
+                                    lambda w: self.clients.colocated(w.address).Generate(request, metadata=metadata))
 
     async def _open_and_relay(self, state, attempt, workers, prompt_tokens, open_call):
         """Open a worker stream on the first worker that takes it and relay it."""
         self._check_not_aborted(state)
+
         async def open_stream(worker: WorkerInfo):
             stream = open_call(worker)
             # A refusal (draining, full) comes with the first read; so does a recompute's end.
-            try:
-                first = await asyncio.wait_for(stream.read(), self.stream_idle_timeout_s)
-            except TimeoutError:
-                stream.cancel()
-                raise WorkerFailedError(f"the worker sent nothing for {self.stream_idle_timeout_s:g} s") from None
-            return stream, first
+            return stream, await self._read(stream)
 
         worker, (stream, first) = await self._on_first_available(attempt, workers, choose_decode, prompt_tokens,
                                                                  open_stream)
