@@ -74,30 +74,25 @@ def test_request_store_round_trip_with_ttls(redis_url):
 
 
 def test_progress_recorder_coalesces_and_survives_redis_loss():
-    from protos.pdserve.v1 import router_pb2
     from services.router.progress import ProgressRecorder
-
-    def chunk(index, ids):
-        return router_pb2.GenerateResponse(chunk=router_pb2.TokenChunk(index=index, token_ids=ids))
-
-    def done(index, reason):
-        return router_pb2.GenerateResponse(complete=router_pb2.Completion(index=index, finish_reason=reason))
+    from tests.relay_testing import Relay
 
     async def scenario(server):
         client = aioredis.from_url(server.url)
         store = RequestStore(client, prefix="t3", ttl_s=60)
         assert await store.create("r", [1, 2], {"n": 2}, seed=1)
         recorder = ProgressRecorder(store, "r", [1, 2], {"n": 2}, 1)
+        relay = Relay(recorder, 2)
         for i in range(50):
-            recorder.record(chunk(i % 2, [i]))
-        recorder.record(done(1, "stop"))
+            relay.chunk(i % 2, [i])
+        relay.done(1, "stop")
         await recorder.close()
         record = await store.get("r")
         assert record.sent_tokens == [list(range(0, 50, 2)), list(range(1, 50, 2))]
         assert record.finished == [None, "stop"]
         server.stop()  # Redis goes away mid-stream: recording fails quietly, nothing raises
         lost = ProgressRecorder(store, "r", [1, 2], {"n": 2}, 1, close_wait_s=0.2)
-        lost.record(chunk(0, [99]))
+        Relay(lost, 2).chunk(0, [99])
         await lost.close()
         await client.aclose()
 

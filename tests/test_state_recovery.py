@@ -10,7 +10,6 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from protos.pdserve.v1 import router_pb2
 from services.grpc_common.errors import UnavailableError
 from services.router.progress import ProgressRecorder
 from services.state.embedded_redis import EmbeddedRedis
@@ -19,17 +18,10 @@ from services.state.redis_connect import redact_url
 from services.state.redis_retry import RedisWait
 from services.state.registry import WorkerInfo, WorkerRegistry
 from services.state.request_store import RequestRecord, RequestStore
+from tests.relay_testing import Relay
 
 PROMPT = [5, 6, 7]
 PARAMS = {"n": 2, "max_tokens": 3000}
-
-
-def chunk(index: int, ids: list[int]) -> router_pb2.GenerateResponse:
-    return router_pb2.GenerateResponse(chunk=router_pb2.TokenChunk(index=index, token_ids=ids))
-
-
-def done(index: int, reason: str) -> router_pb2.GenerateResponse:
-    return router_pb2.GenerateResponse(complete=router_pb2.Completion(index=index, finish_reason=reason))
 
 
 def client_for(server: EmbeddedRedis):
@@ -95,8 +87,9 @@ def test_recorder_rewrites_a_record_redis_lost_on_restart(server, caplog):
         store = RequestStore(client, prefix="rec", ttl_s=60)
         assert await store.create("r", PROMPT, PARAMS, seed=9)
         first = ProgressRecorder(store, "r", PROMPT, PARAMS, 9)
-        first.record(chunk(0, [1, 2]))
-        first.record(chunk(1, [3]))
+        first_relay = Relay(first, 2)
+        first_relay.chunk(0, [1, 2])
+        first_relay.chunk(1, [3])
         await first.close()
         held = await store.get("r")
         server.stop_process()  # Redis restarts empty on the same port
@@ -108,11 +101,12 @@ def test_recorder_rewrites_a_record_redis_lost_on_restart(server, caplog):
         assert await client.dbsize() == 0
         # A second recorder continues the request from what Redis held (as after a failover).
         second = ProgressRecorder(store, "r", PROMPT, PARAMS, 9, resume_from=held)
-        second.record(chunk(0, [4]))
-        second.record(chunk(1, [5, 6]))
-        second.record(done(1, "stop"))
-        second.record(chunk(0, [7]))
-        second.record(done(0, "length"))
+        second_relay = Relay(second, 2, held.sent_tokens)
+        second_relay.chunk(0, [4])
+        second_relay.chunk(1, [5, 6])
+        second_relay.done(1, "stop")
+        second_relay.chunk(0, [7])
+        second_relay.done(0, "length")
         await second.close()
         assert second.synced()
         assert "the Redis record of r is gone or differs" in caplog.text  # found missing, not failed
@@ -130,10 +124,11 @@ def test_recorder_keeps_going_while_redis_is_down_and_writes_everything_when_it_
         store = RequestStore(client, prefix="down", ttl_s=60)
         assert await store.create("r", PROMPT, {"n": 1}, seed=9)
         recorder = ProgressRecorder(store, "r", PROMPT, {"n": 1}, 9, close_wait_s=0.3)
-        recorder.record(chunk(0, [1]))
+        recorder_relay = Relay(recorder, 1)
+        recorder_relay.chunk(0, [1])
         server.stop_process(kill=True)
-        recorder.record(chunk(0, [2, 3]))
-        recorder.record(done(0, "stop"))
+        recorder_relay.chunk(0, [2, 3])
+        recorder_relay.done(0, "stop")
         started = time.monotonic()
         await recorder.close()  # the stream's end does not wait for Redis
         assert time.monotonic() - started < 2.0
@@ -152,8 +147,9 @@ def test_recorder_gives_up_on_the_end_of_a_stream_after_give_up_s(server):
         client = client_for(server)
         store = RequestStore(client, prefix="gone", ttl_s=60)
         recorder = ProgressRecorder(store, "r", PROMPT, {"n": 1}, 9, close_wait_s=5.0, give_up_s=0.0)
+        recorder_relay = Relay(recorder, 1)
         server.stop_process(kill=True)
-        recorder.record(chunk(0, [1]))
+        recorder_relay.chunk(0, [1])
         await recorder.close()
         assert recorder._writer.done() and not recorder.synced()
         await client.aclose()

@@ -1,5 +1,6 @@
-"""Records a stream's progress in Redis off the relay path: the relay hands each response over
-without waiting, and one background writer sends whatever accumulated in a single round trip.
+"""Records a stream's progress in Redis off the relay path: the relay lets the recorder follow its
+per-sample state without waiting, and one background writer sends whatever accumulated in a
+single round trip.
 
 The recorder keeps the whole request (prompt, parameters, seed, every token sent, finish
 reasons), so when Redis loses the record (it restarted empty) or a write fails, it rewrites the
@@ -11,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 
-from protos.pdserve.v1 import router_pb2
 from services.state.request_store import RequestRecord, RequestStore
 
 logger = logging.getLogger("pdserve.router")
@@ -53,16 +53,6 @@ class ProgressRecorder:
         self._closed_at: float | None = None
         self._wake = asyncio.Event()
         self._writer = asyncio.create_task(self._write_forever())
-
-    def record(self, response: router_pb2.GenerateResponse) -> None:
-        """Note a response about to be sent to the client (no I/O here)."""
-        if response.HasField("chunk") and response.chunk.token_ids:
-            self.sent[response.chunk.index].extend(response.chunk.token_ids)
-        elif response.HasField("complete"):
-            self.finished[response.complete.index] = response.complete.finish_reason
-        else:
-            return
-        self._wake.set()
 
     def follow(self, samples) -> None:
         """Catch up with the relay's per-sample state (token_ids, finish_reason): what the
