@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.cpu_decode_attention import decode_attention
 from kernels.kv_quant import dequantize_blocks, is_quantized, write_quantized
 
 
@@ -114,8 +115,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         starts.append(starts[-1] + q_len)
     decode_rows = [b for b, q_len in enumerate(q_lens) if q_len == 1]
     if decode_rows:
-        _decode_attention(query, (key_cache, value_cache), (k_scale, v_scale), block_tables, s_lens,
-                          starts, decode_rows, scale, group, out)
+        decode_attention(query, (key_cache, value_cache), (k_scale, v_scale), block_tables, s_lens,
+                         starts, decode_rows, scale, out)
     for b, q_len in enumerate(q_lens):
         if q_len == 1 or q_len == 0:
             continue
@@ -130,39 +131,3 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                                            v.transpose(0, 1).to(q.dtype), attn_mask=mask, scale=scale)
         out[starts[b]:starts[b + 1]] = o.transpose(0, 1)
     return out
-
-
-def _decode_attention(query, caches, scales, block_tables, s_lens, starts, rows, scale, group,
-                      out) -> None:
-    """Single-token queries of many sequences at once.
-
-    One gather of every row's blocks ([n, blocks, BS, KVH, D], padded to the longest context and
-    masked), and the `group` query heads that share a KV head folded into SDPA's query-length axis
-    ([n, KVH, group, D]) instead of repeating K/V per query head: no per-sequence Python work.
-    """
-    block_size, num_kv_heads, head_dim = caches[0].shape[1:]
-    n = len(rows)
-    device = query.device
-    lens = torch.tensor([s_lens[b] for b in rows], device=device)
-    num_blocks = -(-max(s_lens[b] for b in rows) // block_size)
-    ctx = num_blocks * block_size
-    tables = block_tables[torch.tensor(rows, device=block_tables.device), :num_blocks].reshape(-1).long()
-    idx = torch.tensor([starts[b] for b in rows], device=device)
-    q = query[idx].view(n, num_kv_heads, group, head_dim)  # query head h uses KV head h // group
-
-    def gather(cache: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-        blocks = cache.index_select(0, tables)  # [n * blocks, BS, KVH, D]
-        if scales is not None:
-            blocks = dequantize_blocks(blocks, scales.index_select(0, tables))
-        # -> [n, KVH, ctx, D] (a strided view)
-        return blocks.view(n, ctx, num_kv_heads, head_dim).transpose(1, 2).to(q.dtype)
-
-    k, v = gather(caches[0], scales[0]), gather(caches[1], scales[1])
-    mask = (torch.arange(ctx, device=device).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]  # [n,1,1,ctx]
-    # Zeros past each row's length (as the Triton kernel loads them): those slots hold whatever a
-    # block held before, and a NaN there would survive the mask (0 * NaN) into the output.
-    padding = ~mask.transpose(2, 3)  # [n, 1, ctx, 1]
-    k.masked_fill_(padding, 0.0)  # in place: k and v are gathered copies, never the cache itself
-    v.masked_fill_(padding, 0.0)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [n, KVH, group, D]
-    out[idx] = o.reshape(n, num_kv_heads * group, head_dim)
