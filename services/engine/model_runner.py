@@ -11,6 +11,7 @@ from kernels.attention_metadata import AttentionMetadata
 from kernels.kv_cache_alloc import allocate_cache, cache_block_bytes
 from kernels.kv_quant import kv_cache_torch_dtype
 from models.config import ModelConfig
+from models.cpu_packed_linear import pack_linears_for_cpu
 from models.llama import LlamaForCausalLM
 from models.loader import load_model
 
@@ -60,14 +61,17 @@ class ModelRunner:
         blocks [NB, BS, 1, row_bytes] (values and scales).
     kv_data: per layer (K, V) [NB, BS, KVH, D] views the model reads and writes (= kv_caches
         for a float cache); kv_scales: per layer (K, V) [NB, KVH] float32 views, or None.
+    On the CPU, a bfloat16 model's linear layers are repacked for oneDNN in place unless
+    pack_linears is False (models/cpu_packed_linear.py); packed_linears says how many.
     """
 
     def __init__(self, model: LlamaForCausalLM, config: ModelConfig, num_blocks: int,
-                 block_size: int = 16, kv_dtype: torch.dtype | None = None):
+                 block_size: int = 16, kv_dtype: torch.dtype | None = None, pack_linears: bool = True):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be >= 1")
         self.model = model
         self.config = config
+        self.packed_linears = pack_linears_for_cpu(model) if pack_linears else 0
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.device = next(model.parameters()).device
