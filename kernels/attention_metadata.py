@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,6 +17,8 @@ class AttentionMetadata:
     query_start_loc: [B+1] cumulative new-token counts (cu_seqlens of the queries).
     query_lens_cpu / seq_lens_cpu: the same lengths as Python lists, so the CPU path does not
     synchronise on tensors.
+    step_cache: scratch space for this step only: what the CPU attention derives from the batch
+    layout once and every layer reuses.
     """
 
     slot_mapping: torch.Tensor
@@ -25,3 +27,4 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    step_cache: dict = field(default_factory=dict, repr=False)

@@ -1,20 +1,27 @@
 """Decode attention for the CPU path: single-token queries of many sequences over a paged cache.
 
 `reference.paged_attention` sends its q_len-1 rows here. The work is memory-bound and the queries
-are tiny (`group` query heads per KV head), so what matters is how K/V are read:
+are tiny (`group` query heads per KV head), so what matters is how often K/V are copied:
 - rows are grouped by context length (each group padded to its longest row, at most 2x its
   shortest), so that one long row does not pad every short one to its length;
-- a group's blocks are gathered with one block-granular `index_select` and made head-major
-  ([m * KVH, ctx, D], one copy), so that both products are single contiguous batched matmuls:
-  [group, D] x [D, ctx] and [group, ctx] x [ctx, D] per (row, KV head). SDPA with q_len = group
-  spends most of its time in per-(row, head) setup at these shapes.
+- a group's blocks are gathered with one block-granular `index_select` each for K and V, as
+  [m, ctx, KVH * D], and used in that layout: each query head is placed in its KV head's slot of
+  an otherwise zero [H, KVH * D] matrix, so QK^T is one contiguous batched matmul, and PV another
+  whose [H, KVH * D] result is read back at each head's own slot. That spends KVH times the
+  (cheap) multiply-adds to save the copy a head-major layout would cost (SDPA at q_len = group
+  spends most of its time in per-(row, head) setup at these shapes).
+Everything that depends only on the batch (groups, block ids, masks) is computed once per step,
+in a DecodePlan that the layers share.
+
 Slots past a row's length hold whatever their block held before. Their scores are set to -inf
-(which also replaces a NaN), so they get probability 0; if the output is nonetheless non-finite
-(a stale inf/NaN value times 0), the group is recomputed with those V slots zeroed, which is what
+(which also replaces a NaN), so they get probability 0; if the output nonetheless has a NaN (a
+stale inf/NaN value times 0), the group is recomputed with those V slots zeroed, which is what
 the Triton kernel does (it loads zeros there).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -36,56 +43,82 @@ def group_rows_by_length(rows: list[int], seq_lens: list[int]) -> list[list[int]
     return groups
 
 
-def decode_attention(query: torch.Tensor, caches: tuple[torch.Tensor, torch.Tensor],
-                     scales: tuple[torch.Tensor | None, torch.Tensor | None], block_tables: torch.Tensor,
-                     seq_lens: list[int], starts: list[int], rows: list[int], scale: float,
-                     out: torch.Tensor) -> None:
-    """Attention of one query token per row over that row's first seq_lens[row] cached tokens.
+@dataclass
+class RowGroup:
+    """m rows padded to ctx = num_blocks * block_size slots.
 
-    query/out: [T, H, D] (row b's token at starts[b]; only those tokens of `out` are written);
-    caches: (key, value) [NB, BS, KVH, D]; scales: their [NB, KVH] scales for an int8/fp8 cache,
-    else None; block_tables: [B, max_blocks]; seq_lens, starts: per row b, Python ints.
+    tokens: [m] positions of the rows' query tokens in the packed batch; block_ids: [m * blocks]
+    their blocks, row by row; padding: [m, 1, ctx] True at slots past a row's length.
     """
-    for group in group_rows_by_length(rows, seq_lens):
-        _attend_group(query, caches, scales, block_tables, seq_lens, starts, group, scale, out)
+
+    tokens: torch.Tensor
+    block_ids: torch.Tensor
+    padding: torch.Tensor
+    num_blocks: int
 
 
-def _attend_group(query, caches, scales, block_tables, seq_lens, starts, rows, scale, out) -> None:
-    """decode_attention for rows padded to one length (ctx, a whole number of blocks)."""
-    block_size, num_kv_heads, head_dim = caches[0].shape[1:]
+@dataclass
+class DecodePlan:
+    """The row groups of one step's decode rows, shared by every layer of that step."""
+
+    groups: list[RowGroup]
+
+    @classmethod
+    def build(cls, block_tables: torch.Tensor, seq_lens: list[int], starts: list[int], rows: list[int],
+              block_size: int, device: torch.device) -> DecodePlan:
+        """Group rows (their seq_lens, and starts: their token positions) and look up their blocks."""
+        groups = []
+        for rows_in_group in group_rows_by_length(rows, seq_lens):
+            num_blocks = -(-seq_lens[rows_in_group[0]] // block_size)  # the first is the longest
+            index = torch.tensor(rows_in_group, device=block_tables.device)
+            block_ids = block_tables[index, :num_blocks].reshape(-1).to(device=device, dtype=torch.long)
+            lens = torch.tensor([seq_lens[b] for b in rows_in_group], device=device)
+            slots = torch.arange(num_blocks * block_size, device=device)
+            padding = (slots.unsqueeze(0) >= lens.unsqueeze(1)).unsqueeze(1)
+            tokens = torch.tensor([starts[b] for b in rows_in_group], device=device)
+            groups.append(RowGroup(tokens, block_ids, padding, num_blocks))
+        return cls(groups)
+
+
+def decode_attention(query: torch.Tensor, caches: tuple[torch.Tensor, torch.Tensor],
+                     scales: tuple[torch.Tensor | None, torch.Tensor | None], plan: DecodePlan,
+                     scale: float, out: torch.Tensor) -> None:
+    """Attention of each planned row's query token over that row's cached tokens.
+
+    query/out: [T, H, D] (only the planned rows' tokens of `out` are written); caches: (key,
+    value) [NB, BS, KVH, D]; scales: their [NB, KVH] scales for an int8/fp8 cache, else None.
+    """
     num_heads = query.shape[1]
-    group = num_heads // num_kv_heads
-    device = query.device
-    m = len(rows)
-    lens = torch.tensor([seq_lens[b] for b in rows], device=device)
-    num_blocks = -(-seq_lens[rows[0]] // block_size)  # rows[0] is the longest
-    ctx = num_blocks * block_size
-    tables = block_tables[torch.tensor(rows, device=block_tables.device), :num_blocks]
-    tables = tables.reshape(-1).long().to(device)
-    valid = torch.arange(ctx, device=device).unsqueeze(0) < lens.unsqueeze(1)  # [m, ctx]
-    idx = torch.tensor([starts[b] for b in rows], device=device)
-    q = query[idx].view(m * num_kv_heads, group, head_dim)  # query head h uses KV head h // group
-
-    def gather(cache: torch.Tensor, cache_scales: torch.Tensor | None) -> torch.Tensor:
-        blocks = cache.index_select(0, tables)  # [m * blocks, BS, KVH, D]
-        if cache_scales is not None:
-            blocks = dequantize_blocks(blocks, cache_scales.index_select(0, tables))
-        return blocks.to(q.dtype).view(m, ctx, num_kv_heads, head_dim)
-
-    k, v = gather(caches[0], scales[0]), gather(caches[1], scales[1])
-    k = k.transpose(1, 2).reshape(m * num_kv_heads, ctx, head_dim)
-    scores = torch.bmm(q, k.transpose(1, 2)).view(m, num_heads, ctx).float() * scale
-    scores.masked_fill_(~valid.unsqueeze(1), float("-inf"))
-    probs = scores.softmax(-1).to(q.dtype).view(m * num_kv_heads, group, ctx)
-    o = _weighted_values(probs, v, m, num_kv_heads, ctx, head_dim)
-    if not bool(torch.isfinite(o).all()):
-        o = _weighted_values(probs, v.masked_fill(~valid[:, :, None, None], 0.0), m, num_kv_heads, ctx,
-                             head_dim)
-    out[idx] = o.view(m, num_heads, head_dim).to(out.dtype)
+    num_kv_heads, head_dim = caches[0].shape[2:]
+    group_size = num_heads // num_kv_heads
+    heads = torch.arange(num_heads, device=query.device)
+    kv_slot = heads // group_size  # query head h reads KV head h // group_size
+    for group in plan.groups:
+        m = group.tokens.numel()
+        k, v = (_gather(cache, cache_scales, group, query.dtype) for cache, cache_scales in zip(caches, scales))
+        q = query.new_zeros(m, num_heads, num_kv_heads, head_dim)
+        q[:, heads, kv_slot] = query[group.tokens]
+        scores = torch.bmm(q.view(m, num_heads, -1), k.transpose(1, 2)).float() * scale  # [m, H, ctx]
+        scores.masked_fill_(group.padding, float("-inf"))
+        probs = scores.softmax(-1).to(query.dtype)
+        o = _own_slots(torch.bmm(probs, v), heads, kv_slot, head_dim)
+        if bool(o.isnan().any()):
+            o = _own_slots(torch.bmm(probs, v.masked_fill(group.padding.transpose(1, 2), 0.0)), heads, kv_slot,
+                           head_dim)
+        out[group.tokens] = o.to(out.dtype)
 
 
-def _weighted_values(probs: torch.Tensor, v: torch.Tensor, m: int, num_kv_heads: int, ctx: int,
-                     head_dim: int) -> torch.Tensor:
-    """probs [m * KVH, group, ctx] x v [m, ctx, KVH, D] -> [m * KVH, group, D]."""
-    v = v.transpose(1, 2).reshape(m * num_kv_heads, ctx, head_dim)
-    return torch.bmm(probs, v)
+def _own_slots(o: torch.Tensor, heads: torch.Tensor, kv_slot: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[m, H, KVH * D] products of every head with every KV head's values -> [m, H, D], each head's
+    own KV head's."""
+    return o.view(o.shape[0], o.shape[1], -1, head_dim)[:, heads, kv_slot]
+
+
+def _gather(cache: torch.Tensor, cache_scales: torch.Tensor | None, group: RowGroup,
+            dtype: torch.dtype) -> torch.Tensor:
+    """The group's K (or V) as [m, ctx, KVH * D] in the query's dtype (dequantized if int8/fp8)."""
+    blocks = cache.index_select(0, group.block_ids)  # [m * blocks, BS, KVH, D]
+    if cache_scales is not None:
+        blocks = dequantize_blocks(blocks, cache_scales.index_select(0, group.block_ids))
+    m = group.tokens.numel()
+    return blocks.to(dtype).view(m, group.num_blocks * cache.shape[1], -1)

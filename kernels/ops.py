@@ -77,13 +77,14 @@ def write_kv_to_cache(key, value, key_cache, value_cache, slot_mapping, k_scale=
 
 
 def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
-                    query_lens_cpu=None, seq_lens_cpu=None, k_scale=None, v_scale=None):
+                    query_lens_cpu=None, seq_lens_cpu=None, k_scale=None, v_scale=None, step_cache=None):
     """See reference.paged_attention. On the Triton path a step of only decode tokens runs the
-    split-K decode kernel; any step with a longer chunk runs the varlen prefill kernel."""
+    split-K decode kernel; any step with a longer chunk runs the varlen prefill kernel
+    (step_cache is the reference's; the kernels need none)."""
     if not use_triton(query):
         return reference.paged_attention(query, key_cache, value_cache, block_tables, seq_lens,
                                          query_start_loc, scale, query_lens_cpu, seq_lens_cpu,
-                                         k_scale, v_scale)
+                                         k_scale, v_scale, step_cache)
     q_lens = query_lens_cpu or (query_start_loc[1:] - query_start_loc[:-1]).tolist()
     if q_lens and max(q_lens) == 1 and len(q_lens) == query.shape[0]:
         from kernels.triton_decode_attention import choose_num_splits, paged_decode_attention

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_decode_attention import decode_attention
+from kernels.cpu_decode_attention import DecodePlan, decode_attention
 from kernels.kv_quant import dequantize_blocks, is_quantized, write_quantized
 
 
@@ -93,7 +93,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                     block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                     scale: float, query_lens_cpu: list[int] | None = None,
                     seq_lens_cpu: list[int] | None = None, k_scale: torch.Tensor | None = None,
-                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                    v_scale: torch.Tensor | None = None, step_cache: dict | None = None) -> torch.Tensor:
     """Causal attention of packed queries over each sequence's paged K/V (prefill, chunked
     prefill with a cached prefix, and decode in one call).
 
@@ -102,6 +102,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     seq_lens[b] tokens (their K/V must already be in the cache).
     key_cache/value_cache: [NB, BS, KVH, D]; block_tables: [B, max_blocks]; seq_lens: [B];
     query_start_loc: [B+1]; k_scale/v_scale: [NB, KVH] scales of an int8/fp8 cache. Returns [T, H, D].
+    step_cache: a dict that lives for one step (AttentionMetadata.step_cache), where what depends
+    only on the batch is kept for the step's other layers.
     """
     if is_quantized(key_cache.dtype) and (k_scale is None or v_scale is None):
         raise ValueError(f"a {key_cache.dtype} KV cache needs k_scale and v_scale")
@@ -115,8 +117,12 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         starts.append(starts[-1] + q_len)
     decode_rows = [b for b, q_len in enumerate(q_lens) if q_len == 1]
     if decode_rows:
-        decode_attention(query, (key_cache, value_cache), (k_scale, v_scale), block_tables, s_lens,
-                         starts, decode_rows, scale, out)
+        plan = step_cache.get("cpu_decode_plan") if step_cache is not None else None
+        if plan is None:
+            plan = DecodePlan.build(block_tables, s_lens, starts, decode_rows, key_cache.shape[1], query.device)
+            if step_cache is not None:
+                step_cache["cpu_decode_plan"] = plan
+        decode_attention(query, (key_cache, value_cache), (k_scale, v_scale), plan, scale, out)
     for b, q_len in enumerate(q_lens):
         if q_len == 1 or q_len == 0:
             continue

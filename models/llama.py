@@ -48,7 +48,7 @@ class Attention(nn.Module):
         ops.write_kv_to_cache(k, v, key_cache, value_cache, meta.slot_mapping, k_scale, v_scale)
         out = ops.paged_attention(q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
                                   meta.query_start_loc, self.scale, meta.query_lens_cpu,
-                                  meta.seq_lens_cpu, k_scale, v_scale)
+                                  meta.seq_lens_cpu, k_scale, v_scale, meta.step_cache)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 

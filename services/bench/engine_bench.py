@@ -2,7 +2,7 @@
 measured in the same run, on the same prompts and output lengths, plus the engine's KV waste.
 
     python -m services.bench.engine_bench --size base --num-requests 64 --hf-single-requests 16
-        --threads 1 [--json out.json]        (one command line)
+        [--dtype bfloat16] [--threads N] [--json out.json]        (one command line)
 
 Workload: num_requests prompts of prompt_len random token ids (fixed seed), output lengths from
 an exponential of mean 128 capped at 512, greedy with ignore_eos, all submitted at once.
@@ -12,13 +12,16 @@ at a time; (c) `generate` in static batches of 16 (each batch runs to its longes
 seconds, tokens/s; the ratios a/b (target >= 8), a/c (target >= 2), a/d; the engine's KV waste
 (unused / allocated slots of the running sequences, after every step; target < 4%); greedy-token
 parity between the systems. Not a timed test: the figures are printed, and the ratios compare
-systems measured in one run on the same machine.
+systems measured in one run on the same machine. Every system runs in the same dtype with the
+same torch threads; in bfloat16 the pdserve engine's CPU linear layers are packed for oneDNN
+(models/cpu_packed_linear.py), transformers runs its own code as users run it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -43,6 +46,7 @@ BLOCK_SIZE = 16
 TARGETS = {"b": 8.0, "c": 2.0}
 KV_WASTE_TARGET = 0.04
 REPO_ROOT = Path(__file__).resolve().parents[2]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,10 +64,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hf-single-requests", type=int, default=None,
                    help="run (b) on this many requests spread over the workload and estimate the "
                         "rest from them (default: all)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads, the same for every system (default 1: on the 2-core CI "
-                        "machine a second thread gave no speed-up, and under load it made steps several "
-                        "times slower)")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
+                   help="weights and activations of every system (default bfloat16, what models are "
+                        "served in)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="torch CPU threads, the same for every system (default: all cores; on a "
+                        "machine busy with other work fewer threads are steadier)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and output lengths")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
@@ -86,27 +92,29 @@ def warm_up(runner: ModelRunner, tokenizer: Tokenizer, hf_model, workload: Workl
     hf_generate(hf_model, list(tiny.prompts[:1]), 4)
 
 
-def load_hf(model_dir: Path):
-    """The transformers model in float32 with EOS stopping off (ignore_eos: every request runs to
+def load_hf(model_dir: Path, dtype: torch.dtype):
+    """The transformers model in `dtype` with EOS stopping off (ignore_eos: every request runs to
     its length; min_new_tokens would instead mask EOS and change the greedy tokens)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     model.generation_config.eos_token_id = None
     return model
 
 
 def run_all(args: argparse.Namespace, model_dir: Path) -> tuple[Workload, dict[str, SystemResult], dict]:
     """Load both models, build the workload, run (a), (d), (c), (b); returns the results."""
-    model, model_config = load_model(model_dir, dtype=torch.float32)
+    dtype = DTYPES[args.dtype]
+    model, model_config = load_model(model_dir, dtype=dtype)
+    params = sum(p.numel() for p in model.parameters())  # before the runner packs the linear layers
     tokenizer = Tokenizer.from_dir(model_dir)
     workload = make_workload(args.num_requests, args.prompt_len, args.mean_output, args.max_output,
                              model_config.vocab_size, args.seed)
     runner = ModelRunner(model, model_config, blocks_for_workload(workload, BLOCK_SIZE) + 1, BLOCK_SIZE)
-    hf_model = load_hf(model_dir)
+    hf_model = load_hf(model_dir, dtype)
     warm_up(runner, tokenizer, hf_model, workload)
     k = args.static_batch
     # (b) runs last: it is the slowest.
@@ -116,7 +124,7 @@ def run_all(args: argparse.Namespace, model_dir: Path) -> tuple[Workload, dict[s
     subset = spread_subset(workload.num_requests, args.hf_single_requests or workload.num_requests)
     b = run_hf_single(hf_model, workload, subset)
     results = {"a": a, "b": b, "c": c, "d": d}
-    model_info = {"params": sum(p.numel() for p in model.parameters()),
+    model_info = {"params": params, "packed_linears": runner.packed_linears,
                   "hidden_size": model_config.hidden_size, "num_layers": model_config.num_layers,
                   "kv_blocks": runner.num_blocks}
     return workload, results, model_info
@@ -129,7 +137,8 @@ def header_lines(args, command: str, stamp: dict, workload: Workload, model_info
             f"command: {command}",
             f"model: make-tiny-model --arch {args.arch} --size {args.size} "
             f"({model_info['params'] / 1e6:.1f}M params, hidden {model_info['hidden_size']}, "
-            f"{model_info['num_layers']} layers), float32, CPU, torch threads {args.threads}",
+            f"{model_info['num_layers']} layers), {args.dtype}, CPU, torch threads {args.threads}, "
+            f"{model_info['packed_linears']} pdserve linear layers packed for oneDNN",
             f"workload: {workload.num_requests} requests x {args.prompt_len}-token prompts, output "
             f"lengths capped exponential (mean {args.mean_output:g}, cap {args.max_output}): total "
             f"{workload.total_output_tokens}, mean {mean:.1f}, max {max(workload.output_lens)}; "
@@ -164,7 +173,8 @@ def report(args, argv: list[str], workload: Workload, results: dict[str, SystemR
     systems = {k: {"name": r.name, "output_tokens": r.output_tokens, "seconds": r.seconds,
                    "tokens_per_s": r.tokens_per_s, "estimated": r.estimated, "note": r.note,
                    "extra": r.extra} for k, r in results.items()}
-    return {"command": command, **stamp, "size": args.size, "threads": args.threads, "model": model_info,
+    return {"command": command, **stamp, "size": args.size, "dtype": args.dtype, "threads": args.threads,
+            "model": model_info,
             "num_requests": workload.num_requests, "total_output_tokens": workload.total_output_tokens,
             "ratios": ratios, "systems": systems, "kv_waste": a.kv_waste.as_dict(),
             "kv_waste_static": results["d"].kv_waste.as_dict(), "parity": parities,
