@@ -60,12 +60,13 @@ def silu_and_mul(gate_up):
     return reference.silu_and_mul(gate_up)
 
 
-def apply_rotary(q, k, positions, cos_sin_cache):
-    """See reference.apply_rotary: rotate q [T, H, D] and k [T, KVH, D] by position."""
+def apply_rotary(q, k, positions, cos_sin_cache, step_cache=None):
+    """See reference.apply_rotary: rotate q [T, H, D] and k [T, KVH, D] by position
+    (step_cache is the reference's)."""
     if use_triton(q):
         from kernels.triton_rotary import apply_rotary as triton_apply_rotary
         return triton_apply_rotary(q, k, positions, cos_sin_cache)
-    return reference.apply_rotary(q, k, positions, cos_sin_cache)
+    return reference.apply_rotary(q, k, positions, cos_sin_cache, step_cache)
 
 
 def write_kv_to_cache(key, value, key_cache, value_cache, slot_mapping, k_scale=None, v_scale=None):

@@ -35,21 +35,24 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-                 cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 cos_sin_cache: torch.Tensor, step_cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, H, D] and k [T, KVH, D] by position (HF's rotate-half convention).
 
     cos_sin_cache: [max_positions, D] holding [cos | sin] of the D/2 frequencies (float32).
+    step_cache: as in paged_attention; keeps the step's [T, 1, D] cos and sin for later layers.
     """
-    cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)  # [T, D/2] each
-    cos = torch.cat([cos, cos], dim=-1).unsqueeze(1)
-    sin = torch.cat([sin, sin], dim=-1).unsqueeze(1)
-
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(torch.float32)
-        x1, x2 = xf.chunk(2, dim=-1)
-        return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
-
-    return rotate(q), rotate(k)
+    tables = step_cache.get("rotary") if step_cache is not None else None
+    if tables is None:
+        cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)  # [T, D/2] each
+        tables = (torch.cat([cos, cos], dim=-1).unsqueeze(1), torch.cat([sin, sin], dim=-1).unsqueeze(1))
+        if step_cache is not None:
+            step_cache["rotary"] = tables
+    cos, sin = tables
+    # q and k rotated as one tensor: half the elementwise calls, which dominate at decode sizes
+    x = torch.cat([q, k], dim=1).to(torch.float32)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(q.dtype)
+    return rotated[:, :q.shape[1]], rotated[:, q.shape[1]:]
 
 
 def write_kv_to_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,

@@ -42,7 +42,7 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = ops.apply_rotary(q, k, positions, cos_sin)
+        q, k = ops.apply_rotary(q, k, positions, cos_sin, meta.step_cache)
         key_cache, value_cache = kv_cache
         k_scale, v_scale = kv_scales or (None, None)
         ops.write_kv_to_cache(k, v, key_cache, value_cache, meta.slot_mapping, k_scale, v_scale)
