@@ -22,10 +22,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     """
     if residual is not None:
         x = x + residual
-    residual_out = x
-    xf = x.to(torch.float32)
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype), residual_out
+    normed = torch.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=eps)  # x * rsqrt(mean(x^2) + eps)
+    return weight * normed.to(x.dtype), x
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -84,12 +84,14 @@ def blocks_for_workload(workload: Workload, block_size: int) -> int:
     return sum(-(-(len(p) + n) // block_size) for p, n in zip(workload.prompts, workload.output_lens))
 
 
-def warm_up(runner: ModelRunner, tokenizer: Tokenizer, hf_model, workload: Workload) -> None:
-    """One short run of each code path, so one-time costs (allocations, kernels) are not timed."""
-    tiny = Workload(workload.prompts[:2], (4, 4))
-    run_pdserve("warm-up", runner, tokenizer, tiny, None)
-    hf_generate(hf_model, list(tiny.prompts), 4)
-    hf_generate(hf_model, list(tiny.prompts[:1]), 4)
+def warm_up(runner: ModelRunner, tokenizer: Tokenizer, hf_model, workload: Workload, batch: int) -> None:
+    """A short run of each code path at the sizes the timed runs start with (the first `batch`
+    prompts together, then one alone), so that one-time costs (allocations, oneDNN kernels built
+    for a new shape) are not timed."""
+    first = Workload(workload.prompts[:batch], (2,) * min(batch, workload.num_requests))
+    run_pdserve("warm-up", runner, tokenizer, first, None)
+    hf_generate(hf_model, list(first.prompts), 2)
+    hf_generate(hf_model, list(first.prompts[:1]), 4)
 
 
 def load_hf(model_dir: Path, dtype: torch.dtype):
@@ -115,8 +117,8 @@ def run_all(args: argparse.Namespace, model_dir: Path) -> tuple[Workload, dict[s
                              model_config.vocab_size, args.seed)
     runner = ModelRunner(model, model_config, blocks_for_workload(workload, BLOCK_SIZE) + 1, BLOCK_SIZE)
     hf_model = load_hf(model_dir, dtype)
-    warm_up(runner, tokenizer, hf_model, workload)
     k = args.static_batch
+    warm_up(runner, tokenizer, hf_model, workload, k)
     # (b) runs last: it is the slowest.
     a = run_pdserve("(a) pdserve engine, continuous batching", runner, tokenizer, workload, None)
     c = run_hf_static(hf_model, workload, k)
