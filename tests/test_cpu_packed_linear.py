@@ -52,6 +52,13 @@ def test_runner_packs_every_bfloat16_layer(tiny_dir):
     assert model.layers[0].self_attn.qkv_proj.bias is not None  # qwen2's q/k/v biases kept
 
 
+def test_a_model_shared_by_two_runners_is_packed_once(tiny_dir):
+    model, config = load_model(tiny_dir, dtype=torch.bfloat16)
+    first = ModelRunner(model, config, 8, BLOCK_SIZE)
+    second = ModelRunner(model, config, 8, BLOCK_SIZE)
+    assert first.packed_linears == second.packed_linears == len(packed_layers(model)) > 0
+
+
 def test_a_tied_output_head_is_not_packed(tied_dir):
     model = engine_for(tied_dir, pack=True)[1].model
     assert len(packed_layers(model)) == 4 * model.config.num_layers

@@ -11,7 +11,7 @@ from kernels.attention_metadata import AttentionMetadata
 from kernels.kv_cache_alloc import allocate_cache, cache_block_bytes
 from kernels.kv_quant import kv_cache_torch_dtype
 from models.config import ModelConfig
-from models.cpu_packed_linear import pack_linears_for_cpu
+from models.cpu_packed_linear import PackedLinear, pack_linears_for_cpu
 from models.llama import LlamaForCausalLM
 from models.loader import load_model
 
@@ -62,7 +62,8 @@ class ModelRunner:
     kv_data: per layer (K, V) [NB, BS, KVH, D] views the model reads and writes (= kv_caches
         for a float cache); kv_scales: per layer (K, V) [NB, KVH] float32 views, or None.
     On the CPU, a bfloat16 model's linear layers are repacked for oneDNN in place unless
-    pack_linears is False (models/cpu_packed_linear.py); packed_linears says how many.
+    pack_linears is False (models/cpu_packed_linear.py); packed_linears: how many of the model's
+    layers are packed (a model shared by several runners is packed once).
     """
 
     def __init__(self, model: LlamaForCausalLM, config: ModelConfig, num_blocks: int,
@@ -71,7 +72,9 @@ class ModelRunner:
             raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be >= 1")
         self.model = model
         self.config = config
-        self.packed_linears = pack_linears_for_cpu(model) if pack_linears else 0
+        if pack_linears:
+            pack_linears_for_cpu(model)
+        self.packed_linears = sum(isinstance(m, PackedLinear) for m in model.modules())
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.device = next(model.parameters()).device
