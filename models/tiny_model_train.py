@@ -13,9 +13,7 @@ same weights on the same machine and torch build.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +22,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 
 from models.config import ModelConfig
 from models.rope import rope_inv_freq
+from models.torch_threads import one_torch_thread
 from models.tiny_tokenizer_train import CORPUS_PATH
 
 TRAIN_TEXT_TOKENS = 2048  # the start of the corpus the model learns
@@ -32,17 +31,6 @@ WINDOW = 128  # tokens per training window: positions 0..127 are trained
 PEAK_LR = 3e-3
 WARMUP_STEPS = 20
 WEIGHT_DECAY = 0.01
-
-
-@contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    """Run torch on one thread (deterministic reductions; fast for tiny matmuls)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -122,7 +110,7 @@ def train_weights(weights: dict[str, torch.Tensor], config: ModelConfig, tokens:
     optimizer = torch.optim.AdamW(params.values(), lr=PEAK_LR, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY)
     offsets = torch.arange(WINDOW + 1)
     loss = float("nan")
-    with _single_thread():
+    with one_torch_thread():
         for step in range(steps):
             # windows wrap around the end, so that every token is trained on equally often
             starts = torch.randint(0, tokens.numel(), (BATCH_SIZE,), generator=gen)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +11,7 @@ from models.loader import load_model
 from models.sampling_params import SamplingParams
 from models.tiny_model import make_tiny_model
 from models.tokenizer import Tokenizer
+from models.torch_threads import one_torch_thread  # noqa: F401 (tests import it from here)
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.model_runner import ModelRunner
@@ -40,18 +39,6 @@ def load_tiny(directory) -> TinyModel:
     path = make_tiny_model(directory, arch="llama", seed=0, size="tiny")
     model, config = load_model(path, dtype=torch.float32)
     return TinyModel(model, config, Tokenizer.from_dir(path))
-
-
-@contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Run torch single-threaded: the tiny model gains nothing from threads, and on a busy
-    2-core machine spinning OpenMP threads make steps 10-100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def random_prompt(rng: random.Random, length: int, vocab: int = 512) -> list[int]:
