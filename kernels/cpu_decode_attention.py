@@ -64,13 +64,18 @@ class RowGroup:
 
 @dataclass
 class DecodePlan:
-    """The row groups of one step's decode rows, shared by every layer of that step."""
+    """The row groups of one step's decode rows, shared by every layer of that step.
+
+    heads: [H] 0..H-1; kv_slot: [H] the KV head each query head reads (h // (H / KVH)).
+    """
 
     groups: list[RowGroup]
+    heads: torch.Tensor
+    kv_slot: torch.Tensor
 
     @classmethod
     def build(cls, block_tables: torch.Tensor, seq_lens: list[int], starts: list[int], rows: list[int],
-              block_size: int, device: torch.device) -> DecodePlan:
+              block_size: int, num_heads: int, num_kv_heads: int, device: torch.device) -> DecodePlan:
         """Group rows (their seq_lens, and starts: their token positions) and look up their blocks."""
         groups = []
         for rows_in_group in group_rows_by_length(rows, seq_lens):
@@ -82,7 +87,8 @@ class DecodePlan:
             padding = (slots.unsqueeze(0) >= lens.unsqueeze(1)).unsqueeze(1)
             tokens = torch.tensor([starts[b] for b in rows_in_group], device=device)
             groups.append(RowGroup(tokens, block_ids, padding, num_blocks))
-        return cls(groups)
+        heads = torch.arange(num_heads, device=device)
+        return cls(groups, heads, heads // (num_heads // num_kv_heads))
 
 
 def decode_attention(query: torch.Tensor, caches: tuple[torch.Tensor, torch.Tensor],
@@ -95,9 +101,7 @@ def decode_attention(query: torch.Tensor, caches: tuple[torch.Tensor, torch.Tens
     """
     num_heads = query.shape[1]
     num_kv_heads, head_dim = caches[0].shape[2:]
-    group_size = num_heads // num_kv_heads
-    heads = torch.arange(num_heads, device=query.device)
-    kv_slot = heads // group_size  # query head h reads KV head h // group_size
+    heads, kv_slot = plan.heads, plan.kv_slot
     for group in plan.groups:
         m = group.tokens.numel()
         k, v = (_gather(cache, cache_scales, group, query.dtype) for cache, cache_scales in zip(caches, scales))

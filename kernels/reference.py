@@ -120,7 +120,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     if decode_rows:
         plan = step_cache.get("cpu_decode_plan") if step_cache is not None else None
         if plan is None:
-            plan = DecodePlan.build(block_tables, s_lens, starts, decode_rows, key_cache.shape[1], query.device)
+            plan = DecodePlan.build(block_tables, s_lens, starts, decode_rows, key_cache.shape[1], num_heads,
+                                    num_kv_heads, query.device)
             if step_cache is not None:
                 step_cache["cpu_decode_plan"] = plan
         decode_attention(query, (key_cache, value_cache), (k_scale, v_scale), plan, scale, out)
