@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.kv_quant import dequantize_blocks
+from pdserve.kernels.kv_quant import dequantize_blocks
 
 MAX_PADDING_FACTOR = 2  # a group's longest context is at most this times its shortest
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.kv_quant import is_quantized
+from pdserve.kernels.kv_quant import is_quantized
 
 ALIGN = 16  # bytes: each packed block starts 16-byte aligned, for vector loads on the GPU
 

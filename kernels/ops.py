@@ -13,7 +13,7 @@ from functools import cache
 
 import torch
 
-from kernels import reference
+from pdserve.kernels import reference
 
 BACKENDS = ("auto", "reference", "triton")
 BACKEND = os.environ.get("PDSERVE_KERNELS", "auto")
@@ -47,7 +47,7 @@ def use_triton(tensor: torch.Tensor) -> bool:
 def rms_norm(x, weight, eps, residual=None):
     """See reference.rms_norm: x, residual [T, hidden] -> (normed, x + residual)."""
     if use_triton(x):
-        from kernels.triton_norm import rms_norm as triton_rms_norm
+        from pdserve.kernels.triton_norm import rms_norm as triton_rms_norm
         return triton_rms_norm(x, weight, eps, residual)
     return reference.rms_norm(x, weight, eps, residual)
 
@@ -55,7 +55,7 @@ def rms_norm(x, weight, eps, residual=None):
 def silu_and_mul(gate_up):
     """See reference.silu_and_mul: [T, 2*I] -> [T, I]."""
     if use_triton(gate_up):
-        from kernels.triton_activation import silu_and_mul as triton_silu_and_mul
+        from pdserve.kernels.triton_activation import silu_and_mul as triton_silu_and_mul
         return triton_silu_and_mul(gate_up)
     return reference.silu_and_mul(gate_up)
 
@@ -64,7 +64,7 @@ def apply_rotary(q, k, positions, cos_sin_cache, step_cache=None):
     """See reference.apply_rotary: rotate q [T, H, D] and k [T, KVH, D] by position
     (step_cache is the reference's)."""
     if use_triton(q):
-        from kernels.triton_rotary import apply_rotary as triton_apply_rotary
+        from pdserve.kernels.triton_rotary import apply_rotary as triton_apply_rotary
         return triton_apply_rotary(q, k, positions, cos_sin_cache)
     return reference.apply_rotary(q, k, positions, cos_sin_cache, step_cache)
 
@@ -72,7 +72,7 @@ def apply_rotary(q, k, positions, cos_sin_cache, step_cache=None):
 def write_kv_to_cache(key, value, key_cache, value_cache, slot_mapping, k_scale=None, v_scale=None):
     """See reference.write_kv_to_cache: store [T, KVH, D] at flat slots (int8/fp8 with scales)."""
     if use_triton(key):
-        from kernels.triton_kv_write import write_kv_to_cache as triton_write
+        from pdserve.kernels.triton_kv_write import write_kv_to_cache as triton_write
         return triton_write(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
     return reference.write_kv_to_cache(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
 
@@ -88,14 +88,14 @@ def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query
                                          k_scale, v_scale, step_cache)
     q_lens = query_lens_cpu or (query_start_loc[1:] - query_start_loc[:-1]).tolist()
     if q_lens and max(q_lens) == 1 and len(q_lens) == query.shape[0]:
-        from kernels.triton_decode_attention import choose_num_splits, paged_decode_attention
+        from pdserve.kernels.triton_decode_attention import choose_num_splits, paged_decode_attention
         splits = DECODE_NUM_SPLITS
         if splits is None:
             s_lens = seq_lens_cpu or seq_lens.tolist()
             splits = choose_num_splits(len(q_lens), key_cache.shape[2], max(s_lens), 64, _num_sms(query))
         return paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens,
                                       query_start_loc, scale, splits, k_scale, v_scale)
-    from kernels.triton_prefill_attention import paged_prefill_attention
+    from pdserve.kernels.triton_prefill_attention import paged_prefill_attention
     return paged_prefill_attention(query, key_cache, value_cache, block_tables, seq_lens,
                                    query_start_loc, scale, max(q_lens, default=0), k_scale, v_scale)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_decode_attention import DecodePlan, decode_attention
-from kernels.kv_quant import dequantize_blocks, is_quantized, write_quantized
+from pdserve.kernels.cpu_decode_attention import DecodePlan, decode_attention
+from pdserve.kernels.kv_quant import dequantize_blocks, is_quantized, write_quantized
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -1,4 +1,4 @@
-"""Triton SiLU-and-mul, the SwiGLU activation (reference: kernels.reference.silu_and_mul)."""
+"""Triton SiLU-and-mul, the SwiGLU activation (reference: pdserve.kernels.reference.silu_and_mul)."""
 
 from __future__ import annotations
 

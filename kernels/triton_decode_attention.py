@@ -3,7 +3,7 @@
 Program (sequence, KV head, split) attends the `group` query heads sharing that KV head (packed
 as the rows of one tile, so K/V are read once per group) over its share of the context, keeping
 an online softmax; a second kernel merges the splits by their log-sum-exp. With one split the
-first kernel writes the output itself. Reference: kernels.reference.paged_attention (q_len 1).
+first kernel writes the output itself. Reference: pdserve.kernels.reference.paged_attention (q_len 1).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_quant import is_quantized
-from kernels.triton_paged_kv import launch_options, load_kv_tile
+from pdserve.kernels.kv_quant import is_quantized
+from pdserve.kernels.triton_paged_kv import launch_options, load_kv_tile
 
 LOG2E = 1.4426950408889634
 

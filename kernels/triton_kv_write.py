@@ -1,5 +1,5 @@
 """Triton KV write into paged slots, for float caches and for int8/fp8 caches with per-block,
-per-head scales (reference: kernels.reference.write_kv_to_cache; quantization rules in
+per-head scales (reference: pdserve.kernels.reference.write_kv_to_cache; quantization rules in
 kernels/kv_quant.py). Cache offsets are computed in int64: block ids times the block stride
 pass 2**31 elements in caches of a few GiB."""
 
@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_quant import is_quantized, quant_max
-from kernels.triton_quant import quantize
+from pdserve.kernels.kv_quant import is_quantized, quant_max
+from pdserve.kernels.triton_quant import quantize
 
 
 @triton.jit

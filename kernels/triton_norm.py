@@ -1,4 +1,4 @@
-"""Triton RMSNorm with the residual add fused in (reference: kernels.reference.rms_norm)."""
+"""Triton RMSNorm with the residual add fused in (reference: pdserve.kernels.reference.rms_norm)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Covers prefill, chunked prefill and prefix-cache hits: sequence b's q_len querie
 q_len of its seq_len tokens, whose K/V (the cached prefix and the new tokens alike) are already in
 the paged cache. Program (sequence, query tile, KV head) packs BLOCK_Q tokens x the `group` query
 heads of that KV head into the rows of one tile, so K/V are read once per group. Decode rows
-(q_len 1) work too. Reference: kernels.reference.paged_attention.
+(q_len 1) work too. Reference: pdserve.kernels.reference.paged_attention.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_quant import is_quantized
-from kernels.triton_paged_kv import launch_options, load_kv_tile
+from pdserve.kernels.kv_quant import is_quantized
+from pdserve.kernels.triton_paged_kv import launch_options, load_kv_tile
 
 LOG2E = 1.4426950408889634
 

@@ -1,4 +1,4 @@
-"""Triton rotary embedding over q and k at once (reference: kernels.reference.apply_rotary).
+"""Triton rotary embedding over q and k at once (reference: pdserve.kernels.reference.apply_rotary).
 
 The table carries any frequency scaling (default, linear, llama3: models/rope.py builds it), so
 one kernel serves them all.

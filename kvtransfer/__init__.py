@@ -8,13 +8,25 @@
     transfer.finish(timeout=30)
 """
 
-from kvtransfer.backend import (KVReceiverBackend, KVSenderBackend, KVTransfer, ReceivedTransfer,
-                                TransferObserver, TransferStats)
-from kvtransfer.errors import (KVAuthError, KVLayoutMismatch, KVProtocolError, KVTransferCancelled,
-                               KVTransferError, UnknownReservation)
-from kvtransfer.layout import KVLayout
-from kvtransfer.tcp_receiver import TCPKVReceiver
-from kvtransfer.tcp_sender import TCPKVSender, TCPKVTransfer
+from pdserve.kvtransfer.backend import (
+                                KVReceiverBackend,
+                                KVSenderBackend,
+                                KVTransfer,
+                                ReceivedTransfer,
+                                TransferObserver,
+                                TransferStats,
+)
+from pdserve.kvtransfer.errors import (
+                                KVAuthError,
+                                KVLayoutMismatch,
+                                KVProtocolError,
+                                KVTransferCancelled,
+                                KVTransferError,
+                                UnknownReservation,
+)
+from pdserve.kvtransfer.layout import KVLayout
+from pdserve.kvtransfer.tcp_receiver import TCPKVReceiver
+from pdserve.kvtransfer.tcp_sender import TCPKVSender, TCPKVTransfer
 
 __all__ = [
     "KVAuthError", "KVLayout", "KVLayoutMismatch", "KVProtocolError", "KVReceiverBackend",

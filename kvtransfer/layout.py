@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from kvtransfer.errors import KVLayoutMismatch
+from pdserve.kvtransfer.errors import KVLayoutMismatch
 
 # Element sizes of the dtypes a KV cache may use; bytes move as they are, so 8-bit formats work too.
 DTYPE_SIZES = {

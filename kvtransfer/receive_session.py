@@ -14,12 +14,12 @@ import ssl
 import threading
 import time
 
-from kvtransfer import wire
-from kvtransfer.block_io import CacheBlocks
-from kvtransfer.errors import KVAuthError, KVProtocolError, KVTransferCancelled, KVTransferError
-from kvtransfer.layout import KVLayout
-from kvtransfer.reservations import Reservation, ReservationTable
-from kvtransfer.sockio import recv_exact, recv_into_views, send_views
+from pdserve.kvtransfer import wire
+from pdserve.kvtransfer.block_io import CacheBlocks
+from pdserve.kvtransfer.errors import KVAuthError, KVProtocolError, KVTransferCancelled, KVTransferError
+from pdserve.kvtransfer.layout import KVLayout
+from pdserve.kvtransfer.reservations import Reservation, ReservationTable
+from pdserve.kvtransfer.sockio import recv_exact, recv_into_views, send_views
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from typing import Protocol
 
 import numpy as np
 
-from kvtransfer.backend import OnComplete, ReceivedTransfer, TransferObserver
-from kvtransfer.errors import KVTransferCancelled, KVTransferError, UnknownReservation
-from kvtransfer.layout import KVLayout
-from kvtransfer.wire import Hello
+from pdserve.kvtransfer.backend import OnComplete, ReceivedTransfer, TransferObserver
+from pdserve.kvtransfer.errors import KVTransferCancelled, KVTransferError, UnknownReservation
+from pdserve.kvtransfer.layout import KVLayout
+from pdserve.kvtransfer.wire import Hello
 
 log = logging.getLogger(__name__)
 

@@ -9,13 +9,13 @@ import threading
 
 import torch
 
-from kvtransfer import wire
-from kvtransfer.backend import KVReceiverBackend, TransferObserver
-from kvtransfer.block_io import CacheBlocks
-from kvtransfer.layout import KVLayout
-from kvtransfer.receive_session import ReceiveSession
-from kvtransfer.reservations import OnComplete, ReservationTable
-from kvtransfer.sockio import configure_socket
+from pdserve.kvtransfer import wire
+from pdserve.kvtransfer.backend import KVReceiverBackend, TransferObserver
+from pdserve.kvtransfer.block_io import CacheBlocks
+from pdserve.kvtransfer.layout import KVLayout
+from pdserve.kvtransfer.receive_session import ReceiveSession
+from pdserve.kvtransfer.reservations import OnComplete, ReservationTable
+from pdserve.kvtransfer.sockio import configure_socket
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,12 @@ from collections.abc import Sequence
 
 import torch
 
-from kvtransfer import wire
-from kvtransfer.backend import KVSenderBackend, KVTransfer, TransferStats
-from kvtransfer.block_io import block_views, gather_blocks, tensor_bytes
-from kvtransfer.errors import KVProtocolError, KVTransferCancelled, KVTransferError, error_from_code
-from kvtransfer.layout import KVLayout
-from kvtransfer.sockio import configure_socket, readable, recv_exact, send_views
+from pdserve.kvtransfer import wire
+from pdserve.kvtransfer.backend import KVSenderBackend, KVTransfer, TransferStats
+from pdserve.kvtransfer.block_io import block_views, gather_blocks, tensor_bytes
+from pdserve.kvtransfer.errors import KVProtocolError, KVTransferCancelled, KVTransferError, error_from_code
+from pdserve.kvtransfer.layout import KVLayout
+from pdserve.kvtransfer.sockio import configure_socket, readable, recv_exact, send_views
 
 _FINISH, _CANCEL = object(), object()
 

@@ -24,8 +24,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from kvtransfer.errors import KVProtocolError
-from kvtransfer.layout import KVLayout
+from pdserve.kvtransfer.errors import KVProtocolError
+from pdserve.kvtransfer.layout import KVLayout
 
 MAGIC = b"PDKV"
 VERSION = 1

@@ -3,7 +3,7 @@
 `F.linear` on a plain [out, in] bfloat16 weight makes oneDNN read it in a layout its kernels do not
 want, on every call. Reordering the weight once into oneDNN's blocked layout (what torch's own
 CPU compiler does when it freezes a model) makes a decode step's matmuls, which only stream the
-weights, about 1.5x faster on an AVX-512 CPU (`python -m services.bench.engine_bench` shows it),
+weights, about 1.5x faster on an AVX-512 CPU (`python -m pdserve.bench.engine_bench` shows it),
 and gives the same results: the arithmetic is the same oneDNN kernel's.
 
 Only bfloat16 weights are packed. A float32 `F.linear` runs MKL instead, and the packed oneDNN

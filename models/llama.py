@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import ops
-from kernels.attention_metadata import AttentionMetadata
-from models.config import ModelConfig
-from models.rope import rope_cos_sin_cache
+from pdserve.kernels import ops
+from pdserve.kernels.attention_metadata import AttentionMetadata
+from pdserve.models.config import ModelConfig
+from pdserve.models.rope import rope_cos_sin_cache
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (key_cache, value_cache), each [NB, BS, KVH, D]
 KVScales = tuple[torch.Tensor, torch.Tensor]  # (k_scale, v_scale) of an int8/fp8 cache, each [NB, KVH]

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from models.config import DTYPES, ModelConfig, ModelLoadError
-from models.llama import LlamaForCausalLM
-from models.rope import rope_cos_sin_cache
+from pdserve.models.config import DTYPES, ModelConfig, ModelLoadError
+from pdserve.models.llama import LlamaForCausalLM
+from pdserve.models.rope import rope_cos_sin_cache
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

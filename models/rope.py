@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from models.config import RopeScaling
+from pdserve.models.config import RopeScaling
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from models.sampling_filters import apply_top_k_top_p_min_p
-from models.sampling_noise import gumbel_noise, row_key, row_keys_tensor
-from models.sampling_params import SamplingParams
-from models.sampling_penalties import apply_penalties, mask_tokens
+from pdserve.models.sampling_filters import apply_top_k_top_p_min_p
+from pdserve.models.sampling_noise import gumbel_noise, row_key, row_keys_tensor
+from pdserve.models.sampling_params import SamplingParams
+from pdserve.models.sampling_penalties import apply_penalties, mask_tokens
 
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily (as vLLM's _SAMPLING_EPS)
 

@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer as BackendTokenizer
 
-from models.config import ModelConfig
-from models.tiny_model_train import train_weights, training_tokens
-from models.tiny_tokenizer_train import (
+from pdserve.models.config import ModelConfig
+from pdserve.models.tiny_model_train import train_weights, training_tokens
+from pdserve.models.tiny_tokenizer_train import (
     BOS_TOKEN,
     EOS_TOKEN,
     tokenizer_config,

@@ -17,13 +17,12 @@ import math
 
 import torch
 import torch.nn.functional as F
-
 from tokenizers import Tokenizer as BackendTokenizer
 
-from models.config import ModelConfig
-from models.rope import rope_inv_freq
-from models.torch_threads import one_torch_thread
-from models.tiny_tokenizer_train import CORPUS_PATH
+from pdserve.models.config import ModelConfig
+from pdserve.models.rope import rope_inv_freq
+from pdserve.models.tiny_tokenizer_train import CORPUS_PATH
+from pdserve.models.torch_threads import one_torch_thread
 
 TRAIN_TEXT_TOKENS = 2048  # the start of the corpus the model learns
 BATCH_SIZE = 4

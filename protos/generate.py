@@ -1,15 +1,14 @@
 """Regenerate the checked-in Python code of the .proto files, or check that it is current.
 
-    python -m protos.generate          # rewrite protos/pdserve/v1/*_pb2.py, .pyi, _pb2_grpc.py
-    python -m protos.generate --check  # exit 1 (listing the files) if the checked-in code differs
+    python -m pdserve.protos.generate          # regenerate protos/pdserve/v1/*_pb2.py, .pyi, _pb2_grpc.py
+    python -m pdserve.protos.generate --check  # exit 1 (listing the files) if the checked-in code differs
 
 Layout: the .proto files live under protos/ with import paths relative to it
 ("pdserve/v1/router.proto", package pdserve.v1), the conventional layout any client in any
 language compiles with `-I protos`. protoc names the Python module of a file after its path,
-so its generated code imports siblings as `from pdserve.v1 import x_pb2`; here the code lives
-in the installed package `protos`, so those imports (and the module name protobuf records for
-its classes) are rewritten to `protos.pdserve.v1`. The rewrite is part of generation, so the
-check covers it too.
+so its generated code imports siblings as `from pdserve.v1 import x_pb2`; protos/pdserve/v1 is
+installed as exactly that package (`pdserve.v1`, see pyproject.toml), so the code is used as
+protoc writes it, with no rewriting.
 
 The check ignores the tool-version stamps protoc writes (protobuf gencode version,
 GRPC_GENERATED_VERSION): a different grpcio-tools release that produces the same code is not
@@ -26,11 +25,8 @@ from importlib import resources
 from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
-PYTHON_PACKAGE = "protos"  # the package that PROTO_ROOT is installed as
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
-_IMPORT_LINE = re.compile(r"^(from|import) pdserve\.", re.MULTILINE)
-_MODULE_NAME = re.compile(r"(BuildTopDescriptorsAndMessages\(DESCRIPTOR, )'pdserve\.")
 _VERSION_STAMPS = (
     re.compile(r"^# Protobuf Python Version: .*$", re.MULTILINE),
     re.compile(r"ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,"
@@ -51,8 +47,8 @@ def generated_files(root: Path = PROTO_ROOT) -> list[Path]:
 
 
 def generate(out_dir: Path, root: Path = PROTO_ROOT) -> list[Path]:
-    """Compile every .proto under root into out_dir (same relative layout) with imports
-    rewritten for the `protos` package; return the generated files relative to out_dir."""
+    """Compile every .proto under root into out_dir (same relative layout); return the
+    generated files relative to out_dir."""
     from grpc_tools import protoc  # build-time tool: imported only when generating
 
     protos = proto_files(root)
@@ -64,17 +60,7 @@ def generate(out_dir: Path, root: Path = PROTO_ROOT) -> list[Path]:
             *(str(root / p) for p in protos)]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {root} (see the messages above)")
-    written = generated_files(out_dir)
-    for relative in written:
-        path = out_dir / relative
-        path.write_text(rewrite_imports(path.read_text(encoding="utf-8")), encoding="utf-8")
-    return written
-
-
-def rewrite_imports(code: str) -> str:
-    """Point protoc's `pdserve.v1` module references at the installed `protos.pdserve.v1`."""
-    code = _IMPORT_LINE.sub(rf"\1 {PYTHON_PACKAGE}.pdserve.", code)
-    return _MODULE_NAME.sub(rf"\1'{PYTHON_PACKAGE}.pdserve.", code)
+    return generated_files(out_dir)
 
 
 def without_version_stamps(code: str) -> str:
@@ -119,7 +105,7 @@ def write(root: Path = PROTO_ROOT) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: regenerate in place, or with --check report drift (exit 1)."""
-    parser = argparse.ArgumentParser(prog="python -m protos.generate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m pdserve.protos.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true",
                         help="do not write; exit 1 if the checked-in code differs")
@@ -132,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:
-        print("run `python -m protos.generate` to regenerate", file=sys.stderr)
+        print("run `python -m pdserve.protos.generate` to regenerate", file=sys.stderr)
     return 1 if problems else 0
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 
-from models.sampling_params import SamplingParams
-from services.engine.outputs import GenerationResult, RequestOutput
-from services.engine_setup import EngineArgs, build_engine
+from pdserve.engine.outputs import GenerationResult, RequestOutput
+from pdserve.engine.setup import EngineArgs, build_engine
+from pdserve.models.sampling_params import SamplingParams
 
 
 class LLM:

@@ -1,8 +1,8 @@
 """Fault injection against a live local cluster: streams through the router while servers are
 killed with SIGKILL, then checks what the clients got against a fault-free run.
 
-    python -m services.bench.chaos kill --rounds 20     # kill -9 a decode or prefill server mid-stream
-    python -m services.bench.chaos churn --requests 2000 # cancellations + kills, then leak checks
+    python -m pdserve.bench.chaos kill --rounds 20     # kill -9 a decode or prefill server mid-stream
+    python -m pdserve.bench.chaos churn --requests 2000 # cancellations + kills, then leak checks
 
 The tests drive the same functions (tests/test_failover.py) at a small scale.
 """
@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 import grpc
 
-from protos.pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
-from services.cluster import LocalCluster
+from pdserve.cli.cluster import LocalCluster
+from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 
 @dataclass
@@ -212,7 +212,7 @@ async def kill_rounds(cluster: LocalCluster, rounds: int, requests: int, max_tok
 
 
 def _cluster(args) -> LocalCluster:
-    from models.tiny_model import make_tiny_model
+    from pdserve.models.tiny_model import make_tiny_model
 
     model_dir = args.model or str(make_tiny_model(tempfile.mkdtemp(prefix="pdserve-chaos-") + "/tiny",
                                                   arch="llama", seed=0))
@@ -222,7 +222,7 @@ def _cluster(args) -> LocalCluster:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: kill rounds or churn; prints one JSON line per round and a summary."""
-    p = argparse.ArgumentParser(prog="python -m services.bench.chaos", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m pdserve.bench.chaos", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["kill", "churn"])
     p.add_argument("--rounds", type=int, default=20)
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"completed={sum(r.completed for r in reports)} identical={sum(r.identical for r in reports)} "
                   f"extra_tokens={sum(r.extra_tokens for r in reports)} ok={ok}")
         else:
-            from services.bench.chaos_churn import churn
+            from pdserve.bench.chaos_churn import churn
 
             summary = asyncio.run(churn(cluster, args))
             print("SUMMARY " + json.dumps(summary))

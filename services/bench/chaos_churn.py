@@ -2,7 +2,7 @@
 servers are killed (and replaced) at random; afterwards every live server must report all its KV
 blocks free and no Redis key may lack a TTL.
 
-    python -m services.bench.chaos churn --requests 2000 --cancel 0.2 --kills 10
+    python -m pdserve.bench.chaos churn --requests 2000 --cancel 0.2 --kills 10
 """
 
 from __future__ import annotations
@@ -11,13 +11,12 @@ import asyncio
 import random
 import time
 
-import grpc
 import redis.asyncio as aioredis
 
-from protos.pdserve.v1 import router_pb2_grpc
-from services.bench.chaos import greedy_request, make_prompts, run_streams, stream_one, wait_all_blocks_free
-from services.cluster import LocalCluster
-from services.state.key_audit import keys_without_ttl
+from pdserve.bench.chaos import greedy_request, make_prompts, run_streams, stream_one, wait_all_blocks_free
+from pdserve.cli.cluster import LocalCluster
+from pdserve.state.key_audit import keys_without_ttl
+from pdserve.v1 import router_pb2_grpc
 
 
 async def churn(cluster: LocalCluster, args) -> dict:

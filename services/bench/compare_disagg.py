@@ -10,11 +10,11 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from services.bench.serve import ServeSettings, run_serve
-from services.bench.serve_client import model_facts
-from services.bench.serve_datasets import DatasetSpec, build_requests, describe
-from services.bench.serve_metrics import RequestRecord, ServeMetrics, compute_metrics, run_duration
-from services.cluster import LocalCluster
+from pdserve.bench.serve import ServeSettings, run_serve
+from pdserve.bench.serve_client import model_facts
+from pdserve.bench.serve_datasets import DatasetSpec, build_requests, describe
+from pdserve.bench.serve_metrics import RequestRecord, ServeMetrics, compute_metrics, run_duration
+from pdserve.cli.cluster import LocalCluster
 
 DEPLOYMENTS = {"colocated": {"prefill": 0, "decode": 0, "colocated": 2},
                "disaggregated": {"prefill": 1, "decode": 1, "colocated": 0}}

@@ -1,6 +1,6 @@
 """Compare scenarios 2-4, on the engine benchmark's pieces:
 2. continuous vs static batching (same engine) and 3. pdserve vs transformers `generate`: the
-   engine benchmark itself (services.bench.engine_bench) at the compare's scale;
+   engine benchmark itself (pdserve.bench.engine_bench) at the compare's scale;
 4. KV waste of paged allocation vs contiguous max-length allocation: one engine run over the same
    workload, sampling after every step both the paged waste (KVWasteMeter) and what a contiguous
    allocator reserving each running request's maximum length would leave unused.
@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.bench import engine_bench
-from services.bench.engine_bench_kv import KVWasteMeter
-from services.bench.engine_bench_systems import greedy_params
-from services.bench.engine_bench_workload import make_workload
-from services.engine.config import EngineConfig
-from services.engine.engine import LLMEngine
-from services.engine.model_runner import ModelRunner
+from pdserve.bench import engine_bench
+from pdserve.bench.engine_bench_kv import KVWasteMeter
+from pdserve.bench.engine_bench_systems import greedy_params
+from pdserve.bench.engine_bench_workload import make_workload
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.model_runner import ModelRunner
 
 BLOCK_SIZE = 16
 
@@ -65,9 +65,9 @@ def run_kv_waste(num_requests: int, seed: int, prompt_len: int = 128, mean_outpu
                  max_output: int = 512, size: str = "tiny") -> dict:
     """Scenario 4 on the engine benchmark's workload (same lengths as scenarios 2-3). The schedule,
     and so the accounting, does not depend on the weights: the tiny model keeps it fast."""
-    from models.loader import load_model
-    from models.tiny_model import make_tiny_model
-    from models.tokenizer import Tokenizer
+    from pdserve.models.loader import load_model
+    from pdserve.models.tiny_model import make_tiny_model
+    from pdserve.models.tokenizer import Tokenizer
 
     with tempfile.TemporaryDirectory(prefix="compare-kv-") as tmp:
         model_dir = make_tiny_model(Path(tmp) / "model", arch="llama", seed=0, size=size)

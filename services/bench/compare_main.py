@@ -11,12 +11,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from services.bench.compare_disagg import DisaggSpec, run_scenario
-from services.bench.compare_engine import run_engine_bench, run_kv_waste
-from services.bench.compare_plots import engine_bars, latency_cdfs, throughput_vs_rate
-from services.bench.compare_report import disagg_json, markdown
-from services.bench.serve_datasets import DatasetSpec
-from services.bench.serve_report import provenance, write_json
+from pdserve.bench.compare_disagg import DisaggSpec, run_scenario
+from pdserve.bench.compare_engine import run_engine_bench, run_kv_waste
+from pdserve.bench.compare_plots import engine_bars, latency_cdfs, throughput_vs_rate
+from pdserve.bench.compare_report import disagg_json, markdown
+from pdserve.bench.serve_datasets import DatasetSpec
+from pdserve.bench.serve_report import provenance, write_json
 
 SCENARIOS = {"1", "2", "3", "4"}
 
@@ -26,7 +26,7 @@ def parse_rates(text: str) -> tuple[float, ...]:
     try:
         rates = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise ValueError(f"--rates takes numbers separated by commas, got {text!r}")
+        raise ValueError(f"--rates takes numbers separated by commas, got {text!r}") from None
     if not rates or min(rates) <= 0:
         raise ValueError(f"--rates needs at least one rate > 0, got {text!r}")
     return rates
@@ -84,6 +84,6 @@ def run(ns: argparse.Namespace) -> int:
 
 
 def _make_model(path: Path, size: str) -> str:
-    from models.tiny_model import make_tiny_model
+    from pdserve.models.tiny_model import make_tiny_model
 
     return str(make_tiny_model(path, arch="llama", seed=0, size=size))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.bench.compare_disagg import LABELS, DisaggResult
+from pdserve.bench.compare_disagg import LABELS, DisaggResult
 
 COLORS = {"colocated": "tab:orange", "disaggregated": "tab:blue"}
 

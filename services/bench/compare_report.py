@@ -3,8 +3,8 @@ plots, the goals' verdicts, and where the figures come from."""
 
 from __future__ import annotations
 
-from services.bench.compare_disagg import LABELS, SLO_PERCENTILE, DisaggResult
-from services.bench.serve_metrics import ServeMetrics
+from pdserve.bench.compare_disagg import LABELS, SLO_PERCENTILE, DisaggResult
+from pdserve.bench.serve_metrics import ServeMetrics
 
 
 def disagg_json(result: DisaggResult) -> dict:

@@ -1,7 +1,7 @@
 """Engine benchmark (issue 3): output tokens/s of the pdserve engine against three baselines
 measured in the same run, on the same prompts and output lengths, plus the engine's KV waste.
 
-    python -m services.bench.engine_bench --size base --num-requests 64 --hf-single-requests 16
+    python -m pdserve.bench.engine_bench --size base --num-requests 64 --hf-single-requests 16
         [--dtype bfloat16] [--threads N] [--json out.json]        (one command line)
 
 Workload: num_requests prompts of prompt_len random token ids (fixed seed), output lengths from
@@ -30,17 +30,26 @@ from pathlib import Path
 
 import torch
 
-from models.loader import load_model
-from models.tiny_model import SIZES, make_tiny_model
-from models.tokenizer import Tokenizer
-from services.bench.engine_bench_report import (
-    format_parity, format_table, git_commit, now_utc, parity, ratio_lines,
+from pdserve.bench.engine_bench_report import (
+    format_parity,
+    format_table,
+    git_commit,
+    now_utc,
+    parity,
+    ratio_lines,
 )
-from services.bench.engine_bench_systems import (
-    SystemResult, hf_generate, run_hf_single, run_hf_static, run_pdserve,
+from pdserve.bench.engine_bench_systems import (
+    SystemResult,
+    hf_generate,
+    run_hf_single,
+    run_hf_static,
+    run_pdserve,
 )
-from services.bench.engine_bench_workload import Workload, make_workload, spread_subset
-from services.engine.model_runner import ModelRunner
+from pdserve.bench.engine_bench_workload import Workload, make_workload, spread_subset
+from pdserve.engine.model_runner import ModelRunner
+from pdserve.models.loader import load_model
+from pdserve.models.tiny_model import SIZES, make_tiny_model
+from pdserve.models.tokenizer import Tokenizer
 
 BLOCK_SIZE = 16
 TARGETS = {"b": 8.0, "c": 2.0}
@@ -51,7 +60,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The benchmark's flags (defaults: the issue's workload)."""
-    p = argparse.ArgumentParser(prog="python -m services.bench.engine_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m pdserve.bench.engine_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="base", choices=SIZES, help="make-tiny-model size (default base)")
     p.add_argument("--arch", default="llama", help="make-tiny-model architecture (default llama)")
@@ -162,7 +171,7 @@ def engine_lines(results: dict[str, SystemResult]) -> list[str]:
 def report(args, argv: list[str], workload: Workload, results: dict[str, SystemResult],
            model_info: dict, runtime_s: float) -> dict:
     """Print everything and return it as a JSON-ready dict."""
-    command = "python -m services.bench.engine_bench " + shlex.join(argv)
+    command = "python -m pdserve.bench.engine_bench " + shlex.join(argv)
     stamp = {"date": now_utc(), "commit": git_commit(REPO_ROOT)}
     a = results["a"]
     parities = {f"a_vs_{k}": parity(results[k].outputs, a.outputs) for k in ("b", "c", "d")}

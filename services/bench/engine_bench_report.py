@@ -6,7 +6,7 @@ import datetime
 import subprocess
 from pathlib import Path
 
-from services.bench.engine_bench_systems import SystemResult
+from pdserve.bench.engine_bench_systems import SystemResult
 
 
 def git_commit(repo: Path) -> str:
@@ -23,7 +23,7 @@ def git_commit(repo: Path) -> str:
 
 def now_utc() -> str:
     """The current time, ISO 8601 in UTC, to the second."""
-    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
 
 
 def parity(reference: dict[int, list[int]], other: dict[int, list[int]]) -> dict:

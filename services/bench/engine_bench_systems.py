@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from models.sampling_params import SamplingParams
-from services.bench.engine_bench_kv import KVWasteMeter
-from services.bench.engine_bench_workload import Workload
-from services.engine.config import EngineConfig
-from services.engine.engine import LLMEngine
+from pdserve.bench.engine_bench_kv import KVWasteMeter
+from pdserve.bench.engine_bench_workload import Workload
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine import LLMEngine
+from pdserve.models.sampling_params import SamplingParams
 
 
 @dataclass

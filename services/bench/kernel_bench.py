@@ -1,6 +1,6 @@
 """Kernel benchmark (issue 5): the Triton GPU path against its targets, on one CUDA GPU.
 
-    python -m services.bench.kernel_bench [--json results.json] [--peak-gb-per-s 3350] [--sweep]
+    python -m pdserve.bench.kernel_bench [--json results.json] [--peak-gb-per-s 3350] [--sweep]
         [--only bandwidth,decode,prefill,model]
 
 Measured in one run, each against a baseline from the same run:
@@ -43,7 +43,7 @@ PEAK_GB_PER_S = (("GH200", 4000.0), ("H200", 4800.0), ("H100 NVL", 3900.0), ("H1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m services.bench.kernel_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m pdserve.bench.kernel_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {PARTS}")
     p.add_argument("--peak-gb-per-s", type=float, default=None, help="the GPU's peak bandwidth (default: table)")
@@ -71,7 +71,7 @@ def copy_bandwidth(do_bench) -> float:
     """GB/s of a 4 GiB device-to-device copy (bytes read + bytes written per second)."""
     src = torch.empty(2**31, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=5, rep=100, return_mode="median")
+    ms = do_bench(lambda: dst.copy_(src), warmup=5, rep=100, return_mode="median")  # noqa: F821 (del is after)
     del src, dst
     torch.cuda.empty_cache()
     return 2 * 2**31 / ms / 1e6
@@ -118,15 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     import triton
     from triton.testing import do_bench
 
-    from services.bench.engine_bench_report import git_commit, now_utc
-    from services.bench.kernel_bench_attention import decode_attention, prefill_attention
-    from services.bench.kernel_bench_model import model_benchmarks
+    from pdserve.bench.engine_bench_report import git_commit, now_utc
+    from pdserve.bench.kernel_bench_attention import decode_attention, prefill_attention
+    from pdserve.bench.kernel_bench_model import model_benchmarks
 
     name = torch.cuda.get_device_name()
     peak, peak_source = peak_bandwidth(name, ns.peak_gb_per_s)
     results: dict = {"device": name, "peak_gb_per_s": peak, "peak_source": peak_source,
                      "commit": git_commit(REPO_ROOT), "time": now_utc(),
-                     "command": "python -m services.bench.kernel_bench " + shlex.join(argv or sys.argv[1:]),
+                     "command": "python -m pdserve.bench.kernel_bench " + shlex.join(argv or sys.argv[1:]),
                      "torch": torch.__version__, "triton": triton.__version__}
     if "bandwidth" in ns.parts:
         results["copy_gb_per_s"] = copy_bandwidth(do_bench)

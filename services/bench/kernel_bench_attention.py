@@ -18,7 +18,7 @@ HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 class PagedSetup:
     """Caches filled for `num_seqs` sequences of `context` tokens on scattered blocks."""
 
-    key: object  # kernels.kv_cache_alloc.CacheTensors
+    key: object  # pdserve.kernels.kv_cache_alloc.CacheTensors
     value: object
     tables: torch.Tensor  # [B, blocks] int32
     seq_lens: torch.Tensor  # [B] int32
@@ -27,8 +27,8 @@ class PagedSetup:
 
 def paged_setup(num_seqs: int, context: int, cache_dtype: torch.dtype) -> PagedSetup:
     """Random K/V for every position, written by the reference op (quantizing for int8/fp8)."""
-    from kernels import reference
-    from kernels.kv_cache_alloc import allocate_cache, cache_block_bytes
+    from pdserve.kernels import reference
+    from pdserve.kernels.kv_cache_alloc import allocate_cache, cache_block_bytes
 
     blocks_per_seq = -(-context // BLOCK_SIZE)
     num_blocks = num_seqs * blocks_per_seq
@@ -47,7 +47,7 @@ def paged_setup(num_seqs: int, context: int, cache_dtype: torch.dtype) -> PagedS
 
 def gathered(setup: PagedSetup, cache, num_seqs: int, context: int) -> torch.Tensor:
     """One cache's K (or V) of every sequence, contiguous [B, KVH, context, D] bf16 (dequantized)."""
-    from kernels.reference import gather_paged_kv
+    from pdserve.kernels.reference import gather_paged_kv
 
     rows = [gather_paged_kv(cache.data, setup.tables[b], context, cache.scales).to(torch.bfloat16)
             for b in range(num_seqs)]
@@ -61,8 +61,8 @@ def bench_ms(fn, do_bench) -> float:
 
 def decode_attention(do_bench, batch: int = 64, context: int = 4096, sweep: bool = False) -> dict:
     """Paged decode attention, bf16/int8/fp8 caches, against SDPA over gathered bf16 K/V."""
-    from kernels.ops import _num_sms
-    from kernels.triton_decode_attention import choose_num_splits, paged_decode_attention
+    from pdserve.kernels.ops import _num_sms
+    from pdserve.kernels.triton_decode_attention import choose_num_splits, paged_decode_attention
 
     q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     q_loc = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
@@ -78,8 +78,8 @@ def decode_attention(do_bench, batch: int = 64, context: int = 4096, sweep: bool
         timings = []
         for config in configs:
             def run(config=config):
-                paged_decode_attention(q, setup.key.data, setup.value.data, setup.tables, setup.seq_lens,
-                                       q_loc, scale, k_scale=setup.key.scales, v_scale=setup.value.scales,
+                paged_decode_attention(q, setup.key.data, setup.value.data, setup.tables, setup.seq_lens,  # noqa: F821 (del is after)
+                                       q_loc, scale, k_scale=setup.key.scales, v_scale=setup.value.scales,  # noqa: F821
                                        **config)
             timings.append((bench_ms(run, do_bench), config))
         ms, best = min(timings, key=lambda t: t[0])
@@ -103,7 +103,7 @@ def prefill_attention(do_bench, tokens: int = 4096, sweep: bool = False) -> dict
     model) against SDPA flash (is_causal) on contiguous K/V repeated to every query head."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels.triton_prefill_attention import paged_prefill_attention
+    from pdserve.kernels.triton_prefill_attention import paged_prefill_attention
 
     setup = paged_setup(1, tokens, torch.bfloat16)
     q = torch.randn(tokens, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)

@@ -25,7 +25,7 @@ def make_models(directory: str):
     """(transformers model, pdserve model, pdserve config) sharing one random checkpoint."""
     import transformers
 
-    from models.loader import load_model
+    from pdserve.models.loader import load_model
 
     config = transformers.LlamaConfig(**LLAMA_1B)
     torch.manual_seed(0)
@@ -44,7 +44,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def decode_batch1(model, config, kv_dtype: torch.dtype | None, prompt_len: int = 512, steps: int = 256) -> dict:
     """Milliseconds per token of one sequence decoding after a prompt_len-token prompt, through
     ModelRunner.execute (prepare, CUDA graph replay, logits) and a greedy argmax."""
-    from services.engine.model_runner import ModelRunner, ScheduledChunk
+    from pdserve.engine.model_runner import ModelRunner, ScheduledChunk
 
     num_blocks = -(-(prompt_len + steps + 16) // BLOCK_SIZE)
     runner = ModelRunner(model, config, num_blocks, BLOCK_SIZE, kv_dtype)
@@ -73,10 +73,10 @@ def decode_batch1(model, config, kv_dtype: torch.dtype | None, prompt_len: int =
 
 def pdserve_throughput(model, config, prompts: list[list[int]], output_len: int) -> dict:
     """All prompts submitted at once to an LLMEngine (greedy, exactly output_len tokens each)."""
-    from models.sampling_params import SamplingParams
-    from services.engine.config import EngineConfig
-    from services.engine.engine import LLMEngine
-    from services.engine.model_runner import ModelRunner
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.engine import LLMEngine
+    from pdserve.engine.model_runner import ModelRunner
+    from pdserve.models.sampling_params import SamplingParams
 
     tokens_needed = sum(len(p) + output_len for p in prompts)
     runner = ModelRunner(model, config, 2 * tokens_needed // BLOCK_SIZE, BLOCK_SIZE)

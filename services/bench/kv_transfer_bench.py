@@ -1,6 +1,6 @@
 """KV transfer benchmarks, each against its baseline measured in the same run.
 
-    python -m services.bench.kv_transfer_bench [--part all|throughput|overlap] [--payload-mb 256]
+    python -m pdserve.bench.kv_transfer_bench [--part all|throughput|overlap] [--payload-mb 256]
         [--repeats 15] [--size small|base] [--tokens 1024] [--runs 7]
 
 1. throughput: bytes/s of the TCP backend (send_layer of every layer until the receiver confirms)
@@ -31,9 +31,9 @@ import uuid
 
 import torch
 
-from kvtransfer import KVLayout, TCPKVReceiver, TCPKVSender
-from kvtransfer.block_io import tensor_bytes
-from kvtransfer.tcp_sender import parse_endpoint
+from pdserve.kvtransfer import KVLayout, TCPKVReceiver, TCPKVSender
+from pdserve.kvtransfer.block_io import tensor_bytes
+from pdserve.kvtransfer.tcp_sender import parse_endpoint
 
 
 def make_caches(layout: KVLayout, num_blocks: int, random_bytes: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -72,7 +72,7 @@ def receiver_main(pipe, layout_dict: dict, num_blocks: int) -> None:
     kv_caches = make_caches(KVLayout.from_dict(layout_dict), num_blocks, random_bytes=False)
     receiver = TCPKVReceiver(kv_caches)
     raw = socket.create_server(("127.0.0.1", 0))
-    pipe.send((receiver.start(), "127.0.0.1:%d" % raw.getsockname()[1]))
+    pipe.send((receiver.start(), f"127.0.0.1:{raw.getsockname()[1]}"))
     outcomes: dict = {}
     while True:
         command, *args = pipe.recv()
@@ -185,8 +185,8 @@ def _time_raw(peer: ReceiverProcess, src) -> float:
 
 def load_runner(size: str, num_blocks: int):
     """A ModelRunner over a make_tiny_model checkpoint of `size` (the files are removed once loaded)."""
-    from models.tiny_model import make_tiny_model
-    from services.engine.model_runner import ModelRunner
+    from pdserve.engine.model_runner import ModelRunner
+    from pdserve.models.tiny_model import make_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="kvbench-") as tmp:
         return ModelRunner.from_dir(make_tiny_model(tmp, size=size), num_blocks=num_blocks)
@@ -196,7 +196,7 @@ class OverlapRun:
     """One prompt's prefill on `runner`, alone or streamed to the receiver process `peer`."""
 
     def __init__(self, runner, peer: ReceiverProcess, num_tokens: int):
-        from services.engine.model_runner import ScheduledChunk
+        from pdserve.engine.model_runner import ScheduledChunk
 
         blocks = (num_tokens + runner.block_size - 1) // runner.block_size
         self.runner, self.peer, self.num_tokens = runner, peer, num_tokens
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=7)
     args = parser.parse_args(argv)
-    print("command: python -m services.bench.kv_transfer_bench " + shlex.join(argv if argv is not None else sys.argv[1:]))
+    print("command: python -m pdserve.bench.kv_transfer_bench " + shlex.join(argv if argv is not None else sys.argv[1:]))
     print(f"torch threads: {torch.get_num_threads()}")
     ok = True
     if args.part in ("all", "throughput"):

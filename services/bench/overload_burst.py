@@ -1,9 +1,9 @@
 """A burst far above the router's capacity: how fast the overflow is refused, and that the
 accepted requests still complete.
 
-    python -m services.bench.overload_burst                      # local cluster, capacity 16, burst 10x
-    python -m services.bench.overload_burst --capacity 64 --burst 2000 --clients 4
-    python -m services.bench.overload_burst --router HOST:PORT --burst 1000   # a running router
+    python -m pdserve.bench.overload_burst                      # local cluster, capacity 16, burst 10x
+    python -m pdserve.bench.overload_burst --capacity 64 --burst 2000 --clients 4
+    python -m pdserve.bench.overload_burst --router HOST:PORT --burst 1000   # a running router
 
 The burst is split over --clients processes (one gRPC channel each) that all fire at the same
 instant, each sending its share concurrently. A refused call must be RESOURCE_EXHAUSTED with a
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from protos.pdserve.v1 import router_pb2, router_pb2_grpc
-from services.grpc_common.retry_hint import retry_after_ms_of
+from pdserve.runtime.retry_hint import retry_after_ms_of
+from pdserve.v1 import router_pb2, router_pb2_grpc
 
 START_DELAY_S = 2.0  # the client processes get ready, then all start at one wall-clock instant
 
@@ -112,7 +112,7 @@ def _print(summary: dict, capacity: int | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the burst against --router, or against a local cluster started here."""
-    parser = argparse.ArgumentParser(prog="python -m services.bench.overload_burst",
+    parser = argparse.ArgumentParser(prog="python -m pdserve.bench.overload_burst",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--router", help="host:port of a running router (default: start a local cluster)")
     parser.add_argument("--model", help="checkpoint for the local cluster (default: a tiny model made here)")
@@ -127,11 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     if ns.router:
         _print(summarize(run_burst(ns.router, burst, ns.clients, ns.max_tokens), ns.max_tokens), None)
         return 0
-    from services.cluster import LocalCluster
+    from pdserve.cli.cluster import LocalCluster
 
     model = ns.model
     if model is None:
-        from models.tiny_model import make_tiny_model
+        from pdserve.models.tiny_model import make_tiny_model
 
         model = str(make_tiny_model(tempfile.mkdtemp(prefix="pdserve-overload-") + "/tiny"))
     args = ["--max-inflight-requests", str(ns.capacity)]

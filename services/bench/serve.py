@@ -7,11 +7,11 @@ import asyncio
 import math
 from dataclasses import asdict, dataclass, field
 
-from services.bench.serve_arrivals import arrival_offsets
-from services.bench.serve_client import LoadSpec, run_load
-from services.bench.serve_datasets import BenchRequest
-from services.bench.serve_metrics import RequestRecord, ServeMetrics, compute_metrics, run_duration
-from services.grpc_common.channels import PLAINTEXT, ClientSecurity
+from pdserve.bench.serve_arrivals import arrival_offsets
+from pdserve.bench.serve_client import LoadSpec, run_load
+from pdserve.bench.serve_datasets import BenchRequest
+from pdserve.bench.serve_metrics import RequestRecord, ServeMetrics, compute_metrics, run_duration
+from pdserve.runtime.channels import PLAINTEXT, ClientSecurity
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import grpc
 
-from protos.pdserve.v1 import router_pb2, router_pb2_grpc
-from services.bench.serve_datasets import BenchRequest
-from services.bench.serve_metrics import RequestRecord
-from services.grpc_common.channels import PLAINTEXT, ClientSecurity
-from services.router.worker_clients import CHANNEL_OPTIONS
+from pdserve.bench.serve_datasets import BenchRequest
+from pdserve.bench.serve_metrics import RequestRecord
+from pdserve.router.worker_clients import CHANNEL_OPTIONS
+from pdserve.runtime.channels import PLAINTEXT, ClientSecurity
+from pdserve.v1 import router_pb2, router_pb2_grpc
 
 
 @dataclass(frozen=True)

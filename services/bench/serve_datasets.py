@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from services.bench.serve_sharegpt import load_sharegpt_like
+from pdserve.bench.serve_sharegpt import load_sharegpt_like
 
 FIRST_TOKEN_ID = 3  # below this the tiny tokenizers keep their special tokens
 DATASETS = ("random", "sharegpt", "mixed")

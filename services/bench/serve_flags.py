@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import math
 
-from services.bench.serve import ServeSettings
-from services.bench.serve_datasets import DATASETS, DatasetSpec
+from pdserve.bench.serve import ServeSettings
+from pdserve.bench.serve_datasets import DATASETS, DatasetSpec
 
 
 def add_dataset_flags(p: argparse.ArgumentParser) -> None:

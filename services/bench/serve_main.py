@@ -7,14 +7,14 @@ import argparse
 import shlex
 import sys
 
-from services.bench.engine_bench_report import now_utc
-from services.bench.serve import run_serve
-from services.bench.serve_client import model_facts
-from services.bench.serve_datasets import build_requests, describe
-from services.bench.serve_flags import dataset_spec_from, serve_settings_from
-from services.bench.serve_metrics import parse_slos
-from services.bench.serve_report import provenance, record_dicts, summary_lines, write_json
-from services.grpc_common.channels import ClientSecurity
+from pdserve.bench.engine_bench_report import now_utc
+from pdserve.bench.serve import run_serve
+from pdserve.bench.serve_client import model_facts
+from pdserve.bench.serve_datasets import build_requests, describe
+from pdserve.bench.serve_flags import dataset_spec_from, serve_settings_from
+from pdserve.bench.serve_metrics import parse_slos
+from pdserve.bench.serve_report import provenance, record_dicts, summary_lines, write_json
+from pdserve.runtime.channels import ClientSecurity
 
 
 def run(ns: argparse.Namespace) -> int:

@@ -51,7 +51,7 @@ def parse_slos(items: list[str] | None) -> dict[str, float]:
         try:
             ms = float(value)
         except ValueError:
-            raise ValueError(f"--goodput {item!r}: {value!r} is not a number of milliseconds")
+            raise ValueError(f"--goodput {item!r}: {value!r} is not a number of milliseconds") from None
         if not ms > 0:
             raise ValueError(f"--goodput {item!r}: the SLO must be > 0 ms")
         slos[name] = ms / 1000.0

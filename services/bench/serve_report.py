@@ -7,8 +7,8 @@ import os
 import platform
 from pathlib import Path
 
-from services.bench.engine_bench_report import git_commit, now_utc
-from services.bench.serve_metrics import RequestRecord, ServeMetrics
+from pdserve.bench.engine_bench_report import git_commit, now_utc
+from pdserve.bench.serve_metrics import RequestRecord, ServeMetrics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LATENCIES = (("ttft", "Time to First Token", "TTFT"),

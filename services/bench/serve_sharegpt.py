@@ -8,7 +8,7 @@ input 161 and mean output 338 tokens), then filtered as `vllm bench serve` filte
 
 The shipped file services/bench/data/sharegpt_like_lengths.csv is exactly
 `synthesize_sharegpt_like()` (a test checks this); regenerate it with
-`python -m services.bench.serve_sharegpt`.
+`python -m pdserve.bench.serve_sharegpt`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def load_sharegpt_like(path: Path = DATA_FILE) -> tuple[tuple[int, int], ...]:
     """The shipped (prompt_len, output_len) pairs; a clear error when the file is missing or bad."""
     if not path.is_file():
         raise FileNotFoundError(f"ShareGPT-like length file {path} is missing (reinstall pdserve, or "
-                                f"regenerate it with `python -m services.bench.serve_sharegpt`)")
+                                f"regenerate it with `python -m pdserve.bench.serve_sharegpt`)")
     lines = path.read_text(encoding="utf-8").splitlines()
     if not lines or lines[0].strip() != HEADER:
         raise ValueError(f"{path}: the first line must be {HEADER!r}")
@@ -58,7 +58,7 @@ def load_sharegpt_like(path: Path = DATA_FILE) -> tuple[tuple[int, int], ...]:
         try:
             prompt, output = (int(x) for x in line.split(","))
         except ValueError:
-            raise ValueError(f"{path}:{number}: expected two integers 'prompt_len,output_len', got {line!r}")
+            raise ValueError(f"{path}:{number}: expected two integers 'prompt_len,output_len', got {line!r}") from None
         if prompt < 1 or output < 1:
             raise ValueError(f"{path}:{number}: lengths must be >= 1, got {line!r}")
         pairs.append((prompt, output))

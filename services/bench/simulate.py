@@ -9,9 +9,9 @@ import heapq
 import itertools
 from dataclasses import dataclass
 
-from services.bench.serve_metrics import RequestRecord
-from services.bench.simulate_costs import StepCosts
-from services.bench.simulate_server import SimRequest, SimServer
+from pdserve.bench.serve_metrics import RequestRecord
+from pdserve.bench.simulate_costs import StepCosts
+from pdserve.bench.simulate_server import SimRequest, SimServer
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,12 @@ import statistics
 from collections.abc import Callable
 from dataclasses import replace
 
-from services.bench.serve import run_async
-from services.bench.serve_client import LoadSpec, model_facts, run_load
-from services.bench.serve_datasets import BenchRequest, DatasetSpec, build_requests
-from services.bench.serve_metrics import RequestRecord
-from services.bench.simulate import Deployment, simulate
-from services.bench.simulate_costs import Overheads, StepCosts, StepShape
+from pdserve.bench.serve import run_async
+from pdserve.bench.serve_client import LoadSpec, model_facts, run_load
+from pdserve.bench.serve_datasets import BenchRequest, DatasetSpec, build_requests
+from pdserve.bench.serve_metrics import RequestRecord
+from pdserve.bench.simulate import Deployment, simulate
+from pdserve.bench.simulate_costs import Overheads, StepCosts, StepShape
 
 SHORT_PROMPT, OUTPUT_LEN, CONCURRENT = 32, 24, 8
 SKIP_GAPS = 3  # the first gaps of a request include its hand-off and admission

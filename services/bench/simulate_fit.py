@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.sampling_params import SamplingParams
-from services.bench.simulate_costs import FEATURES, StepCosts, StepShape
-from services.engine_setup import EngineArgs, build_engine
+from pdserve.bench.simulate_costs import FEATURES, StepCosts, StepShape
+from pdserve.engine.setup import EngineArgs, build_engine
+from pdserve.models.sampling_params import SamplingParams
 
 PROMPT_LENS = (16, 64, 128, 256, 512, 768, 1024, 1536, 2048)
 PACKED = ((4, 128), (8, 64), (2, 512), (16, 32))  # (prompts, tokens each) in one step

@@ -11,14 +11,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from services.bench.serve_arrivals import arrival_offsets
-from services.bench.serve_datasets import sample_lengths
-from services.bench.serve_flags import dataset_spec_from
-from services.bench.serve_metrics import compute_metrics, parse_slos, run_duration
-from services.bench.serve_report import provenance, summary_lines, write_json
-from services.bench.simulate import Deployment, simulate
-from services.bench.simulate_costs import StepCosts, load_costs, save_costs
-from services.bench.simulate_recommend import recommend, recommendation_lines
+from pdserve.bench.serve_arrivals import arrival_offsets
+from pdserve.bench.serve_datasets import sample_lengths
+from pdserve.bench.serve_flags import dataset_spec_from
+from pdserve.bench.serve_metrics import compute_metrics, parse_slos, run_duration
+from pdserve.bench.serve_report import provenance, summary_lines, write_json
+from pdserve.bench.simulate import Deployment, simulate
+from pdserve.bench.simulate_costs import StepCosts, load_costs, save_costs
+from pdserve.bench.simulate_recommend import recommend, recommendation_lines
 
 
 def obtain_costs(ns: argparse.Namespace) -> StepCosts:
@@ -30,7 +30,7 @@ def obtain_costs(ns: argparse.Namespace) -> StepCosts:
     else:
         raise ValueError("give --profile FILE, or --model DIR / --size SIZE to fit the step costs now")
     if ns.calibrate_router:
-        from services.bench.simulate_calibrate import calibrate
+        from pdserve.bench.simulate_calibrate import calibrate
 
         costs = costs.with_overheads(calibrate(ns.calibrate_router, costs))
         if ns.calibrate_rate:
@@ -44,13 +44,13 @@ def obtain_costs(ns: argparse.Namespace) -> StepCosts:
 
 
 def _fit(ns: argparse.Namespace) -> StepCosts:
-    from services.bench.simulate_fit import fit_step_costs
-    from services.engine_setup import EngineArgs
+    from pdserve.bench.simulate_fit import fit_step_costs
+    from pdserve.engine.setup import EngineArgs
 
     with tempfile.TemporaryDirectory(prefix="pdserve-fit-") as tmp:
         model = ns.model
         if not model:
-            from models.tiny_model import make_tiny_model
+            from pdserve.models.tiny_model import make_tiny_model
 
             model = str(make_tiny_model(Path(tmp) / "model", arch="llama", seed=0, size=ns.size))
         print(f"fitting step costs on {ns.model or 'make-tiny-model --size ' + ns.size} "
@@ -71,10 +71,10 @@ def _refine(ns: argparse.Namespace, costs: StepCosts):
     """Run the workload's distribution (seed + 1) at --calibrate-rate on the router and refine."""
     from dataclasses import replace
 
-    from services.bench.serve import ServeSettings, run_serve
-    from services.bench.serve_client import model_facts
-    from services.bench.serve_datasets import build_requests
-    from services.bench.simulate_calibrate import refine_on_run
+    from pdserve.bench.serve import ServeSettings, run_serve
+    from pdserve.bench.serve_client import model_facts
+    from pdserve.bench.serve_datasets import build_requests
+    from pdserve.bench.simulate_calibrate import refine_on_run
 
     spec = replace(dataset_spec_from(ns), seed=ns.seed + 1)
     facts = model_facts(ns.calibrate_router)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.bench.serve_metrics import ServeMetrics, compute_metrics, run_duration
-from services.bench.simulate import Deployment, simulate
-from services.bench.simulate_costs import StepCosts
+from pdserve.bench.serve_metrics import ServeMetrics, compute_metrics, run_duration
+from pdserve.bench.simulate import Deployment, simulate
+from pdserve.bench.simulate_costs import StepCosts
 
 
 @dataclass

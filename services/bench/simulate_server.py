@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from services.bench.simulate_costs import StepCosts, StepShape
+from pdserve.bench.simulate_costs import StepCosts, StepShape
 
 ROLES = ("prefill", "decode", "colocated")
 

@@ -2,12 +2,12 @@
 (every server exporting its spans over OTLP to a local collector process) against the same
 cluster with tracing off, measured in the same run. Target: on / off >= 0.95.
 
-    python -m services.bench.tracing_bench [--size tiny] [--rounds 3] [--num-requests 64]
+    python -m pdserve.bench.tracing_bench [--size tiny] [--rounds 3] [--num-requests 64]
         [--concurrency 16] [--max-tokens 64] [--json out.json]
 
 Both clusters (prefill + decode + router each, on the embedded Redis) stay up for the whole run
 and are measured in alternating rounds (off, on, on, off, ...), so drift on a noisy machine hits
-both alike; the collector is `python -m services.telemetry.otlp_sink`, a real OTLP/gRPC
+both alike; the collector is `python -m pdserve.telemetry.otlp_sink`, a real OTLP/gRPC
 receiver in its own process. Workload per round: num_requests prompts of 32-128 random token ids
 (fixed seed), max_tokens outputs with ignore_eos, at most `concurrency` streams at once.
 Printed: each round's tokens/s and the servers' CPU ms per token, the medians per mode, the
@@ -30,18 +30,17 @@ from pathlib import Path
 import grpc
 import torch
 
-from models.tiny_model import SIZES, make_tiny_model
-from protos.pdserve.v1 import router_pb2, router_pb2_grpc
-from services.cluster import LocalCluster
-from services.router.worker_clients import CHANNEL_OPTIONS
+from pdserve.cli.cluster import LocalCluster
+from pdserve.models.tiny_model import SIZES, make_tiny_model
+from pdserve.router.worker_clients import CHANNEL_OPTIONS
+from pdserve.v1 import router_pb2, router_pb2_grpc
 
 TARGET = 0.95
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The benchmark's flags."""
-    p = argparse.ArgumentParser(prog="python -m services.bench.tracing_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m pdserve.bench.tracing_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="tiny", choices=SIZES, help="make-tiny-model size (default tiny)")
     p.add_argument("--model-dir", default=None, help="use this checkpoint instead of making one")
@@ -99,8 +98,8 @@ def cluster_cpu_seconds(cluster: LocalCluster) -> float:
 
 def start_collector() -> tuple[subprocess.Popen, str]:
     """The OTLP receiver process and its endpoint."""
-    process = subprocess.Popen([sys.executable, "-m", "services.telemetry.otlp_sink"], stdout=subprocess.PIPE,
-                               text=True, cwd=REPO_ROOT)
+    process = subprocess.Popen([sys.executable, "-P", "-m", "pdserve.telemetry.otlp_sink"], stdout=subprocess.PIPE,
+                               text=True)
     line = process.stdout.readline().split()
     if not line or line[0] != "READY":
         process.kill()

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from services.engine.chunk_info import ChunkInfo, LayerHook
+from pdserve.engine.chunk_info import ChunkInfo, LayerHook
 
 if TYPE_CHECKING:
-    from services.engine.engine import LLMEngine
+    from pdserve.engine.engine import LLMEngine
 
 
 @dataclass

@@ -14,16 +14,17 @@ import contextlib
 import itertools
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence as Seq
+from collections.abc import AsyncIterator, Callable
+from collections.abc import Sequence as Seq
 from typing import Any
 
-from models.sampling_params import SamplingParams
-from services.engine.async_commands import Abort, Add, Call, CallerIdHook, Stop, settle
-from services.engine.chunk_info import LayerHook
-from services.engine.engine import LLMEngine
-from services.engine.outputs import RequestOutput
-from services.engine.stats import EngineStats
-from services.grpc_common.errors import PdserveError
+from pdserve.engine.async_commands import Abort, Add, Call, CallerIdHook, Stop, settle
+from pdserve.engine.chunk_info import LayerHook
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.outputs import RequestOutput
+from pdserve.engine.stats import EngineStats
+from pdserve.models.sampling_params import SamplingParams
+from pdserve.runtime.errors import PdserveError
 
 
 class EngineDeadError(RuntimeError):

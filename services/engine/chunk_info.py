@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from services.engine.scheduler import ScheduledSample
+from pdserve.engine.scheduler import ScheduledSample
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ once per padded batch size and replayed with the step's inputs copied into stati
 
 Only on CUDA with the Triton kernels; PDSERVE_CUDA_GRAPHS=0 turns it off. Padding rows write no
 KV (slot -1) and attend to nothing (length 0). The decode kernel's split count is fixed at capture
-(kernels.ops.DECODE_NUM_SPLITS), each sequence's share of its context is worked out on the GPU.
+(pdserve.kernels.ops.DECODE_NUM_SPLITS), each sequence's share of its context is worked out on the GPU.
 
 UNTESTED on a GPU so far (written on a CPU-only machine): the CPU path never builds it.
 """
@@ -15,8 +15,8 @@ import os
 
 import torch
 
-from kernels import ops
-from kernels.attention_metadata import AttentionMetadata
+from pdserve.kernels import ops
+from pdserve.kernels.attention_metadata import AttentionMetadata
 
 logger = logging.getLogger("pdserve.cuda_graphs")
 BATCH_SIZES = (1, 2, 4, 8) + tuple(range(16, 257, 16))
@@ -92,7 +92,7 @@ class DecodeGraphs:
     def _capture(self, size: int) -> bool:
         """Warm up (compiles the kernels) and capture the forward at `size`; on failure log it,
         stop using graphs, and let steps run eagerly."""
-        from kernels.triton_decode_attention import choose_num_splits
+        from pdserve.kernels.triton_decode_attention import choose_num_splits
 
         self.slot_mapping[:size].fill_(-1)  # capture-time runs must not write the cache
         self.seq_lens[:size].zero_()

@@ -7,21 +7,21 @@ import secrets
 from collections.abc import Sequence as Seq
 from typing import Any
 
-from models.sampler import Sampler
-from models.sampling_params import SamplingParams
-from services.engine.block_pool import BlockPool
-from services.engine.chunk_info import LayerHook, chunk_infos
-from services.engine.config import EngineConfig
-from services.engine.kv_cache_manager import KVCacheManager
-from services.engine.model_runner import ScheduledChunk
-from services.engine.outputs import GenerationResult, RequestOutput, SampleOutput
-from services.engine.prefilled import attach_prompt_kv, check_progress, prime_samples
-from services.engine.request import Request, Sequence
-from services.engine.reservations import ReservationBook
-from services.engine.sample_processor import SampleProcessor, make_stop_checker
-from services.engine.scheduler import ScheduledSample, Scheduler, SchedulerOutput
-from services.engine.stats import EngineCounters, EngineStats
-from services.engine.validation import RequestRejectedError, validate_request
+from pdserve.engine.block_pool import BlockPool
+from pdserve.engine.chunk_info import LayerHook, chunk_infos
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.kv_cache_manager import KVCacheManager
+from pdserve.engine.model_runner import ScheduledChunk
+from pdserve.engine.outputs import GenerationResult, RequestOutput, SampleOutput
+from pdserve.engine.prefilled import attach_prompt_kv, check_progress, prime_samples
+from pdserve.engine.request import Request, Sequence
+from pdserve.engine.reservations import ReservationBook
+from pdserve.engine.sample_processor import SampleProcessor, make_stop_checker
+from pdserve.engine.scheduler import ScheduledSample, Scheduler, SchedulerOutput
+from pdserve.engine.stats import EngineCounters, EngineStats
+from pdserve.engine.validation import RequestRejectedError, validate_request
+from pdserve.models.sampler import Sampler
+from pdserve.models.sampling_params import SamplingParams
 
 
 class LLMEngine:

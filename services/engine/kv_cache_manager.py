@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
-from services.engine.block_pool import ROOT_HASH, ROOT_UID, BlockPool, KVBlock
-from services.engine.request import Sequence
+from pdserve.engine.block_pool import ROOT_HASH, ROOT_UID, BlockPool, KVBlock
+from pdserve.engine.request import Sequence
 
 
 @dataclass

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
-from kernels.attention_metadata import AttentionMetadata
-from kernels.kv_cache_alloc import allocate_cache, cache_block_bytes
-from kernels.kv_quant import kv_cache_torch_dtype
-from models.config import ModelConfig
-from models.cpu_packed_linear import PackedLinear, pack_linears_for_cpu
-from models.llama import LlamaForCausalLM
-from models.loader import load_model
+from pdserve.kernels.attention_metadata import AttentionMetadata
+from pdserve.kernels.kv_cache_alloc import allocate_cache, cache_block_bytes
+from pdserve.kernels.kv_quant import kv_cache_torch_dtype
+from pdserve.models.config import ModelConfig
+from pdserve.models.cpu_packed_linear import PackedLinear, pack_linears_for_cpu
+from pdserve.models.llama import LlamaForCausalLM
+from pdserve.models.loader import load_model
 
 
 @dataclass
@@ -91,7 +91,7 @@ class ModelRunner:
         """CUDA graphs for decode steps on a GPU (services/engine/cuda_graphs.py), else None."""
         if self.device.type != "cuda":
             return None
-        from services.engine.cuda_graphs import DecodeGraphs, cuda_graphs_enabled
+        from pdserve.engine.cuda_graphs import DecodeGraphs, cuda_graphs_enabled
 
         if not cuda_graphs_enabled(self.device):
             return None

@@ -18,17 +18,17 @@ import numbers
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
-from models.sampling_params import SamplingParams
-from services.engine.block_pool import KVBlock
-from services.engine.kv_cache_manager import KVCacheManager
-from services.engine.outputs import SampleOutput
-from services.engine.request import Request
-from services.engine.reservations import Reservation
-from services.engine.sample_processor import make_stop_checker
-from services.engine.validation import RequestRejectedError
+from pdserve.engine.block_pool import KVBlock
+from pdserve.engine.kv_cache_manager import KVCacheManager
+from pdserve.engine.outputs import SampleOutput
+from pdserve.engine.request import Request
+from pdserve.engine.reservations import Reservation
+from pdserve.engine.sample_processor import make_stop_checker
+from pdserve.engine.validation import RequestRejectedError
+from pdserve.models.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from services.engine.engine import LLMEngine
+    from pdserve.engine.engine import LLMEngine
 
 
 def first_token_params(params: SamplingParams) -> SamplingParams:

@@ -7,11 +7,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from models.sampling_params import SamplingParams
+from pdserve.models.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from services.engine.block_pool import KVBlock
-    from services.engine.stop_checker import StopChecker
+    from pdserve.engine.block_pool import KVBlock
+    from pdserve.engine.stop_checker import StopChecker
 
 
 class RequestStatus(enum.Enum):

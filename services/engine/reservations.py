@@ -11,9 +11,13 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
-from services.engine.block_pool import BlockPool, KVBlock
-from services.grpc_common.errors import (
-    AlreadyExistsError, InvalidRequestError, NotFoundError, OverloadedError, PromptTooLongError,
+from pdserve.engine.block_pool import BlockPool, KVBlock
+from pdserve.runtime.errors import (
+    AlreadyExistsError,
+    InvalidRequestError,
+    NotFoundError,
+    OverloadedError,
+    PromptTooLongError,
 )
 
 

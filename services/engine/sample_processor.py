@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence as Seq
+from collections.abc import Iterable
+from collections.abc import Sequence as Seq
 from typing import Any
 
 import torch
 
-from models.sampler import Sampler, SamplingRow
-from models.sampling_params import SamplingParams
-from services.engine.outputs import SampleOutput
-from services.engine.request import Request, Sequence
-from services.engine.stop_checker import StopChecker
+from pdserve.engine.outputs import SampleOutput
+from pdserve.engine.request import Request, Sequence
+from pdserve.engine.stop_checker import StopChecker
+from pdserve.models.sampler import Sampler, SamplingRow
+from pdserve.models.sampling_params import SamplingParams
 
 
 class _NoText:
@@ -32,7 +33,7 @@ def make_stop_checker(tokenizer: Any, prompt_token_ids: list[int], params: Sampl
     if tokenizer is None:
         detokenizer = _NoText()
     else:
-        from models.detokenizer import IncrementalDetokenizer
+        from pdserve.models.detokenizer import IncrementalDetokenizer
 
         detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids=prompt_token_ids)
     return StopChecker(detokenizer, params, eos_token_ids)

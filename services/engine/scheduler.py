@@ -15,9 +15,9 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from services.engine.config import EngineConfig
-from services.engine.kv_cache_manager import KVCacheManager
-from services.engine.request import Request, RequestStatus, Sequence
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.kv_cache_manager import KVCacheManager
+from pdserve.engine.request import Request, RequestStatus, Sequence
 
 
 @dataclass

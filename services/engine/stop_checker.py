@@ -17,11 +17,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from models.sampling_params import SamplingParams
+from pdserve.models.sampling_params import SamplingParams
 
 
 class Detokenizer(Protocol):
-    """What the checker needs from models.detokenizer.IncrementalDetokenizer."""
+    """What the checker needs from pdserve.models.detokenizer.IncrementalDetokenizer."""
 
     def push(self, ids: list[int]) -> str:
         """Add tokens; return the text they complete."""

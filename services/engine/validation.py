@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 
-from models.sampling_params import SamplingParams
+from pdserve.models.sampling_params import SamplingParams
 
 
 class RequestRejectedError(ValueError):

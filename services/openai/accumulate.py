@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.openai.router_link import TokenEvent
+from pdserve.openai.router_link import TokenEvent
 
 
 @dataclass

@@ -14,10 +14,10 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from services.openai.chat import create_chat_completion
-from services.openai.completions import create_completion
-from services.openai.errors import INVALID_REQUEST, OpenAIError, internal
-from services.openai.frontend import FRONTEND_KEY, Frontend, frontend_of
+from pdserve.openai.chat import create_chat_completion
+from pdserve.openai.completions import create_completion
+from pdserve.openai.errors import INVALID_REQUEST, OpenAIError, internal
+from pdserve.openai.frontend import FRONTEND_KEY, Frontend, frontend_of
 
 logger = logging.getLogger("pdserve.openai")
 MAX_BODY_BYTES = 32 * 2**20

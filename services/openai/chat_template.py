@@ -1,7 +1,7 @@
 """Chat templates rendered the way `transformers`' apply_chat_template renders them.
 
 The template is the checkpoint's own (tokenizer_config.json or chat_template.jinja, read by
-models.tokenizer), Jinja source from a model hub and so untrusted: it runs in an immutable
+pdserve.models.tokenizer), Jinja source from a model hub and so untrusted: it runs in an immutable
 sandbox with transformers' environment (trim_blocks, lstrip_blocks, loop controls, a tojson
 that keeps non-ASCII, raise_exception, strftime_now, dict and an underscore-proof namespace)
 and sees `messages`, `add_generation_prompt`, `bos_token`, `eos_token` and `tools`/`documents`.
@@ -19,7 +19,7 @@ import jinja2.ext
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from services.openai.errors import invalid
+from pdserve.openai.errors import invalid
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 

@@ -9,15 +9,15 @@ from typing import Any
 
 from aiohttp import web
 
-from protos.pdserve.v1 import router_pb2
-from services.openai.accumulate import Usage, collect
-from services.openai.errors import invalid
-from services.openai.fields import reject_if_set
-from services.openai.frontend import Frontend, frontend_of, read_body, read_stream_flags
-from services.openai.logprobs import completion_logprobs
-from services.openai.router_link import TokenEvent
-from services.openai.sampling import read_sampling, to_proto
-from services.openai.streaming import relay_stream
+from pdserve.openai.accumulate import Usage, collect
+from pdserve.openai.errors import invalid
+from pdserve.openai.fields import reject_if_set
+from pdserve.openai.frontend import Frontend, frontend_of, read_body, read_stream_flags
+from pdserve.openai.logprobs import completion_logprobs
+from pdserve.openai.router_link import TokenEvent
+from pdserve.openai.sampling import read_sampling, to_proto
+from pdserve.openai.streaming import relay_stream
+from pdserve.v1 import router_pb2
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the completions API
 MAX_PROMPTS = 64

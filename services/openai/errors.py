@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from services.grpc_common.retry_hint import DEFAULT_RETRY_AFTER_MS, retry_after_ms_of
+from pdserve.runtime.retry_hint import DEFAULT_RETRY_AFTER_MS, retry_after_ms_of
 
 INVALID_REQUEST = "invalid_request_error"
 RATE_LIMIT = "rate_limit_error"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.openai.errors import invalid
+from pdserve.openai.errors import invalid
 
 
 def _is_int(value: Any) -> bool:

@@ -11,16 +11,16 @@ from typing import Any
 import grpc
 from aiohttp import web
 
-from models.tokenizer import Tokenizer
-from protos.pdserve.v1 import router_pb2
-from services.grpc_common.channels import PLAINTEXT, ClientSecurity
-from services.openai.chat_template import ChatTemplate
-from services.openai.errors import OpenAIError, invalid
-from services.openai.fields import opt_bool, opt_dict
-from services.openai.logprobs import TokenStrings
-from services.openai.metrics import Metrics
-from services.openai.router_link import RouterLink
-from services.openai.sampling import Limits
+from pdserve.models.tokenizer import Tokenizer
+from pdserve.openai.chat_template import ChatTemplate
+from pdserve.openai.errors import OpenAIError, invalid
+from pdserve.openai.fields import opt_bool, opt_dict
+from pdserve.openai.logprobs import TokenStrings
+from pdserve.openai.metrics import Metrics
+from pdserve.openai.router_link import RouterLink
+from pdserve.openai.sampling import Limits
+from pdserve.runtime.channels import PLAINTEXT, ClientSecurity
+from pdserve.v1 import router_pb2
 
 
 @dataclass(frozen=True)

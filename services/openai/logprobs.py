@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from models.tokenizer import Tokenizer
+from pdserve.models.tokenizer import Tokenizer
 
 
 @functools.lru_cache(maxsize=1)

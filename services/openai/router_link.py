@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.pdserve.v1 import router_pb2, router_pb2_grpc
-from services.grpc_common.channels import PLAINTEXT, ClientSecurity
-from services.openai.errors import from_rpc_error
-from services.router.worker_clients import CHANNEL_OPTIONS
+from pdserve.openai.errors import from_rpc_error
+from pdserve.router.worker_clients import CHANNEL_OPTIONS
+from pdserve.runtime.channels import PLAINTEXT, ClientSecurity
+from pdserve.v1 import router_pb2, router_pb2_grpc
 
 
 @dataclass

@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from models.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SamplingParams, SamplingParamsError
-from protos.pdserve.v1 import router_pb2
-from services.openai.errors import invalid
-from services.openai.fields import int_list, opt_bool, opt_float, opt_int, str_list
+from pdserve.models.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SamplingParams, SamplingParamsError
+from pdserve.openai.errors import invalid
+from pdserve.openai.fields import int_list, opt_bool, opt_float, opt_int, str_list
+from pdserve.v1 import router_pb2
 
 SEED_MIN, SEED_LIMIT = -(2**63), 2**64  # negative seeds (int64, as clients send) wrap to uint64
 

@@ -6,10 +6,10 @@ import argparse
 
 from aiohttp import web
 
-from services.openai.app import build_app
-from services.openai.frontend import Frontend, FrontendConfig
-from services.security_flags import router_client_security
-from services.server_runtime import logger, wait_for_shutdown_signal
+from pdserve.openai.app import build_app
+from pdserve.openai.frontend import Frontend, FrontendConfig
+from pdserve.runtime.security import router_client_security
+from pdserve.runtime.server import logger, wait_for_shutdown_signal
 
 
 def parse_api_keys(raw: str | None) -> tuple[str, ...]:

@@ -14,11 +14,11 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from services.openai.accumulate import Usage
-from services.openai.errors import OpenAIError, internal
-from services.openai.metrics import Metrics
-from services.openai.router_link import TokenEvent
-from services.openai.sse import EventStream
+from pdserve.openai.accumulate import Usage
+from pdserve.openai.errors import OpenAIError, internal
+from pdserve.openai.metrics import Metrics
+from pdserve.openai.router_link import TokenEvent
+from pdserve.openai.sse import EventStream
 
 logger = logging.getLogger("pdserve.openai")
 

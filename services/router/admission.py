@@ -15,8 +15,8 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from services.grpc_common.errors import OverloadedError
-from services.grpc_common.retry_hint import DEFAULT_RETRY_AFTER_MS
+from pdserve.runtime.errors import OverloadedError
+from pdserve.runtime.retry_hint import DEFAULT_RETRY_AFTER_MS
 
 DEFAULT_MAX_INFLIGHT_REQUESTS = 256
 

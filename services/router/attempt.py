@@ -13,18 +13,18 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from models.sampling_params import SamplingParams
-from protos.pdserve.v1 import colocated_pb2, decode_pb2, prefill_pb2, router_pb2, worker_pb2
-from services.grpc_common.convert import engine_sampling_params_to_proto
-from services.grpc_common.errors import OverloadedError, UnavailableError
-from services.grpc_common.retry_hint import retry_after_ms_of
-from services.lifecycle import is_draining_refusal
-from services.router.failover import SuspectWorkers, WorkerFailedError
-from services.router.responses import StreamState, responses_for
-from services.router.worker_choice import InFlight, choose_decode, choose_prefill
-from services.router.worker_clients import WorkerClients
-from services.state.registry import WorkerInfo, WorkerRegistry
-from services.telemetry import tracing
+from pdserve.models.sampling_params import SamplingParams
+from pdserve.router.failover import SuspectWorkers, WorkerFailedError
+from pdserve.router.responses import StreamState, responses_for
+from pdserve.router.worker_choice import InFlight, choose_decode, choose_prefill
+from pdserve.router.worker_clients import WorkerClients
+from pdserve.runtime.errors import OverloadedError, UnavailableError
+from pdserve.runtime.lifecycle import is_draining_refusal
+from pdserve.runtime.retry_hint import retry_after_ms_of
+from pdserve.runtime.sampling_proto import engine_sampling_params_to_proto
+from pdserve.state.registry import WorkerInfo, WorkerRegistry
+from pdserve.telemetry import tracing
+from pdserve.v1 import colocated_pb2, decode_pb2, prefill_pb2, router_pb2, worker_pb2
 
 
 @dataclass

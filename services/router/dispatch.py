@@ -17,17 +17,17 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from models.sampling_params import SamplingParams
-from protos.pdserve.v1 import router_pb2
-from services.grpc_common.errors import OverloadedError, UnavailableError
-from services.router.attempt import Attempt, AttemptRunner
-from services.router.failover import RetryPolicy, SuspectWorkers, is_worker_failure
-from services.router.progress import ProgressRecorder
-from services.router.responses import StreamState, completion
-from services.router.worker_choice import InFlight
-from services.router.worker_clients import WorkerClients
-from services.state.registry import WorkerInfo, WorkerRegistry
-from services.state.request_store import RequestRecord, RequestStore
+from pdserve.models.sampling_params import SamplingParams
+from pdserve.router.attempt import Attempt, AttemptRunner
+from pdserve.router.failover import RetryPolicy, SuspectWorkers, is_worker_failure
+from pdserve.router.progress import ProgressRecorder
+from pdserve.router.responses import StreamState, completion
+from pdserve.router.worker_choice import InFlight
+from pdserve.router.worker_clients import WorkerClients
+from pdserve.runtime.errors import OverloadedError, UnavailableError
+from pdserve.state.registry import WorkerInfo, WorkerRegistry
+from pdserve.state.request_store import RequestRecord, RequestStore
+from pdserve.v1 import router_pb2
 
 logger = logging.getLogger("pdserve.router")
 PROBE_TIMEOUT_S = 0.5

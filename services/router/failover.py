@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from services.grpc_common.errors import OverloadedError, UnavailableError
+from pdserve.runtime.errors import OverloadedError, UnavailableError
 
 Code = grpc.StatusCode
 # Codes that say "this worker (or the path to it) failed", not "this request is wrong" or "no

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 
-from services.state.request_store import RequestRecord, RequestStore
+from pdserve.state.request_store import RequestRecord, RequestStore
 
 logger = logging.getLogger("pdserve.router")
 

@@ -15,11 +15,11 @@ import time
 import grpc
 from opentelemetry.trace import SpanKind
 
-from models.sampling_params import SamplingParams
-from protos.pdserve.v1 import router_pb2
-from services.telemetry import spans, tracing
-from services.telemetry.logs import bind_request
-from services.telemetry.metrics import RouterMetrics
+from pdserve.models.sampling_params import SamplingParams
+from pdserve.telemetry import spans, tracing
+from pdserve.telemetry.logs import bind_request
+from pdserve.telemetry.metrics import RouterMetrics
+from pdserve.v1 import router_pb2
 
 logger = logging.getLogger("pdserve.router")
 
@@ -105,7 +105,7 @@ class RequestTelemetry:
 
 def _status_name(error: BaseException) -> str:
     """The gRPC status code name an error ends the call with (CANCELLED: the client left)."""
-    from services.grpc_common.status import status_for
+    from pdserve.runtime.status import status_for
 
     if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
         return "CANCELLED"

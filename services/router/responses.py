@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from protos.pdserve.v1 import router_pb2, worker_pb2
+from pdserve.v1 import router_pb2, worker_pb2
 
 
 @dataclass

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from models.detokenizer import IncrementalDetokenizer
-from models.sampling_params import SamplingParams
-from models.tokenizer import Tokenizer
-from protos.pdserve.v1 import router_pb2
-from services.engine.stop_checker import StopChecker
-from services.grpc_common.errors import InvalidRequestError
-from services.router.responses import SampleProgressState, StreamState, completion
-from services.state.request_store import RequestRecord
+from pdserve.engine.stop_checker import StopChecker
+from pdserve.models.detokenizer import IncrementalDetokenizer
+from pdserve.models.sampling_params import SamplingParams
+from pdserve.models.tokenizer import Tokenizer
+from pdserve.router.responses import SampleProgressState, StreamState, completion
+from pdserve.runtime.errors import InvalidRequestError
+from pdserve.state.request_store import RequestRecord
+from pdserve.v1 import router_pb2
 
 
 def params_from_record(record: RequestRecord) -> SamplingParams:

@@ -4,26 +4,26 @@ from __future__ import annotations
 
 import argparse
 
-from models.config import ModelConfig
-from models.tokenizer import Tokenizer
-from protos.pdserve.v1 import router_pb2, router_pb2_grpc
-from services.grpc_common.channels import ClientSecurity
-from services.grpc_common.health import service_names_of
-from services.grpc_common.tls import TlsConfig
-from services.lifecycle import Lifecycle, ShutdownSignals
-from services.router.admission import AdmissionControl, AdmissionLimits
-from services.router.dispatch import Dispatcher
-from services.router.failover import RetryPolicy
-from services.router.servicer import RouterServicer
-from services.router.worker_clients import WorkerClients
-from services.security_flags import router_interceptors
-from services.server_runtime import advertised_host, drain_and_stop, logger, start_server_with_health
-from services.state.redis_connect import check_redis, open_redis, redact_url
-from services.state.redis_retry import RedisWait
-from services.state.registry import WorkerRegistry
-from services.state.request_store import RequestStore
-from services.telemetry.metrics import RouterMetrics
-from services.telemetry.process import ProcessTelemetry
+from pdserve.models.config import ModelConfig
+from pdserve.models.tokenizer import Tokenizer
+from pdserve.router.admission import AdmissionControl, AdmissionLimits
+from pdserve.router.dispatch import Dispatcher
+from pdserve.router.failover import RetryPolicy
+from pdserve.router.servicer import RouterServicer
+from pdserve.router.worker_clients import WorkerClients
+from pdserve.runtime.channels import ClientSecurity
+from pdserve.runtime.health import service_names_of
+from pdserve.runtime.lifecycle import Lifecycle, ShutdownSignals
+from pdserve.runtime.security import router_interceptors
+from pdserve.runtime.server import advertised_host, drain_and_stop, logger, start_server_with_health
+from pdserve.runtime.tls import TlsConfig
+from pdserve.state.redis_connect import check_redis, open_redis, redact_url
+from pdserve.state.redis_retry import RedisWait
+from pdserve.state.registry import WorkerRegistry
+from pdserve.state.request_store import RequestStore
+from pdserve.telemetry.metrics import RouterMetrics
+from pdserve.telemetry.process import ProcessTelemetry
+from pdserve.v1 import router_pb2, router_pb2_grpc
 
 
 async def serve_router(ns: argparse.Namespace) -> None:

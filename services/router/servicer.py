@@ -6,23 +6,20 @@ import contextlib
 import dataclasses
 import uuid
 
-import grpc
-
-from models.config import ModelConfig
-from models.sampling_params import MAX_LOGPROBS, MAX_N
-from models.tokenizer import Tokenizer
-from protos.pdserve.v1 import router_pb2, router_pb2_grpc
-from services.grpc_common.convert import sampling_params_from_proto, with_resolved_seed
-from services.grpc_common.errors import (AlreadyExistsError, InvalidRequestError, NotFoundError,
-                                         PromptTooLongError)
-from services.grpc_common.status import map_errors
-from services.lifecycle import Lifecycle
-from services.router.admission import AdmissionControl
-from services.router.dispatch import Dispatcher, params_record
-from services.router.request_telemetry import RequestTelemetry
-from services.router.responses import SampleProgressState, StreamState
-from services.router.resume import params_from_record, resumed_state
-from services.telemetry.metrics import RouterMetrics
+from pdserve.models.config import ModelConfig
+from pdserve.models.sampling_params import MAX_LOGPROBS, MAX_N
+from pdserve.models.tokenizer import Tokenizer
+from pdserve.router.admission import AdmissionControl
+from pdserve.router.dispatch import Dispatcher, params_record
+from pdserve.router.request_telemetry import RequestTelemetry
+from pdserve.router.responses import SampleProgressState, StreamState
+from pdserve.router.resume import params_from_record, resumed_state
+from pdserve.runtime.errors import AlreadyExistsError, InvalidRequestError, NotFoundError, PromptTooLongError
+from pdserve.runtime.lifecycle import Lifecycle
+from pdserve.runtime.sampling_proto import sampling_params_from_proto, with_resolved_seed
+from pdserve.runtime.status import map_errors
+from pdserve.telemetry.metrics import RouterMetrics
+from pdserve.v1 import router_pb2, router_pb2_grpc
 
 MAX_PROMPT_CHARS = 1_000_000
 MAX_REQUEST_ID_CHARS = 200

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from services.grpc_common.errors import UnavailableError
-from services.state.registry import WorkerInfo
+from pdserve.runtime.errors import UnavailableError
+from pdserve.state.registry import WorkerInfo
 
 
 @dataclass

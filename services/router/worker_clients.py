@@ -6,9 +6,8 @@ import asyncio
 
 import grpc
 
-from protos.pdserve.v1 import (colocated_pb2_grpc, decode_pb2_grpc, prefill_pb2_grpc, worker_pb2,
-                               worker_pb2_grpc)
-from services.grpc_common.channels import PLAINTEXT, ClientSecurity
+from pdserve.runtime.channels import PLAINTEXT, ClientSecurity
+from pdserve.v1 import colocated_pb2_grpc, decode_pb2_grpc, prefill_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 MAX_MESSAGE_BYTES = 64 * 2**20
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -14,7 +14,8 @@ import re
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
-from redis.exceptions import AuthenticationError, ConnectionError as RedisConnectionError, ResponseError
+from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 
 class RedisSetupError(ValueError):
@@ -63,6 +64,6 @@ async def check_redis(client: aioredis.Redis, url: str, require_reachable: bool 
     except (AuthenticationError, ResponseError) as exc:
         raise RedisSetupError(f"Redis at {redact_url(url)} refused this process's credentials ({exc}); "
                               "check the user:password in --redis-url / PDSERVE_REDIS_URL") from None
-    except (RedisConnectionError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, RedisConnectionError, OSError) as exc:
         if require_reachable:
             raise RedisSetupError(f"cannot reach Redis at {redact_url(url)}: {exc}") from None

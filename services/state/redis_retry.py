@@ -1,7 +1,7 @@
 """Waiting for Redis: a call that finds Redis unreachable is retried with short backoff until a
 deadline, then fails with UnavailableError (gRPC UNAVAILABLE) naming the server and the error.
 
-    wait = RedisWait(redact_url(ns.redis_url), wait_s=5.0)   # redact_url: services.state.redis_connect
+    wait = RedisWait(redact_url(ns.redis_url), wait_s=5.0)   # redact_url: pdserve.state.redis_connect
     created = await wait.call(lambda: redis.eval(...))
 """
 
@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import redis.exceptions
 
-from services.grpc_common.errors import UnavailableError
+from pdserve.runtime.errors import UnavailableError
 
 T = TypeVar("T")
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from services.state.redis_retry import RedisWait, url_of
+from pdserve.state.redis_retry import RedisWait, url_of
 
 ROLES = ("prefill", "decode", "worker")
 

@@ -11,7 +11,7 @@ import json
 import uuid
 from dataclasses import dataclass
 
-from services.state.redis_retry import RedisWait, url_of
+from pdserve.state.redis_retry import RedisWait, url_of
 
 # Create-if-absent with its TTL in one atomic step: no record ever exists without an expiry.
 # ARGV[2] is this call's nonce: a retried create that already went through still answers 1.

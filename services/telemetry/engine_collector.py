@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from services.engine.stats import EngineStats
+from pdserve.engine.stats import EngineStats
 
 
 class EngineStatsCollector(Collector):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from services.cli_env import add_flag
+from pdserve.cli.env import add_flag
 
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 

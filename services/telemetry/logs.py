@@ -11,11 +11,11 @@ import contextvars
 import json
 import logging
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from opentelemetry import trace
 
-from services.telemetry import tracing
+from pdserve.telemetry import tracing
 
 _request: contextvars.ContextVar[tuple[str, str | None, str | None] | None] = contextvars.ContextVar(
     "pdserve_log_request", default=None)
@@ -51,7 +51,7 @@ class JsonFormatter(logging.Formatter):
         self.service = service
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+        entry = {"time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
                  "level": record.levelname, "logger": record.name, "message": record.getMessage(),
                  "service": self.service}
         for key in ("request_id", "trace_id", "span_id"):

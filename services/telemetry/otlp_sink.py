@@ -7,7 +7,7 @@ exporter cannot tell the difference).
     spans = sink.wait_for(lambda spans: len(spans) >= 8, timeout_s=10)
     sink.stop()
 
-    python -m services.telemetry.otlp_sink [--port P]   # as a process: prints "READY host:port",
+    python -m pdserve.telemetry.otlp_sink [--port P]   # as a process: prints "READY host:port",
                                                         # and the span count on SIGTERM/SIGINT
 """
 

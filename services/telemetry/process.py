@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
-from services.server_runtime import advertised_host
-from services.telemetry.logs import configure_logging
-from services.telemetry.metrics import new_registry, start_metrics_server
-from services.telemetry.tracing import otlp_endpoint_from, setup_tracing, shutdown_tracing
+from pdserve.runtime.server import advertised_host
+from pdserve.telemetry.logs import configure_logging
+from pdserve.telemetry.metrics import new_registry, start_metrics_server
+from pdserve.telemetry.tracing import otlp_endpoint_from, setup_tracing, shutdown_tracing
 
 logger = logging.getLogger("pdserve.telemetry")
 

@@ -25,7 +25,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from services.telemetry import tracing
+from pdserve.telemetry import tracing
 
 ROUTER_GENERATE = "pdserve.v1.Router/Generate"
 WORKER_GENERATE = "worker.generate"

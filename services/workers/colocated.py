@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import contextlib
 
-from protos.pdserve.v1 import colocated_pb2, colocated_pb2_grpc
-from services.grpc_common.convert import sampling_params_from_engine_proto
-from services.grpc_common.status import map_errors
-from services.telemetry import spans
-from services.workers.convert import request_output_to_proto
-from services.workers.queue_bound import QueueBound
-from services.workers.request_checks import RequestIds
-from services.workers.request_trace import WorkerRequestTrace
-from services.workers.runtime import WorkerContext
+from pdserve.runtime.sampling_proto import sampling_params_from_engine_proto
+from pdserve.runtime.status import map_errors
+from pdserve.telemetry import spans
+from pdserve.v1 import colocated_pb2, colocated_pb2_grpc
+from pdserve.workers.convert import request_output_to_proto
+from pdserve.workers.queue_bound import QueueBound
+from pdserve.workers.request_checks import RequestIds
+from pdserve.workers.request_trace import WorkerRequestTrace
+from pdserve.workers.runtime import WorkerContext
 
 
 class ColocatedServicer(colocated_pb2_grpc.ColocatedWorkerServicer):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from protos.pdserve.v1 import router_pb2, worker_pb2
-from services.engine.outputs import RequestOutput
-from services.engine.stats import EngineStats
-from services.state.registry import WorkerLoad
+from pdserve.engine.outputs import RequestOutput
+from pdserve.engine.stats import EngineStats
+from pdserve.state.registry import WorkerLoad
+from pdserve.v1 import router_pb2, worker_pb2
 
 
 def request_output_to_proto(output: RequestOutput) -> worker_pb2.RequestOutput:

@@ -13,20 +13,20 @@ from dataclasses import dataclass
 
 from opentelemetry.trace import SpanKind
 
-from kvtransfer import ReceivedTransfer, TCPKVReceiver
-from protos.pdserve.v1 import decode_pb2, decode_pb2_grpc
-from services.grpc_common.convert import sampling_params_from_engine_proto
-from services.grpc_common.errors import InvalidRequestError, NotFoundError, UnavailableError
-from services.grpc_common.status import map_errors
-from services.security_flags import kv_receiver_options
-from services.server_runtime import advertised_host
-from services.telemetry import spans, tracing
-from services.telemetry.metrics import WorkerMetrics
-from services.workers.convert import request_output_to_proto
-from services.workers.queue_bound import QueueBound
-from services.workers.request_checks import RequestIds, check_decode, check_reserve
-from services.workers.request_trace import WorkerRequestTrace
-from services.workers.runtime import WorkerContext
+from pdserve.kvtransfer import ReceivedTransfer, TCPKVReceiver
+from pdserve.runtime.errors import InvalidRequestError, NotFoundError, UnavailableError
+from pdserve.runtime.sampling_proto import sampling_params_from_engine_proto
+from pdserve.runtime.security import kv_receiver_options
+from pdserve.runtime.server import advertised_host
+from pdserve.runtime.status import map_errors
+from pdserve.telemetry import spans, tracing
+from pdserve.telemetry.metrics import WorkerMetrics
+from pdserve.v1 import decode_pb2, decode_pb2_grpc
+from pdserve.workers.convert import request_output_to_proto
+from pdserve.workers.queue_bound import QueueBound
+from pdserve.workers.request_checks import RequestIds, check_decode, check_reserve
+from pdserve.workers.request_trace import WorkerRequestTrace
+from pdserve.workers.runtime import WorkerContext
 
 EXPIRY_SWEEP_S = 0.25
 # The engine's own expiry is a safety net behind the server's: the server stops the receiver

@@ -9,23 +9,23 @@ import logging
 
 from opentelemetry.trace import SpanKind
 
-from kvtransfer import KVLayout, TCPKVSender
-from kvtransfer.backend import KVTransfer, TransferStats
-from protos.pdserve.v1 import prefill_pb2, prefill_pb2_grpc
-from services.engine.async_engine import AsyncEngine
-from services.engine.chunk_info import ChunkInfo
-from services.engine.outputs import RequestOutput
-from services.engine.prefilled import first_token_params, outcome_after
-from services.grpc_common.convert import sampling_params_from_engine_proto
-from services.grpc_common.errors import UnavailableError
-from services.grpc_common.status import map_errors
-from services.security_flags import kv_sender_options
-from services.telemetry import spans, tracing
-from services.workers.convert import request_output_to_proto
-from services.workers.queue_bound import QueueBound
-from services.workers.request_checks import RequestIds, check_prefill, transfer_error
-from services.workers.request_trace import WorkerRequestTrace
-from services.workers.runtime import WorkerContext
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.chunk_info import ChunkInfo
+from pdserve.engine.outputs import RequestOutput
+from pdserve.engine.prefilled import first_token_params, outcome_after
+from pdserve.kvtransfer import KVLayout, TCPKVSender
+from pdserve.kvtransfer.backend import KVTransfer, TransferStats
+from pdserve.runtime.errors import UnavailableError
+from pdserve.runtime.sampling_proto import sampling_params_from_engine_proto
+from pdserve.runtime.security import kv_sender_options
+from pdserve.runtime.status import map_errors
+from pdserve.telemetry import spans, tracing
+from pdserve.v1 import prefill_pb2, prefill_pb2_grpc
+from pdserve.workers.convert import request_output_to_proto
+from pdserve.workers.queue_bound import QueueBound
+from pdserve.workers.request_checks import RequestIds, check_prefill, transfer_error
+from pdserve.workers.request_trace import WorkerRequestTrace
+from pdserve.workers.runtime import WorkerContext
 
 logger = logging.getLogger("pdserve.prefill")
 TRANSFER_TIMEOUT_S = 60.0

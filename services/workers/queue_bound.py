@@ -14,8 +14,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from services.grpc_common.errors import OverloadedError
-from services.grpc_common.retry_hint import DEFAULT_RETRY_AFTER_MS
+from pdserve.runtime.errors import OverloadedError
+from pdserve.runtime.retry_hint import DEFAULT_RETRY_AFTER_MS
 
 DEFAULT_MAX_QUEUED_REQUESTS = 256
 

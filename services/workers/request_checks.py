@@ -3,7 +3,7 @@ before anything is held, so a malformed call is refused at once with a message n
 field, instead of after a KV wait, a transfer handshake or an engine step; and the translation
 of KV-transfer failures into the gRPC statuses the prefill server answers with.
 
-Status codes (through services.grpc_common.status): InvalidRequestError -> INVALID_ARGUMENT,
+Status codes (through pdserve.runtime.status): InvalidRequestError -> INVALID_ARGUMENT,
 PromptTooLongError -> OUT_OF_RANGE, AlreadyExistsError -> ALREADY_EXISTS, NotFoundError ->
 NOT_FOUND, IncompatiblePeerError -> FAILED_PRECONDITION, UnavailableError -> UNAVAILABLE.
 """
@@ -13,11 +13,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from kvtransfer.errors import KVAuthError, KVLayoutMismatch, KVTransferError, UnknownReservation
-from models.sampling_params import MAX_N, SamplingParams
-from services.engine.prefilled import check_progress, first_token_params
-from services.engine.validation import blocks_for, worst_case_blocks
-from services.grpc_common.errors import (
+from pdserve.engine.prefilled import check_progress, first_token_params
+from pdserve.engine.validation import blocks_for, worst_case_blocks
+from pdserve.kvtransfer.errors import KVAuthError, KVLayoutMismatch, KVTransferError, UnknownReservation
+from pdserve.models.sampling_params import MAX_N, SamplingParams
+from pdserve.runtime.errors import (
     AlreadyExistsError,
     IncompatiblePeerError,
     InvalidRequestError,

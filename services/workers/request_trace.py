@@ -9,10 +9,10 @@ import time
 
 from opentelemetry.trace import SpanKind
 
-from services.engine.outputs import RequestOutput
-from services.telemetry import spans, tracing
-from services.telemetry.logs import bind_request
-from services.telemetry.metrics import WorkerMetrics
+from pdserve.engine.outputs import RequestOutput
+from pdserve.telemetry import spans, tracing
+from pdserve.telemetry.logs import bind_request
+from pdserve.telemetry.metrics import WorkerMetrics
 
 
 class WorkerRequestTrace:

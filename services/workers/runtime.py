@@ -12,19 +12,19 @@ from collections.abc import Awaitable, Callable
 import grpc
 import redis.asyncio as aioredis
 
-from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
-from services.engine.async_engine import AsyncEngine
-from services.engine_setup import build_engine, engine_args_from
-from services.grpc_common.status import map_errors
-from services.grpc_common.tls import TlsConfig
-from services.lifecycle import Lifecycle, ShutdownSignals
-from services.server_runtime import advertised_host, drain_and_stop, logger, start_server_with_health
-from services.state.redis_connect import check_redis, open_redis
-from services.state.registry import WorkerInfo, WorkerRegistry
-from services.telemetry.engine_collector import EngineStatsCollector
-from services.telemetry.metrics import WorkerMetrics
-from services.telemetry.process import ProcessTelemetry
-from services.workers.convert import stats_to_load_proto, stats_to_registry_load
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.setup import build_engine, engine_args_from
+from pdserve.runtime.lifecycle import Lifecycle, ShutdownSignals
+from pdserve.runtime.server import advertised_host, drain_and_stop, logger, start_server_with_health
+from pdserve.runtime.status import map_errors
+from pdserve.runtime.tls import TlsConfig
+from pdserve.state.redis_connect import check_redis, open_redis
+from pdserve.state.registry import WorkerInfo, WorkerRegistry
+from pdserve.telemetry.engine_collector import EngineStatsCollector
+from pdserve.telemetry.metrics import WorkerMetrics
+from pdserve.telemetry.process import ProcessTelemetry
+from pdserve.v1 import worker_pb2, worker_pb2_grpc
+from pdserve.workers.convert import stats_to_load_proto, stats_to_registry_load
 
 ROLE_PROTO = {"prefill": worker_pb2.WORKER_ROLE_PREFILL, "decode": worker_pb2.WORKER_ROLE_DECODE,
               "worker": worker_pb2.WORKER_ROLE_COLOCATED}

@@ -22,14 +22,14 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from protos.pdserve.v1 import worker_pb2 as pdserve_dot_v1_dot_worker__pb2
+from pdserve.v1 import worker_pb2 as pdserve_dot_v1_dot_worker__pb2
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apdserve/v1/colocated.proto\x12\npdserve.v1\x1a\x17pdserve/v1/worker.proto\"\xa7\x02\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .pdserve.v1.EngineSamplingParams\x12+\n\x07samples\x18\x04 \x03(\x0b\x32\x1a.pdserve.v1.SampleProgress\x12J\n\rtrace_context\x18\x05 \x03(\x0b\x32\x33.pdserve.v1.WorkerGenerateRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32]\n\x0f\x43olocatedWorker\x12J\n\x08Generate\x12!.pdserve.v1.WorkerGenerateRequest\x1a\x19.pdserve.v1.RequestOutput0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.pdserve.v1.colocated_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.colocated_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKERGENERATEREQUEST_TRACECONTEXTENTRY']._loaded_options = None

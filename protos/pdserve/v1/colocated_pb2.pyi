@@ -1,4 +1,4 @@
-from protos.pdserve.v1 import worker_pb2 as _worker_pb2
+from pdserve.v1 import worker_pb2 as _worker_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.pdserve.v1 import prefill_pb2 as pdserve_dot_v1_dot_prefill__pb2
+from pdserve.v1 import prefill_pb2 as pdserve_dot_v1_dot_prefill__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -1,0 +1,94 @@
+"""`pdserve bench serve|compare|simulate`: the serving benchmark, the comparisons that justify
+disaggregation, and the simulator that sizes a deployment (the work lives in services/bench)."""
+
+from __future__ import annotations
+
+import argparse
+
+from pdserve.bench.serve_flags import add_dataset_flags, add_load_flags
+from pdserve.cli.env import add_flag
+from pdserve.runtime.channels import add_client_security_flags
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `bench` and its three subcommands."""
+    p = sub.add_parser("bench", help="serving benchmark, deployment comparison, simulator")
+    bench = p.add_subparsers(dest="bench_command", required=True)
+    _register_serve(bench)
+    _register_compare(bench)
+    _register_simulate(bench)
+
+
+def _register_serve(bench: argparse._SubParsersAction) -> None:
+    p = bench.add_parser("serve", help="load a running deployment through its router and report latencies",
+                         description="Send a workload to pdserve.v1.Router/Generate and report TTFT, TPOT, "
+                                     "ITL, end-to-end latency, throughput and goodput.")
+    add_flag(p, "--router", None, str, "HOST:PORT of the router", required=False)
+    add_client_security_flags(p, api_key_help="the API key to send to the router (its --api-key)")
+    add_dataset_flags(p)
+    add_load_flags(p)
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    p.add_argument("--warmup", type=int, default=2, help="short requests sent first, not counted")
+    p.add_argument("--timeout-s", type=float, default=600.0, help="per-request deadline")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--save-result", nargs="?", const="", default=None, metavar="FILE",
+                   help="write the figures as JSON (to FILE, default bench-serve-<date>.json)")
+    p.add_argument("--save-detailed", action="store_true", help="with --save-result: every request's timings")
+    p.set_defaults(run=lambda ns: _lazy("pdserve.bench.serve_main").run(ns))
+
+
+def _register_compare(bench: argparse._SubParsersAction) -> None:
+    p = bench.add_parser("compare", help="disaggregated vs colocated, continuous vs static batching, "
+                                         "vs transformers, KV waste: JSON + Markdown + PNG report",
+                         description="Run the four comparisons on this machine in one run and write "
+                                     "report.json, report.md and PNG plots into --out.")
+    p.add_argument("--out", default="bench-report", help="report folder (relative to the current directory; "
+                   "the committed figures are in services/bench/results/cpu-2core)")
+    p.add_argument("--size", default="small", help="make-tiny-model size of the served model")
+    p.add_argument("--engine-size", default="small", help="model size of scenarios 2-3")
+    p.add_argument("--model-dir", default=None, help="serve this checkpoint instead of making one")
+    p.add_argument("--num-prompts", type=int, default=48, help="requests per serving run (scenario 1)")
+    p.add_argument("--rates", default="1,2,3", help="request rates (req/s) of scenario 1, comma-separated")
+    p.add_argument("--reference-rate", type=float, default=None,
+                   help="the rate whose colocated run sets the SLOs (default: the middle rate)")
+    p.add_argument("--engine-requests", type=int, default=48, help="requests of scenarios 2-4")
+    p.add_argument("--only", default="1,2,3,4", help="scenarios to run, comma-separated")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=lambda ns: _lazy("pdserve.bench.compare_main").run(ns))
+
+
+def _register_simulate(bench: argparse._SubParsersAction) -> None:
+    p = bench.add_parser("simulate", help="predict TTFT/TPOT/goodput of N prefill + M decode servers "
+                                          "and recommend the prefill:decode ratio",
+                         description="A discrete-event model of a deployment whose step costs are fitted "
+                                     "from engine runs on this machine.")
+    p.add_argument("--profile", default=None, help="fitted step costs (JSON from --save-profile)")
+    p.add_argument("--model", default=None, help="fit the step costs now on this checkpoint")
+    p.add_argument("--size", default=None, help="fit on make-tiny-model --size SIZE (made in a temp dir)")
+    p.add_argument("--device", default="cpu", help="device of the fit (cpu or cuda)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the fit (one per server)")
+    p.add_argument("--calibrate-router", default=None, metavar="HOST:PORT",
+                   help="also measure the service path's overheads on this running deployment")
+    p.add_argument("--calibrate-rate", type=float, default=None,
+                   help="with --calibrate-router: also run the workload (other seed) at this rate there and "
+                        "refine the costs to its median TTFT and TPOT (the router's deployment must be the "
+                        "one given by --prefill/--decode/--colocated)")
+    p.add_argument("--save-profile", default=None, help="write the fitted step costs to this JSON file")
+    add_dataset_flags(p)
+    add_load_flags(p)
+    p.add_argument("--prefill", type=int, default=1, help="prefill servers")
+    p.add_argument("--decode", type=int, default=1, help="decode servers")
+    p.add_argument("--colocated", type=int, default=0, help="colocated workers (instead of prefill/decode)")
+    p.add_argument("--recommend", action="store_true",
+                   help="search prefill:decode splits for the smallest deployment meeting --attainment")
+    p.add_argument("--max-servers", type=int, default=8, help="--recommend: most servers in all")
+    p.add_argument("--attainment", type=float, default=0.9, help="--recommend: share of requests meeting the SLOs")
+    p.add_argument("--save-result", default=None, metavar="FILE", help="write the predictions as JSON")
+    p.set_defaults(run=lambda ns: _lazy("pdserve.bench.simulate_main").run(ns))
+
+
+def _lazy(module: str):
+    """Import a subcommand's module when it runs (keeps `pdserve --help` fast)."""
+    import importlib
+
+    return importlib.import_module(module)

@@ -1,0 +1,66 @@
+"""`pdserve up`: a local cluster (embedded Redis, prefill, decode, router, OpenAI-compatible HTTP
+server) until Ctrl-C/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+
+from pdserve.cli.env import add_flag
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the up subcommand."""
+    p = sub.add_parser("up", help="run a local cluster: Redis, prefill and decode servers, router")
+    add_flag(p, "--model", None, str, "checkpoint directory (default: make the tiny model)")
+    add_flag(p, "--prefill", 1, int, "prefill servers")
+    add_flag(p, "--decode", 1, int, "decode servers")
+    add_flag(p, "--colocated", 0, int, "colocated workers (instead of prefill/decode when --prefill 0 --decode 0)")
+    add_flag(p, "--port", 50051, int, "router port")
+    add_flag(p, "--redis-url", None, str, "external Redis (default: an embedded valkey server)")
+    add_flag(p, "--threads-per-worker", 1, int, "torch threads in each worker process")
+    add_flag(p, "--openai-port", 8000, int, "port of the OpenAI-compatible HTTP API (0: do not start it)")
+    add_flag(p, "--api-key", None, str, "API keys the OpenAI API requires, comma-separated (default: open)")
+    p.set_defaults(run=run)
+
+
+def start_cluster(ns: argparse.Namespace):
+    """Start a LocalCluster from the up flags (making the tiny model if no --model)."""
+    from pdserve.cli.cluster import LocalCluster
+    from pdserve.cli.demo import default_model_dir, ensure_tiny_model
+
+    if (ns.prefill == 0) != (ns.decode == 0):
+        raise ValueError("--prefill and --decode must both be > 0 (disaggregated) or both 0 (colocated)")
+    if ns.prefill == 0 and ns.colocated == 0:
+        raise ValueError("no workers: give --prefill/--decode or --colocated")
+    model = ns.model or str(ensure_tiny_model(default_model_dir()))
+    if ns.openai_port < 0:
+        raise ValueError(f"--openai-port must be a port number or 0 (off), got {ns.openai_port}")
+    cluster = LocalCluster(model, prefill=ns.prefill, decode=ns.decode, colocated=ns.colocated,
+                           router_port=ns.port, redis_url=ns.redis_url,
+                           threads_per_worker=ns.threads_per_worker, openai=ns.openai_port > 0,
+                           openai_port=ns.openai_port,
+                           # the OpenAI API's keys only (the router's would be its --api-key), not on command lines
+                           role_env={"openai": {"PDSERVE_API_KEY": ns.api_key}} if ns.api_key else {})
+    return cluster.start()
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Start the cluster, print where the router is, and stop everything on a signal."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    cluster = start_cluster(ns)
+    try:
+        print(f"pdserve cluster up: router at {cluster.router_address} "
+              f"({ns.prefill} prefill, {ns.decode} decode, {ns.colocated} colocated); logs in {cluster.log_dir}")
+        print(f"try: pdserve generate --router {cluster.router_address} \"Once upon a time\"", flush=True)
+        if cluster.openai:
+            print(f"OpenAI-compatible API at http://{cluster.openai_address}/v1 "
+                  f"(model {cluster.model_dir!r})", flush=True)
+        stop.wait()
+    finally:
+        cluster.stop()
+        print("pdserve cluster stopped")
+    return 0

@@ -1,0 +1,64 @@
+"""Client channels to pdserve servers: plaintext, TLS or mutual TLS, with or without an API key.
+Every pdserve client (router -> workers, front end -> router, `pdserve generate`, the
+healthcheck, the benchmarks) opens its channels here."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from pdserve.cli.env import add_flag
+from pdserve.runtime.api_keys import BearerKeyInterceptor, bearer_key_aio_interceptors
+from pdserve.runtime.tls import TlsConfig, add_tls_flags
+
+ChannelOptions = Sequence[tuple[str, object]]
+
+
+def add_client_security_flags(parser: argparse.ArgumentParser, api_key_help: str | None = None) -> None:
+    """The TLS flags and, unless api_key_help is None, --api-key (the key sent to the router)."""
+    add_tls_flags(parser)
+    if api_key_help is not None:
+        add_flag(parser, "--api-key", None, str, api_key_help)
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """How a client dials: `tls` (None: plaintext) and `api_key` (sent as
+    `authorization: Bearer KEY` on every call; None: no key)."""
+
+    tls: TlsConfig | None = None
+    api_key: str | None = None
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace, api_key_attr: str | None = "api_key") -> ClientSecurity:
+        """From the TLS flags and the flag named `api_key_attr` (None: no key)."""
+        key = getattr(ns, api_key_attr, None) if api_key_attr else None
+        return cls(TlsConfig.from_namespace(ns), key or None)
+
+    def _options(self, options: ChannelOptions) -> list[tuple[str, object]]:
+        return [*options, *(self.tls.channel_options() if self.tls else [])]
+
+    def aio_channel(self, address: str, options: ChannelOptions) -> grpc.aio.Channel:
+        """A grpc.aio channel to `address` (host:port) with `options` (message size limits...)."""
+        interceptors = bearer_key_aio_interceptors(self.api_key) if self.api_key else None
+        if self.tls is None:
+            return grpc.aio.insecure_channel(address, options=self._options(options), interceptors=interceptors)
+        return grpc.aio.secure_channel(address, self.tls.channel_credentials(), options=self._options(options),
+                                       interceptors=interceptors)
+
+    def channel(self, address: str, options: ChannelOptions) -> grpc.Channel:
+        """A synchronous channel to `address`; closing it (or `with`) closes the connection."""
+        if self.tls is None:
+            channel = grpc.insecure_channel(address, options=self._options(options))
+        else:
+            channel = grpc.secure_channel(address, self.tls.channel_credentials(), options=self._options(options))
+        if self.api_key:
+            return grpc.intercept_channel(channel, BearerKeyInterceptor(self.api_key))  # close() closes both
+        return channel
+
+
+PLAINTEXT = ClientSecurity()
+

@@ -1,0 +1,80 @@
+"""Sampling parameters between proto messages and pdserve.models.sampling_params.SamplingParams.
+
+The public pdserve.v1.SamplingParams has optional fields (unset: the dataclass defaults);
+the internal EngineSamplingParams has every field resolved, the seed included, so workers
+apply it without defaults logic.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import replace
+
+import numpy as np
+
+from pdserve.models.sampling_params import SamplingParams
+from pdserve.runtime.errors import InvalidRequestError
+from pdserve.v1 import router_pb2, worker_pb2
+
+SEED_BITS = 63  # drawn seeds fit a signed 64-bit integer, friendly to every client language
+
+# Optional scalar fields of the public message with the same name in SamplingParams.
+_OPTIONAL_FIELDS = ("max_tokens", "top_k", "seed", "n", "logprobs", "min_tokens")
+_OPTIONAL_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty",
+                          "presence_penalty", "frequency_penalty")
+
+
+def sampling_params_from_proto(message: router_pb2.SamplingParams | None) -> SamplingParams:
+    """Validated SamplingParams from the public message; unset optional fields take the
+    defaults (max_tokens 16, temperature 1.0, top_p 1.0, top_k off, n 1, no logprobs, seed
+    None). Raises SamplingParamsError (INVALID_ARGUMENT) naming an out-of-range field."""
+    if message is None:
+        return SamplingParams()
+    fields: dict = {name: getattr(message, name) for name in _OPTIONAL_FIELDS
+                    if message.HasField(name)}
+    fields.update((name, _from_float32(getattr(message, name))) for name in _OPTIONAL_FLOAT_FIELDS
+                  if message.HasField(name))
+    return SamplingParams(stop=tuple(message.stop), stop_token_ids=tuple(message.stop_token_ids),
+                          ignore_eos=message.ignore_eos, **fields)
+
+
+def with_resolved_seed(params: SamplingParams) -> SamplingParams:
+    """params with a random seed drawn when it has none (done once, by the router)."""
+    if params.seed is not None:
+        return params
+    return replace(params, seed=secrets.randbits(SEED_BITS))
+
+
+def engine_sampling_params_to_proto(params: SamplingParams) -> worker_pb2.EngineSamplingParams:
+    """The internal message for params, whose seed must already be resolved."""
+    if params.seed is None:
+        raise InvalidRequestError("EngineSamplingParams needs a resolved seed: "
+                                  "call with_resolved_seed(params) first")
+    return worker_pb2.EngineSamplingParams(
+        max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+        top_k=params.top_k, min_p=params.min_p, repetition_penalty=params.repetition_penalty,
+        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+        seed=params.seed, stop=params.stop, stop_token_ids=params.stop_token_ids,
+        ignore_eos=params.ignore_eos, n=params.n, return_logprobs=params.logprobs is not None,
+        min_tokens=params.min_tokens, top_logprobs=params.logprobs or 0)
+
+
+def sampling_params_from_engine_proto(message: worker_pb2.EngineSamplingParams) -> SamplingParams:
+    """Validated SamplingParams (seed set) from the internal message, taken as it is.
+    Raises SamplingParamsError / InvalidRequestError (INVALID_ARGUMENT) on a bad field."""
+    if not message.return_logprobs and message.top_logprobs:
+        raise InvalidRequestError("EngineSamplingParams.top_logprobs is set but "
+                                  "return_logprobs is false")
+    return SamplingParams(
+        max_tokens=message.max_tokens, temperature=message.temperature, top_p=message.top_p,
+        top_k=message.top_k, min_p=message.min_p, repetition_penalty=message.repetition_penalty,
+        presence_penalty=message.presence_penalty, frequency_penalty=message.frequency_penalty,
+        seed=message.seed, stop=tuple(message.stop), stop_token_ids=tuple(message.stop_token_ids),
+        ignore_eos=message.ignore_eos, n=message.n, min_tokens=message.min_tokens,
+        logprobs=message.top_logprobs if message.return_logprobs else None)
+
+
+def _from_float32(value: float) -> float:
+    """The shortest decimal that the float32 `value` stands for (0.7f -> 0.7, not
+    0.699999988...), so a request sent over gRPC samples exactly like one made in process."""
+    return float(str(np.float32(value)))

@@ -1,0 +1,95 @@
+"""oneDNN-packed linear layers on the CPU (models/cpu_packed_linear.py): a bfloat16 model's
+layers are packed by the model runner and give bit-identical logits and greedy tokens; float32
+models and a tied output head are left alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from helpers.engine_testing import greedy, one_torch_thread
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.model_runner import ModelRunner, ScheduledChunk
+from pdserve.models.cpu_packed_linear import PackedLinear, pack_linears_for_cpu, packing_available
+from pdserve.models.loader import load_model
+from pdserve.models.tiny_model import make_tiny_model
+from pdserve.models.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.skipif(not packing_available(), reason="torch built without oneDNN")
+BLOCK_SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """Qwen2: q/k/v biases and an untied output head."""
+    return make_tiny_model(tmp_path_factory.mktemp("packed") / "qwen2", arch="qwen2", seed=0, size="tiny")
+
+
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory):
+    """Llama: the output head is the embedding."""
+    return make_tiny_model(tmp_path_factory.mktemp("packed") / "llama", arch="llama", seed=0, size="tiny")
+
+
+def engine_for(model_dir, pack: bool) -> tuple[LLMEngine, ModelRunner]:
+    model, config = load_model(model_dir, dtype=torch.bfloat16)
+    runner = ModelRunner(model, config, 64, BLOCK_SIZE, pack_linears=pack)
+    engine = LLMEngine(runner, Tokenizer.from_dir(model_dir), EngineConfig(block_size=BLOCK_SIZE))
+    return engine, runner
+
+
+def packed_layers(model):
+    return [m for m in model.modules() if isinstance(m, PackedLinear)]
+
+
+def test_runner_packs_every_bfloat16_layer(tiny_dir):
+    runner = engine_for(tiny_dir, pack=True)[1]
+    model = runner.model
+    assert runner.packed_linears == len(packed_layers(model))
+    assert len(packed_layers(model)) == 4 * model.config.num_layers + 1  # + the output head
+    assert model.layers[0].self_attn.qkv_proj.bias is not None  # qwen2's q/k/v biases kept
+
+
+def test_a_model_shared_by_two_runners_is_packed_once(tiny_dir):
+    model, config = load_model(tiny_dir, dtype=torch.bfloat16)
+    first = ModelRunner(model, config, 8, BLOCK_SIZE)
+    second = ModelRunner(model, config, 8, BLOCK_SIZE)
+    assert first.packed_linears == second.packed_linears == len(packed_layers(model)) > 0
+
+
+def test_a_tied_output_head_is_not_packed(tied_dir):
+    model = engine_for(tied_dir, pack=True)[1].model
+    assert len(packed_layers(model)) == 4 * model.config.num_layers
+    assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.embed_tokens.weight
+
+
+def test_float32_models_are_not_packed(tiny_dir):
+    model, _ = load_model(tiny_dir, dtype=torch.float32)
+    assert pack_linears_for_cpu(model) == 0
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64, 300])
+def test_packed_layer_output_is_bit_identical(tiny_dir, rows):
+    model, _ = load_model(tiny_dir, dtype=torch.bfloat16)
+    layer = model.layers[1].mlp.gate_up_proj
+    packed = PackedLinear.pack(layer)
+    x = torch.randn(rows, layer.in_features, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    assert torch.equal(packed(x), layer(x))
+
+
+def test_packed_engine_gives_the_same_logits_and_tokens(tiny_dir):
+    prompts = [[5, 17, 99, 3, 250], list(range(10, 60)), [400] * 20]
+    tokens, logits = {}, {}
+    with one_torch_thread():
+        for pack in (False, True):
+            engine, runner = engine_for(tiny_dir, pack)
+            assert (runner.packed_linears > 0) == pack
+            chunk = ScheduledChunk(0, prompts[1], 0, list(range(4)), needs_logits=True)
+            logits[pack] = runner.execute([chunk])
+            results = engine.generate(prompts, greedy(24))
+            tokens[pack] = [r.samples[0].token_ids for r in results]
+    assert torch.equal(logits[True], logits[False])
+    assert tokens[True] == tokens[False]

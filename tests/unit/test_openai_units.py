@@ -1,0 +1,159 @@
+"""Parts of the OpenAI front end that need no cluster: chat templates rendered exactly as
+`transformers` renders them, request-field validation, router error mapping, metrics text."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+from pdserve.models.tiny_model import make_tiny_model
+from pdserve.models.tokenizer import Tokenizer
+from pdserve.openai.chat_template import ChatTemplate, normalize_messages
+from pdserve.openai.errors import OpenAIError, from_rpc_error
+from pdserve.openai.metrics import Metrics
+from pdserve.openai.sampling import Limits, read_sampling, to_proto
+
+# Exercises what real checkpoints' templates use: namespace(), loop controls, tojson,
+# raise_exception, bos/eos tokens, whitespace control and add_generation_prompt.
+RICH_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}"
+    "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.system = m['content'] %}{% endif %}{% endfor %}"
+    "{% if ns.system %}<<SYS>>{{ ns.system | tojson }}<</SYS>>\n{% endif %}"
+    "{% for m in messages %}\n"
+    "  {% if m['role'] == 'system' %}{% continue %}{% endif %}\n"
+    "  {% if m['role'] not in ['user', 'assistant'] %}{{ raise_exception('bad role ' + m['role']) }}{% endif %}\n"
+    "  [{{ m['role'] | upper }}] {{ m['content'] | trim }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}[ASSISTANT] {% endif %}"
+)
+
+MESSAGES = [
+    {"role": "system", "content": "Be brief. Ünïcødé \"quotes\"."},
+    {"role": "user", "content": "  Hello there  "},
+    {"role": "assistant", "content": "Hi!"},
+    {"role": "user", "content": "Tell me a story."},
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("openai-units") / "tiny", arch="llama", seed=0)
+
+
+def _with_template(model_dir, tmp_path, template: str):
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    out = tmp_path / "templated"
+    out.mkdir()
+    for f in model_dir.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize("template", ["checkpoint", "rich"])
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_template_renders_and_tokenizes_as_transformers(model_dir, tmp_path, template, add_generation_prompt):
+    import transformers
+
+    directory = model_dir if template == "checkpoint" else _with_template(model_dir, tmp_path, RICH_TEMPLATE)
+    hf = transformers.AutoTokenizer.from_pretrained(str(directory))
+    want_text = hf.apply_chat_template(MESSAGES, add_generation_prompt=add_generation_prompt, tokenize=False)
+    want_ids = hf.apply_chat_template(MESSAGES, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                      return_dict=False)
+    tokenizer = Tokenizer.from_dir(directory)
+    ours = ChatTemplate(tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
+    text = ours.render(normalize_messages(MESSAGES), add_generation_prompt)
+    assert text == want_text
+    assert tokenizer.encode(text, add_special_tokens=False) == list(want_ids)
+
+
+def test_template_errors_and_sandbox_escapes_are_400s():
+    template = ChatTemplate(RICH_TEMPLATE, "<s>", "</s>")
+    with pytest.raises(OpenAIError) as bad_role:
+        template.render([{"role": "tool", "content": "x"}])
+    assert (bad_role.value.status, bad_role.value.param) == (400, "messages")
+    assert "bad role tool" in bad_role.value.message
+    escape = ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}", None, None)
+    with pytest.raises(OpenAIError) as sandboxed:
+        escape.render([{"role": "user", "content": "x"}])
+    assert sandboxed.value.status == 400
+    underscore = ChatTemplate("{% set ns = namespace() %}{% set ns._x = 1 %}", None, None)
+    with pytest.raises(OpenAIError):
+        underscore.render([{"role": "user", "content": "x"}])
+
+
+def test_messages_are_validated_and_text_parts_joined():
+    parts = normalize_messages([{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                               {"type": "text", "text": "b"}]}])
+    assert parts[0]["content"] == "a\nb"
+    for bad in ([], [{"role": "wizard", "content": "x"}], [{"role": "user", "content": 3}],
+                [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "hi"):
+        with pytest.raises(OpenAIError) as error:
+            normalize_messages(bad)
+        assert (error.value.status, error.value.param) == (400, "messages")
+
+
+LIMITS = Limits(max_model_len=128, max_n=16, max_logprobs=20)
+
+
+def test_sampling_fields_map_to_the_router_message():
+    fields = read_sampling({"max_completion_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": 5,
+                            "min_p": 0.1, "repetition_penalty": 1.1, "presence_penalty": 0.5,
+                            "frequency_penalty": -0.5, "seed": -1, "n": 3, "stop": "END",
+                            "stop_token_ids": [2], "ignore_eos": True, "min_tokens": 2,
+                            "logprobs": True, "top_logprobs": 4}, LIMITS, chat=True)
+    msg = to_proto(fields)
+    assert (msg.max_tokens, msg.top_k, msg.n, msg.logprobs, msg.min_tokens) == (7, 5, 3, 4, 2)
+    assert msg.seed == 2**64 - 1 and list(msg.stop) == ["END"] and list(msg.stop_token_ids) == [2]
+    assert msg.ignore_eos and abs(msg.temperature - 0.5) < 1e-6
+    assert to_proto(read_sampling({"logprobs": True}, LIMITS, chat=True)).logprobs == 0
+    assert not to_proto(read_sampling({}, LIMITS, chat=False)).HasField("logprobs")
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 129}, "max_tokens"), ({"max_tokens": "5"}, "max_tokens"),
+    ({"temperature": -0.1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -2}, "top_k"),
+    ({"n": 17}, "n"), ({"n": True}, "n"), ({"logprobs": 21}, "logprobs"), ({"seed": 2**64}, "seed"),
+    ({"stop": ["a"] * 17}, "stop"), ({"stop": [""]}, "stop"), ({"stop": 3}, "stop"),
+    ({"presence_penalty": 3}, "presence_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"), ({"stop_token_ids": [-1]}, "stop_token_ids"),
+])
+def test_bad_sampling_fields_are_400s_naming_the_field(body, param):
+    with pytest.raises(OpenAIError) as error:
+        to_proto(read_sampling(body, LIMITS, chat=False))
+    assert (error.value.status, error.value.param) == (400, param)
+
+
+def test_chat_top_logprobs_needs_logprobs():
+    with pytest.raises(OpenAIError) as error:
+        read_sampling({"top_logprobs": 2}, LIMITS, chat=True)
+    assert error.value.param == "top_logprobs"
+
+
+@pytest.mark.parametrize("code,status", [
+    (grpc.StatusCode.INVALID_ARGUMENT, 400), (grpc.StatusCode.OUT_OF_RANGE, 400),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, 429), (grpc.StatusCode.UNAVAILABLE, 503),
+    (grpc.StatusCode.INTERNAL, 500), (grpc.StatusCode.UNKNOWN, 500),
+])
+def test_router_status_codes_become_http_statuses(code, status):
+    error = from_rpc_error(grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "why"), "prompt")
+    body = error.body()["error"]
+    assert error.status == status and body["message"] == "why"
+    assert set(body) == {"message", "type", "param", "code"}
+    assert body["param"] == ("prompt" if code == grpc.StatusCode.OUT_OF_RANGE else None)
+
+
+def test_metrics_text_counts_requests_and_buckets_durations():
+    metrics = Metrics()
+    metrics.observe_request("/v1/completions", 200, 0.02)
+    metrics.observe_request("/v1/completions", 200, 3.0)
+    metrics.observe_request("/v1/completions", 400, 0.001)
+    text = metrics.render()
+    assert 'pdserve_openai_requests_total{endpoint="/v1/completions",status="200"} 2' in text
+    assert 'pdserve_openai_requests_total{endpoint="/v1/completions",status="400"} 1' in text
+    assert 'pdserve_openai_request_duration_seconds_bucket{endpoint="/v1/completions",le="0.025"} 2' in text
+    assert 'pdserve_openai_request_duration_seconds_bucket{endpoint="/v1/completions",le="+Inf"} 3' in text
+    assert 'pdserve_openai_request_duration_seconds_count{endpoint="/v1/completions"} 3' in text
