@@ -172,7 +172,7 @@ async def worker_loads(cluster: LocalCluster) -> dict[str, worker_pb2.WorkerLoad
     """GetLoad of every live prefill/decode/colocated server, by log name."""
     loads = {}
     for proc in cluster.processes:
-        if proc.role in ("prefill", "decode", "worker"):
+        if proc.role in ("prefill", "decode", "colocated"):
             async with cluster.aio_channel(proc.address) as channel:
                 stub = worker_pb2_grpc.WorkerControlStub(channel)
                 loads[proc.log_path.stem] = await stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=10)

@@ -14,7 +14,7 @@ from pdserve.bench.serve_datasets import build_requests, describe
 from pdserve.bench.serve_flags import dataset_spec_from, serve_settings_from
 from pdserve.bench.serve_metrics import parse_slos
 from pdserve.bench.serve_report import provenance, record_dicts, summary_lines, write_json
-from pdserve.runtime.channels import ClientSecurity
+from pdserve.cli.flags import client_security_from
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -24,7 +24,7 @@ def run(ns: argparse.Namespace) -> int:
     spec = dataset_spec_from(ns)
     settings = serve_settings_from(ns)
     slos = parse_slos(ns.goodput)
-    security = ClientSecurity.from_namespace(ns)  # TLS flags and --api-key
+    security = client_security_from(ns)  # TLS flags and --api-key
     facts = model_facts(ns.router, security=security)
     requests = build_requests(spec, facts.vocab_size, facts.max_model_len)
     workload = describe(requests)

@@ -1,15 +1,17 @@
-"""`pdserve` command line: one subcommand per job; each subcommand's flags live in its own module."""
+"""`pdserve` command line: one subcommand per job; each subcommand's flags live in its own module
+(the shared flag groups in pdserve.cli.flags). Also here: the local cluster that `up`, the demo
+and the tests start (cluster.py) and the Docker healthcheck (`python -m pdserve.cli.healthcheck`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from pdserve.cli import bench, demo, generate, serve, tiny_model, up
-
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full parser; every flag also reads a PDSERVE_* environment variable (see pdserve.cli.env)."""
+    """The full parser; every flag also reads a PDSERVE_* environment variable (see pdserve.cli.flags)."""
+    from pdserve.cli import bench, demo, generate, serve, tiny_model, up
+
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     tiny_model.register(sub)
@@ -38,6 +40,3 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
 
-
-if __name__ == "__main__":
-    sys.exit(main())

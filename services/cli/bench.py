@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 
 from pdserve.bench.serve_flags import add_dataset_flags, add_load_flags
-from pdserve.cli.env import add_flag
-from pdserve.runtime.channels import add_client_security_flags
+from pdserve.cli.flags import add_client_security_flags, add_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -78,7 +78,7 @@ class LocalCluster:
             if not self.redis_url:
                 self.redis = EmbeddedRedis(password=self.security.redis_password if self.security else None).start()
                 self.redis_url = self.redis.url
-            roles = ["prefill"] * self.prefill + ["decode"] * self.decode + ["worker"] * self.colocated
+            roles = ["prefill"] * self.prefill + ["decode"] * self.decode + ["colocated"] * self.colocated
             workers = [self._spawn(role, i, 0) for i, role in enumerate(roles)]
             for proc in workers:
                 self._wait_ready(proc, timeout_s)

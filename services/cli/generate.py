@@ -7,10 +7,7 @@ import argparse
 import json
 import sys
 
-from pdserve.cli.env import add_flag
-from pdserve.engine.setup import add_engine_flags, engine_args_from
-from pdserve.models.sampling_params import SamplingParams
-from pdserve.runtime.channels import ClientSecurity, add_client_security_flags
+from pdserve.cli.flags import add_client_security_flags, add_engine_flags, add_flag, client_security_from, engine_args_from
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,8 +35,10 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true")
 
 
-def sampling_params_from(ns: argparse.Namespace) -> SamplingParams:
+def sampling_params_from(ns: argparse.Namespace):
     """SamplingParams from the sampling flags (validated)."""
+    from pdserve.models.sampling_params import SamplingParams
+
     return SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p,
                           top_k=ns.top_k, min_p=ns.min_p, seed=ns.seed, n=ns.n, stop=tuple(ns.stop),
                           ignore_eos=ns.ignore_eos)
@@ -51,7 +50,7 @@ def run(ns: argparse.Namespace) -> int:
     if ns.router:
         from pdserve.router.client import stream_from_router
 
-        outputs = stream_from_router(ns.router, ns.prompt, params, security=ClientSecurity.from_namespace(ns))
+        outputs = stream_from_router(ns.router, ns.prompt, params, security=client_security_from(ns))
     else:
         from pdserve.llm import LLM
 

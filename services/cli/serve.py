@@ -1,23 +1,31 @@
-"""`pdserve serve router|prefill|decode|worker|openai`: run one server process."""
+"""`pdserve serve router|prefill|decode|colocated|openai`: run one server process. The flags (and
+their PDSERVE_* variables) become the role's typed settings (pdserve.settings) here, once."""
 
 from __future__ import annotations
 
 import argparse
 
-from pdserve.cli.env import add_flag
-from pdserve.engine.setup import add_engine_flags
-from pdserve.runtime.security import add_server_security_flags
-from pdserve.telemetry.flags import add_telemetry_flags
+from pdserve.cli.flags import (
+    add_engine_flags,
+    add_flag,
+    add_server_security_flags,
+    add_telemetry_flags,
+    client_security_from,
+    engine_args_from,
+    telemetry_from,
+    tls_from,
+)
 
-ROLES = ("router", "prefill", "decode", "worker", "openai")
+ROLES = ("router", "prefill", "decode", "colocated", "openai")
+ROLE_ALIASES = {"worker": "colocated"}  # the colocated role's first name, still accepted
 OPENAI_DEFAULT_PORT = 8000
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `serve ROLE` with the flags every role takes (each reads PDSERVE_<FLAG> too)."""
-    p = sub.add_parser("serve", help="run one pdserve server: router, prefill, decode, worker (colocated) "
+    p = sub.add_parser("serve", help="run one pdserve server: router, prefill, decode, colocated "
                                      "or openai (the OpenAI-compatible HTTP API)")
-    p.add_argument("role", choices=ROLES)
+    p.add_argument("role", choices=(*ROLES, *ROLE_ALIASES), help="the server to run ('worker' is 'colocated')")
     add_flag(p, "--host", "127.0.0.1", str, "address to listen on")
     add_flag(p, "--port", None, int, "port (0: any free port; default 0, openai 8000; the router's in `up` is 50051)")
     add_flag(p, "--advertise-host", None, str, "host other services use to reach this one (default: --host)")
@@ -60,32 +68,56 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(ns: argparse.Namespace) -> int:
     """Start the chosen server and serve until SIGTERM/SIGINT."""
-    from pdserve.runtime.server import run_server
+    settings = settings_from(ns)
+    role = ROLE_ALIASES.get(ns.role, ns.role)
+    if role == "openai":
+        from pdserve.openai.server import run_openai
 
+        return run_openai(settings)
+    if role == "router":
+        from pdserve.router.server import run_router
+
+        return run_router(settings)
+    from pdserve.workers.runtime import run_worker
+
+    return run_worker(settings)
+
+
+def settings_from(ns: argparse.Namespace):
+    """The role's settings object (pdserve.settings) from the `serve` flags, validated."""
+    from pdserve import settings as s
+    from pdserve.runtime.api_keys import parse_api_keys
+
+    role = ROLE_ALIASES.get(ns.role, ns.role)
     if not ns.model:
         raise ValueError("--model DIR (or PDSERVE_MODEL) is required")
-    if ns.port is None:
-        ns.port = OPENAI_DEFAULT_PORT if ns.role == "openai" else 0
-    if ns.role == "openai":
-        from pdserve.openai.server import serve_openai
+    port = ns.port if ns.port is not None else (OPENAI_DEFAULT_PORT if role == "openai" else 0)
+    server = s.ServerSettings(host=ns.host, port=port, advertise_host=ns.advertise_host, tls=tls_from(ns),
+                              telemetry=telemetry_from(ns), drain_timeout_s=ns.drain_timeout_s)
+    if role == "openai":
+        from pdserve.openai.frontend import FrontendConfig
 
-        return run_server(lambda: serve_openai(ns))
-    if ns.role == "router":
-        from pdserve.router.server import serve_router
-
-        return run_server(lambda: serve_router(ns))
-    return run_server(lambda: _serve_worker(ns))
-
-
-async def _serve_worker(ns: argparse.Namespace) -> None:
-    from pdserve.workers.runtime import WorkerContext, serve_worker
-
-    ctx = WorkerContext(ns, ns.role)
-    if ns.role == "worker":
-        from pdserve.workers import colocated as role_module
-    elif ns.role == "prefill":
-        from pdserve.workers import prefill as role_module
-    else:
-        from pdserve.workers import decode as role_module
-    register, names = await role_module.setup(ctx, ns)
-    await serve_worker(ns, ctx, register, names)
+        if not ns.router:
+            raise ValueError("--router HOST:PORT (or PDSERVE_ROUTER) is required")
+        frontend = FrontendConfig(router=ns.router, model_dir=ns.model, model_name=ns.model_name,
+                                  api_keys=parse_api_keys(ns.api_key), router_wait_s=ns.router_wait_s,
+                                  router_security=client_security_from(ns, api_key_flag="router_api_key"))
+        return s.OpenAISettings(server=server, frontend=frontend)
+    redis = s.RedisSettings(url=ns.redis_url, prefix=ns.redis_prefix, ca_file=ns.redis_ca)
+    if role == "router":
+        return s.RouterSettings(server=server, redis=redis, model=ns.model, model_name=ns.model_name,
+                                block_size=ns.block_size, max_model_len=ns.max_model_len,
+                                redis_wait_s=ns.redis_wait_s, lease_ms=ns.lease_ms, max_attempts=ns.max_attempts,
+                                stream_idle_timeout_s=ns.stream_idle_timeout_s,
+                                max_inflight_requests=ns.max_inflight_requests,
+                                overload_retry_after_ms=ns.overload_retry_after_ms,
+                                api_keys=parse_api_keys(ns.api_key))
+    worker = dict(server=server, redis=redis, engine=engine_args_from(ns), worker_id=ns.worker_id,
+                  heartbeat_s=ns.heartbeat_s, max_queued_requests=ns.max_queued_requests,
+                  overload_retry_after_ms=ns.overload_retry_after_ms)
+    if role == "prefill":
+        return s.PrefillSettings(**worker, kv_connect_timeout_s=ns.kv_connect_timeout_s,
+                                 kv_auth_token=ns.kv_auth_token or None)
+    if role == "decode":
+        return s.DecodeSettings(**worker, kv_port=ns.kv_port, kv_auth_token=ns.kv_auth_token or None)
+    return s.ColocatedSettings(**worker)

@@ -7,7 +7,7 @@ import argparse
 import signal
 import threading
 
-from pdserve.cli.env import add_flag
+from pdserve.cli.flags import add_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:

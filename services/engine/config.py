@@ -1,4 +1,5 @@
-"""The engine's own configuration section (frozen once built)."""
+"""The engine's configuration (frozen once built): EngineArgs, what a process needs to build its
+engine from a checkpoint, and EngineConfig, the limits and policies of the engine itself."""
 
 from __future__ import annotations
 
@@ -42,3 +43,20 @@ class EngineConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"EngineConfig: {message}")
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """What a process needs to build its engine (the `engine` section of the config)."""
+
+    model: str
+    dtype: str | None = None
+    device: str = "cpu"  # or "cuda"
+    block_size: int = 16
+    kv_cache_mb: int = 512
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    threads: int | None = None
+    kv_cache_dtype: str = "auto"

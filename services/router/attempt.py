@@ -60,7 +60,7 @@ class AttemptRunner:
             elif prefill and decode:
                 stream = self._disaggregated(state, attempt, prompt_ids, params, prefill, decode, carrier)
             else:
-                colocated = await self._workers("worker", attempt)
+                colocated = await self._workers("colocated", attempt)
                 if not colocated:
                     raise UnavailableError("no workers registered: need prefill + decode servers or "
                                            "colocated workers")

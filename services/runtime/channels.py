@@ -4,24 +4,15 @@ healthcheck, the benchmarks) opens its channels here."""
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
 
-from pdserve.cli.env import add_flag
 from pdserve.runtime.api_keys import BearerKeyInterceptor, bearer_key_aio_interceptors
-from pdserve.runtime.tls import TlsConfig, add_tls_flags
+from pdserve.runtime.tls import TlsConfig
 
 ChannelOptions = Sequence[tuple[str, object]]
-
-
-def add_client_security_flags(parser: argparse.ArgumentParser, api_key_help: str | None = None) -> None:
-    """The TLS flags and, unless api_key_help is None, --api-key (the key sent to the router)."""
-    add_tls_flags(parser)
-    if api_key_help is not None:
-        add_flag(parser, "--api-key", None, str, api_key_help)
 
 
 @dataclass(frozen=True)
@@ -31,12 +22,6 @@ class ClientSecurity:
 
     tls: TlsConfig | None = None
     api_key: str | None = None
-
-    @classmethod
-    def from_namespace(cls, ns: argparse.Namespace, api_key_attr: str | None = "api_key") -> ClientSecurity:
-        """From the TLS flags and the flag named `api_key_attr` (None: no key)."""
-        key = getattr(ns, api_key_attr, None) if api_key_attr else None
-        return cls(TlsConfig.from_namespace(ns), key or None)
 
     def _options(self, options: ChannelOptions) -> list[tuple[str, object]]:
         return [*options, *(self.tls.channel_options() if self.tls else [])]

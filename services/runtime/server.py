@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,7 +27,6 @@ SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.http2.min_ping_interval_without_data_
                   ("grpc.http2.max_ping_strikes", 0)]
 
 logger = logging.getLogger("pdserve")
-WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
 STOP_GRACE_S = 1.0  # after draining: what grpc still gives calls that are ending
 
 
@@ -39,20 +37,6 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
-
-
-def advertised_host(ns) -> str:
-    """The host other services reach this server at: --advertise-host; else --host, unless that
-    is a wildcard address (0.0.0.0, ::), then this machine's hostname resolved, which in a
-    container is its own IP (so replicas scaled by compose register distinct addresses)."""
-    if getattr(ns, "advertise_host", None):
-        return ns.advertise_host
-    if ns.host not in WILDCARD_HOSTS:
-        return ns.host
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return socket.gethostname()
 
 
 async def start_grpc_server(register: Callable[[grpc.aio.Server], None], service_names: list[str],

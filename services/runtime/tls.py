@@ -1,4 +1,4 @@
-"""TLS and mutual TLS for every pdserve connection, from one set of flags.
+"""TLS and mutual TLS for every pdserve connection, from one set of flags (pdserve.cli.flags).
 
 --tls-cert/--tls-key: this process's identity (PEM). A server listens with TLS when they are
 set, and the same pair is the client certificate it presents when it dials a peer (so the
@@ -11,30 +11,15 @@ certificates REQUIRED (mutual TLS); on a client, it verifies the server.
 
 from __future__ import annotations
 
-import argparse
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from pdserve.cli.env import add_flag
-
 
 class TlsConfigError(ValueError):
     """A TLS flag is missing, inconsistent, or names an unreadable or invalid file."""
-
-
-def add_tls_flags(parser: argparse.ArgumentParser) -> None:
-    """Add --tls-cert, --tls-key, --tls-ca, --tls-server-name and --tls (each with its PDSERVE_* env)."""
-    add_flag(parser, "--tls-cert", None, str, "PEM certificate (chain) of this process: servers listen with "
-             "TLS, and it is the client certificate presented to peers under mutual TLS")
-    add_flag(parser, "--tls-key", None, str, "PEM private key of --tls-cert")
-    add_flag(parser, "--tls-ca", None, str, "PEM CA bundle that verifies peers; on a server it makes client "
-             "certificates required (mutual TLS)")
-    add_flag(parser, "--tls-server-name", None, str, "name expected in peers' certificates "
-             "(default: the host dialled)")
-    add_flag(parser, "--tls", False, bool, "dial with TLS even without --tls-ca (system root CAs)")
 
 
 def _read(path: str, flag: str) -> bytes:
@@ -50,7 +35,8 @@ def _read(path: str, flag: str) -> bytes:
 @dataclass(frozen=True)
 class TlsConfig:
     """Paths of this process's certificate, key and trusted CA bundle (PEM), and the
-    certificate name to expect from peers. Built from flags by `from_namespace`."""
+    certificate name to expect from peers (the CLI builds it from the flags above:
+    pdserve.cli.flags.tls_from)."""
 
     cert_file: str | None = None
     key_file: str | None = None
@@ -70,23 +56,6 @@ class TlsConfig:
                                      f"not a matching certificate and key ({exc.reason or exc})") from exc
         if self.ca_file:
             _read(self.ca_file, "--tls-ca")
-
-    @classmethod
-    def from_namespace(cls, ns: argparse.Namespace) -> TlsConfig | None:
-        """The config the TLS flags describe; None when none is set (plaintext, as before)."""
-        cert, key, ca = (getattr(ns, name, None) for name in ("tls_cert", "tls_key", "tls_ca"))
-        if not (cert or key or ca or getattr(ns, "tls", False)):
-            return None
-        return cls(cert, key, ca, getattr(ns, "tls_server_name", None))
-
-    @classmethod
-    def for_server(cls, ns: argparse.Namespace) -> TlsConfig | None:
-        """As from_namespace, for a process that listens: TLS there needs its own certificate."""
-        config = cls.from_namespace(ns)
-        if config is not None and not config.cert_file:
-            raise TlsConfigError("a pdserve server with --tls-ca or --tls also needs --tls-cert and --tls-key "
-                                 "(its own identity)")
-        return config
 
     @property
     def mutual(self) -> bool:

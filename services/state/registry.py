@@ -13,7 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pdserve.state.redis_retry import RedisWait, url_of
 
-ROLES = ("prefill", "decode", "worker")
+ROLES = ("prefill", "decode", "colocated")
 
 
 @dataclass

@@ -7,6 +7,7 @@ import contextlib
 
 from pdserve.runtime.sampling_proto import sampling_params_from_engine_proto
 from pdserve.runtime.status import map_errors
+from pdserve.settings import ColocatedSettings
 from pdserve.telemetry import spans
 from pdserve.v1 import colocated_pb2, colocated_pb2_grpc
 from pdserve.workers.convert import request_output_to_proto
@@ -21,7 +22,7 @@ class ColocatedServicer(colocated_pb2_grpc.ColocatedWorkerServicer):
 
     def __init__(self, ctx: WorkerContext, queue: QueueBound | None = None):
         self.ctx = ctx
-        self.queue = queue or QueueBound(what="worker's waiting queue")
+        self.queue = queue or QueueBound(what="colocated worker's waiting queue")
         self.running = RequestIds()  # a second Generate of a running id: ALREADY_EXISTS
 
     @map_errors
@@ -31,7 +32,7 @@ class ColocatedServicer(colocated_pb2_grpc.ColocatedWorkerServicer):
         self.ctx.lifecycle.check_accepting("Generate")
         self.queue.check(self.ctx.async_engine.stats().num_waiting_requests)
         trace = WorkerRequestTrace(spans.WORKER_GENERATE, request.request_id, request.trace_context, context,
-                                   self.ctx.metrics, "worker", self.ctx.worker_id, forward=True,
+                                   self.ctx.metrics, "colocated", self.ctx.worker_id, forward=True,
                                    count_finished=True)
         error: BaseException | None = None
         try:
@@ -55,8 +56,8 @@ class ColocatedServicer(colocated_pb2_grpc.ColocatedWorkerServicer):
             trace.end(error)
 
 
-async def setup(ctx: WorkerContext, ns=None):
+async def setup(ctx: WorkerContext, settings: ColocatedSettings):
     """The server registration function and service names for serve_worker."""
-    servicer = ColocatedServicer(ctx, QueueBound.from_flags(ns, "worker's waiting queue"))
+    servicer = ColocatedServicer(ctx, settings.queue_bound("colocated worker's waiting queue"))
     names = [colocated_pb2.DESCRIPTOR.services_by_name["ColocatedWorker"].full_name]
     return (lambda server: colocated_pb2_grpc.add_ColocatedWorkerServicer_to_server(servicer, server)), names

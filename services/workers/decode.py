@@ -4,7 +4,6 @@ from its continuous batch."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import time
@@ -17,8 +16,8 @@ from pdserve.kvtransfer import ReceivedTransfer, TCPKVReceiver
 from pdserve.runtime.errors import InvalidRequestError, NotFoundError, UnavailableError
 from pdserve.runtime.sampling_proto import sampling_params_from_engine_proto
 from pdserve.runtime.security import kv_receiver_options
-from pdserve.runtime.server import advertised_host
 from pdserve.runtime.status import map_errors
+from pdserve.settings import DecodeSettings
 from pdserve.telemetry import spans, tracing
 from pdserve.telemetry.metrics import WorkerMetrics
 from pdserve.v1 import decode_pb2, decode_pb2_grpc
@@ -225,15 +224,15 @@ def _resolve(future: asyncio.Future, error: Exception | None) -> None:
         future.exception()  # mark retrieved; the waiter (if any) re-raises it
 
 
-async def setup(ctx: WorkerContext, ns: argparse.Namespace):
+async def setup(ctx: WorkerContext, settings: DecodeSettings):
     """Start the KV receiver and the lease sweeper; return (register, service names)."""
-    receiver = TCPKVReceiver(ctx.engine.runner.kv_caches, host=ns.host, port=ns.kv_port,
+    receiver = TCPKVReceiver(ctx.engine.runner.kv_caches, host=settings.server.host, port=settings.kv_port,
                              observer=lambda report: observe_received(ctx.metrics, report),
-                             **kv_receiver_options(ns))  # TLS / mutual TLS, KV token
+                             **kv_receiver_options(settings.server.tls, settings.kv_auth_token))
     receiver.start()
-    host = advertised_host(ns)
+    host = settings.server.advertised_host()
     ctx.kv_endpoint = f"{host}:{receiver.endpoint.rsplit(':', 1)[1]}"
-    servicer = DecodeServicer(ctx, receiver, QueueBound.from_flags(ns, "decode queue"))
+    servicer = DecodeServicer(ctx, receiver, settings.queue_bound("decode queue"))
     ctx.abort_hooks.append(servicer.abort_reservations)
     ctx.lifecycle.add_source(lambda: len(servicer.reservations))  # granted, Decode still to come
     sweeper = asyncio.create_task(servicer.expire_forever())

@@ -3,7 +3,6 @@ server's reserved blocks while the next layer computes, and returns the first to
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 
@@ -19,6 +18,7 @@ from pdserve.runtime.errors import UnavailableError
 from pdserve.runtime.sampling_proto import sampling_params_from_engine_proto
 from pdserve.runtime.security import kv_sender_options
 from pdserve.runtime.status import map_errors
+from pdserve.settings import KV_CONNECT_TIMEOUT_S, PrefillSettings
 from pdserve.telemetry import spans, tracing
 from pdserve.v1 import prefill_pb2, prefill_pb2_grpc
 from pdserve.workers.convert import request_output_to_proto
@@ -29,7 +29,6 @@ from pdserve.workers.runtime import WorkerContext
 
 logger = logging.getLogger("pdserve.prefill")
 TRANSFER_TIMEOUT_S = 60.0
-KV_CONNECT_TIMEOUT_S = 10.0  # connect + handshake with a decode server's KV receiver (--kv-connect-timeout-s)
 
 
 class LayerStreamer:
@@ -192,18 +191,17 @@ def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
     return a
 
 
-async def setup(ctx: WorkerContext, ns: argparse.Namespace):
+async def setup(ctx: WorkerContext, settings: PrefillSettings):
     """Install the layer hook on the engine, and return (register, service names)."""
-    connect_timeout_s = getattr(ns, "kv_connect_timeout_s", KV_CONNECT_TIMEOUT_S)
-    if not connect_timeout_s > 0:
-        raise ValueError(f"--kv-connect-timeout-s must be > 0, got {connect_timeout_s}")
     kv_caches = ctx.engine.runner.kv_caches
     streamer = LayerStreamer(kv_caches)
     ctx.async_engine = AsyncEngine(ctx.engine, layer_hook=streamer)
     ctx.abort_hooks = [ctx.async_engine.abort]
-    servicer = PrefillServicer(ctx, streamer, TCPKVSender(KVLayout.from_kv_caches(kv_caches), **kv_sender_options(ns)),
-                               QueueBound.from_flags(ns, "prefill queue"),
-                               connect_timeout_s)
+    servicer = PrefillServicer(ctx, streamer, TCPKVSender(KVLayout.from_kv_caches(kv_caches),
+                                                              **kv_sender_options(settings.server.tls,
+                                                                                  settings.kv_auth_token)),
+                               settings.queue_bound("prefill queue"),
+                               settings.kv_connect_timeout_s)
     ctx.abort_hooks.append(servicer.abort_transfer)
     ctx.lifecycle.add_source(lambda: len(servicer.background))  # transfers still finishing
     names = [prefill_pb2.DESCRIPTOR.services_by_name["PrefillWorker"].full_name]

@@ -36,13 +36,6 @@ class QueueBound:
         self.held = 0  # calls inside hold()
         self.num_rejected = 0
 
-    @classmethod
-    def from_flags(cls, ns, what: str) -> QueueBound:
-        """The bound of --max-queued-requests and --overload-retry-after-ms (defaults when the
-        namespace lacks them)."""
-        return cls(getattr(ns, "max_queued_requests", DEFAULT_MAX_QUEUED_REQUESTS), what,
-                   getattr(ns, "overload_retry_after_ms", DEFAULT_RETRY_AFTER_MS))
-
     def check(self, queued: int) -> None:
         """Raise OverloadedError when `queued` requests (not counting the new one) fill the bound."""
         if queued >= self.limit:

@@ -3,7 +3,6 @@ WorkerControl (Abort, GetLoad, GetWorkerInfo), and the registry heartbeat carryi
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import uuid
@@ -13,11 +12,11 @@ import grpc
 import redis.asyncio as aioredis
 
 from pdserve.engine.async_engine import AsyncEngine
-from pdserve.engine.setup import build_engine, engine_args_from
+from pdserve.engine.setup import build_engine
 from pdserve.runtime.lifecycle import Lifecycle, ShutdownSignals
-from pdserve.runtime.server import advertised_host, drain_and_stop, logger, start_server_with_health
+from pdserve.runtime.server import drain_and_stop, logger, run_server, start_server_with_health
 from pdserve.runtime.status import map_errors
-from pdserve.runtime.tls import TlsConfig
+from pdserve.settings import WorkerSettings
 from pdserve.state.redis_connect import check_redis, open_redis
 from pdserve.state.registry import WorkerInfo, WorkerRegistry
 from pdserve.telemetry.engine_collector import EngineStatsCollector
@@ -27,19 +26,20 @@ from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.workers.convert import stats_to_load_proto, stats_to_registry_load
 
 ROLE_PROTO = {"prefill": worker_pb2.WORKER_ROLE_PREFILL, "decode": worker_pb2.WORKER_ROLE_DECODE,
-              "worker": worker_pb2.WORKER_ROLE_COLOCATED}
+              "colocated": worker_pb2.WORKER_ROLE_COLOCATED}
 
 
 class WorkerContext:
     """One worker process's engine, identity and abort hooks."""
 
-    def __init__(self, ns: argparse.Namespace, role: str):
-        self.role = role
-        self.worker_id = ns.worker_id or f"{role}-{uuid.uuid4().hex[:8]}"
-        self.telemetry = ProcessTelemetry.start(ns, role)
+    def __init__(self, settings: WorkerSettings):
+        self.settings = settings
+        self.role = settings.role
+        self.worker_id = settings.worker_id or f"{self.role}-{uuid.uuid4().hex[:8]}"
+        self.telemetry = ProcessTelemetry.start(settings.server.telemetry, self.role)
         self.metrics = WorkerMetrics(self.telemetry.registry)
         self.lifecycle = Lifecycle()
-        self.engine, self.tokenizer = build_engine(engine_args_from(ns))
+        self.engine, self.tokenizer = build_engine(settings.engine)
         self.async_engine = AsyncEngine(self.engine)
         self.kv_endpoint = ""
         self.abort_hooks: list[Callable[[str], Awaitable[bool]]] = [self.async_engine.abort]
@@ -88,12 +88,30 @@ async def heartbeat_forever(registry: WorkerRegistry, ctx: WorkerContext, addres
         await asyncio.sleep(interval_s)
 
 
-async def serve_worker(ns: argparse.Namespace, ctx: WorkerContext,
+def run_worker(settings: WorkerSettings) -> int:
+    """Run a prefill, decode or colocated server (by the settings' role) until SIGTERM/SIGINT."""
+    return run_server(lambda: _serve_role(settings))
+
+
+async def _serve_role(settings: WorkerSettings) -> None:
+    if settings.role == "prefill":
+        from pdserve.workers import prefill as role_module
+    elif settings.role == "decode":
+        from pdserve.workers import decode as role_module
+    else:
+        from pdserve.workers import colocated as role_module
+    ctx = WorkerContext(settings)
+    register, names = await role_module.setup(ctx, settings)
+    await serve_worker(settings, ctx, register, names)
+
+
+async def serve_worker(settings: WorkerSettings, ctx: WorkerContext,
                        register: Callable[[grpc.aio.Server], None], service_names: list[str]) -> None:
     """Start the engine and the gRPC server, register in Redis, serve until SIGTERM/SIGINT;
-    then NOT_SERVING, deregister, drain in-flight requests (up to --drain-timeout-s) and stop."""
-    redis = open_redis(ns.redis_url, ns.redis_ca)
-    await check_redis(redis, ns.redis_url, require_reachable=False)  # wrong credentials: stop here
+    then NOT_SERVING, deregister, drain in-flight requests (up to drain_timeout_s) and stop."""
+    server = settings.server
+    redis = open_redis(settings.redis.url, settings.redis.ca_file)
+    await check_redis(redis, settings.redis.url, require_reachable=False)  # wrong credentials: stop here
     signals = ShutdownSignals()
     ctx.async_engine.start()
     ctx.telemetry.registry.register(EngineStatsCollector(lambda: ctx.async_engine.stats()))
@@ -104,10 +122,10 @@ async def serve_worker(ns: argparse.Namespace, ctx: WorkerContext,
         register(server)
 
     names = service_names + [worker_pb2.DESCRIPTOR.services_by_name["WorkerControl"].full_name]
-    running = await start_server_with_health(register_all, names, ns.host, ns.port, tls=TlsConfig.for_server(ns))
-    address = f"{advertised_host(ns)}:{running.port}"
-    registry = WorkerRegistry(redis, prefix=ns.redis_prefix, ttl_s=3 * ns.heartbeat_s)
-    beat = asyncio.create_task(heartbeat_forever(registry, ctx, address, ns.heartbeat_s))
+    running = await start_server_with_health(register_all, names, server.host, server.port, tls=server.tls)
+    address = f"{server.advertised_host()}:{running.port}"
+    registry = WorkerRegistry(redis, prefix=settings.redis.prefix, ttl_s=3 * settings.heartbeat_s)
+    beat = asyncio.create_task(heartbeat_forever(registry, ctx, address, settings.heartbeat_s))
 
     async def leave() -> None:  # no heartbeat may land after the delete
         beat.cancel()
@@ -115,12 +133,12 @@ async def serve_worker(ns: argparse.Namespace, ctx: WorkerContext,
             await beat
         await registry.deregister(ctx.role, ctx.worker_id)
 
-    ctx.telemetry.serve_metrics(ns)
+    ctx.telemetry.serve_metrics(server)
     logger.info("%s %s listening on %s", ctx.role, ctx.worker_id, address)
     print(f"READY {ctx.role} {address} {ctx.kv_endpoint}", flush=True)
     try:
         await signals.wait()
-        await drain_and_stop(running, ctx.lifecycle, ns.drain_timeout_s, signals, leave)
+        await drain_and_stop(running, ctx.lifecycle, server.drain_timeout_s, signals, leave)
     finally:
         with contextlib.suppress(Exception):
             await leave()

@@ -15,7 +15,7 @@ VOCAB_SIZE = 512  # the tiny llama's (pdserve.models.tiny_model)
 # A small KV pool (2 MiB: 128 blocks of 16 tokens on the tiny model) so "more blocks than the
 # server has" is easy to ask for, and a short KV handshake bound so a silent peer costs 2 s.
 CLUSTER_FLAGS = ["--kv-cache-mb", "2", "--max-model-len", str(MAX_MODEL_LEN), "--kv-connect-timeout-s", "2"]
-WORKER_ROLES = ("prefill", "decode", "worker")
+WORKER_ROLES = ("prefill", "decode", "colocated")
 REFERENCE_PROMPT = [5, 17, 42, 99, 3, 250, 7, 64]
 
 

@@ -131,7 +131,7 @@ def test_colocated_worker_kill_continues_on_the_other(model_dir):
     with LocalCluster(model_dir, prefill=0, decode=0, colocated=2) as cluster:
         want = [r.tokens for r in asyncio.run(run_streams(cluster, prompts, MAX_TOKENS))]
         router_log = cluster.servers("router")[0].log_path
-        report = asyncio.run(kill_round(cluster, prompts, MAX_TOKENS, want, "worker", random.Random(2),
+        report = asyncio.run(kill_round(cluster, prompts, MAX_TOKENS, want, "colocated", random.Random(2),
                                         replace=False))
         assert (report.completed, report.identical, report.extra_tokens, report.errors) == (16, 16, 0, [])
         assert "retrying" in router_log.read_text()  # streams really failed over

@@ -48,7 +48,7 @@ def cluster(tmp_path_factory):
         config = ModelConfig.from_dir(model)
         layout = KVLayout(config.num_layers, config.num_kv_heads, config.head_dim, 16, config.torch_dtype)
         ctx = FuzzContext(running.router_address, running.servers("prefill")[0].address, decode.address,
-                          decode.kv_endpoint, running.servers("worker")[0].address, layout,
+                          decode.kv_endpoint, running.servers("colocated")[0].address, layout,
                           running.client_security())
         yield running, reference_tokens(running.router_address, ctx.security), ctx
     finally:

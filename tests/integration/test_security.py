@@ -21,13 +21,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from helpers.hf_reference import hf_greedy
 from helpers.security_testing import make_pki
+from pdserve.cli import healthcheck
 from pdserve.cli import main as pdserve_main
 from pdserve.cli.cluster import LocalCluster
 from pdserve.cli.cluster_security import ClusterSecurity
 from pdserve.kvtransfer import KVAuthError, KVLayout, KVTransferError, TCPKVSender
 from pdserve.models.tiny_model import make_tiny_model
 from pdserve.router.worker_clients import CHANNEL_OPTIONS
-from pdserve.runtime import healthcheck
 from pdserve.runtime.channels import ClientSecurity
 from pdserve.runtime.tls import TlsConfig
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc

@@ -51,15 +51,18 @@ def test_tls_config_rejects_incomplete_or_bad_files(pki, other_pki, tmp_path):
 def test_tls_flags_to_config(pki):
     from argparse import Namespace
 
+    from pdserve.cli.flags import tls_from
+    from pdserve.settings import ServerSettings
+
     plain = Namespace(tls_cert=None, tls_key=None, tls_ca=None, tls_server_name=None, tls=False)
-    assert TlsConfig.from_namespace(plain) is None and TlsConfig.for_server(plain) is None
+    assert tls_from(plain) is None and ServerSettings(tls=tls_from(plain)).tls is None
     client = Namespace(**{**vars(plain), "tls_ca": pki.ca_file})
-    assert TlsConfig.from_namespace(client) == TlsConfig(ca_file=pki.ca_file)
+    assert tls_from(client) == TlsConfig(ca_file=pki.ca_file)
     with pytest.raises(TlsConfigError, match="server .* also needs --tls-cert"):
-        TlsConfig.for_server(client)
+        ServerSettings(tls=tls_from(client))
     server = Namespace(**{**vars(client), "tls_cert": pki.cert_file, "tls_key": pki.key_file,
                           "tls_server_name": "pdserve"})
-    config = TlsConfig.for_server(server)
+    config = ServerSettings(tls=tls_from(server)).tls
     assert config.mutual and config.channel_options() == [("grpc.ssl_target_name_override", "pdserve")]
 
 

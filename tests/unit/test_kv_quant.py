@@ -14,9 +14,10 @@ from tokenizers import Tokenizer as BackendTokenizer
 
 from helpers.engine_testing import greedy, load_tiny, one_torch_thread
 from helpers.paged_generation import allocate_tables
+from pdserve.cli.flags import KV_CACHE_DTYPES, add_engine_flags, engine_args_from
 from pdserve.engine.model_runner import ModelRunner, ScheduledChunk, kv_cache_bytes_per_block
-from pdserve.engine.setup import EngineArgs, add_engine_flags, build_engine, engine_args_from
-from pdserve.kernels import reference
+from pdserve.engine.setup import EngineArgs, build_engine
+from pdserve.kernels import kv_quant, reference
 from pdserve.kernels.kv_cache_alloc import allocate_cache, cache_block_bytes
 from pdserve.kernels.kv_quant import FP8_MAX, INT8_MAX, dequantize_blocks, kv_cache_torch_dtype
 from pdserve.kvtransfer import KVLayout, TCPKVReceiver, TCPKVSender
@@ -189,6 +190,7 @@ def test_kv_cache_dtype_flag_and_engine(tmp_path):
         engine_args_from(argparse.Namespace(**{**vars(ns), "kv_cache_dtype": "int4"}))
     with pytest.raises(ValueError, match="auto, int8, fp8"):
         kv_cache_torch_dtype("e5m2", torch.float32)
+    assert KV_CACHE_DTYPES == kv_quant.KV_CACHE_DTYPES  # the flag's choices (kept torch-free) are the kernel's
     with one_torch_thread():
         engine, _ = build_engine(args)
         float_engine, _ = build_engine(EngineArgs(model=str(model_dir), kv_cache_mb=1))

@@ -1,4 +1,4 @@
-"""`python -m pdserve.runtime.healthcheck HOST:PORT [SERVICE]`: exit 0 when the server's
+"""`python -m pdserve.cli.healthcheck HOST:PORT [SERVICE]`: exit 0 when the server's
 grpc.health.v1 Check answers SERVING, 1 otherwise (NOT_SERVING while it drains, unreachable,
 unknown service). For Docker healthchecks; Kubernetes probes gRPC health natively.
 
@@ -14,9 +14,10 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pdserve.cli.flags import add_tls_flags, client_security_from
 from pdserve.router.worker_clients import CHANNEL_OPTIONS
 from pdserve.runtime.channels import PLAINTEXT, ClientSecurity
-from pdserve.runtime.tls import TlsConfigError, add_tls_flags
+from pdserve.runtime.tls import TlsConfigError
 
 
 def is_serving(address: str, service: str = "", timeout_s: float = 3.0,
@@ -33,14 +34,14 @@ def is_serving(address: str, service: str = "", timeout_s: float = 3.0,
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status 0 when serving, 1 when not, 2 on a usage or TLS configuration error."""
-    parser = argparse.ArgumentParser(prog="python -m pdserve.runtime.healthcheck")
+    parser = argparse.ArgumentParser(prog="python -m pdserve.cli.healthcheck")
     parser.add_argument("address", metavar="HOST:PORT")
     parser.add_argument("service", nargs="?", default="", metavar="SERVICE")
     parser.add_argument("--timeout-s", type=float, default=3.0)
     add_tls_flags(parser)
     ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        security = ClientSecurity.from_namespace(ns, api_key_attr=None)
+        security = client_security_from(ns, api_key_flag=None)
     except TlsConfigError as exc:
         print(f"healthcheck: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,161 @@
+"""Every command-line flag group of pdserve, each with its PDSERVE_* environment-variable equivalent
+(what compose and Kubernetes pass), and the functions that turn parsed flags into the typed
+objects the library takes (EngineArgs, TlsConfig, ClientSecurity, TelemetrySettings). Library
+modules never see an argparse.Namespace: the CLI builds their settings here and in serve.py.
+
+No heavy imports at module level: the parser is built for every command, the healthcheck too."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pdserve.engine.setup import EngineArgs
+    from pdserve.runtime.channels import ClientSecurity
+    from pdserve.runtime.tls import TlsConfig
+    from pdserve.settings import TelemetrySettings
+
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")  # pdserve.kernels.kv_quant.KV_CACHE_DTYPES (checked by a test)
+
+
+def env_default(flag: str, default=None, kind=str):
+    """Default for `--some-flag`: $PDSERVE_SOME_FLAG when set (converted by `kind`), else `default`."""
+    name = "PDSERVE_" + flag.lstrip("-").replace("-", "_").upper()
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    if kind is bool:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    try:
+        return kind(raw)
+    except ValueError as exc:
+        raise SystemExit(f"pdserve: error: ${name}={raw!r} is not a valid {kind.__name__}") from exc
+
+
+def add_flag(parser: argparse.ArgumentParser, flag: str, default=None, kind=str, help: str = "",
+             **kwargs) -> None:
+    """Add `flag` whose default comes from its PDSERVE_* variable; help text names the variable."""
+    env = "PDSERVE_" + flag.lstrip("-").replace("-", "_").upper()
+    if kind is bool:
+        parser.add_argument(flag, action="store_true", default=env_default(flag, default or False, bool),
+                            help=f"{help} [env {env}]", **kwargs)
+    else:
+        parser.add_argument(flag, type=kind, default=env_default(flag, default, kind),
+                            help=f"{help} [env {env}]", **kwargs)
+
+
+# --- engine ---------------------------------------------------------------------------------
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags (and PDSERVE_* variables) for EngineArgs."""
+    add_flag(parser, "--model", None, str, "Hugging Face checkpoint directory", required=False)
+    add_flag(parser, "--dtype", None, str, "float32 | bfloat16 | float16 (default: the checkpoint's)")
+    add_flag(parser, "--device", None, str, "cpu or cuda (default: cuda when a GPU is present, else cpu)")
+    add_flag(parser, "--block-size", 16, int, "tokens per KV block")
+    add_flag(parser, "--kv-cache-mb", 512, int, "memory for the KV cache, MiB")
+    add_flag(parser, "--max-num-seqs", 64, int, "running sequences at once")
+    add_flag(parser, "--max-num-batched-tokens", 2048, int, "tokens computed per step")
+    add_flag(parser, "--max-model-len", None, int, "prompt + output limit (default: the model's)")
+    add_flag(parser, "--no-prefix-caching", False, bool, "turn the prefix cache off")
+    add_flag(parser, "--threads", None, int, "torch CPU threads (default: torch's choice)")
+    add_flag(parser, "--kv-cache-dtype", "auto", str,
+             "KV cache dtype: auto (the model's) | int8 | fp8 (e4m3), with per-block scales",
+             choices=KV_CACHE_DTYPES)
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    """EngineArgs from the engine flags; a clear error when the model is missing."""
+    from pdserve.engine.setup import EngineArgs, default_device
+
+    if not ns.model:
+        raise ValueError("--model DIR (or PDSERVE_MODEL) is required")
+    if not Path(ns.model).is_dir():
+        raise FileNotFoundError(f"--model {ns.model}: no such directory")
+    if ns.kv_cache_dtype not in KV_CACHE_DTYPES:  # an invalid PDSERVE_KV_CACHE_DTYPE skips argparse
+        raise ValueError(f"--kv-cache-dtype {ns.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
+    return EngineArgs(model=ns.model, dtype=ns.dtype, device=ns.device or default_device(),
+                      block_size=ns.block_size, kv_cache_mb=ns.kv_cache_mb, max_num_seqs=ns.max_num_seqs,
+                      max_num_batched_tokens=ns.max_num_batched_tokens, max_model_len=ns.max_model_len,
+                      enable_prefix_caching=not ns.no_prefix_caching, threads=ns.threads,
+                      kv_cache_dtype=ns.kv_cache_dtype)
+
+
+# --- TLS, API keys, secrets -------------------------------------------------------------------
+
+def add_tls_flags(parser: argparse.ArgumentParser) -> None:
+    """Add --tls-cert, --tls-key, --tls-ca, --tls-server-name and --tls (see pdserve.runtime.tls)."""
+    add_flag(parser, "--tls-cert", None, str, "PEM certificate (chain) of this process: servers listen with "
+             "TLS, and it is the client certificate presented to peers under mutual TLS")
+    add_flag(parser, "--tls-key", None, str, "PEM private key of --tls-cert")
+    add_flag(parser, "--tls-ca", None, str, "PEM CA bundle that verifies peers; on a server it makes client "
+             "certificates required (mutual TLS)")
+    add_flag(parser, "--tls-server-name", None, str, "name expected in peers' certificates "
+             "(default: the host dialled)")
+    add_flag(parser, "--tls", False, bool, "dial with TLS even without --tls-ca (system root CAs)")
+
+
+def tls_from(ns: argparse.Namespace) -> TlsConfig | None:
+    """The config the TLS flags describe; None when none is set (plaintext)."""
+    from pdserve.runtime.tls import TlsConfig
+
+    cert, key, ca = (getattr(ns, name, None) for name in ("tls_cert", "tls_key", "tls_ca"))
+    if not (cert or key or ca or getattr(ns, "tls", False)):
+        return None
+    return TlsConfig(cert, key, ca, getattr(ns, "tls_server_name", None))
+
+
+def add_client_security_flags(parser: argparse.ArgumentParser, api_key_help: str | None = None) -> None:
+    """The TLS flags and, unless api_key_help is None, --api-key (the key sent to the router)."""
+    add_tls_flags(parser)
+    if api_key_help is not None:
+        add_flag(parser, "--api-key", None, str, api_key_help)
+
+
+def client_security_from(ns: argparse.Namespace, api_key_flag: str | None = "api_key") -> ClientSecurity:
+    """How a client dials, from the TLS flags and the flag named `api_key_flag` (None: no key)."""
+    from pdserve.runtime.channels import ClientSecurity
+
+    key = getattr(ns, api_key_flag, None) if api_key_flag else None
+    return ClientSecurity(tls_from(ns), key or None)
+
+
+def add_server_security_flags(parser: argparse.ArgumentParser) -> None:
+    """TLS flags, --kv-auth-token, --router-api-key and --redis-ca (--api-key is the role's own).
+    Secrets are best passed through the PDSERVE_* variables: command lines are visible to every
+    user of the machine."""
+    add_tls_flags(parser)
+    add_flag(parser, "--kv-auth-token", None, str, "prefill/decode: shared secret of the KV transfer port; the "
+             "decode refuses senders that do not present it (set the same value on both)")
+    add_flag(parser, "--router-api-key", None, str, "openai: the API key it sends to the router "
+             "(one of the router's --api-key keys)")
+    add_flag(parser, "--redis-ca", None, str, "PEM CA bundle verifying a rediss:// Redis "
+             "(default: the system's roots; user:password@ in --redis-url for AUTH/ACL)")
+
+
+# --- telemetry and shutdown -------------------------------------------------------------------
+
+def add_telemetry_flags(parser: argparse.ArgumentParser) -> None:
+    """--otlp-endpoint, --metrics-port, --metrics-host, --log-json, --log-level and --drain-timeout-s."""
+    add_flag(parser, "--otlp-endpoint", None, str,
+             "OTLP/gRPC collector for traces, host:port or http://host:port (default: "
+             "$OTEL_EXPORTER_OTLP_ENDPOINT; neither set: tracing off)")
+    add_flag(parser, "--metrics-port", None, int,
+             "serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; unset: off)")
+    add_flag(parser, "--metrics-host", None, str, "address the metrics server listens on (default: --host)")
+    add_flag(parser, "--log-json", False, bool, "log one JSON object per line (with request and trace ids)")
+    add_flag(parser, "--log-level", "INFO", str, "DEBUG, INFO, WARNING or ERROR")
+    add_flag(parser, "--drain-timeout-s", DEFAULT_DRAIN_TIMEOUT_S, float,
+             "on SIGTERM: seconds to finish in-flight requests before exiting (a second signal: at once)")
+
+
+def telemetry_from(ns: argparse.Namespace) -> TelemetrySettings:
+    """TelemetrySettings from the telemetry flags."""
+    from pdserve.settings import TelemetrySettings
+
+    return TelemetrySettings(otlp_endpoint=ns.otlp_endpoint, metrics_port=ns.metrics_port,
+                             metrics_host=ns.metrics_host, log_json=bool(ns.log_json),
+                             log_level=ns.log_level or "INFO")
