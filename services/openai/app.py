@@ -14,10 +14,10 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from pdserve.openai.chat import create_chat_completion
-from pdserve.openai.completions import create_completion
-from pdserve.openai.errors import INVALID_REQUEST, OpenAIError, internal
+from pdserve.openai.endpoints import create_chat_completion, create_completion
 from pdserve.openai.frontend import FRONTEND_KEY, Frontend, frontend_of
+from pdserve.openai.metrics import CONTENT_TYPE
+from pdserve.openai.protocol import INVALID_REQUEST, OpenAIError, internal
 
 logger = logging.getLogger("pdserve.openai")
 MAX_BODY_BYTES = 32 * 2**20
@@ -63,8 +63,10 @@ async def _health(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     front = frontend_of(request)
-    return web.Response(text=front.metrics.render(), content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    # CONTENT_TYPE carries a version parameter besides the charset, which web.Response's
+    # content_type/charset arguments cannot express: it goes in as a header.
+    return web.Response(body=front.metrics.render(),
+                        headers={"Content-Type": CONTENT_TYPE, "X-Content-Type-Options": "nosniff"})
 
 
 def _endpoint(request: web.Request) -> str:
@@ -79,13 +81,13 @@ async def _metrics_middleware(request: web.Request, handler: Handler) -> web.Str
     front = frontend_of(request)
     start = time.perf_counter()
     status = 499  # the client went away before a response (nginx's convention)
-    front.metrics.in_flight += 1
+    front.metrics.in_flight.inc()
     try:
         response = await handler(request)
         status = response.status
         return response
     finally:
-        front.metrics.in_flight -= 1
+        front.metrics.in_flight.dec()
         front.metrics.observe_request(_endpoint(request), status, time.perf_counter() - start)
 
 

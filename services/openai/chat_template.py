@@ -19,7 +19,7 @@ import jinja2.ext
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from pdserve.openai.errors import invalid
+from pdserve.openai.protocol import invalid
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 

@@ -1,73 +1,60 @@
-"""Prometheus metrics of the front end, kept in process and written in the text format.
+"""Prometheus metrics of the front end, served on its own GET /metrics.
 
 pdserve_openai_requests_total{endpoint,status}          counter
 pdserve_openai_request_duration_seconds{endpoint}       histogram (whole request, streams included)
 pdserve_openai_requests_in_flight                       gauge
 pdserve_openai_prompt_tokens_total, ..._completion_tokens_total   counters
+
+Each Metrics has its own CollectorRegistry, so several front ends in one process (tests) count
+apart and none touches prometheus_client's global registry.
 """
 
 from __future__ import annotations
 
-import bisect
-from collections import defaultdict
-from dataclasses import dataclass, field
+from prometheus_client import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 
 DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 PREFIX = "pdserve_openai"
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # the text format every pdserve /metrics serves
 
 
-@dataclass
-class Histogram:
-    """Cumulative-bucket histogram of one label set."""
-
-    counts: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS_S) + 1))
-    total: float = 0.0
-
-    def observe(self, value: float) -> None:
-        """Count one observation."""
-        self.counts[bisect.bisect_left(DURATION_BUCKETS_S, value)] += 1
-        self.total += value
-
-
-@dataclass
 class Metrics:
-    """The counters a request updates and `render()` for GET /metrics."""
+    """The metrics a request updates, and `render()` for GET /metrics."""
 
-    requests: dict[tuple[str, int], int] = field(default_factory=lambda: defaultdict(int))
-    durations: dict[str, Histogram] = field(default_factory=lambda: defaultdict(Histogram))
-    in_flight: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    def __init__(self) -> None:
+        disable_created_metrics()  # no `_created` series, as in pdserve's other /metrics endpoints
+        self.registry = CollectorRegistry()
+        # prometheus_client appends `_total` to counter names.
+        self.requests = Counter(f"{PREFIX}_requests", "HTTP requests by endpoint and status code.",
+                                ["endpoint", "status"], registry=self.registry)
+        self.duration = Histogram(f"{PREFIX}_request_duration_seconds",
+                                  "Time from request to the end of the response (streams included).",
+                                  ["endpoint"], buckets=DURATION_BUCKETS_S, registry=self.registry)
+        self.in_flight = Gauge(f"{PREFIX}_requests_in_flight", "Requests being served now.",
+                               registry=self.registry)
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens of finished requests.",
+                                     registry=self.registry)
+        self.completion_tokens = Counter(f"{PREFIX}_completion_tokens", "Completion tokens of finished requests.",
+                                         registry=self.registry)
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         """Count a finished request and its duration."""
-        self.requests[(endpoint, status)] += 1
-        self.durations[endpoint].observe(seconds)
+        self.requests.labels(endpoint, str(status)).inc()
+        self.duration.labels(endpoint).observe(seconds)
 
     def count_tokens(self, prompt: int, completion: int) -> None:
         """Add a request's usage."""
-        self.prompt_tokens += prompt
-        self.completion_tokens += completion
+        self.prompt_tokens.inc(prompt)
+        self.completion_tokens.inc(completion)
 
-    def render(self) -> str:
-        """All metrics in the Prometheus text exposition format (version 0.0.4)."""
-        lines = [f"# HELP {PREFIX}_requests_total HTTP requests by endpoint and status code.",
-                 f"# TYPE {PREFIX}_requests_total counter"]
-        for (endpoint, status), count in sorted(self.requests.items()):
-            lines.append(f'{PREFIX}_requests_total{{endpoint="{endpoint}",status="{status}"}} {count}')
-        name = f"{PREFIX}_request_duration_seconds"
-        lines += [f"# HELP {name} Time from request to the end of the response (streams included).",
-                  f"# TYPE {name} histogram"]
-        for endpoint, hist in sorted(self.durations.items()):
-            cumulative = 0
-            for bound, count in zip([*map(str, DURATION_BUCKETS_S), "+Inf"], hist.counts):
-                cumulative += count
-                lines.append(f'{name}_bucket{{endpoint="{endpoint}",le="{bound}"}} {cumulative}')
-            lines.append(f'{name}_sum{{endpoint="{endpoint}"}} {hist.total}')
-            lines.append(f'{name}_count{{endpoint="{endpoint}"}} {cumulative}')
-        lines += [f"# HELP {PREFIX}_requests_in_flight Requests being served now.",
-                  f"# TYPE {PREFIX}_requests_in_flight gauge", f"{PREFIX}_requests_in_flight {self.in_flight}"]
-        for kind, value in (("prompt", self.prompt_tokens), ("completion", self.completion_tokens)):
-            lines += [f"# HELP {PREFIX}_{kind}_tokens_total {kind.capitalize()} tokens of finished requests.",
-                      f"# TYPE {PREFIX}_{kind}_tokens_total counter", f"{PREFIX}_{kind}_tokens_total {value}"]
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        """All metrics in the Prometheus text exposition format (served as CONTENT_TYPE)."""
+        return generate_latest(self.registry)

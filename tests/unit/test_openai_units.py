@@ -1,5 +1,5 @@
 """Parts of the OpenAI front end that need no cluster: chat templates rendered exactly as
-`transformers` renders them, request-field validation, router error mapping, metrics text."""
+`transformers` renders them, request-field validation, router error mapping, metrics exposition."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import pytest
 from pdserve.models.tiny_model import make_tiny_model
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.openai.chat_template import ChatTemplate, normalize_messages
-from pdserve.openai.errors import OpenAIError, from_rpc_error
 from pdserve.openai.metrics import Metrics
-from pdserve.openai.sampling import Limits, read_sampling, to_proto
+from pdserve.openai.protocol import Limits, OpenAIError, from_rpc_error, read_sampling, to_proto
 
 # Exercises what real checkpoints' templates use: namespace(), loop controls, tojson,
 # raise_exception, bos/eos tokens, whitespace control and add_generation_prompt.
@@ -151,9 +150,25 @@ def test_metrics_text_counts_requests_and_buckets_durations():
     metrics.observe_request("/v1/completions", 200, 0.02)
     metrics.observe_request("/v1/completions", 200, 3.0)
     metrics.observe_request("/v1/completions", 400, 0.001)
-    text = metrics.render()
-    assert 'pdserve_openai_requests_total{endpoint="/v1/completions",status="200"} 2' in text
-    assert 'pdserve_openai_requests_total{endpoint="/v1/completions",status="400"} 1' in text
-    assert 'pdserve_openai_request_duration_seconds_bucket{endpoint="/v1/completions",le="0.025"} 2' in text
-    assert 'pdserve_openai_request_duration_seconds_bucket{endpoint="/v1/completions",le="+Inf"} 3' in text
-    assert 'pdserve_openai_request_duration_seconds_count{endpoint="/v1/completions"} 3' in text
+    metrics.count_tokens(7, 3)
+    text = metrics.render().decode()
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert samples['pdserve_openai_requests_total{endpoint="/v1/completions",status="200"}'] == 2
+    assert samples['pdserve_openai_requests_total{endpoint="/v1/completions",status="400"}'] == 1
+    assert samples['pdserve_openai_request_duration_seconds_bucket{endpoint="/v1/completions",le="0.025"}'] == 2
+    assert samples['pdserve_openai_request_duration_seconds_bucket{endpoint="/v1/completions",le="+Inf"}'] == 3
+    assert samples['pdserve_openai_request_duration_seconds_count{endpoint="/v1/completions"}'] == 3
+    assert samples["pdserve_openai_requests_in_flight"] == 0
+    assert samples["pdserve_openai_prompt_tokens_total"] == 7 and samples["pdserve_openai_completion_tokens_total"] == 3
+    assert "# TYPE pdserve_openai_requests_total counter" in text
+    assert "# TYPE pdserve_openai_request_duration_seconds histogram" in text
+    assert "_created" not in text  # no series beyond the documented ones
+
+
+def test_each_metrics_has_its_own_registry():
+    """Two front ends in one process (as in the tests) count apart, off the global registry."""
+    first, second = Metrics(), Metrics()
+    first.observe_request("/v1/models", 200, 0.01)
+    assert b'pdserve_openai_requests_total{endpoint="/v1/models",status="200"} 1.0' in first.render()
+    assert b"/v1/models" not in second.render()

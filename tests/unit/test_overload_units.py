@@ -10,7 +10,7 @@ import math
 import grpc
 import pytest
 
-from pdserve.openai.errors import from_rpc_error
+from pdserve.openai.protocol import from_rpc_error
 from pdserve.router.admission import AdmissionControl, AdmissionLimits
 from pdserve.runtime.errors import OverloadedError
 from pdserve.runtime.retry_hint import (

@@ -1,0 +1,214 @@
+"""The generation endpoints: POST /v1/completions and POST /v1/chat/completions, each as a JSON
+response or, with stream true, as server-sent events.
+
+Completions: one Generate call per prompt, choices indexed prompt * n + sample. Chat: the
+checkpoint's chat template renders the messages, the front end tokenizes the prompt (no special
+tokens added: the template has them) and sends the ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from pdserve.openai.chat_template import normalize_messages
+from pdserve.openai.frontend import Frontend, frontend_of
+from pdserve.openai.protocol import (
+    invalid,
+    opt_bool,
+    opt_dict,
+    read_body,
+    read_sampling,
+    read_stream_flags,
+    reject_if_set,
+    to_proto,
+)
+from pdserve.openai.responses import TokenEvent, Usage, chat_logprobs, collect, completion_logprobs, relay_stream
+from pdserve.v1 import router_pb2
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the completions API
+MAX_PROMPTS = 64
+
+
+def read_prompts(body: dict[str, Any], vocab_size: int) -> list[str | list[int]]:
+    """`prompt` as a list: a string, a list of strings, a list of token ids, or a list of those."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompts: list = [prompt]
+    elif isinstance(prompt, list) and prompt and all(_is_token(t) for t in prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(
+            isinstance(p, str) or (isinstance(p, list) and all(_is_token(t) for t in p)) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise invalid("prompt must be a string, a list of strings, a list of token ids or a list of "
+                      "token-id lists", "prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise invalid(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", "prompt")
+    for p in prompts:
+        if isinstance(p, list) and not p:
+            raise invalid("a token-id prompt must not be empty", "prompt")
+        if isinstance(p, list) and max(p) >= vocab_size:
+            raise invalid(f"prompt token id {max(p)} is outside the vocabulary (size {vocab_size})", "prompt")
+    return prompts
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _generate_request(request_id: str, prompt: str | list[int],
+                      sampling: router_pb2.SamplingParams) -> router_pb2.GenerateRequest:
+    if isinstance(prompt, str):
+        return router_pb2.GenerateRequest(request_id=request_id, prompt=prompt, sampling=sampling)
+    return router_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=router_pb2.TokenIds(ids=prompt),
+                                      sampling=sampling)
+
+
+async def create_completion(request: web.Request) -> web.StreamResponse:
+    """Handle POST /v1/completions (JSON response, or server-sent events with stream true)."""
+    front = frontend_of(request)
+    body = await read_body(request)
+    model = front.check_model(body)
+    for name, allowed in (("echo", (None, False)), ("suffix", (None, "")), ("logit_bias", (None, {}))):
+        reject_if_set(body, name, allowed)
+    prompts = read_prompts(body, front.info.vocab_size)
+    fields = read_sampling(body, front.limits, chat=False)
+    fields.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
+    reject_if_set(body, "best_of", (None, 1, fields.get("n", 1)))
+    stream, include_usage = read_stream_flags(body)
+    sampling = to_proto(fields)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    calls = [_generate_request(f"{request_id}-{i}", p, sampling) for i, p in enumerate(prompts)]
+    n, want_logprobs = fields.get("n", 1), "logprobs" in fields
+    head = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": None}
+    async with contextlib.aclosing(front.link.generate_many(calls, "prompt")) as events:
+        if stream:
+            return await relay_stream(request, events, _CompletionChunks(front, head, want_logprobs),
+                                      include_usage, front.metrics)
+        choices, usage = await collect(events, len(prompts) * n)
+    front.metrics.count_tokens(usage.as_json()["prompt_tokens"], usage.completion_tokens)
+    return web.json_response({**head, "choices": [
+        {"index": i, "text": c.text, "finish_reason": c.finish_reason,
+         "logprobs": completion_logprobs(front.strings, c.token_ids, c.logprobs, c.top_logprobs, 0)
+         if want_logprobs else None}
+        for i, c in enumerate(choices)], "usage": usage.as_json()})
+
+
+class _CompletionChunks:
+    """Turns TokenEvents into text_completion stream chunks (text offsets tracked per choice)."""
+
+    def __init__(self, front: Frontend, head: dict[str, Any], want_logprobs: bool) -> None:
+        self.front = front
+        self.head = head
+        self.want_logprobs = want_logprobs
+        self.offsets: dict[int, int] = {}
+
+    def opening(self) -> list[dict[str, Any]]:
+        """Nothing precedes the first tokens in a completions stream."""
+        return []
+
+    def chunk(self, event: TokenEvent) -> dict[str, Any] | None:
+        """The chunk for one event (None for an empty one)."""
+        if event.finish_reason is None and not event.text and not (self.want_logprobs and event.token_ids):
+            return None  # tokens whose text is held back (a possible stop string, half a character)
+        logprobs = None
+        if self.want_logprobs and event.token_ids:
+            offset = self.offsets.get(event.choice, 0)
+            logprobs = completion_logprobs(self.front.strings, event.token_ids, event.logprobs,
+                                           event.top_logprobs, offset)
+            self.offsets[event.choice] = offset + sum(len(t) for t in logprobs["tokens"])
+        return {**self.head, "choices": [{"index": event.choice, "text": event.text, "logprobs": logprobs,
+                                          "finish_reason": event.finish_reason}]}
+
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+        """The last chunk when stream_options.include_usage is set: no choices, the usage."""
+        return {**self.head, "choices": [], "usage": usage.as_json()}
+
+
+def chat_prompt_ids(front: Frontend, body: dict[str, Any]) -> list[int]:
+    """The token ids of the rendered conversation. 400 when the model has no chat template, the
+    messages are malformed, or the request asks for tools or a structured response format."""
+    if front.chat_template is None:
+        raise invalid("this model has no chat template; use /v1/completions", "messages")
+    messages = normalize_messages(body.get("messages"))
+    for name in ("tools", "functions", "tool_choice", "function_call"):
+        reject_if_set(body, name, (None, [], "none"))
+    reject_if_set(body, "response_format", (None, {"type": "text"}))
+    reject_if_set(body, "logit_bias", (None, {}))
+    add_generation_prompt = opt_bool(body, "add_generation_prompt")
+    text = front.chat_template.render(messages, True if add_generation_prompt is None else add_generation_prompt,
+                                      opt_dict(body, "chat_template_kwargs"))
+    ids = front.tokenizer.encode(text, add_special_tokens=False)
+    if not ids:
+        raise invalid("the rendered conversation is empty", "messages")
+    return ids
+
+
+async def create_chat_completion(request: web.Request) -> web.StreamResponse:
+    """Handle POST /v1/chat/completions (JSON response, or server-sent events with stream true)."""
+    front = frontend_of(request)
+    body = await read_body(request)
+    model = front.check_model(body)
+    prompt_ids = chat_prompt_ids(front, body)
+    fields = read_sampling(body, front.limits, chat=True)
+    # OpenAI's chat default: generate until the context is full (or a stop/eos comes first).
+    fields.setdefault("max_tokens", max(1, front.limits.max_model_len - len(prompt_ids)))
+    stream, include_usage = read_stream_flags(body)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    call = router_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=router_pb2.TokenIds(ids=prompt_ids),
+                                      sampling=to_proto(fields))
+    n, want_logprobs = fields.get("n", 1), "logprobs" in fields
+    head = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": None}
+    async with contextlib.aclosing(front.link.generate_many([call], "messages")) as events:
+        if stream:
+            chunk_head = {**head, "object": "chat.completion.chunk"}
+            return await relay_stream(request, events, _ChatChunks(front, chunk_head, n, want_logprobs),
+                                      include_usage, front.metrics)
+        choices, usage = await collect(events, n)
+    front.metrics.count_tokens(usage.as_json()["prompt_tokens"], usage.completion_tokens)
+    return web.json_response({**head, "choices": [
+        {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
+         "logprobs": chat_logprobs(front.strings, c.token_ids, c.logprobs, c.top_logprobs)
+         if want_logprobs else None}
+        for i, c in enumerate(choices)], "usage": usage.as_json()})
+
+
+class _ChatChunks:
+    """Turns TokenEvents into chat.completion.chunk objects: a role delta per choice first,
+    content deltas, then an empty delta carrying the finish_reason."""
+
+    def __init__(self, front: Frontend, head: dict[str, Any], num_choices: int, want_logprobs: bool) -> None:
+        self.front = front
+        self.head = head
+        self.num_choices = num_choices
+        self.want_logprobs = want_logprobs
+
+    def opening(self) -> list[dict[str, Any]]:
+        """One chunk per choice announcing the assistant role."""
+        return [self._chunk(i, {"role": "assistant", "content": ""}, None, None) for i in range(self.num_choices)]
+
+    def chunk(self, event: TokenEvent) -> dict[str, Any] | None:
+        """The chunk for one event (None for an empty one)."""
+        if event.finish_reason is not None:
+            return self._chunk(event.choice, {}, None, event.finish_reason)
+        if not event.text and not (self.want_logprobs and event.token_ids):
+            return None  # tokens whose text is held back (a possible stop string, half a character)
+        logprobs = None
+        if self.want_logprobs and event.token_ids:
+            logprobs = chat_logprobs(self.front.strings, event.token_ids, event.logprobs, event.top_logprobs)
+        return self._chunk(event.choice, {"content": event.text}, logprobs, None)
+
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+        """The last chunk when stream_options.include_usage is set: no choices, the usage."""
+        return {**self.head, "choices": [], "usage": usage.as_json()}
+
+    def _chunk(self, index: int, delta: dict[str, Any], logprobs: Any, finish: str | None) -> dict[str, Any]:
+        return {**self.head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                          "finish_reason": finish}]}
