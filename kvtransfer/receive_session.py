@@ -18,7 +18,7 @@ from pdserve.kvtransfer import wire
 from pdserve.kvtransfer.block_io import CacheBlocks
 from pdserve.kvtransfer.errors import KVAuthError, KVProtocolError, KVTransferCancelled, KVTransferError
 from pdserve.kvtransfer.layout import KVLayout
-from pdserve.kvtransfer.reservations import Reservation, ReservationTable
+from pdserve.kvtransfer.reservations import ExpectedTransfer, ReservationTable
 from pdserve.kvtransfer.sockio import recv_exact, recv_into_views, send_views
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class ReceiveSession:
 
     def run(self) -> None:
         """Handshake, stream, close; errors end this connection only."""
-        res: Reservation | None = None
+        res: ExpectedTransfer | None = None
         try:
             self.sock.settimeout(self.handshake_timeout_s)
             if self.ssl_context is not None:  # handshake after the swap, so abort() can cut it
@@ -84,7 +84,7 @@ class ReceiveSession:
         except OSError:
             pass
 
-    def _handshake(self) -> Reservation:
+    def _handshake(self) -> ExpectedTransfer:
         frame_type, size = self._read_header()
         if frame_type != wire.HELLO:
             raise KVProtocolError(f"expected HELLO, got {wire.FRAME_NAMES[frame_type]}")
@@ -99,7 +99,7 @@ class ReceiveSession:
         self._send(wire.encode_json_frame(wire.HELLO_OK, {"num_blocks": res.num_blocks}))
         return res
 
-    def _stream(self, res: Reservation) -> None:
+    def _stream(self, res: ExpectedTransfer) -> None:
         while True:
             frame_type, size = self._read_header()
             if frame_type == wire.LAYER:
@@ -116,7 +116,7 @@ class ReceiveSession:
             else:
                 raise KVProtocolError(f"unexpected {wire.FRAME_NAMES[frame_type]} frame after the handshake")
 
-    def _receive_layer(self, res: Reservation, size: int) -> None:
+    def _receive_layer(self, res: ExpectedTransfer, size: int) -> None:
         if size < wire.LAYER_HEADER.size:
             raise KVProtocolError(f"LAYER payload of {size} bytes is shorter than its sub-header")
         layer, first, count = wire.LAYER_HEADER.unpack(recv_exact(self.sock, wire.LAYER_HEADER.size))
@@ -146,7 +146,7 @@ class ReceiveSession:
         res.received[layer, first:first + count] = True
         res.bytes_received += size - wire.LAYER_HEADER.size
 
-    def _complete(self, res: Reservation) -> None:
+    def _complete(self, res: ExpectedTransfer) -> None:
         missing = (~res.received).nonzero()
         if missing[0].size:
             raise KVTransferError(
@@ -164,7 +164,7 @@ class ReceiveSession:
         if size != 0:
             raise KVProtocolError(f"{wire.FRAME_NAMES[frame_type]} must have no payload, got {size} bytes")
 
-    def _fail(self, res: Reservation | None, error: KVTransferError, send_error: bool) -> None:
+    def _fail(self, res: ExpectedTransfer | None, error: KVTransferError, send_error: bool) -> None:
         if res is not None:
             self.table.finish(res, error)
         if send_error and not self._aborted:

@@ -31,11 +31,13 @@ class Abortable(Protocol):
 
 
 @dataclass(eq=False)
-class Reservation:
-    """Reserved blocks for one prompt. Only the first `num_blocks` = ceil(num_tokens / block_size)
-    of dst_block_ids receive KV (a reservation may hold more, for the tokens decode will add).
-    received: bool [num_layers, num_blocks], which (layer, block) pairs have arrived. The fields after
-    `received` belong to the connection filling it."""
+class ExpectedTransfer:
+    """The receiver's record of one transfer it expects into blocks reserved for a prompt (it has no
+    expiry of its own: the decode server closes it when its KVLease ends). Only the first
+    `num_blocks` = ceil(num_tokens / block_size) of dst_block_ids receive KV (a reservation may
+    hold more, for the tokens decode will add). received: bool [num_layers, num_blocks], which
+    (layer, block) pairs have arrived. The fields after `received` belong to the connection
+    filling it."""
 
     reservation_id: str
     dst_block_ids: tuple[int, ...]
@@ -59,7 +61,7 @@ class ReservationTable:
         self.layout = layout
         self.num_cache_blocks = num_cache_blocks
         self.observer = observer  # told of every bound reservation that ends (finished or failed)
-        self._by_id: dict[str, Reservation] = {}
+        self._by_id: dict[str, ExpectedTransfer] = {}
         self._cond = threading.Condition()
 
     def __len__(self) -> int:
@@ -70,7 +72,7 @@ class ReservationTable:
         with self._cond:
             return reservation_id in self._by_id
 
-    def get(self, reservation_id: str) -> Reservation | None:
+    def get(self, reservation_id: str) -> ExpectedTransfer | None:
         """The registered reservation with that id, if any (read-only use)."""
         with self._cond:
             return self._by_id.get(reservation_id)
@@ -95,10 +97,10 @@ class ReservationTable:
         with self._cond:
             if reservation_id in self._by_id:
                 raise ValueError(f"reservation {reservation_id} is already registered")
-            self._by_id[reservation_id] = Reservation(reservation_id, ids, num_tokens, needed,
+            self._by_id[reservation_id] = ExpectedTransfer(reservation_id, ids, num_tokens, needed,
                                                       on_complete, received)
 
-    def bind(self, hello: Hello, connection: Abortable) -> Reservation:
+    def bind(self, hello: Hello, connection: Abortable) -> ExpectedTransfer:
         """Attach a handshaking connection to the reservation it names; raises a KVTransferError
         (UnknownReservation, or a mismatch of num_tokens / dst_block_ids, or already being filled)."""
         rid = hello.reservation_id
@@ -121,7 +123,7 @@ class ReservationTable:
             res.bound_unix_ns, res.bound_monotonic = time.time_ns(), time.monotonic()
             return res
 
-    def begin_write(self, res: Reservation) -> bool:
+    def begin_write(self, res: ExpectedTransfer) -> bool:
         """Claim the right to write into res's blocks; False once it is cancelled or finished."""
         with self._cond:
             if res.closed:
@@ -129,7 +131,7 @@ class ReservationTable:
             res.writing = True
             return True
 
-    def end_write(self, res: Reservation) -> None:
+    def end_write(self, res: ExpectedTransfer) -> None:
         """Release the claim taken by begin_write."""
         with self._cond:
             res.writing = False
@@ -145,7 +147,7 @@ class ReservationTable:
             self._close_locked(res, f"reservation {reservation_id!r} was cancelled by the receiver")
             return True
 
-    def finish(self, res: Reservation, error: Exception | None) -> bool:
+    def finish(self, res: ExpectedTransfer, error: Exception | None) -> bool:
         """Close res and report the outcome to its on_complete (called on this thread, outside the
         lock). False, without a call, if it was already closed (e.g. cancelled)."""
         with self._cond:
@@ -164,7 +166,7 @@ class ReservationTable:
         for res in closing:
             self._report(res, KVTransferCancelled(message))
 
-    def _close_locked(self, res: Reservation, abort_message: str | None) -> None:
+    def _close_locked(self, res: ExpectedTransfer, abort_message: str | None) -> None:
         """Mark res closed and unregistered; with abort_message, cut its connection and wait until it
         no longer writes into res's blocks. Holds self._cond."""
         res.closed = True
@@ -173,7 +175,7 @@ class ReservationTable:
             res.connection.abort("cancelled", abort_message)
         self._cond.wait_for(lambda: not res.writing)
 
-    def _report(self, res: Reservation, error: Exception | None) -> None:
+    def _report(self, res: ExpectedTransfer, error: Exception | None) -> None:
         if self.observer is not None and res.connection is not None:
             report = ReceivedTransfer(res.reservation_id, res.metadata, res.bytes_received, res.num_blocks,
                                       res.bound_unix_ns, time.monotonic() - res.bound_monotonic, error)

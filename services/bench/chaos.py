@@ -4,7 +4,7 @@ killed with SIGKILL, then checks what the clients got against a fault-free run.
     python -m pdserve.bench.chaos kill --rounds 20     # kill -9 a decode or prefill server mid-stream
     python -m pdserve.bench.chaos churn --requests 2000 # cancellations + kills, then leak checks
 
-The tests drive the same functions (tests/test_failover.py) at a small scale.
+The tests drive the same functions (tests/integration/test_failover.py) at a small scale.
 """
 
 from __future__ import annotations

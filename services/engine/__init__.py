@@ -2,7 +2,7 @@
 
 Modules, one responsibility each:
 - config: EngineConfig (frozen).
-- request: Request and its n Sequence samples.
+- request: Request and its n Samples (one per completion of an n > 1 request).
 - block_pool: KV blocks, ref counts, the O(1) free queue and the prefix cache (lazy LRU eviction).
 - kv_cache_manager: block tables over the pool: prefix hits, growth, forks, copy-on-write.
 - scheduler: iteration-level scheduling, chunked prefill, preemption by recompute, static batches.

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable
-from collections.abc import Sequence as Seq
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -66,7 +65,7 @@ class CallerIdHook:
         self._source: object = None
         self._translated: list[ChunkInfo] = []
 
-    def __call__(self, layer_index: int, infos: Seq[ChunkInfo]) -> None:
+    def __call__(self, layer_index: int, infos: Sequence[ChunkInfo]) -> None:
         if infos is not self._source:  # a new step: translate once, reuse for every layer
             self._source = infos
             self._translated = [dataclasses.replace(i, request_id=caller_request_id(i.request_id))

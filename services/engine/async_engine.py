@@ -14,8 +14,7 @@ import contextlib
 import itertools
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
-from collections.abc import Sequence as Seq
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from pdserve.engine.async_commands import Abort, Add, Call, CallerIdHook, Stop, settle
@@ -79,7 +78,7 @@ class AsyncEngine:
         """The snapshot taken after the engine's latest step (safe from any thread)."""
         return self._stats
 
-    async def generate(self, request_id: str, prompt_token_ids: Seq[int],
+    async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs as steps produce them.
 
@@ -97,8 +96,8 @@ class AsyncEngine:
             async for output in outputs:
                 yield output
 
-    async def generate_prefilled(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
-                                 generated: Seq[Seq[int]], sample_indices: Seq[int] | None = None,
+    async def generate_prefilled(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
+                                 generated: Sequence[Sequence[int]], sample_indices: Sequence[int] | None = None,
                                  reservation_id: str | None = None, cached_tokens: int = 0
                                  ) -> AsyncIterator[RequestOutput]:
         """Continue a request another server started (see LLMEngine.add_prefilled_request) and

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
-from collections.abc import Sequence as Seq
+from collections.abc import Sequence
 from typing import Any
 
 from pdserve.engine.block_pool import BlockPool
@@ -14,7 +14,7 @@ from pdserve.engine.kv_cache_manager import KVCacheManager
 from pdserve.engine.model_runner import ScheduledChunk
 from pdserve.engine.outputs import GenerationResult, RequestOutput, SampleOutput
 from pdserve.engine.prefilled import attach_prompt_kv, check_progress, prime_samples
-from pdserve.engine.request import Request, Sequence
+from pdserve.engine.request import Request, Sample
 from pdserve.engine.reservations import ReservationBook
 from pdserve.engine.sample_processor import SampleProcessor, make_stop_checker
 from pdserve.engine.scheduler import ScheduledSample, Scheduler, SchedulerOutput
@@ -67,32 +67,32 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self._generate_calls = itertools.count()
 
-    def validate_request(self, prompt_token_ids: Seq[int], params: SamplingParams) -> None:
+    def validate_request(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         """Raise RequestRejectedError (a ValueError) if the request can never be served."""
         validate_request(
             prompt_token_ids, params, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
             max_num_seqs=self.config.max_num_seqs, num_blocks=self.num_blocks,
             block_size=self.config.block_size, can_detokenize=self.tokenizer is not None)
 
-    def add_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         """Queue a request. ValueError on a duplicate id, an empty prompt, or one that cannot fit."""
         self._check_new_request(request_id, prompt_token_ids, params)
         request = self._new_request(request_id, prompt_token_ids, params, range(params.n))
         self.requests[request_id] = request
         self.scheduler.add(request)
 
-    def _check_new_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams) -> None:
+    def _check_new_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         if not isinstance(request_id, str) or not request_id:
             raise RequestRejectedError(f"request_id must be a non-empty string, got {request_id!r}")
         if request_id in self.requests:
             raise RequestRejectedError(f"request id {request_id!r} is already in use")
         self.validate_request(prompt_token_ids, params)
 
-    def _new_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
-                     sample_indices: Seq[int]) -> Request:
+    def _new_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
+                     sample_indices: Sequence[int]) -> Request:
         prompt = [int(t) for t in prompt_token_ids]
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        samples = [Sequence(next(self._seq_ids), i, prompt) for i in sample_indices]
+        samples = [Sample(next(self._seq_ids), i, prompt) for i in sample_indices]
         for sample in samples:
             sample.stop_checker = make_stop_checker(self.tokenizer, prompt, params, self.eos_token_ids)
         return Request(request_id, prompt, params, seed, next(self._arrivals), samples)
@@ -111,8 +111,8 @@ class LLMEngine:
         """Release the reservations whose expires_at <= now (same clock); returns their ids."""
         return self.reservations.expire(now)
 
-    def add_prefilled_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
-                              generated: Seq[Seq[int]], sample_indices: Seq[int] | None = None,
+    def add_prefilled_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
+                              generated: Sequence[Sequence[int]], sample_indices: Sequence[int] | None = None,
                               reservation_id: str | None = None, cached_tokens: int = 0) -> None:
         """Continue a request another server started; its samples join the running batch.
 
@@ -224,11 +224,11 @@ class LLMEngine:
                 self.kv.fork(sample, [x for x in s.request.live_samples if x is not sample])
                 s.request.forked = True
 
-    def _sampling_targets(self, s: ScheduledSample) -> tuple[Request, list[Sequence]]:
+    def _sampling_targets(self, s: ScheduledSample) -> tuple[Request, list[Sample]]:
         """The samples that draw from this chunk's logits row: all live ones at a fork."""
         return s.request, (s.request.live_samples if s.fork else [s.sample])
 
-    def _collect_outputs(self, deltas: list[tuple[Request, Sequence, SampleOutput]]) -> list[RequestOutput]:
+    def _collect_outputs(self, deltas: list[tuple[Request, Sample, SampleOutput]]) -> list[RequestOutput]:
         """Group sample deltas per request; release finished samples and requests."""
         by_request: dict[str, RequestOutput] = {}
         for request, sample, delta in deltas:
@@ -265,8 +265,8 @@ class LLMEngine:
             num_blocks_reserved=self.reservations.num_blocks,
         )
 
-    def generate(self, prompts_token_ids: Seq[Seq[int]],
-                 params: SamplingParams | Seq[SamplingParams]) -> list[GenerationResult]:
+    def generate(self, prompts_token_ids: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams]) -> list[GenerationResult]:
         """Run the prompts to completion (the engine must be idle); results in prompt order."""
         if self.has_unfinished_requests():
             raise RuntimeError("generate() needs an idle engine; step() the running requests first")

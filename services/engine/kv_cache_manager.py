@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence as Seq
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pdserve.engine.block_pool import ROOT_HASH, ROOT_UID, BlockPool, KVBlock
-from pdserve.engine.request import Sequence
+from pdserve.engine.request import Sample
 
 
 @dataclass
@@ -34,7 +34,7 @@ class KVCacheManager:
         """Blocks needed to hold num_tokens positions."""
         return -(-num_tokens // self.block_size)
 
-    def find_cached_prefix(self, seq: Sequence, max_tokens: int) -> CachedPrefix:
+    def find_cached_prefix(self, seq: Sample, max_tokens: int) -> CachedPrefix:
         """Leading full blocks of seq's first max_tokens tokens that the prefix cache holds."""
         prefix = CachedPrefix()
         if not self.pool.enable_caching:
@@ -52,7 +52,7 @@ class KVCacheManager:
             parent_hash, parent_uid = key, block.uid
         return prefix
 
-    def admit(self, seq: Sequence, prefix: CachedPrefix, num_new_tokens: int) -> bool:
+    def admit(self, seq: Sample, prefix: CachedPrefix, num_new_tokens: int) -> bool:
         """Give a sequence without blocks its cached prefix plus blocks for num_new_tokens
         more; False (and nothing changed) when the pool cannot supply them."""
         if seq.block_table:
@@ -69,7 +69,7 @@ class KVCacheManager:
         seq.num_computed_tokens = num_cached
         return True
 
-    def num_blocks_needed(self, plan: Seq[tuple[Sequence, int]]) -> int:
+    def num_blocks_needed(self, plan: Sequence[tuple[Sample, int]]) -> int:
         """Exact count of new blocks `allocate(plan)` takes, copy-on-write copies included."""
         remaining_refs: dict[int, int] = {}
         needed = 0
@@ -83,7 +83,7 @@ class KVCacheManager:
             needed += max(0, self.blocks_for(end) - len(seq.block_table))
         return needed
 
-    def allocate(self, plan: Seq[tuple[Sequence, int]]) -> list[tuple[int, int]] | None:
+    def allocate(self, plan: Sequence[tuple[Sample, int]]) -> list[tuple[int, int]] | None:
         """Make every planned sequence's table cover its new tokens, copying shared blocks it
         writes into. Returns the (src, dst) copies, or None (nothing changed) when short of blocks."""
         if self.num_blocks_needed(plan) > self.pool.num_free_blocks:
@@ -103,14 +103,14 @@ class KVCacheManager:
                 seq.block_table.extend(self.pool.allocate(missing))
         return copies
 
-    def _written_existing_blocks(self, seq: Sequence, start: int, end: int) -> list[KVBlock]:
+    def _written_existing_blocks(self, seq: Sample, start: int, end: int) -> list[KVBlock]:
         """Blocks already in seq's table that positions [start, end) write into."""
         if end <= start:
             return []
         last = min(len(seq.block_table), self.blocks_for(end))
         return seq.block_table[start // self.block_size:last]
 
-    def fork(self, parent: Sequence, children: Seq[Sequence]) -> None:
+    def fork(self, parent: Sample, children: Sequence[Sample]) -> None:
         """Let each child share all of the parent's blocks and computed tokens."""
         for child in children:
             if child.block_table:
@@ -121,7 +121,7 @@ class KVCacheManager:
             child.prefix_uids = list(parent.prefix_uids)
             child.num_computed_tokens = parent.num_computed_tokens
 
-    def cache_full_blocks(self, seq: Sequence) -> None:
+    def cache_full_blocks(self, seq: Sample) -> None:
         """Register the sequence's newly completed blocks in the prefix cache."""
         if not self.pool.enable_caching:
             return
@@ -135,7 +135,7 @@ class KVCacheManager:
             seq.block_hashes.append(key)
             seq.prefix_uids.append(uid)
 
-    def free(self, seq: Sequence) -> None:
+    def free(self, seq: Sample) -> None:
         """Release all of a sequence's blocks (tail first) and forget its KV state."""
         self.pool.free(reversed(seq.block_table))
         seq.reset_kv_state()

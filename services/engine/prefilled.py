@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from collections.abc import Sequence as Seq
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pdserve.engine.block_pool import KVBlock
 from pdserve.engine.kv_cache_manager import KVCacheManager
 from pdserve.engine.outputs import SampleOutput
 from pdserve.engine.request import Request
-from pdserve.engine.reservations import Reservation
+from pdserve.engine.reservations import BlockReservation
 from pdserve.engine.sample_processor import make_stop_checker
 from pdserve.engine.validation import RequestRejectedError
 from pdserve.models.sampling_params import SamplingParams
@@ -37,16 +37,16 @@ def first_token_params(params: SamplingParams) -> SamplingParams:
     return dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
 
 
-def finish_reason_after(engine: LLMEngine, prompt_token_ids: Seq[int], params: SamplingParams,
-                        generated: Seq[int]) -> str | None:
+def finish_reason_after(engine: LLMEngine, prompt_token_ids: Sequence[int], params: SamplingParams,
+                        generated: Sequence[int]) -> str | None:
     """The finish reason ("stop" | "length") a sample of a request with `params` has once it has
     produced `generated`, or None when it goes on. Reads only the engine's tokenizer and EOS
     ids, so any thread may call it."""
     return outcome_after(engine, prompt_token_ids, params, generated)[0]
 
 
-def outcome_after(engine: LLMEngine, prompt_token_ids: Seq[int], params: SamplingParams,
-                  generated: Seq[int]) -> tuple[str | None, str]:
+def outcome_after(engine: LLMEngine, prompt_token_ids: Sequence[int], params: SamplingParams,
+                  generated: Sequence[int]) -> tuple[str | None, str]:
     """(finish reason or None, the text released) of a sample of a request with `params` once it
     has produced `generated`: the text a stream of that sample has sent through its last token
     (text that may still start a stop string, or an incomplete character, is held back)."""
@@ -60,9 +60,9 @@ def outcome_after(engine: LLMEngine, prompt_token_ids: Seq[int], params: Samplin
     return None, "".join(text)
 
 
-def check_progress(prompt_len: int, params: SamplingParams, generated: Seq[Seq[int]],
-                   sample_indices: Seq[int] | None, cached_tokens: int, vocab_size: int | None,
-                   reservation: Reservation | None) -> list[int]:
+def check_progress(prompt_len: int, params: SamplingParams, generated: Sequence[Sequence[int]],
+                   sample_indices: Sequence[int] | None, cached_tokens: int, vocab_size: int | None,
+                   reservation: BlockReservation | None) -> list[int]:
     """Validate the continued samples' progress; returns their sample indices.
 
     generated[k]: tokens already produced by sample sample_indices[k] (default: k). Raises
@@ -102,7 +102,7 @@ def check_progress(prompt_len: int, params: SamplingParams, generated: Seq[Seq[i
     return [int(i) for i in indices]
 
 
-def prime_samples(request: Request, generated: Seq[Seq[int]]) -> list[SampleOutput]:
+def prime_samples(request: Request, generated: Sequence[Sequence[int]]) -> list[SampleOutput]:
     """Feed each sample's generated tokens through its stop checker, as if it had sampled them.
 
     request.samples[k] continues generated[k]. The text the tokens release waits in the
@@ -129,13 +129,13 @@ def prime_samples(request: Request, generated: Seq[Seq[int]]) -> list[SampleOutp
 def attach_prompt_kv(kv: KVCacheManager, request: Request, blocks: list[KVBlock]) -> None:
     """Give the request's live samples the prompt's KV in `blocks` (taken from a reservation).
 
-    The carrier takes the blocks over and the other live samples share them (copy-on-write as
+    The lead sample takes the blocks over and the other live samples share them (copy-on-write as
     after a fork); every sample counts the prompt as computed, so its next step computes its
     generated tokens. The prompt's full blocks join the prefix cache.
     """
-    carrier = request.carrier
-    carrier.block_table = list(blocks)
-    carrier.num_computed_tokens = request.num_prompt_tokens
-    kv.cache_full_blocks(carrier)
-    kv.fork(carrier, [s for s in request.live_samples if s is not carrier])
+    lead_sample = request.lead_sample
+    lead_sample.block_table = list(blocks)
+    lead_sample.num_computed_tokens = request.num_prompt_tokens
+    kv.cache_full_blocks(lead_sample)
+    kv.fork(lead_sample, [s for s in request.live_samples if s is not lead_sample])
     request.forked = True

@@ -24,7 +24,7 @@ class RequestStatus(enum.Enum):
 
 
 @dataclass(eq=False)
-class Sequence:
+class Sample:
     """One sample of a request: its tokens, how many are in the KV cache, and its blocks.
 
     The sequence's tokens are prompt_token_ids + output_token_ids; the first num_computed_tokens
@@ -77,7 +77,7 @@ class Sequence:
 class Request:
     """A request: its prompt, params, resolved seed and n samples.
 
-    Until the prompt is in the KV cache only one sample (the carrier, the first unfinished one)
+    Until the prompt is in the KV cache only one sample (the lead sample, the first unfinished one)
     runs; when its prompt is complete the other samples fork from it, sharing the prompt's
     blocks. After a preemption the same happens again (forked goes back to False).
     """
@@ -87,7 +87,7 @@ class Request:
     params: SamplingParams
     seed: int
     arrival_index: int
-    samples: list[Sequence]
+    samples: list[Sample]
     status: RequestStatus = RequestStatus.WAITING
     forked: bool = False
     num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache at first admission
@@ -113,12 +113,12 @@ class Request:
         return len(self.prompt_token_ids)
 
     @property
-    def live_samples(self) -> list[Sequence]:
+    def live_samples(self) -> list[Sample]:
         """Samples that have not finished."""
         return [s for s in self.samples if not s.is_finished]
 
     @property
-    def carrier(self) -> Sequence:
+    def lead_sample(self) -> Sample:
         """The sample that computes the shared prompt (the first unfinished one)."""
         for sample in self.samples:
             if not sample.is_finished:
@@ -127,7 +127,7 @@ class Request:
 
     @property
     def fork_pending(self) -> bool:
-        """True while the other live samples still wait for the carrier's prompt blocks."""
+        """True while the other live samples still wait for the lead sample's prompt blocks."""
         return not self.forked and len(self.live_samples) > 1
 
     @property
@@ -135,11 +135,11 @@ class Request:
         """True once every sample has finished."""
         return all(s.is_finished for s in self.samples)
 
-    def active_samples(self) -> list[Sequence]:
-        """The samples the scheduler runs now: the carrier alone while a fork is pending."""
-        return [self.carrier] if self.fork_pending else self.live_samples
+    def active_samples(self) -> list[Sample]:
+        """The samples the scheduler runs now: the lead sample alone while a fork is pending."""
+        return [self.lead_sample] if self.fork_pending else self.live_samples
 
-    def target_length(self, sample: Sequence) -> int:
+    def target_length(self, sample: Sample) -> int:
         """How far `sample` has tokens to compute: up to the prompt's end while a fork is
         pending (the others must share exactly the prompt's blocks), else all its tokens."""
         return self.num_prompt_tokens if self.fork_pending else sample.num_tokens

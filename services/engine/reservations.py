@@ -22,9 +22,10 @@ from pdserve.runtime.errors import (
 
 
 @dataclass(eq=False)
-class Reservation:
-    """Blocks for the KV of num_prompt_tokens prompt tokens, in logical order: the token at
-    position p goes to blocks[p // block_size], offset p % block_size."""
+class BlockReservation:
+    """Engine blocks held for the KV of num_prompt_tokens prompt tokens that another server sends,
+    in logical order: the token at position p goes to blocks[p // block_size], offset
+    p % block_size. expires_at is the engine's safety net, later than the server's KVLease."""
 
     reservation_id: str
     num_prompt_tokens: int
@@ -44,7 +45,7 @@ class ReservationBook:
         self.pool = pool
         self.block_size = block_size
         self.max_model_len = max_model_len
-        self._by_id: dict[str, Reservation] = {}
+        self._by_id: dict[str, BlockReservation] = {}
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -58,7 +59,7 @@ class ReservationBook:
         return sum(len(r.blocks) for r in self._by_id.values())
 
     def reserve(self, reservation_id: str, num_prompt_tokens: int,
-                expires_at: float | None = None) -> Reservation:
+                expires_at: float | None = None) -> BlockReservation:
         """Take blocks for a prompt of num_prompt_tokens tokens (evicting free prefix-cache
         blocks if needed).
 
@@ -87,12 +88,12 @@ class ReservationBook:
             raise OverloadedError(
                 f"reservation {reservation_id!r}: {num_prompt_tokens} tokens need {needed} KV blocks, "
                 f"{self.pool.num_free_blocks} are free")
-        reservation = Reservation(reservation_id, int(num_prompt_tokens), self.pool.allocate(needed),
+        reservation = BlockReservation(reservation_id, int(num_prompt_tokens), self.pool.allocate(needed),
                                   expires_at)
         self._by_id[reservation_id] = reservation
         return reservation
 
-    def take(self, reservation_id: str) -> Reservation:
+    def take(self, reservation_id: str) -> BlockReservation:
         """Close a reservation and hand its blocks to the caller, who must either give them
         to a request or pass the reservation to free(). NotFoundError when unknown."""
         reservation = self._by_id.pop(reservation_id, None)
@@ -101,7 +102,7 @@ class ReservationBook:
                                 f"released, expired or already used)")
         return reservation
 
-    def free(self, reservation: Reservation) -> None:
+    def free(self, reservation: BlockReservation) -> None:
         """Return the blocks of a reservation obtained from take() to the pool."""
         self.pool.free(reversed(reservation.blocks))
         reservation.blocks = []

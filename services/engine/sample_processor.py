@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from collections.abc import Sequence as Seq
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
 from pdserve.engine.outputs import SampleOutput
-from pdserve.engine.request import Request, Sequence
+from pdserve.engine.request import Request, Sample
 from pdserve.engine.stop_checker import StopChecker
 from pdserve.models.sampler import Sampler, SamplingRow
 from pdserve.models.sampling_params import SamplingParams
@@ -45,8 +44,8 @@ class SampleProcessor:
     def __init__(self, sampler: Sampler) -> None:
         self.sampler = sampler
 
-    def sample(self, logits: torch.Tensor, targets: Seq[tuple[Request, list[Sequence]]]
-               ) -> list[tuple[Request, Sequence, SampleOutput]]:
+    def sample(self, logits: torch.Tensor, targets: Sequence[tuple[Request, list[Sample]]]
+               ) -> list[tuple[Request, Sample, SampleOutput]]:
         """logits: [len(targets), V], row i for targets[i]; every sample of targets[i] draws a
         token from row i (n samples of a fresh fork share one row). Appends the tokens to the
         samples and returns each sample's delta (finish_reason set when it stopped)."""
@@ -56,7 +55,7 @@ class SampleProcessor:
             raise RuntimeError(f"runner returned {logits.shape[0]} logits rows for {len(targets)} chunks")
         row_of: list[int] = []
         rows: list[SamplingRow] = []
-        owners: list[tuple[Request, Sequence]] = []
+        owners: list[tuple[Request, Sample]] = []
         for i, (request, samples) in enumerate(targets):
             for sample in samples:
                 row_of.append(i)
@@ -83,7 +82,7 @@ class SampleProcessor:
         return results
 
     @staticmethod
-    def _apply(sample: Sequence, token_id: int, params: SamplingParams) -> SampleOutput:
+    def _apply(sample: Sample, token_id: int, params: SamplingParams) -> SampleOutput:
         sample.output_token_ids.append(token_id)
         check = sample.stop_checker.append(token_id)
         if check.finish_reason is not None:

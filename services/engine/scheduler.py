@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.kv_cache_manager import KVCacheManager
-from pdserve.engine.request import Request, RequestStatus, Sequence
+from pdserve.engine.request import Request, RequestStatus, Sample
 
 
 @dataclass
@@ -30,7 +30,7 @@ class ScheduledSample:
     """
 
     request: Request
-    sample: Sequence
+    sample: Sample
     start: int
     num_tokens: int
     needs_logits: bool
@@ -94,7 +94,7 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         self._static_batch.discard(request.request_id)
 
-    def free_sample(self, sample: Sequence) -> None:
+    def free_sample(self, sample: Sample) -> None:
         """Release the blocks of one finished sample while its siblings go on."""
         self.kv.free(sample)
 
@@ -146,13 +146,13 @@ class Scheduler:
                 break
             if self.num_running_seqs + len(request.live_samples) > self.config.max_num_seqs:
                 break
-            carrier = request.carrier
-            target = request.target_length(carrier)
+            lead_sample = request.lead_sample
+            target = request.target_length(lead_sample)
             # A hit never covers the last token: its logits must be computed.
-            prefix = self.kv.find_cached_prefix(carrier, target - 1)
+            prefix = self.kv.find_cached_prefix(lead_sample, target - 1)
             num_cached = len(prefix.blocks) * self.kv.block_size
             num_new = min(target - num_cached, budget)
-            if not self.kv.admit(carrier, prefix, num_new):
+            if not self.kv.admit(lead_sample, prefix, num_new):
                 break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
@@ -162,7 +162,7 @@ class Scheduler:
                 request.num_cached_tokens = num_cached
             out.num_cache_hit_tokens += num_cached
             out.num_cache_query_tokens += target
-            budget -= self._record(request, [(carrier, num_new)], out, admitted=True)
+            budget -= self._record(request, [(lead_sample, num_new)], out, admitted=True)
 
     def _maybe_open_static_batch(self) -> None:
         """Static mode: once the previous batch is done, the next k waiting requests form one."""
@@ -171,7 +171,7 @@ class Scheduler:
             return
         self._static_batch = {r.request_id for r in list(self.waiting)[:size]}
 
-    def _plan(self, request: Request, budget: int) -> list[tuple[Sequence, int]]:
+    def _plan(self, request: Request, budget: int) -> list[tuple[Sample, int]]:
         """(sample, new tokens) for a running request's active samples within the budget."""
         plan = []
         for sample in request.active_samples():
@@ -183,7 +183,7 @@ class Scheduler:
                 budget -= num_new
         return plan
 
-    def _record(self, request: Request, plan: Iterable[tuple[Sequence, int]], out: SchedulerOutput,
+    def _record(self, request: Request, plan: Iterable[tuple[Sample, int]], out: SchedulerOutput,
                 admitted: bool = False) -> int:
         """Append the plan's chunks to the output; returns the tokens they use."""
         used = 0

@@ -34,8 +34,9 @@ ENGINE_EXPIRY_GRACE_S = 10.0
 
 
 @dataclass
-class Reservation:
-    """A lease on blocks for one request's prompt KV; `arrived` resolves when the KV is in."""
+class KVLease:
+    """The decode server's lease on the blocks reserved for one request's prompt KV: it ends at
+    expires_at (the router's lease_ms), unless `arrived` resolves first, when the KV is in."""
 
     request_id: str
     expires_at: float
@@ -49,7 +50,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
     def __init__(self, ctx: WorkerContext, receiver: TCPKVReceiver, queue: QueueBound | None = None):
         self.ctx = ctx
         self.receiver = receiver
-        self.reservations: dict[str, Reservation] = {}
+        self.reservations: dict[str, KVLease] = {}
         self.decoding = RequestIds()  # Decode calls in progress (a second one: ALREADY_EXISTS)
         self.queue = queue or QueueBound(what="decode queue")  # reservations + requests waiting for a slot
 
@@ -85,7 +86,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
         def on_complete(rid: str, error: Exception | None) -> None:  # a receiver thread
             loop.call_soon_threadsafe(_resolve, arrived, error)
 
-        self.reservations[reservation_id] = Reservation(request.request_id, expires_at, arrived,
+        self.reservations[reservation_id] = KVLease(request.request_id, expires_at, arrived,
                                                         request.prompt_tokens)
         self.receiver.expect(reservation_id, list(block_ids), request.prompt_tokens, on_complete)
         return decode_pb2.ReserveResponse(

@@ -6,7 +6,7 @@ import pytest
 
 from pdserve.engine.block_pool import ROOT_HASH, ROOT_UID, BlockPool, FreeBlockQueue, KVBlock, NoFreeBlocksError
 from pdserve.engine.kv_cache_manager import KVCacheManager
-from pdserve.engine.request import Sequence
+from pdserve.engine.request import Sample
 
 BS = 4
 
@@ -16,7 +16,7 @@ def ids(blocks):
 
 
 def seq_with(tokens, seq_id=0):
-    return Sequence(seq_id, 0, list(tokens))
+    return Sample(seq_id, 0, list(tokens))
 
 
 # ---- FreeBlockQueue ----
@@ -236,7 +236,7 @@ def test_copy_on_write_first_writer_copies_last_writer_keeps():
     kv = KVCacheManager(pool, BS)
     parent = seq_with(range(6))  # block 0 full, block 1 holds 2 of 4 tokens
     _computed(kv, parent, 6)
-    children = [Sequence(i, i, parent.prompt_token_ids) for i in (1, 2)]
+    children = [Sample(i, i, parent.prompt_token_ids) for i in (1, 2)]
     kv.fork(parent, children)
     shared_partial = parent.block_table[1]
     assert shared_partial.ref_count == 3 and parent.block_table[0].ref_count == 3

@@ -77,8 +77,8 @@ def _state(engine, request_id) -> str:
     request = engine.requests[request_id]
     if request.status == RequestStatus.WAITING:
         return "queued"
-    carrier = request.carrier
-    if carrier.num_computed_tokens < request.num_prompt_tokens:
+    lead_sample = request.lead_sample
+    if lead_sample.num_computed_tokens < request.num_prompt_tokens:
         return "prefill"
     return "decode"
 

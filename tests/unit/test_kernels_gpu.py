@@ -2,7 +2,7 @@
 (32 query heads over 8 KV heads of 128), bf16, blocks of 16, batch 64 decode over contexts up to
 4k, prefill of 4k tokens with and without a cached prefix, int8/fp8 caches.
 
-Run: `pytest -m gpu tests/test_kernels_gpu.py` (the small-shape kernel tests also run compiled on
+Run: `pytest -m gpu tests/unit/test_kernels_gpu.py` (the small-shape kernel tests also run compiled on
 the GPU when there is one).
 """
 

@@ -7,7 +7,7 @@ import itertools
 from pdserve.engine.block_pool import BlockPool
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.kv_cache_manager import KVCacheManager
-from pdserve.engine.request import Request, RequestStatus, Sequence
+from pdserve.engine.request import Request, RequestStatus, Sample
 from pdserve.engine.scheduler import Scheduler
 from pdserve.models.sampling_params import SamplingParams
 
@@ -31,7 +31,7 @@ class Harness:
         base = 100 * next(self.prompts)  # distinct prompts unless one is given
         prompt = list(prompt) if prompt is not None else [base + i for i in range(prompt_len)]
         params = SamplingParams(max_tokens=max_tokens, n=n, temperature=0.0)
-        samples = [Sequence(next(self.ids), i, prompt) for i in range(n)]
+        samples = [Sample(next(self.ids), i, prompt) for i in range(n)]
         request = Request(rid, prompt, params, 0, self.steps, samples)
         self.scheduler.add(request)
         return request
