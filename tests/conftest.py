@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from helpers.hf_checkpoints import write_hf_checkpoint
+from helpers.paths import REPO_ROOT
+
+# `python -m pytest` puts the working directory first on sys.path; from the checkout's root its
+# kernels/ and models/ folders would then shadow other packages (transformers imports Hugging
+# Face's `kernels`). pdserve itself is imported as the installed `pdserve` package.
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != REPO_ROOT]
 
 # The suite runs many small forwards on a 2-core CI machine: one intra-op thread is several
 # times faster there than torch's default, and leaves a core for the servers tests start.
