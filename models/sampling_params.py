@@ -8,6 +8,11 @@ MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 1024
+# The widest values the wire messages carry (uint32 max_tokens, int32 top_k): a field past
+# them could not be sent on to a worker.
+MAX_MAX_TOKENS = 2**32 - 1
+MAX_TOP_K = 2**31 - 1
 
 
 class SamplingParamsError(ValueError):
@@ -40,9 +45,10 @@ class SamplingParams:
     min_tokens: int = 0
 
     def __post_init__(self) -> None:
+        self._check_sizes()  # before copying the lists: a huge one costs nothing to refuse
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        self.validate()
+        self._check_values()
 
     @property
     def greedy(self) -> bool:
@@ -51,12 +57,27 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise SamplingParamsError naming the first field that is out of range."""
+        self._check_sizes()
+        self._check_values()
+
+    def _check_sizes(self) -> None:
+        """The list fields' lengths, checked before anything walks them (stop and
+        stop_token_ids may still be the caller's sequences, e.g. protobuf repeated fields)."""
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise SamplingParamsError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise SamplingParamsError(f"stop_token_ids has {len(self.stop_token_ids)} ids; "
+                                      f"the limit is {MAX_STOP_TOKEN_IDS}")
+
+    def _check_values(self) -> None:
         bad_stop = next((s for s in self.stop if not 0 < len(s) <= MAX_STOP_STRING_CHARS), None)
         checks = [
             (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (self.max_tokens <= MAX_MAX_TOKENS, f"max_tokens must be at most {MAX_MAX_TOKENS}, got {self.max_tokens}"),
             (0.0 <= self.temperature <= 100.0, f"temperature must be in [0, 100], got {self.temperature}"),
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= -1, f"top_k must be -1, 0 (off) or a positive count, got {self.top_k}"),
+            (self.top_k <= MAX_TOP_K, f"top_k must be at most {MAX_TOP_K}, got {self.top_k}"),
             (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
             (0.0 < self.repetition_penalty <= 10.0,
              f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}"),
@@ -69,7 +90,6 @@ class SamplingParams:
              f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"),
             (0 <= self.min_tokens <= self.max_tokens,
              f"min_tokens must be in [0, max_tokens], got {self.min_tokens} with max_tokens {self.max_tokens}"),
-            (len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}"),
             (bad_stop is None, f"stop strings must be non-empty and at most {MAX_STOP_STRING_CHARS} characters, "
                                f"got one of {len(bad_stop or '')} characters"),
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be >= 0"),

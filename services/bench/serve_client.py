@@ -12,8 +12,7 @@ import grpc
 
 from pdserve.bench.serve_datasets import BenchRequest
 from pdserve.bench.serve_metrics import RequestRecord
-from pdserve.router.worker_clients import CHANNEL_OPTIONS
-from pdserve.runtime.channels import PLAINTEXT, ClientSecurity
+from pdserve.runtime.channels import CHANNEL_OPTIONS, PLAINTEXT, ClientSecurity
 from pdserve.v1 import router_pb2, router_pb2_grpc
 
 

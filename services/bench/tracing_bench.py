@@ -32,7 +32,7 @@ import torch
 
 from pdserve.cli.cluster import LocalCluster
 from pdserve.models.tiny_model import SIZES, make_tiny_model
-from pdserve.router.worker_clients import CHANNEL_OPTIONS
+from pdserve.runtime.channels import CHANNEL_OPTIONS
 from pdserve.v1 import router_pb2, router_pb2_grpc
 
 TARGET = 0.95

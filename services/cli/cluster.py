@@ -16,8 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve.cli.cluster_security import ClusterSecurity
-from pdserve.router.worker_clients import CHANNEL_OPTIONS
-from pdserve.runtime.channels import PLAINTEXT, ClientSecurity
+from pdserve.runtime.channels import CHANNEL_OPTIONS, PLAINTEXT, ClientSecurity
 from pdserve.state.embedded_redis import EmbeddedRedis, free_port
 from pdserve.state.redis_connect import url_has_secret
 

@@ -15,8 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve.cli.flags import add_tls_flags, client_security_from
-from pdserve.router.worker_clients import CHANNEL_OPTIONS
-from pdserve.runtime.channels import PLAINTEXT, ClientSecurity
+from pdserve.runtime.channels import CHANNEL_OPTIONS, PLAINTEXT, ClientSecurity
 from pdserve.runtime.tls import TlsConfigError
 
 

@@ -8,8 +8,7 @@ import grpc
 
 from pdserve.engine.outputs import RequestOutput, SampleOutput
 from pdserve.models.sampling_params import SamplingParams
-from pdserve.router.worker_clients import CHANNEL_OPTIONS
-from pdserve.runtime.channels import PLAINTEXT, ClientSecurity
+from pdserve.runtime.channels import CHANNEL_OPTIONS, PLAINTEXT, ClientSecurity
 from pdserve.v1 import router_pb2, router_pb2_grpc
 
 

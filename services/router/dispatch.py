@@ -69,7 +69,7 @@ class Dispatcher:
         every worker (gRPC metadata and the requests' trace_context fields). resume_from: the
         Redis record as it stands when a resumed request continues."""
         recorder = ProgressRecorder(self.store, state.request_id, prompt_ids, params_record(params), params.seed,
-                                    resume_from=resume_from)
+                                    owner=state.owner, resume_from=resume_from)
         try:
             # aclosing, here and below: a client leaving closes every inner stream now, so the
             # cleanup that aborts the workers runs at once, not when the generators are collected.

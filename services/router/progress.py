@@ -26,21 +26,23 @@ class ProgressRecorder:
     the client's tokens keep flowing while Redis is away, and the record is rewritten whole once
     it answers again.
 
-    prompt_token_ids, params (the dict given to RequestStore.create, with "n") and seed are what
-    a rewrite needs besides the tokens. resume_from: the record as Redis holds it when this
-    recorder continues a request another one started (its tokens count as written).
+    prompt_token_ids, params (the dict given to RequestStore.create, with "n"), seed and owner
+    (the identity the request is bound to) are what a rewrite needs besides the tokens.
+    resume_from: the record as Redis holds it when this recorder continues a request another
+    one started (its tokens count as written).
     close_wait_s: how long close() waits for the last write; after that the writer keeps
     retrying in the background for up to give_up_s, so the stream's end never waits on Redis."""
 
     def __init__(self, store: RequestStore, request_id: str, prompt_token_ids: list[int], params: dict,
-                 seed: int, *, resume_from: RequestRecord | None = None, close_wait_s: float = 2.0,
-                 give_up_s: float = 60.0):
+                 seed: int, *, owner: str = "", resume_from: RequestRecord | None = None,
+                 close_wait_s: float = 2.0, give_up_s: float = 60.0):
         n = int(params.get("n", 1))
         self.store = store
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = dict(params)
         self.seed = seed
+        self.owner = owner
         self.close_wait_s = close_wait_s
         self.give_up_s = give_up_s
         base = resume_from.sent_tokens if resume_from else [[] for _ in range(n)]
@@ -77,7 +79,7 @@ class ProgressRecorder:
     def snapshot(self) -> RequestRecord:
         """The whole request as this recorder knows it (what a rewrite writes)."""
         return RequestRecord(self.request_id, self.prompt_token_ids, self.params, self.seed,
-                             [list(tokens) for tokens in self.sent], list(self.finished))
+                             [list(tokens) for tokens in self.sent], list(self.finished), self.owner)
 
     async def _write_forever(self) -> None:
         loop = asyncio.get_running_loop()

@@ -32,13 +32,15 @@ class SampleProgressState:
 
 @dataclass
 class StreamState:
-    """Per-request relay state: samples' progress, prompt and cached token counts."""
+    """Per-request relay state: samples' progress, prompt and cached token counts, and the
+    identity of the client the request belongs to (pdserve.router.identity)."""
 
     request_id: str
     prompt_tokens: int
     samples: list[SampleProgressState]
     cached_tokens: int = 0
     abort_requested: bool = False
+    owner: str = ""
 
     @property
     def finished(self) -> bool:

@@ -60,7 +60,8 @@ def resumed_state(record: RequestRecord, params: SamplingParams, received: Seque
     # worker can continue); if one has no agreed token, all restart and skip what the client has.
     unfinished = [i for i, f in enumerate(finished_list) if f is None]
     restart = any(min(counts[i], len(record.sent_tokens[i])) == 0 for i in unfinished)
-    state = StreamState(record.request_id, len(record.prompt_token_ids), [SampleProgressState() for _ in counts])
+    state = StreamState(record.request_id, len(record.prompt_token_ids), [SampleProgressState() for _ in counts],
+                        owner=record.owner)
     replay = []
     for index, (have, tokens, finished) in enumerate(zip(counts, record.sent_tokens, finished_list)):
         if have > params.max_tokens:

@@ -7,10 +7,12 @@ import dataclasses
 import uuid
 
 from pdserve.models.config import ModelConfig
-from pdserve.models.sampling_params import MAX_LOGPROBS, MAX_N
+from pdserve.models.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.router.admission import AdmissionControl
 from pdserve.router.dispatch import Dispatcher, params_record
+from pdserve.router.identity import caller_identity
+from pdserve.router.request_limits import check_received_tokens, check_request_id
 from pdserve.router.request_telemetry import RequestTelemetry
 from pdserve.router.responses import SampleProgressState, StreamState
 from pdserve.router.resume import params_from_record, resumed_state
@@ -22,7 +24,6 @@ from pdserve.telemetry.metrics import RouterMetrics
 from pdserve.v1 import router_pb2, router_pb2_grpc
 
 MAX_PROMPT_CHARS = 1_000_000
-MAX_REQUEST_ID_CHARS = 200
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -43,9 +44,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.admission = admission or AdmissionControl()  # bounded calls in flight: RESOURCE_EXHAUSTED beyond
         self.active: dict[str, StreamState] = {}
 
-    def _prompt_ids(self, request: router_pb2.GenerateRequest) -> list[int]:
-        """The request's prompt as token ids, after checking every token id it names (prompt
-        and stop_token_ids) against the vocabulary."""
+    def _prompt_ids(self, request: router_pb2.GenerateRequest, params: SamplingParams) -> list[int]:
+        """The request's prompt as token ids, within the context with params.max_tokens, after
+        checking every token id it names (prompt and stop_token_ids) against the vocabulary. A
+        token-id prompt's length is checked before its ids are read."""
         kind = request.WhichOneof("input")
         if kind == "prompt":
             if not request.prompt:  # else the tokenizer's BOS alone would make it a prompt
@@ -53,14 +55,22 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             _check_text_length("prompt", request.prompt)
             ids = self.tokenizer.encode(request.prompt)
         elif kind == "prompt_token_ids":
+            self._check_context(len(request.prompt_token_ids.ids), params)
             ids = list(request.prompt_token_ids.ids)
             self._check_in_vocab("prompt_token_ids", ids)
         else:
             raise InvalidRequestError("set either prompt or prompt_token_ids")
         if not ids:
             raise InvalidRequestError("the prompt is empty")
-        self._check_in_vocab("sampling.stop_token_ids", request.sampling.stop_token_ids)
+        self._check_context(len(ids), params)
+        self._check_in_vocab("sampling.stop_token_ids", params.stop_token_ids)
         return ids
+
+    def _check_context(self, prompt_tokens: int, params: SamplingParams) -> None:
+        """OUT_OF_RANGE when the prompt plus max_tokens exceeds the model's context."""
+        if prompt_tokens + params.max_tokens > self.max_model_len:
+            raise PromptTooLongError(f"prompt ({prompt_tokens} tokens) + max_tokens ({params.max_tokens}) "
+                                     f"exceeds the model's context of {self.max_model_len} tokens")
 
     def _check_in_vocab(self, field: str, ids) -> None:
         vocab_size = self.model_config.vocab_size
@@ -77,7 +87,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         try:
             # aclosing: a client leaving early closes the inner stream now (its cleanup aborts).
             with self.admission.admit(), self.lifecycle.track():
-                async with contextlib.aclosing(self._generate(request, telemetry)) as responses:
+                stream = self._generate(request, caller_identity(context), telemetry)
+                async with contextlib.aclosing(stream) as responses:
                     async for response in responses:
                         telemetry.observe(response)
                         yield response
@@ -87,14 +98,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         finally:
             telemetry.end(error)
 
-    async def _generate(self, request: router_pb2.GenerateRequest, telemetry: RequestTelemetry):
-        if len(request.request_id) > MAX_REQUEST_ID_CHARS:  # room for the workers' attempt suffixes
-            raise InvalidRequestError(f"request_id has {len(request.request_id)} characters; "
-                                      f"the limit is {MAX_REQUEST_ID_CHARS}")
+    async def _generate(self, request: router_pb2.GenerateRequest, owner: str, telemetry: RequestTelemetry):
+        check_request_id(request.request_id)
         if request.resume:
-            state, prompt_ids, params, record, replay = await self._resumed(request)
+            state, prompt_ids, params, record, replay = await self._resumed(request, owner)
         else:
-            state, prompt_ids, params = await self._created(request)
+            state, prompt_ids, params = await self._created(request, owner)
             record, replay = None, []
         request_id = state.request_id
         self.active[request_id] = state
@@ -109,30 +118,31 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         finally:
             self.active.pop(request_id, None)
 
-    async def _created(self, request: router_pb2.GenerateRequest):
-        """Validate a new request and record it in Redis: (state, prompt ids, params)."""
-        prompt_ids = self._prompt_ids(request)
+    async def _created(self, request: router_pb2.GenerateRequest, owner: str):
+        """Validate a new request and record it in Redis, bound to `owner`: (state, prompt ids,
+        params). Every size the client chose is checked before tokenizing or Redis."""
         params = with_resolved_seed(sampling_params_from_proto(request.sampling if request.HasField("sampling") else None))
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise PromptTooLongError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
-                                     f"exceeds the model's context of {self.max_model_len} tokens")
+        prompt_ids = self._prompt_ids(request, params)
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self.active or not await self.dispatcher.store.create(
-                request_id, prompt_ids, params_record(params), params.seed):
+                request_id, prompt_ids, params_record(params), params.seed, owner):
             raise AlreadyExistsError(f"request_id {request_id!r} is already in use (resume it with resume=true)")
-        return StreamState(request_id, len(prompt_ids), [SampleProgressState() for _ in range(params.n)]), \
-            prompt_ids, params
+        state = StreamState(request_id, len(prompt_ids), [SampleProgressState() for _ in range(params.n)], owner=owner)
+        return state, prompt_ids, params
 
-    async def _resumed(self, request: router_pb2.GenerateRequest):
+    async def _resumed(self, request: router_pb2.GenerateRequest, owner: str):
         """A reconnecting client's request from its Redis record: (state, prompt ids, params,
-        the record as rewritten, responses to send before the continuation)."""
+        the record as rewritten, responses to send before the continuation). A request another
+        identity made is NOT_FOUND, exactly like an unknown one."""
         request_id = request.request_id
         if not request_id:
             raise InvalidRequestError("resume needs the request_id of the request to resume")
-        if request_id in self.active:
+        check_received_tokens(len(request.received_tokens))
+        active = self.active.get(request_id)
+        if active is not None and active.owner == owner:
             raise AlreadyExistsError(f"request_id {request_id!r} is still streaming on this router")
         record = await self.dispatcher.store.get(request_id)
-        if record is None:
+        if record is None or record.owner != owner:
             raise NotFoundError(f"no record of request_id {request_id!r} (never started, or expired)")
         params = params_from_record(record)
         state, replay = resumed_state(record, params, list(request.received_tokens), self.tokenizer)
@@ -147,9 +157,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     @map_errors
     async def Abort(self, request: router_pb2.AbortRequest, context) -> router_pb2.AbortResponse:
-        """Abort a running request by id (its stream ends with finish_reason "abort")."""
+        """Abort a running request by id (its stream ends with finish_reason "abort"). Only the
+        identity that made it may: for any other the answer is found=false, as for an unknown id."""
+        check_request_id(request.request_id)
         state = self.active.get(request.request_id)
-        if state is None:
+        if state is None or state.owner != caller_identity(context):
             return router_pb2.AbortResponse(found=False)
         await self.dispatcher.abort(state)
         return router_pb2.AbortResponse(found=True)

@@ -6,17 +6,8 @@ import asyncio
 
 import grpc
 
-from pdserve.runtime.channels import PLAINTEXT, ClientSecurity
+from pdserve.runtime.channels import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, PLAINTEXT, ClientSecurity  # noqa: F401 (re-exported)
 from pdserve.v1 import colocated_pb2_grpc, decode_pb2_grpc, prefill_pb2_grpc, worker_pb2, worker_pb2_grpc
-
-MAX_MESSAGE_BYTES = 64 * 2**20
-CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
-                   # A worker restarted at the same address is reachable again within a second or two
-                   # (gRPC's default reconnect backoff grows to minutes).
-                   ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.min_reconnect_backoff_ms", 500),
-                   ("grpc.max_reconnect_backoff_ms", 2_000)]
 
 
 class WorkerClients:

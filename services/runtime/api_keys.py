@@ -3,18 +3,29 @@ added by client interceptors.
 
 The server checks only the services it protects (the public Router API); grpc.health.v1 and
 server reflection stay open so that load balancers and probes work without a key. Keys are
-compared in constant time, and every configured key is compared on every call.
+compared in constant time, and every configured key is compared on every call. Within a call it
+accepted, authenticated_key_identity() names the key (a hash of it, never the key), so the
+servicer can bind what the call creates to whoever made it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import hmac
+import inspect
 from collections.abc import Iterable
 
 import grpc
 
 AUTHORIZATION = "authorization"
+_IDENTITY_DOMAIN = b"pdserve api key identity\0"
+
+# Set by the interceptor inside each call it accepted; grpc.aio runs every call in its own
+# task with a copy of the context, so one call's key never shows in another.
+_key_identity: contextvars.ContextVar[str | None] = contextvars.ContextVar("pdserve_api_key_identity",
+                                                                          default=None)
 
 
 def parse_api_keys(raw: str | None) -> tuple[str, ...]:
@@ -33,12 +44,28 @@ class ApiKeyChecker:
 
     def accepts(self, authorization: str | None) -> bool:
         """Whether the `authorization` header value carries an accepted key."""
-        scheme, _, token = (authorization or "").partition(" ")
-        digest = hashlib.sha256(token.strip().encode()).digest()
+        scheme = (authorization or "").partition(" ")[0]
+        digest = hashlib.sha256(_bearer_token(authorization).encode()).digest()
         matched = False
         for key in self._digests:
             matched |= hmac.compare_digest(digest, key)
         return matched and scheme.lower() == "bearer"
+
+
+def key_identity(key: str) -> str:
+    """A stable name for an API key that does not reveal it: "key:" and 32 hex digits of a
+    domain-separated SHA-256 (what request records store)."""
+    return "key:" + hashlib.sha256(_IDENTITY_DOMAIN + key.encode()).hexdigest()[:32]
+
+
+def authenticated_key_identity() -> str | None:
+    """key_identity of the API key the running call was accepted with; None when no
+    ApiKeyInterceptor checked the call (a deployment without keys)."""
+    return _key_identity.get()
+
+
+def _bearer_token(authorization: str | None) -> str:
+    return (authorization or "").partition(" ")[2].strip()
 
 
 def _header(metadata) -> str | None:
@@ -48,17 +75,50 @@ def _header(metadata) -> str | None:
     return None
 
 
+# (request streaming, response streaming) -> the handler's behavior attribute and its constructor
+_KINDS = {(False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+          (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+          (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+          (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler)}
+
+
+def _same_kind(handler: grpc.RpcMethodHandler, behavior) -> grpc.RpcMethodHandler:
+    """A handler of the same kind and (de)serializers as `handler` running `behavior`."""
+    make = _KINDS[(handler.request_streaming, handler.response_streaming)][1]
+    return make(behavior, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
 def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same kind as `handler` that ends the call with UNAUTHENTICATED."""
 
     async def refuse(_request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
-             (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
-    make = kinds[(handler.request_streaming, handler.response_streaming)]
-    return make(refuse, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+    return _same_kind(handler, refuse)
+
+
+def _with_identity(handler: grpc.RpcMethodHandler, identity: str) -> grpc.RpcMethodHandler:
+    """`handler`, its behavior run after setting the call's key identity."""
+    behavior = getattr(handler, _KINDS[(handler.request_streaming, handler.response_streaming)][0])
+    if inspect.isasyncgenfunction(behavior):
+        async def streaming(request, context):
+            _key_identity.set(identity)
+            # aclosing: a call that ends early runs the method's cleanup now, not at collection.
+            async with contextlib.aclosing(behavior(request, context)) as responses:
+                async for response in responses:
+                    yield response
+        return _same_kind(handler, streaming)
+    if inspect.iscoroutinefunction(behavior):
+        async def unary(request, context):
+            _key_identity.set(identity)
+            return await behavior(request, context)
+        return _same_kind(handler, unary)
+
+    def synchronous(request, context):
+        _key_identity.set(identity)
+        return behavior(request, context)
+    return _same_kind(handler, synchronous)
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
@@ -77,7 +137,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             return handler
         header = _header(handler_call_details.invocation_metadata)
         if self.checker.accepts(header):
-            return handler
+            return _with_identity(handler, key_identity(_bearer_token(header)))
         reason = "no API key was sent" if header is None else "the API key is not valid"
         return _refusal(handler, f"{reason}: send gRPC metadata 'authorization: Bearer <key>' "
                                  "with a key the router accepts (--api-key)")

@@ -14,6 +14,16 @@ from pdserve.runtime.tls import TlsConfig
 
 ChannelOptions = Sequence[tuple[str, object]]
 
+MAX_MESSAGE_BYTES = 64 * 2**20
+# The options of every channel between pdserve processes (and of the servers' side, runtime/server.py).
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+                   # A worker restarted at the same address is reachable again within a second or two
+                   # (gRPC's default reconnect backoff grows to minutes).
+                   ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.min_reconnect_backoff_ms", 500),
+                   ("grpc.max_reconnect_backoff_ms", 2_000)]
+
 
 @dataclass(frozen=True)
 class ClientSecurity:

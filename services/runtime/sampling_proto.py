@@ -27,14 +27,16 @@ _OPTIONAL_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty",
 def sampling_params_from_proto(message: router_pb2.SamplingParams | None) -> SamplingParams:
     """Validated SamplingParams from the public message; unset optional fields take the
     defaults (max_tokens 16, temperature 1.0, top_p 1.0, top_k off, n 1, no logprobs, seed
-    None). Raises SamplingParamsError (INVALID_ARGUMENT) naming an out-of-range field."""
+    None). Raises SamplingParamsError (INVALID_ARGUMENT) naming an out-of-range field; the
+    lists' lengths are checked first, so an oversized message is refused without walking it."""
     if message is None:
         return SamplingParams()
     fields: dict = {name: getattr(message, name) for name in _OPTIONAL_FIELDS
                     if message.HasField(name)}
     fields.update((name, _from_float32(getattr(message, name))) for name in _OPTIONAL_FLOAT_FIELDS
                   if message.HasField(name))
-    return SamplingParams(stop=tuple(message.stop), stop_token_ids=tuple(message.stop_token_ids),
+    # The repeated fields go in as they are: SamplingParams checks their lengths before copying.
+    return SamplingParams(stop=message.stop, stop_token_ids=message.stop_token_ids,
                           ignore_eos=message.ignore_eos, **fields)
 
 
@@ -69,7 +71,7 @@ def sampling_params_from_engine_proto(message: worker_pb2.EngineSamplingParams) 
         max_tokens=message.max_tokens, temperature=message.temperature, top_p=message.top_p,
         top_k=message.top_k, min_p=message.min_p, repetition_penalty=message.repetition_penalty,
         presence_penalty=message.presence_penalty, frequency_penalty=message.frequency_penalty,
-        seed=message.seed, stop=tuple(message.stop), stop_token_ids=tuple(message.stop_token_ids),
+        seed=message.seed, stop=message.stop, stop_token_ids=message.stop_token_ids,
         ignore_eos=message.ignore_eos, n=message.n, min_tokens=message.min_tokens,
         logprobs=message.top_logprobs if message.return_logprobs else None)
 

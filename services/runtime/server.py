@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health
 
-from pdserve.router.worker_clients import CHANNEL_OPTIONS
+from pdserve.runtime.channels import CHANNEL_OPTIONS
 from pdserve.runtime.health import add_health_and_reflection
 from pdserve.runtime.lifecycle import Lifecycle, ShutdownSignals
 from pdserve.runtime.malformed import MalformedRequestInterceptor
 from pdserve.runtime.tls import TlsConfig
+from pdserve.telemetry.logs import configure_logging
 
 # Clients ping every 10 s to find dead peers (CHANNEL_OPTIONS); the server must accept those
 # pings during a long call that sends no data (a slow prefill) instead of closing the connection
@@ -97,7 +98,8 @@ async def wait_for_shutdown_signal() -> None:
 
 def run_server(main: Callable[[], Awaitable[None]]) -> int:
     """Run an async server main on uvloop (asyncio's loop where uvloop is missing)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Escaped text lines from the first one on; the role's telemetry settings may replace this.
+    configure_logging("pdserve")
     try:
         import uvloop
 

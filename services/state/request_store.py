@@ -2,7 +2,7 @@
 the client, so a request can be resumed elsewhere. Every key carries a TTL, set in the same
 atomic step that creates the key.
 
-Keys: `{prefix}:req:{id}` (hash: prompt, params, seed, n, finished:{i}) and
+Keys: `{prefix}:req:{id}` (hash: prompt, params, seed, n, owner, finished:{i}) and
 `{prefix}:req:{id}:tokens:{i}` (list: the tokens of sample i sent so far)."""
 
 from __future__ import annotations
@@ -66,7 +66,9 @@ _PUSH_CHUNK = 1000  # tokens per RPUSH: Lua's unpack and huge commands both have
 @dataclass
 class RequestRecord:
     """What Redis holds for one request. sent_tokens[i] are the tokens of sample i already
-    streamed to the client; finished[i] is its finish reason, or None."""
+    streamed to the client; finished[i] is its finish reason, or None. owner: the identity of
+    the client that made it (pdserve.router.identity: a hash, or "" in an open deployment);
+    only that identity may resume it."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -74,11 +76,12 @@ class RequestRecord:
     seed: int
     sent_tokens: list[list[int]]
     finished: list[str | None]
+    owner: str = ""
 
 
-def _record_fields(prompt_token_ids: list[int], params: dict, seed: int) -> dict[str, str]:
+def _record_fields(prompt_token_ids: list[int], params: dict, seed: int, owner: str) -> dict[str, str]:
     return {"prompt": json.dumps(prompt_token_ids), "params": json.dumps(params),
-            "seed": str(seed), "n": str(params.get("n", 1))}
+            "seed": str(seed), "n": str(params.get("n", 1)), "owner": owner}
 
 
 class RequestStore:
@@ -100,10 +103,11 @@ class RequestStore:
     def _tokens_key(self, request_id: str, index: int) -> str:
         return f"{self.prefix}:req:{request_id}:tokens:{index}"
 
-    async def create(self, request_id: str, prompt_token_ids: list[int], params: dict, seed: int) -> bool:
-        """Record a new request; False if one with this id is already recorded. Waits for an
-        unreachable Redis up to `wait`, then raises UnavailableError."""
-        fields = _record_fields(prompt_token_ids, params, seed)
+    async def create(self, request_id: str, prompt_token_ids: list[int], params: dict, seed: int,
+                     owner: str = "") -> bool:
+        """Record a new request made by `owner`; False if one with this id is already recorded.
+        Waits for an unreachable Redis up to `wait`, then raises UnavailableError."""
+        fields = _record_fields(prompt_token_ids, params, seed, owner)
         flat = [item for pair in fields.items() for item in pair]
         nonce = uuid.uuid4().hex
         return bool(await self.wait.call(
@@ -139,7 +143,7 @@ class RequestStore:
         Redis lost them, or when they diverged). Safe to repeat. Raises on a Redis error."""
         key = self._key(record.request_id)
         token_keys = [self._tokens_key(record.request_id, i) for i in range(len(record.sent_tokens))]
-        fields = _record_fields(record.prompt_token_ids, record.params, record.seed)
+        fields = _record_fields(record.prompt_token_ids, record.params, record.seed, record.owner)
         fields.update({f"finished:{i}": r for i, r in enumerate(record.finished) if r})
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(key, *token_keys)
@@ -169,7 +173,7 @@ class RequestStore:
         tokens = [[int(t) for t in values] for values in lists]
         finished = [raw.get(f"finished:{i}".encode(), b"").decode() or None for i in range(n)]
         return RequestRecord(request_id, json.loads(raw[b"prompt"]), json.loads(raw[b"params"]),
-                             int(raw[b"seed"]), tokens, finished)
+                             int(raw[b"seed"]), tokens, finished, raw.get(b"owner", b"").decode())
 
     async def delete(self, request_id: str, n: int = 1) -> None:
         """Drop the record and its token lists."""

@@ -3,6 +3,11 @@ the request id and the trace/span ids of the request it belongs to.
 
 A servicer calls bind_request(request_id, span) at the start of an RPC. grpc.aio runs every
 RPC in its own task with a copy of the context, so the binding stays with that RPC.
+
+Text that came from a client (a request id, a prompt in an error message) must not forge log
+lines: the text format writes control characters as backslash escapes (a newline as the two
+characters backslash and n) and indents the lines of a traceback, so a line that starts at
+column 0 always starts a record. JSON lines escape them by themselves.
 """
 
 from __future__ import annotations
@@ -42,6 +47,49 @@ class RequestContextFilter(logging.Filter):
         return True
 
 
+def _escapes() -> dict[int, str]:
+    """str.translate table: C0 and C1 controls, DEL and the Unicode line and paragraph
+    separators (some viewers break lines there) to backslash escapes."""
+    codes = [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
+    table = {code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" for code in codes}
+    table.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+    return table
+
+
+_ESCAPES = _escapes()
+TRACEBACK_INDENT = "    "
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every control character written as a backslash escape (one line)."""
+    return text.translate(_ESCAPES)
+
+
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT lines, one per record: the line (message, its arguments, the request suffix)
+    with control characters escaped; a traceback follows on lines indented by TRACEBACK_INDENT,
+    each escaped the same way."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The record's line, escaped."""
+        return escape_controls(super().formatMessage(record))
+
+    def formatException(self, ei) -> str:
+        """The traceback, each line escaped and indented."""
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        """The stack, each line escaped and indented."""
+        return _indented(super().formatStack(stack_info))
+
+
+def _indented(text: str) -> str:
+    return "\n".join(TRACEBACK_INDENT + escape_controls(line) for line in text.splitlines())
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: time, level, logger, message, service, and the request,
     trace and span ids when bound (keys left out when unknown)."""
@@ -70,7 +118,7 @@ def configure_logging(service: str, json_lines: bool = False, level: str = "INFO
         raise ValueError(f"--log-level {level!r} is not a logging level (DEBUG, INFO, WARNING, ERROR)")
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestContextFilter())
-    handler.setFormatter(JsonFormatter(service) if json_lines else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter(service) if json_lines else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

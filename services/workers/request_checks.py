@@ -11,6 +11,7 @@ NOT_FOUND, IncompatiblePeerError -> FAILED_PRECONDITION, UnavailableError -> UNA
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 from pdserve.engine.prefilled import check_progress, first_token_params
@@ -30,13 +31,22 @@ MAX_LEASE_MS = 600_000  # a reservation may hold its blocks at most 10 minutes w
 MAX_REQUEST_ID_CHARS = 243  # reservation ids ("<request_id>/<12 hex>") must fit the KV receiver's 256
 
 
+# Printable ASCII without space: the router's ids (pdserve.router.request_limits) and the
+# attempt ids it derives from them ("<id>~<8 hex>"), and nothing that could end a log line.
+_REQUEST_ID = re.compile(r"[\x21-\x7e]+")
+
+
 def check_request_id(request_id: str) -> None:
-    """INVALID_ARGUMENT unless request_id is a non-empty id of at most MAX_REQUEST_ID_CHARS."""
+    """INVALID_ARGUMENT unless request_id is a non-empty id of at most MAX_REQUEST_ID_CHARS
+    printable ASCII characters other than space."""
     if not request_id:
         raise InvalidRequestError("request_id is required")
     if len(request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidRequestError(f"request_id has {len(request_id)} characters; "
                                   f"the limit is {MAX_REQUEST_ID_CHARS}")
+    if _REQUEST_ID.fullmatch(request_id) is None:
+        raise InvalidRequestError(f"request_id {request_id!r} holds a character other than printable "
+                                  "ASCII without space")
 
 
 def check_reserve(request, engine) -> None:

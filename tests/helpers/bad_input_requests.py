@@ -31,6 +31,12 @@ from pdserve.v1 import (
 Code = grpc.StatusCode
 SP = router_pb2.SamplingParams
 TOKENS = [5, 6, 7, 8, 9]
+HUGE_LIST = 5_000_000  # the adversarial probe's stop_token_ids: a 17 MB Redis record before the limit
+# What a request id would make of the router's log, were it written raw: a line of its own.
+FORGED_LOG_LINE = "2030-01-01 00:00:00,000 pdserve.router INFO FORGED"
+LOG_FORGING_IDS = {"newline": f"ok\n{FORGED_LOG_LINE}", "carriage-return": f"ok\r{FORGED_LOG_LINE}",
+                   "crlf": f"ok\r\n{FORGED_LOG_LINE}", "escape-sequence": f"ok\x1b[2K\r{FORGED_LOG_LINE}",
+                   "next-line": f"ok\x85{FORGED_LOG_LINE}", "line-separator": f"ok\u2028{FORGED_LOG_LINE}"}
 
 
 @dataclass
@@ -91,6 +97,16 @@ def generate(sampling: SP | None = None, **fields_) -> router_pb2.GenerateReques
 
 def token_ids(ids) -> router_pb2.TokenIds:
     return router_pb2.TokenIds(ids=ids)
+
+
+async def huge_stop_token_ids(env: Env) -> router_pb2.GenerateRequest:
+    """HUGE_LIST stop token ids (built when the case runs, not at collection)."""
+    return generate(SP(stop_token_ids=[7] * HUGE_LIST), request_id="huge-stop-token-ids")
+
+
+async def huge_token_prompt(env: Env) -> router_pb2.GenerateRequest:
+    """A prompt of HUGE_LIST token ids, each inside the vocabulary."""
+    return generate(prompt_token_ids=token_ids([7] * HUGE_LIST), request_id="huge-token-prompt")
 
 
 def sample(index: int = 0, tokens=(3,)) -> worker_pb2.SampleProgress:

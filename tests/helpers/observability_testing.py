@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from pdserve.router.worker_clients import CHANNEL_OPTIONS
-from pdserve.runtime.channels import PLAINTEXT, ClientSecurity
+from pdserve.runtime.channels import CHANNEL_OPTIONS, PLAINTEXT, ClientSecurity
 from pdserve.v1 import router_pb2, router_pb2_grpc
 
 

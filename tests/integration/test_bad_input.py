@@ -8,12 +8,17 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import uuid
 from dataclasses import dataclass
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
 
 from helpers.bad_input_requests import (
+    FORGED_LOG_LINE,
+    HUGE_LIST,
+    LOG_FORGING_IDS,
     TOKENS,
     Env,
     decode_of_other_request,
@@ -22,6 +27,8 @@ from helpers.bad_input_requests import (
     duplicate_request_id,
     engine_params,
     generate,
+    huge_stop_token_ids,
+    huge_token_prompt,
     prefill,
     prefill_duplicate_request_id,
     prefill_incompatible_layout,
@@ -106,7 +113,15 @@ CASES = [
             "larger than max"),
     _router("duplicate-request-id", duplicate_request_id, Code.ALREADY_EXISTS, "request_id 'dup-id' is already in use"),
     _router("request-id-too-long", generate(request_id="r" * 1000), Code.INVALID_ARGUMENT,
-            "request_id has 1000 characters; the limit is"),
+            "request_id has 1000 characters; the limit is 200"),
+    *[_router(f"request-id-with-{name}", generate(request_id=request_id), Code.INVALID_ARGUMENT,
+              "request_id may hold only letters, digits and") for name, request_id in [
+        *LOG_FORGING_IDS.items(), ("space", "a b"), ("nul", "a\x00b"), ("non-ascii", "café"),
+        ("redis-key-separator", "x:tokens:0"), ("attempt-separator", "x~0123abcd")]],
+    _router("prompt_token_ids-5-million", huge_token_prompt, Code.OUT_OF_RANGE,
+            f"prompt ({HUGE_LIST} tokens) + max_tokens (16) exceeds the model's context of {MAX_MODEL_LEN}"),
+    _router("resume-received_tokens-beyond-max-n", generate(request_id="any", resume=True, received_tokens=[0] * 17),
+            Code.INVALID_ARGUMENT, "received_tokens has 17 entries; a request has at most 16 samples"),
     _router("n-times-max-tokens-exceeds-kv-pool",
             generate(SP(n=16, max_tokens=200), prompt_token_ids=token_ids([5] * 16)),
             Code.OUT_OF_RANGE, "KV blocks but this server has"),
@@ -134,9 +149,15 @@ CASES = [
               "stop strings must be non-empty and at most 256 characters, got one of 257 characters"),
     _sampling("stop_token_ids-outside-vocab", SP(stop_token_ids=[VOCAB_SIZE]),
               f"sampling.stop_token_ids holds {VOCAB_SIZE}, outside the vocabulary"),
+    _sampling("stop_token_ids-1025", SP(stop_token_ids=[7] * 1025), "stop_token_ids has 1025 ids; the limit is 1024"),
+    _router("stop_token_ids-5-million", huge_stop_token_ids, Code.INVALID_ARGUMENT,
+            f"stop_token_ids has {HUGE_LIST} ids; the limit is 1024"),
     # Router: other RPCs, and bytes that are no protobuf message
     Case("abort-unknown-id", "router", "Abort", router_pb2.AbortRequest(request_id="never-ran"), Code.OK,
          reply=router_pb2.AbortResponse(found=False)),
+    Case("abort-request-id-with-newline", "router", "Abort",
+         router_pb2.AbortRequest(request_id=LOG_FORGING_IDS["newline"]), Code.INVALID_ARGUMENT,
+         "request_id may hold only letters, digits and"),
     Case("tokenize-huge-text", "router", "Tokenize", router_pb2.TokenizeRequest(text="hello " * 200_000),
          Code.OUT_OF_RANGE, f"text has 1200000 characters; the limit is {MAX_PROMPT_CHARS}"),
     Case("generate-undecodable-bytes", "router", "Generate", b"\x0a\x05ab", Code.INVALID_ARGUMENT,
@@ -289,3 +310,77 @@ def test_after_the_table_the_cluster_serves_the_same_tokens_and_holds_no_block(c
     assert_all_alive(cluster)
     assert reference_tokens(cluster.router_address, cluster.client_security()) == reference, log_tails(cluster)
     assert all(load.num_blocks_total > 0 for load in loads.values())
+
+
+# ----- refusals that must leave no trace -----------------------------------------------------
+
+async def _generate_status(env: Env, request: router_pb2.GenerateRequest) -> tuple[grpc.StatusCode, str]:
+    """The status a Generate ends with (OK once its stream is read to the end)."""
+    call = router_pb2_grpc.RouterStub(env.channel(env.router)).Generate(request, timeout=CALL_DEADLINE_S)
+    try:
+        async for _ in call:
+            pass
+    except grpc.aio.AioRpcError as error:
+        return error.code(), error.details() or ""
+    return Code.OK, ""
+
+
+def test_oversized_lists_are_refused_before_anything_reaches_redis(cluster):
+    cluster = cluster[0]
+    recorded = f"recorded-{uuid.uuid4().hex}"
+    refused = {f"huge-stops-{uuid.uuid4().hex}": generate(SP(stop_token_ids=[7] * HUGE_LIST)),
+               f"huge-prompt-{uuid.uuid4().hex}": generate(prompt_token_ids=token_ids([7] * HUGE_LIST))}
+
+    async def scenario():
+        env = _env(cluster)
+        try:
+            statuses = {}
+            for request_id, request in refused.items():
+                request.request_id = request_id
+                statuses[request_id] = await _generate_status(env, request)
+            ok = await _generate_status(env, generate(SP(max_tokens=2), request_id=recorded))
+        finally:
+            for channel in env.channels:
+                await channel.close()
+        client = aioredis.from_url(cluster.redis_url)
+        try:
+            stored = {rid: await client.exists(f"{cluster.prefix}:req:{rid}") for rid in [recorded, *refused]}
+        finally:
+            await client.aclose()
+        return statuses, ok, stored
+
+    statuses, ok, stored = asyncio.run(scenario())
+    assert [code for code, _ in statuses.values()] == [Code.INVALID_ARGUMENT, Code.OUT_OF_RANGE], statuses
+    assert ok == (Code.OK, "")
+    assert stored == {recorded: 1, **{rid: 0 for rid in refused}}  # the control shows where a record would be
+
+
+def test_request_ids_that_would_forge_log_lines_are_refused_and_never_logged(cluster):
+    cluster = cluster[0]
+    after = f"after-forgery-{uuid.uuid4().hex}"
+
+    async def scenario():
+        env = _env(cluster)
+        try:
+            codes = [(await _generate_status(env, generate(SP(max_tokens=2), request_id=rid)))[0]
+                     for rid in LOG_FORGING_IDS.values()]
+            stub = router_pb2_grpc.RouterStub(env.channel(env.router))
+            for rid in LOG_FORGING_IDS.values():
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await stub.Abort(router_pb2.AbortRequest(request_id=rid), timeout=CALL_DEADLINE_S)
+                codes.append(error.value.code())
+            ok = await _generate_status(env, generate(SP(max_tokens=2), request_id=after))
+        finally:
+            for channel in env.channels:
+                await channel.close()
+        return codes, ok
+
+    codes, ok = asyncio.run(scenario())
+    assert set(codes) == {Code.INVALID_ARGUMENT} and ok == (Code.OK, "")
+    log_path = next(p.log_path for p in cluster.processes if p.role == "router")
+    deadline = time.monotonic() + 10
+    while f"request {after} finished" not in (log := log_path.read_text(errors="replace")):
+        assert time.monotonic() < deadline, f"the router never logged {after}: {log[-3000:]}"
+        time.sleep(0.1)
+    lines = log.splitlines()  # also splits at \r, \x85 and \u2028, as some log viewers do
+    assert not any(line.startswith(FORGED_LOG_LINE) for line in lines), log[-3000:]

@@ -22,6 +22,7 @@ from pdserve.router.attempt import _progress_of
 from pdserve.router.dispatch import params_record
 from pdserve.router.responses import responses_for
 from pdserve.router.resume import released_text, resumed_state
+from pdserve.runtime.api_keys import key_identity
 from pdserve.runtime.sampling_proto import sampling_params_from_proto, with_resolved_seed
 from pdserve.state.request_store import RequestRecord, RequestStore
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2
@@ -195,7 +196,9 @@ async def _seed_record(cluster, request_id: str, sampling: router_pb2.SamplingPa
     client = aioredis.from_url(cluster.redis_url)
     try:
         store = RequestStore(client, prefix=cluster.prefix)
-        assert await store.create(request_id, PROMPT, params_record(params), params.seed)
+        # A secured cluster's router records the API key's identity as the request's owner.
+        owner = key_identity(cluster.security.api_key) if cluster.security else ""
+        assert await store.create(request_id, PROMPT, params_record(params), params.seed, owner=owner)
         tokens = {i: t for i, t in enumerate(progress) if t}
         if tokens:
             assert await store.record_progress(request_id, tokens, {}, n=params.n)

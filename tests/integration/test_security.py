@@ -1,7 +1,8 @@
 """The cluster with security on, as real processes: mutual TLS on every gRPC server and channel and
-on the KV transfer port, an API key on the router (the OpenAI front end sends it), a KV transfer
+on the KV transfer port, API keys on the router (the OpenAI front end sends one), a KV transfer
 token, and a password on Redis. Generation works end to end; unauthenticated clients, workers'
-callers and KV senders are refused; everything keeps serving after the refusals."""
+callers and KV senders are refused; a request is bound to the key that made it (another key can
+neither abort nor resume it); everything keeps serving after the refusals."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import grpc
@@ -33,6 +35,7 @@ from pdserve.runtime.tls import TlsConfig
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 API_KEY = "sk-router-7f3a"
+OTHER_KEY = "sk-router-b41e"  # a second client's key: it may not touch API_KEY's requests
 KV_TOKEN = "kv-token-91c2"
 REDIS_PASSWORD = "redis-pass-5e1d"
 MAX_TOKENS = 8
@@ -59,7 +62,8 @@ def model_dir(tmp_path_factory):
 def cluster(model_dir, pki):
     security = ClusterSecurity(pki.ca_file, pki.cert_file, pki.key_file, api_key=API_KEY,
                                kv_auth_token=KV_TOKEN, redis_password=REDIS_PASSWORD)
-    with LocalCluster(model_dir, prefill=1, decode=1, openai=True, security=security) as c:
+    with LocalCluster(model_dir, prefill=1, decode=1, openai=True, security=security,
+                      role_env={"router": {"PDSERVE_API_KEY": f"{API_KEY},{OTHER_KEY}"}}) as c:
         yield c
 
 
@@ -236,3 +240,57 @@ def test_secrets_stay_off_command_lines_and_redis_requires_the_password(cluster,
     assert f"Redis at redis://:***@127.0.0.1:{cluster.redis.port}/0 refused this process's credentials" \
         in result.stderr, result.stderr[-2000:]
     assert "not-the-password" not in result.stderr + result.stdout
+
+
+def test_a_request_is_bound_to_the_api_key_that_made_it(cluster, pki):
+    """Key B cannot abort or resume key A's request: it gets what an unknown id gets (found=false,
+    NOT_FOUND with the same details). Key A can do both."""
+    request_id = f"bound-{uuid.uuid4().hex}"
+    unknown_id = f"unknown-{uuid.uuid4().hex}"
+
+    async def resume_error(stub, rid: str) -> grpc.aio.AioRpcError:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stream_all(stub.Generate(router_pb2.GenerateRequest(request_id=rid, resume=True), timeout=30))
+        return error.value
+
+    async def scenario():
+        async with cluster.aio_channel(cluster.router_address) as a_channel, \
+                ClientSecurity(_tls(pki), OTHER_KEY).aio_channel(cluster.router_address, CHANNEL_OPTIONS) as b_channel:
+            a, b = router_pb2_grpc.RouterStub(a_channel), router_pb2_grpc.RouterStub(b_channel)
+            call = a.Generate(router_pb2.GenerateRequest(
+                request_id=request_id, prompt="a long story " * 10,
+                sampling=router_pb2.SamplingParams(max_tokens=2000, ignore_eos=True)), timeout=120)
+            await call.read()  # streaming now
+            b_abort = await b.Abort(router_pb2.AbortRequest(request_id=request_id), timeout=10)
+            b_resume, b_unknown = await resume_error(b, request_id), await resume_error(b, unknown_id)
+            still_streaming = (await call.read()).HasField("chunk")
+            a_abort = await a.Abort(router_pb2.AbortRequest(request_id=request_id), timeout=10)
+            ended = await read_rest(call)
+            # The finished request stays recorded: its owner may resume it (and is replayed its
+            # tokens and completion); the other key still may not.
+            a_resumed = await stream_all(a.Generate(router_pb2.GenerateRequest(
+                request_id=request_id, resume=True), timeout=30))
+            b_after = await resume_error(b, request_id)
+            return b_abort, b_resume, b_unknown, still_streaming, a_abort, ended, a_resumed, b_after
+
+    b_abort, b_resume, b_unknown, still_streaming, a_abort, ended, a_resumed, b_after = asyncio.run(scenario())
+    assert b_abort.found is False and still_streaming
+    for refused in (b_resume, b_after):
+        assert refused.code() == b_unknown.code() == grpc.StatusCode.NOT_FOUND
+        assert refused.details() == b_unknown.details().replace(unknown_id, request_id)
+    assert a_abort.found is True
+    assert [r.complete.finish_reason for r in ended if r.HasField("complete")] == ["abort"]
+    assert [r.complete.finish_reason for r in a_resumed if r.HasField("complete")] == ["abort"]
+
+
+async def stream_all(call) -> list[router_pb2.GenerateResponse]:
+    """Every response of a Generate call."""
+    return [response async for response in call]
+
+
+async def read_rest(call) -> list[router_pb2.GenerateResponse]:
+    """The responses of a Generate call already read with read() (grpc.aio allows one style)."""
+    rest = []
+    while (response := await call.read()) is not grpc.aio.EOF:
+        rest.append(response)
+    return rest

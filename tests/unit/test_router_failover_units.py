@@ -1,20 +1,27 @@
 """Units of the router's failover: which errors are retried, the backoff, the relay's skipping of
-restated text and re-generated tokens, and the state a resumed request starts from."""
+restated text and re-generated tokens, the state a resumed request starts from, and the owner
+(caller identity) a request keeps through resumes and Redis rewrites."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
+import redis.asyncio as aioredis
 
+from helpers.relay_testing import Relay
 from pdserve.models.sampling_params import SamplingParams
 from pdserve.models.tiny_model import make_tiny_model
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.router.dispatch import params_record
 from pdserve.router.failover import RetryPolicy, SuspectWorkers, is_worker_failure
+from pdserve.router.progress import ProgressRecorder
 from pdserve.router.responses import SampleProgressState, StreamState, responses_for
 from pdserve.router.resume import params_from_record, released_text, resumed_state
 from pdserve.runtime.errors import InvalidRequestError, OverloadedError, UnavailableError
-from pdserve.state.request_store import RequestRecord
+from pdserve.state.embedded_redis import EmbeddedRedis
+from pdserve.state.request_store import RequestRecord, RequestStore
 from pdserve.v1 import worker_pb2
 
 
@@ -113,3 +120,36 @@ def test_resume_refuses_counts_that_contradict_the_record(tokenizer):
         resumed_state(_record([[1]], [None], params), params, [1, 1], tokenizer)
     with pytest.raises(InvalidRequestError, match="exceeds max_tokens"):
         resumed_state(_record([[1]], [None], params), params, [6], tokenizer)
+
+
+def test_a_resumed_request_keeps_its_owner(tokenizer):
+    params = SamplingParams(max_tokens=5, temperature=0.0, n=1, seed=1)
+    record = RequestRecord("req", [3, 4, 5], params_record(params), 1, [[1]], [None], owner="key:abc")
+    state, _ = resumed_state(record, params, [1], tokenizer)
+    assert state.owner == "key:abc"
+
+
+def test_the_owner_survives_redis_losing_the_record():
+    """The owner goes into Redis with the record, and a recorder that rewrites a lost record
+    (Redis restarted empty) writes it back: otherwise its owner could no longer resume it."""
+    async def scenario(url: str):
+        client = aioredis.from_url(url)
+        store = RequestStore(client, prefix="owner", ttl_s=60)
+        try:
+            assert await store.create("r", [1, 2], {"n": 1}, 7, owner="key:0123")
+            assert (await store.get("r")).owner == "key:0123"
+            recorder = ProgressRecorder(store, "r", [1, 2], {"n": 1}, 7, owner="key:0123")
+            relay = Relay(recorder, 1)
+            relay.chunk(0, [5])
+            await client.delete("owner:req:r", "owner:req:r:tokens:0")  # Redis lost it
+            relay.chunk(0, [6])
+            relay.done(0, "length")
+            await recorder.close()
+            return await store.get("r"), await store.create("r", [9], {"n": 1}, 7, owner="key:other")
+        finally:
+            await client.aclose()
+
+    with EmbeddedRedis() as server:
+        record, second_create = asyncio.run(scenario(server.url))
+    assert record == RequestRecord("r", [1, 2], {"n": 1}, 7, [[5, 6]], ["length"], owner="key:0123")
+    assert second_create is False  # another identity cannot take over the id either

@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import logging
+import re
 
 import grpc
 import pytest
@@ -19,7 +20,14 @@ from pdserve.kvtransfer import KVLayout, TCPKVReceiver, TCPKVSender
 from pdserve.runtime.lifecycle import DRAINING_DETAILS, DrainingError, Lifecycle, is_draining_refusal
 from pdserve.telemetry import spans, tracing
 from pdserve.telemetry.engine_collector import EngineStatsCollector
-from pdserve.telemetry.logs import JsonFormatter, RequestContextFilter, bind_request
+from pdserve.telemetry.logs import (
+    TRACEBACK_INDENT,
+    JsonFormatter,
+    RequestContextFilter,
+    TextFormatter,
+    bind_request,
+    configure_logging,
+)
 from pdserve.telemetry.metrics import RouterMetrics, new_registry
 from pdserve.telemetry.otlp_sink import OTLPTraceSink
 
@@ -91,6 +99,81 @@ def test_json_logs_carry_request_and_trace_ids(sink):
                      "span_id": span_id, "service": "pdserve-decode", "level": "WARNING"}
     assert "request_id" not in second and second["message"] == "no request here"
     span.end()
+
+
+FORGED = "2030-01-01 00:00:00,000 pdserve.router INFO FORGED"
+RECORD_START = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
+
+
+def _text_log(emit) -> str:
+    """What `emit(log)` writes through the text format of configure_logging."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RequestContextFilter())
+    handler.setFormatter(TextFormatter())
+    log = logging.getLogger("pdserve.test.text")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        emit(log)
+    finally:
+        log.removeHandler(handler)
+    return stream.getvalue()
+
+
+def test_text_logs_escape_control_characters_so_no_client_text_starts_a_line():
+    async def request_task(log: logging.Logger):  # a request id with a line break, bound as a servicer binds it
+        bind_request(f"ok\n{FORGED}")
+        log.warning("request %s: %s", f"a\r\n{FORGED}", f"b\u2028{FORGED}\x1b[2K\x85{FORGED}\ttab\x00")
+        try:
+            raise ValueError(f"bad id\n{FORGED}\r{FORGED}")
+        except ValueError:
+            log.exception("failed %s", f"c\n{FORGED}")
+
+    text = _text_log(lambda log: asyncio.run(request_task(log)))
+    lines = text.splitlines()  # splits at \r, \x85, \u2028 too, as some log viewers do
+    records = [line for line in lines if RECORD_START.match(line)]
+    assert len(records) == 2, text
+    assert all(RECORD_START.match(line) or line.startswith(TRACEBACK_INDENT) for line in lines), text
+    assert not any(line.startswith(FORGED) for line in lines), text
+    assert records[0].endswith(f"request a\\r\\n{FORGED}: b\\u2028{FORGED}\\x1b[2K\\x85{FORGED}\\ttab\\x00 "
+                               f"[request_id=ok\\n{FORGED}]"), records[0]
+    assert records[1].endswith(f"failed c\\n{FORGED} [request_id=ok\\n{FORGED}]"), records[1]
+    # A traceback keeps its lines, indented: the exception's own line breaks start no record.
+    assert lines[-3:] == [f"{TRACEBACK_INDENT}ValueError: bad id", f"{TRACEBACK_INDENT}{FORGED}",
+                          f"{TRACEBACK_INDENT}{FORGED}"], text
+
+
+def test_configure_logging_writes_text_through_the_escaping_formatter():
+    root = logging.getLogger()
+    saved = list(root.handlers), root.level
+    try:
+        configure_logging("pdserve-test")
+        assert [type(h.formatter) for h in root.handlers] == [TextFormatter]
+        configure_logging("pdserve-test", json_lines=True)
+        assert [type(h.formatter) for h in root.handlers] == [JsonFormatter]
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+
+
+def test_json_logs_escape_control_characters_by_themselves():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RequestContextFilter())
+    handler.setFormatter(JsonFormatter("pdserve-router"))
+    log = logging.getLogger("pdserve.test.json-escape")
+    log.addHandler(handler)
+    log.propagate = False
+
+    async def request_task():
+        bind_request(f"ok\n{FORGED}")
+        log.warning("request %s", f"a\r\n{FORGED}")
+
+    asyncio.run(request_task())
+    (line,) = stream.getvalue().split("\n")[:-1]  # JSON lines: only "\n" ends one
+    entry = json.loads(line)
+    assert (entry["message"], entry["request_id"]) == (f"request a\r\n{FORGED}", f"ok\n{FORGED}")
 
 
 def _scrape(registry) -> dict[str, float]:
