@@ -24,6 +24,7 @@ from pdserve.workers.queue_bound import DEFAULT_MAX_QUEUED_REQUESTS, QueueBound
 
 if TYPE_CHECKING:
     from pdserve.openai.frontend import FrontendConfig
+    from pdserve.openai.limits import HttpOptions
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
 KV_CONNECT_TIMEOUT_S = 10.0  # connect + handshake with a decode server's KV receiver
@@ -175,7 +176,10 @@ class ColocatedSettings(WorkerSettings):
 
 @dataclass(frozen=True, kw_only=True)
 class OpenAISettings:
-    """The OpenAI-compatible HTTP front end: where it listens, and how it reaches the router."""
+    """The OpenAI-compatible HTTP front end: where it listens, how it reaches the router, and its
+    HTTP transport's bounds (body size and read time, keep-alive, connections; None: the defaults
+    of pdserve.openai.limits)."""
 
     server: ServerSettings
     frontend: FrontendConfig
+    http: HttpOptions | None = None

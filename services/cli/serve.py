@@ -60,10 +60,50 @@ def register(sub: argparse._SubParsersAction) -> None:
                                         "none, the API is open; the openai server's key for the router is "
                                         "--router-api-key)")
     add_flag(p, "--router-wait-s", 120.0, float, "openai: how long to wait for the router at start")
+    _add_http_flags(p)
     add_server_security_flags(p)  # --tls-cert/--tls-key/--tls-ca..., --kv-auth-token, --router-api-key, --redis-ca
     add_engine_flags(p)
     add_telemetry_flags(p)  # --otlp-endpoint, --metrics-port, --log-json, --drain-timeout-s, ...
     p.set_defaults(run=run)
+
+
+# openai: (flag, HttpOptions field, type, help); unset flags keep pdserve.openai.limits' defaults.
+HTTP_FLAGS = (
+    ("--http-max-body-mb", "max_body_bytes", float, "largest request body in MiB (default 8); over it 413"),
+    ("--http-body-timeout-s", "body_read_timeout_s", float, "a request body must arrive within this "
+                                                            "(default 30); else 408 and the connection closes"),
+    ("--http-keepalive-timeout-s", "keepalive_timeout_s", float, "idle keep-alive connections, and requests "
+                                                                 "whose headers are still arriving, close "
+                                                                 "after this (default 15)"),
+    ("--http-stream-write-timeout-s", "stream_write_timeout_s", float, "a streaming client that reads nothing "
+                                                                       "this long is dropped and its request "
+                                                                       "cancelled (default 30)"),
+    ("--http-linger-s", "linger_s", float, "after an early answer (413, 408), unread body bytes are drained "
+                                           "this long, then the connection closes (default 2)"),
+    ("--http-max-connections", "max_connections", int, "open connections; a request on one beyond it gets 503 "
+                                                       "with Retry-After (default 512)"),
+)
+CHAT_FLAGS = (
+    ("--chat-prepare-threads", "prepare_threads", int, "threads that render and tokenize chat prompts, off the "
+                                                       "event loop (default 2)"),
+    ("--chat-max-preparing", "max_preparing", int, "chat prompts being prepared or waiting for a thread; beyond "
+                                                   "it 503 with Retry-After (default 16)"),
+)
+
+
+def _add_http_flags(p: argparse.ArgumentParser) -> None:
+    for flag, _, kind, text in (*HTTP_FLAGS, *CHAT_FLAGS):
+        add_flag(p, flag, None, kind, "openai: " + text)
+
+
+def _given(ns: argparse.Namespace, flags) -> dict:
+    """{field: value} of the flags set on the command line or in the environment."""
+    given = {}
+    for flag, name, _, _ in flags:
+        value = getattr(ns, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            given[name] = int(value * 2**20) if flag == "--http-max-body-mb" else value
+    return given
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -99,10 +139,13 @@ def settings_from(ns: argparse.Namespace):
 
         if not ns.router:
             raise ValueError("--router HOST:PORT (or PDSERVE_ROUTER) is required")
+        from pdserve.openai.limits import HttpOptions
+
         frontend = FrontendConfig(router=ns.router, model_dir=ns.model, model_name=ns.model_name,
                                   api_keys=parse_api_keys(ns.api_key), router_wait_s=ns.router_wait_s,
-                                  router_security=client_security_from(ns, api_key_flag="router_api_key"))
-        return s.OpenAISettings(server=server, frontend=frontend)
+                                  router_security=client_security_from(ns, api_key_flag="router_api_key"),
+                                  **_given(ns, CHAT_FLAGS))
+        return s.OpenAISettings(server=server, frontend=frontend, http=HttpOptions(**_given(ns, HTTP_FLAGS)))
     redis = s.RedisSettings(url=ns.redis_url, prefix=ns.redis_prefix, ca_file=ns.redis_ca)
     if role == "router":
         return s.RouterSettings(server=server, redis=redis, model=ns.model, model_name=ns.model_name,

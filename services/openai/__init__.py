@@ -3,5 +3,6 @@
 
 It holds no engine: it renders chat templates, tokenizes chat prompts, turns OpenAI request
 fields into `pdserve.v1.SamplingParams`, relays the router's token stream as OpenAI responses or
-server-sent events, and cancels the gRPC call when the HTTP client goes away.
+server-sent events, and cancels the gRPC call when the HTTP client goes away. Every size, count
+and time a client controls is bounded before the work it costs (limits.py).
 """

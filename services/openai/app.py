@@ -1,8 +1,9 @@
-"""The aiohttp application: routes, and the middlewares for metrics, errors and API keys.
+"""The aiohttp application: routes, and the middlewares for metrics, errors, the connection cap
+and API keys.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /v1/models/{model},
 GET /health (the router's health), GET /metrics. Only /v1/* needs an API key (when keys are
-configured), so probes and scrapers need none.
+configured), so probes and scrapers need none; they are also answered over the connection cap.
 """
 
 from __future__ import annotations
@@ -16,19 +17,24 @@ from aiohttp import web
 
 from pdserve.openai.endpoints import create_chat_completion, create_completion
 from pdserve.openai.frontend import FRONTEND_KEY, Frontend, frontend_of
+from pdserve.openai.limits import CONNECTION_GATE_KEY, HTTP_OPTIONS_KEY, RETRY_AFTER_S, ConnectionGate, HttpOptions
 from pdserve.openai.metrics import CONTENT_TYPE
-from pdserve.openai.protocol import INVALID_REQUEST, OpenAIError, internal
+from pdserve.openai.protocol import INVALID_REQUEST, UNAVAILABLE, OpenAIError, internal
 
 logger = logging.getLogger("pdserve.openai")
-MAX_BODY_BYTES = 32 * 2**20
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+UNCAPPED_PATHS = ("/health", "/metrics")  # cheap, and what tells an orchestrator how the server is
 
 
-def build_app(front: Frontend) -> web.Application:
-    """The application serving `front`'s model."""
-    app = web.Application(middlewares=[_metrics_middleware, _error_middleware, _auth_middleware],
-                          client_max_size=MAX_BODY_BYTES)
+def build_app(front: Frontend, options: HttpOptions | None = None) -> web.Application:
+    """The application serving `front`'s model under `options` (the limits.py defaults when
+    None). The connection cap applies once a server is watched (see server.start_http)."""
+    options = options or HttpOptions()
+    app = web.Application(middlewares=[_metrics_middleware, _error_middleware, _connection_cap_middleware,
+                                       _auth_middleware], client_max_size=options.max_body_bytes)
     app[FRONTEND_KEY] = front
+    app[HTTP_OPTIONS_KEY] = options
+    app[CONNECTION_GATE_KEY] = ConnectionGate(options.max_connections)
     app.router.add_post("/v1/completions", create_completion)
     app.router.add_post("/v1/chat/completions", create_chat_completion)
     app.router.add_get("/v1/models", _list_models)
@@ -97,7 +103,10 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except OpenAIError as error:
-        return web.json_response(error.body(), status=error.status, headers=error.headers)
+        response = web.json_response(error.body(), status=error.status, headers=error.headers)
+        if error.close:
+            response.force_close()
+        return response
     except web.HTTPException as error:
         if error.status < 400:
             raise
@@ -115,6 +124,16 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
 def _allow_header(error: web.HTTPException) -> dict[str, str]:
     allow = error.headers.get("Allow")
     return {"Allow": allow} if allow else {}
+
+
+@web.middleware
+async def _connection_cap_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """503 + Retry-After for a request on a connection beyond the cap (that connection closes)."""
+    if request.path not in UNCAPPED_PATHS and request.app[CONNECTION_GATE_KEY].over_capacity():
+        cap = request.app[CONNECTION_GATE_KEY].max_connections
+        raise OpenAIError(503, f"the server has more than {cap} connections open; retry shortly", UNAVAILABLE,
+                          None, "too_many_connections", {"Retry-After": str(RETRY_AFTER_S)}, close=True)
+    return await handler(request)
 
 
 @web.middleware

@@ -5,6 +5,10 @@ pdserve.models.tokenizer), Jinja source from a model hub and so untrusted: it ru
 sandbox with transformers' environment (trim_blocks, lstrip_blocks, loop controls, a tojson
 that keeps non-ASCII, raise_exception, strftime_now, dict and an underscore-proof namespace)
 and sees `messages`, `add_generation_prompt`, `bos_token`, `eos_token` and `tools`/`documents`.
+
+`normalize_messages` bounds the conversation before any template runs (limits.py: message count,
+content parts, characters per message and in all); `json_chars` measures the other JSON a
+template may see.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import jinja2.ext
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from pdserve.openai.protocol import invalid
+from pdserve.openai.limits import MAX_CHAT_CHARS, MAX_CONTENT_PARTS, MAX_MESSAGE_CHARS, MAX_MESSAGES, short_repr
+from pdserve.openai.protocol import invalid, require_text
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -105,27 +110,52 @@ class ChatTemplate:
             raise invalid(f"the chat template refused the request: {exc}", "messages") from exc
         except jinja2.TemplateError as exc:
             raise invalid(f"the chat template cannot render these messages: {exc}", "messages") from exc
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError) as exc:
             raise invalid(f"the chat template failed on these messages: {type(exc).__name__}: {exc}",
                           "messages") from exc
 
 
-def normalize_messages(raw: Any) -> list[dict[str, Any]]:
+def normalize_messages(raw: Any, budget: int = MAX_CHAT_CHARS) -> list[dict[str, Any]]:
     """The chat messages as plain dicts: each needs a known `role`; `content` is a string, a
     list of text parts (joined with newlines, as vLLM does for string templates) or null (an
     assistant turn with tool calls). Other JSON fields (name, tool_calls, tool_call_id...) pass
-    through to the template. Raises OpenAIError (400, param "messages") otherwise."""
+    through to the template. At most MAX_MESSAGES messages, MAX_MESSAGE_CHARS characters in one
+    (content plus its other fields as JSON) and `budget` in all. Raises OpenAIError (400, param
+    "messages") otherwise."""
     if not isinstance(raw, list) or not raw:
         raise invalid("messages must be a non-empty list of message objects", "messages")
-    messages = []
+    if len(raw) > MAX_MESSAGES:
+        raise invalid(f"messages has {len(raw)} entries; at most {MAX_MESSAGES} are allowed", "messages")
+    messages, total = [], 0
     for i, message in enumerate(raw):
         if not isinstance(message, dict):
             raise invalid(f"messages[{i}] must be an object", "messages")
         role = message.get("role")
         if role not in ROLES:
-            raise invalid(f"messages[{i}].role must be one of {list(ROLES)}, got {role!r}", "messages")
-        messages.append({**message, "content": _content_text(message.get("content"), i, role)})
+            raise invalid(f"messages[{i}].role must be one of {list(ROLES)}, got {short_repr(role)}", "messages")
+        content = _content_text(message.get("content"), i, role)
+        require_text(content or "", "messages", f"messages[{i}].content")
+        others = {k: v for k, v in message.items() if k not in ("role", "content")}
+        size = len(content or "") + (json_chars(others, f"messages[{i}]", "messages") if others else 0)
+        if size > MAX_MESSAGE_CHARS:
+            raise invalid(f"messages[{i}] has {size} characters; at most {MAX_MESSAGE_CHARS} are allowed", "messages")
+        total += size
+        if total > budget:
+            raise invalid(f"the messages have over {budget} characters in all", "messages")
+        messages.append({**message, "content": content})
     return messages
+
+
+def json_chars(value: Any, what: str, param: str) -> int:
+    """How many characters `value` has as JSON text (what a template printing it would hold);
+    a 400 naming `param` when it is no plain JSON (a NumberTooLarge, nesting too deep) or holds
+    a lone surrogate."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise invalid(f"{what} cannot be used: {type(exc).__name__}: {short_repr(str(exc))}", param) from exc
+    require_text(text, param, what)
+    return len(text)
 
 
 def _content_text(content: Any, index: int, role: str) -> str | None:
@@ -133,6 +163,9 @@ def _content_text(content: Any, index: int, role: str) -> str | None:
         return content
     if content is None and role == "assistant":
         return None
+    if isinstance(content, list) and len(content) > MAX_CONTENT_PARTS:
+        raise invalid(f"messages[{index}].content has {len(content)} parts; at most {MAX_CONTENT_PARTS} are allowed",
+                      "messages")
     if isinstance(content, list) and content:
         texts = []
         for part in content:

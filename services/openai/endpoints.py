@@ -3,7 +3,8 @@ response or, with stream true, as server-sent events.
 
 Completions: one Generate call per prompt, choices indexed prompt * n + sample. Chat: the
 checkpoint's chat template renders the messages, the front end tokenizes the prompt (no special
-tokens added: the template has them) and sends the ids.
+tokens added: the template has them) and sends the ids (prompts.py). The sampling fields are
+checked before the prompt, so a bad field costs no tokenizing.
 """
 
 from __future__ import annotations
@@ -15,50 +16,15 @@ from typing import Any
 
 from aiohttp import web
 
-from pdserve.openai.chat_template import normalize_messages
+from pdserve.openai.body import read_body
 from pdserve.openai.frontend import Frontend, frontend_of
-from pdserve.openai.protocol import (
-    invalid,
-    opt_bool,
-    opt_dict,
-    read_body,
-    read_sampling,
-    read_stream_flags,
-    reject_if_set,
-    to_proto,
-)
+from pdserve.openai.prompts import chat_prompt_ids, read_prompts
+from pdserve.openai.protocol import read_stream_flags, reject_if_set
 from pdserve.openai.responses import TokenEvent, Usage, chat_logprobs, collect, completion_logprobs, relay_stream
+from pdserve.openai.sampling import read_sampling, to_proto
 from pdserve.v1 import router_pb2
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the completions API
-MAX_PROMPTS = 64
-
-
-def read_prompts(body: dict[str, Any], vocab_size: int) -> list[str | list[int]]:
-    """`prompt` as a list: a string, a list of strings, a list of token ids, or a list of those."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        prompts: list = [prompt]
-    elif isinstance(prompt, list) and prompt and all(_is_token(t) for t in prompt):
-        prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(
-            isinstance(p, str) or (isinstance(p, list) and all(_is_token(t) for t in p)) for p in prompt):
-        prompts = list(prompt)
-    else:
-        raise invalid("prompt must be a string, a list of strings, a list of token ids or a list of "
-                      "token-id lists", "prompt")
-    if len(prompts) > MAX_PROMPTS:
-        raise invalid(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", "prompt")
-    for p in prompts:
-        if isinstance(p, list) and not p:
-            raise invalid("a token-id prompt must not be empty", "prompt")
-        if isinstance(p, list) and max(p) >= vocab_size:
-            raise invalid(f"prompt token id {max(p)} is outside the vocabulary (size {vocab_size})", "prompt")
-    return prompts
-
-
-def _is_token(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _generate_request(request_id: str, prompt: str | list[int],
@@ -76,8 +42,8 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     model = front.check_model(body)
     for name, allowed in (("echo", (None, False)), ("suffix", (None, "")), ("logit_bias", (None, {}))):
         reject_if_set(body, name, allowed)
-    prompts = read_prompts(body, front.info.vocab_size)
     fields = read_sampling(body, front.limits, chat=False)
+    prompts = read_prompts(body, front.limits.max_model_len, front.info.vocab_size)
     fields.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
     reject_if_set(body, "best_of", (None, 1, fields.get("n", 1)))
     stream, include_usage = read_stream_flags(body)
@@ -131,32 +97,13 @@ class _CompletionChunks:
         return {**self.head, "choices": [], "usage": usage.as_json()}
 
 
-def chat_prompt_ids(front: Frontend, body: dict[str, Any]) -> list[int]:
-    """The token ids of the rendered conversation. 400 when the model has no chat template, the
-    messages are malformed, or the request asks for tools or a structured response format."""
-    if front.chat_template is None:
-        raise invalid("this model has no chat template; use /v1/completions", "messages")
-    messages = normalize_messages(body.get("messages"))
-    for name in ("tools", "functions", "tool_choice", "function_call"):
-        reject_if_set(body, name, (None, [], "none"))
-    reject_if_set(body, "response_format", (None, {"type": "text"}))
-    reject_if_set(body, "logit_bias", (None, {}))
-    add_generation_prompt = opt_bool(body, "add_generation_prompt")
-    text = front.chat_template.render(messages, True if add_generation_prompt is None else add_generation_prompt,
-                                      opt_dict(body, "chat_template_kwargs"))
-    ids = front.tokenizer.encode(text, add_special_tokens=False)
-    if not ids:
-        raise invalid("the rendered conversation is empty", "messages")
-    return ids
-
-
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     """Handle POST /v1/chat/completions (JSON response, or server-sent events with stream true)."""
     front = frontend_of(request)
     body = await read_body(request)
     model = front.check_model(body)
-    prompt_ids = chat_prompt_ids(front, body)
     fields = read_sampling(body, front.limits, chat=True)
+    prompt_ids = await chat_prompt_ids(front, body, fields.get("max_tokens"))
     # OpenAI's chat default: generate until the context is full (or a stop/eos comes first).
     fields.setdefault("max_tokens", max(1, front.limits.max_model_len - len(prompt_ids)))
     stream, include_usage = read_stream_flags(body)

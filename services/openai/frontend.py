@@ -1,5 +1,9 @@
 """What every HTTP handler shares: the Frontend (the served model's name and limits, the tokenizer
-and chat template, the metrics) and its link to the router.
+and chat template, the metrics, the threads that prepare chat prompts) and its link to the router.
+
+Rendering a chat template and tokenizing its output cost time in proportion to the client's
+text, so they run on a small pool of threads owned by the Frontend (`prepare`), never on the
+event loop; a bounded number may run or wait at once, and beyond that a request gets a 503.
 
 RouterLink is the front end's gRPC client of the router: model info, health, and Generate
 streams that are cancelled (so the router aborts the request and frees its KV blocks) whenever
@@ -11,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from aiohttp import web
@@ -21,12 +26,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.openai.chat_template import ChatTemplate
+from pdserve.openai.limits import MAX_PREPARING, PREPARE_THREADS, RETRY_AFTER_S
 from pdserve.openai.metrics import Metrics
-from pdserve.openai.protocol import Limits, OpenAIError, from_rpc_error, invalid
+from pdserve.openai.protocol import UNAVAILABLE, OpenAIError, from_rpc_error, invalid
 from pdserve.openai.responses import TokenEvent, TokenStrings
-from pdserve.router.worker_clients import CHANNEL_OPTIONS
-from pdserve.runtime.channels import PLAINTEXT, ClientSecurity
+from pdserve.openai.sampling import Limits
+from pdserve.runtime.channels import CHANNEL_OPTIONS, PLAINTEXT, ClientSecurity
 from pdserve.v1 import router_pb2, router_pb2_grpc
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -36,7 +44,9 @@ class FrontendConfig:
     router: the router's host:port; model_dir: the checkpoint (tokenizer and chat template);
     model_name: the name clients use (None: the router's GetModelInfo name); api_keys: accepted
     `Authorization: Bearer` keys (empty: no key needed); router_wait_s: how long to wait for
-    the router at start; router_security: TLS and the API key for the front end's channel to the router.
+    the router at start; router_security: TLS and the API key for the front end's channel to the router;
+    prepare_threads: threads that render and tokenize chat prompts, with at most max_preparing jobs
+    running or waiting (beyond: 503 with Retry-After).
     """
 
     router: str
@@ -45,11 +55,19 @@ class FrontendConfig:
     api_keys: tuple[str, ...] = ()
     router_wait_s: float = 120.0
     router_security: ClientSecurity = PLAINTEXT
+    prepare_threads: int = PREPARE_THREADS
+    max_preparing: int = MAX_PREPARING
+
+    def __post_init__(self) -> None:
+        if self.prepare_threads < 1 or self.max_preparing < 1:
+            raise ValueError(f"--chat-prepare-threads ({self.prepare_threads}) and --chat-max-preparing "
+                             f"({self.max_preparing}) must be >= 1")
 
 
 class Frontend:
     """The shared state of the OpenAI server (one per process); handlers find it with
-    `frontend_of(request)`."""
+    `frontend_of(request)`. config.prepare_threads threads prepare chat prompts, with at most
+    config.max_preparing jobs running or waiting."""
 
     def __init__(self, config: FrontendConfig, link: RouterLink, tokenizer: Tokenizer,
                  info: router_pb2.ModelInfo) -> None:
@@ -58,12 +76,15 @@ class Frontend:
         self.tokenizer = tokenizer
         self.info = info
         self.model_name = config.model_name or info.model_name
-        self.limits = Limits(info.max_model_len, info.max_n or 1, info.max_logprobs)
+        self.limits = Limits(info.max_model_len, info.max_n or 1, info.max_logprobs, info.vocab_size or 2**32)
         self.strings = TokenStrings(tokenizer)
         self.metrics = Metrics()
         self.created = int(time.time())
         source = tokenizer.chat_template
         self.chat_template = ChatTemplate(source, tokenizer.bos_token, tokenizer.eos_token) if source else None
+        self.max_preparing = config.max_preparing
+        self.preparing = 0  # jobs submitted to the pool and not finished (running or queued)
+        self._pool = ThreadPoolExecutor(config.prepare_threads, thread_name_prefix="pdserve-openai-prepare")
 
     @classmethod
     async def connect(cls, config: FrontendConfig) -> Frontend:
@@ -82,6 +103,31 @@ class Frontend:
                              f"{sorted(tokenizer.eos_token_ids)} differ from the router's {list(info.eos_token_ids)}")
         return cls(config, link, tokenizer, info)
 
+    async def prepare(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) on the preparation threads. A 503 with Retry-After when max_preparing jobs
+        are already running or queued. A job counts until it really ends: a cancelled request
+        frees its slot at once only if its job had not started."""
+        if self.preparing >= self.max_preparing:
+            raise OpenAIError(503, f"the server is preparing {self.preparing} prompts already; retry shortly",
+                              UNAVAILABLE, None, "server_busy", {"Retry-After": str(RETRY_AFTER_S)})
+        loop = asyncio.get_running_loop()
+        self.preparing += 1
+        job = self._pool.submit(fn, *args)
+        job.add_done_callback(lambda _: self._release_soon(loop))
+        return await asyncio.wrap_future(job)
+
+    def _release_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed first (shutdown): nothing to count
+            loop.call_soon_threadsafe(self._release)
+
+    def _release(self) -> None:
+        self.preparing -= 1
+
+    async def close(self) -> None:
+        """Close the router channel and stop the preparation threads (queued jobs are dropped)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        await self.link.close()
+
     def check_model(self, body: dict[str, Any]) -> str:
         """The served model's name when the request names it (or names none); else a 404."""
         model = body.get("model")
@@ -89,7 +135,8 @@ class Frontend:
             return self.model_name
         if not isinstance(model, str):
             raise invalid("model must be a string", "model")
-        raise OpenAIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
+        shown = model if len(model) <= 100 else model[:100] + "..."
+        raise OpenAIError(404, f"The model `{shown}` does not exist; this server serves `{self.model_name}`.",
                           param="model", code="model_not_found")
 
 

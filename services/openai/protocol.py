@@ -1,12 +1,10 @@
-"""The OpenAI request protocol: reading a request's JSON fields, turning them into the router's
-SamplingParams, and OpenAI's error shape with its HTTP status.
+"""The OpenAI request protocol: reading a request's JSON fields, and OpenAI's error shape with
+its HTTP status (sampling.py turns the sampling fields into the router's message).
 
 Fields: absent and null read as None (the caller applies the default), as OpenAI's API does; a
-wrong type or range is a 400 that names the field. Sampling: OpenAI names map one to one
-(max_tokens, temperature, top_p, n, stop, seed, presence_penalty, frequency_penalty); chat's
-max_completion_tokens is max_tokens and its logprobs/top_logprobs become the router's `logprobs`
-count. vLLM's extensions top_k, min_p, repetition_penalty, ignore_eos, min_tokens and
-stop_token_ids pass through. Ranges are the router's (see models/sampling_params.py).
+wrong type or range is a 400 that names the field. Integers are checked against explicit bounds
+(the protobuf field's type at most), floats against float32's normal range, list lengths before
+their items, and strings for lone surrogates (see limits.py).
 
 Errors: `{"error": {"message", "type", "param", "code"}}` with an HTTP status. Every failure a
 handler meets becomes an OpenAIError, raised and turned into a response in one place (the error
@@ -15,17 +13,13 @@ middleware in app.py); a gRPC error from the router maps by its status code.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from aiohttp import web
 
-from pdserve.models.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SamplingParams, SamplingParamsError
+from pdserve.openai.limits import FLOAT32_MIN_NORMAL, NumberTooLarge, short_repr
 from pdserve.runtime.retry_hint import DEFAULT_RETRY_AFTER_MS, retry_after_ms_of
-from pdserve.v1 import router_pb2
 
 INVALID_REQUEST = "invalid_request_error"
 RATE_LIMIT = "rate_limit_error"
@@ -45,20 +39,19 @@ _GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
     grpc.StatusCode.UNIMPLEMENTED: (501, SERVER_ERROR, "not_implemented"),
 }
 
-SEED_MIN, SEED_LIMIT = -(2**63), 2**64  # negative seeds (int64, as clients send) wrap to uint64
-
 
 class OpenAIError(Exception):
     """A request that ends with an OpenAI error body and `status`.
 
     Attributes: status (HTTP code), message, type (e.g. "invalid_request_error"), param (the
-    request field at fault, or None), code (a machine-readable reason, or None) and headers
-    (extra HTTP headers of the response, e.g. Retry-After on a 429).
+    request field at fault, or None), code (a machine-readable reason, or None), headers
+    (extra HTTP headers of the response, e.g. Retry-After on a 429) and close (end the
+    connection after the response: the rest of the request cannot be trusted or waited for).
     """
 
     def __init__(self, status: int, message: str, type: str = INVALID_REQUEST,
                  param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, close: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -66,6 +59,7 @@ class OpenAIError(Exception):
         self.param = param
         self.code = code
         self.headers = dict(headers or {})
+        self.close = close
 
     def body(self) -> dict[str, Any]:
         """The JSON body: {"error": {"message", "type", "param", "code"}}."""
@@ -105,47 +99,47 @@ def internal(error: BaseException) -> OpenAIError:
                        None, "internal_error")
 
 
-async def read_body(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object; a 400 when the body is not one."""
-    raw = await request.read()
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise invalid(f"the request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object")
-    return body
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def opt_int(body: dict[str, Any], name: str, lo: int | None = None, hi: int | None = None) -> int | None:
-    """body[name] as an int in [lo, hi] (bounds optional), or None when absent/null."""
+def opt_int(body: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
+    """body[name] as an int in [lo, hi], or None when absent/null. The bounds are required: the
+    value goes into a fixed-width protobuf field."""
     value = body.get(name)
     if value is None:
         return None
+    if isinstance(value, NumberTooLarge):
+        raise invalid(f"{name} must be in [{lo}, {hi}], got {value!r}", name)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not _is_int(value):
-        raise invalid(f"{name} must be an integer, got {value!r}", name)
+        raise invalid(f"{name} must be an integer, got {short_repr(value)}", name)
     _check_range(name, value, lo, hi)
     return value
 
 
 def opt_float(body: dict[str, Any], name: str, lo: float | None = None, hi: float | None = None,
               lo_open: bool = False) -> float | None:
-    """body[name] as a float in [lo, hi] ((lo, hi] with lo_open), or None when absent/null."""
+    """body[name] as a float in [lo, hi] ((lo, hi] with lo_open), or None when absent/null. A
+    nonzero value too small for a normal float32 (the router's type) is a 400, not a silent 0."""
     value = body.get(name)
     if value is None:
         return None
+    if isinstance(value, NumberTooLarge):
+        raise invalid(f"{name} must be in [{lo}, {hi}], got {value!r}", name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise invalid(f"{name} must be a number, got {value!r}", name)
-    value = float(value)
+        raise invalid(f"{name} must be a number, got {short_repr(value)}", name)
+    try:
+        value = float(value)
+    except OverflowError as exc:  # an int beyond float's range
+        raise invalid(f"{name} must be in [{lo}, {hi}], got {short_repr(value)}", name) from exc
     if lo_open and lo is not None and value <= lo:
         raise invalid(f"{name} must be > {lo} and <= {hi}, got {value}", name)
     _check_range(name, value, lo, hi)
+    if value != 0 and abs(value) < FLOAT32_MIN_NORMAL:
+        raise invalid(f"{name} must be 0 or at least {FLOAT32_MIN_NORMAL:.4g} in magnitude (it travels as a "
+                      f"32-bit float), got {value!r}", name)
     return value
 
 
@@ -155,7 +149,7 @@ def opt_bool(body: dict[str, Any], name: str) -> bool | None:
     if value is None:
         return None
     if not isinstance(value, bool):
-        raise invalid(f"{name} must be a boolean, got {value!r}", name)
+        raise invalid(f"{name} must be a boolean, got {short_repr(value)}", name)
     return value
 
 
@@ -170,30 +164,45 @@ def opt_dict(body: dict[str, Any], name: str) -> dict[str, Any] | None:
 
 
 def str_list(body: dict[str, Any], name: str, max_items: int, max_chars: int) -> list[str]:
-    """body[name] as a list of 1..max_chars-character strings (a lone string is a list of one);
-    [] when absent/null."""
+    """body[name] as a list of 1..max_chars-character strings of valid Unicode (a lone string is
+    a list of one); [] when absent/null."""
     value = body.get(name)
     if value is None:
         return []
     items = [value] if isinstance(value, str) else value
+    if isinstance(items, list) and len(items) > max_items:
+        raise invalid(f"{name} has {len(items)} entries; at most {max_items} are allowed", name)
     if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
         raise invalid(f"{name} must be a string or a list of strings", name)
-    if len(items) > max_items:
-        raise invalid(f"{name} has {len(items)} entries; at most {max_items} are allowed", name)
     for s in items:
         if not 0 < len(s) <= max_chars:
             raise invalid(f"each {name} entry must have 1 to {max_chars} characters", name)
+        require_text(s, name, f"a {name} entry")
     return items
 
 
-def int_list(body: dict[str, Any], name: str, lo: int = 0) -> list[int]:
-    """body[name] as a list of ints >= lo; [] when absent/null."""
+def int_list(body: dict[str, Any], name: str, lo: int, hi: int, max_items: int) -> list[int]:
+    """body[name] as a list of at most max_items ints in [lo, hi]; [] when absent/null."""
     value = body.get(name)
     if value is None:
         return []
-    if not isinstance(value, list) or not all(_is_int(v) and v >= lo for v in value):
-        raise invalid(f"{name} must be a list of integers >= {lo}", name)
+    if isinstance(value, list) and len(value) > max_items:
+        raise invalid(f"{name} has {len(value)} entries; at most {max_items} are allowed", name)
+    if not isinstance(value, list) or not all(_is_int(v) and lo <= v <= hi for v in value):
+        raise invalid(f"{name} must be a list of integers in [{lo}, {hi}]", name)
     return value
+
+
+def require_text(text: str, param: str, what: str) -> None:
+    """A 400 naming `param` when `text` is not valid Unicode (a lone UTF-16 surrogate, from a
+    JSON escape like \\ud800): neither the tokenizer nor protobuf can carry it."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise invalid(f"{what} contains a lone UTF-16 surrogate ({text[exc.start]!r} at character {exc.start}); "
+                      "send valid Unicode text", param) from exc
 
 
 def reject_if_set(body: dict[str, Any], name: str, allowed: tuple[Any, ...] = (None,)) -> None:
@@ -204,9 +213,9 @@ def reject_if_set(body: dict[str, Any], name: str, allowed: tuple[Any, ...] = (N
 
 def _check_range(name: str, value: float, lo: float | None, hi: float | None) -> None:
     if lo is not None and value < lo:
-        raise invalid(f"{name} must be >= {lo}, got {value}", name)
+        raise invalid(f"{name} must be >= {lo}, got {short_repr(value)}", name)
     if hi is not None and value > hi:
-        raise invalid(f"{name} must be <= {hi}, got {value}", name)
+        raise invalid(f"{name} must be <= {hi}, got {short_repr(value)}", name)
 
 
 def read_stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -217,65 +226,3 @@ def read_stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
         raise invalid("stream_options can only be set when stream is true", "stream_options")
     include_usage = bool(opt_bool(options or {}, "include_usage"))
     return stream, include_usage
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What the served model allows, from the router's GetModelInfo."""
-
-    max_model_len: int
-    max_n: int
-    max_logprobs: int
-
-
-def read_sampling(body: dict[str, Any], limits: Limits, chat: bool) -> dict[str, Any]:
-    """The validated sampling fields the request sets, under the router's names (max_tokens may
-    be absent: the caller picks the default). Raises OpenAIError (400) naming a bad field."""
-    fields: dict[str, Any] = {}
-    max_name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-    _put(fields, "max_tokens", opt_int(body, max_name, 1, limits.max_model_len))
-    _put(fields, "temperature", opt_float(body, "temperature", 0.0, 100.0))
-    _put(fields, "top_p", opt_float(body, "top_p", 0.0, 1.0, lo_open=True))
-    _put(fields, "top_k", opt_int(body, "top_k", -1))
-    _put(fields, "min_p", opt_float(body, "min_p", 0.0, 1.0))
-    _put(fields, "repetition_penalty", opt_float(body, "repetition_penalty", 0.0, 10.0, lo_open=True))
-    _put(fields, "presence_penalty", opt_float(body, "presence_penalty", -2.0, 2.0))
-    _put(fields, "frequency_penalty", opt_float(body, "frequency_penalty", -2.0, 2.0))
-    seed = opt_int(body, "seed", SEED_MIN, SEED_LIMIT - 1)
-    _put(fields, "seed", None if seed is None else seed % SEED_LIMIT)
-    _put(fields, "n", opt_int(body, "n", 1, limits.max_n))
-    _put(fields, "min_tokens", opt_int(body, "min_tokens", 0))
-    _put(fields, "logprobs", _read_logprobs(body, limits, chat))
-    fields["stop"] = str_list(body, "stop", MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS)
-    fields["stop_token_ids"] = int_list(body, "stop_token_ids")
-    fields["ignore_eos"] = bool(opt_bool(body, "ignore_eos"))
-    if "min_tokens" in fields and fields["min_tokens"] > fields.get("max_tokens", SamplingParams.max_tokens):
-        raise invalid("min_tokens must not exceed max_tokens", "min_tokens")
-    return fields
-
-
-def _read_logprobs(body: dict[str, Any], limits: Limits, chat: bool) -> int | None:
-    """Completions: logprobs is the top-N count. Chat: logprobs is a bool and top_logprobs the
-    count (which needs logprobs true)."""
-    if not chat:
-        return opt_int(body, "logprobs", 0, limits.max_logprobs)
-    wanted = opt_bool(body, "logprobs")
-    top = opt_int(body, "top_logprobs", 0, limits.max_logprobs)
-    if top is not None and not wanted:
-        raise invalid("top_logprobs needs logprobs set to true", "top_logprobs")
-    return (top or 0) if wanted else None
-
-
-def to_proto(fields: dict[str, Any]) -> router_pb2.SamplingParams:
-    """The router message for fields from read_sampling (after a final cross-field check by the
-    SamplingParams dataclass itself)."""
-    try:
-        SamplingParams(**fields)
-    except SamplingParamsError as exc:
-        raise invalid(str(exc), str(exc).split(" ", 1)[0]) from exc
-    return router_pb2.SamplingParams(**fields)
-
-
-def _put(fields: dict[str, Any], name: str, value: Any) -> None:
-    if value is not None:
-        fields[name] = value

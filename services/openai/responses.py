@@ -7,6 +7,7 @@
   router refuses at once (bad parameters, prompt too long, overloaded) still gets a proper HTTP
   status; an error after that goes into the stream as an OpenAI error object. If the client goes
   away, the write fails or the handler is cancelled, and closing `events` cancels the gRPC calls.
+  A client that stops reading counts as gone once a write has waited stream_write_timeout_s.
 - Logprobs in OpenAI's two shapes, from the router's per-token logprobs and top alternatives.
   Completions (legacy): {"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}.
   Chat: {"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}.
@@ -14,16 +15,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiohttp import web
 
 from pdserve.models.tokenizer import Tokenizer
+from pdserve.openai.limits import HTTP_OPTIONS_KEY
 from pdserve.openai.metrics import Metrics
 from pdserve.openai.protocol import OpenAIError, internal
 
@@ -108,6 +111,7 @@ class EventStream:
 
     def __init__(self, request: web.Request) -> None:
         self.request = request
+        self.write_timeout_s = request.app[HTTP_OPTIONS_KEY].stream_write_timeout_s
         self.response = web.StreamResponse(status=200, headers={
             "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no"})
@@ -117,15 +121,31 @@ class EventStream:
         await self.response.prepare(self.request)
 
     async def send(self, chunk: dict[str, Any]) -> None:
-        """One `data:` event. Raises ConnectionResetError when the client has gone."""
+        """One `data:` event. Raises ConnectionResetError when the client has gone, and
+        CancelledError when it stopped reading (see _bounded)."""
         payload = json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))
-        await self.response.write(f"data: {payload}\n\n".encode())
+        await self._bounded(self.response.write(f"data: {payload}\n\n".encode()))
 
     async def done(self) -> web.StreamResponse:
         """The closing `data: [DONE]` event; returns the response for the handler to return."""
-        await self.response.write(b"data: [DONE]\n\n")
-        await self.response.write_eof()
+        await self._bounded(self.response.write(b"data: [DONE]\n\n"))
+        await self._bounded(self.response.write_eof())
         return self.response
+
+    async def _bounded(self, write: Awaitable[None]) -> None:
+        """Await a write for at most write_timeout_s; past that, drop the connection."""
+        try:
+            async with asyncio.timeout(self.write_timeout_s):
+                await write
+        except TimeoutError:
+            logger.info("dropping a stream whose client read nothing for %g s", self.write_timeout_s)
+            # abort, not close: close would wait for the unread bytes to drain, which never happens.
+            transport = self.request.transport
+            if transport is not None:
+                transport.abort()
+            # The same end as a client that disconnects (handler_cancellation): the gRPC call is
+            # cancelled on the way out, and aiohttp takes it as a quiet disconnect, not a 500.
+            raise asyncio.CancelledError from None
 
 
 class ChunkFormatter(Protocol):

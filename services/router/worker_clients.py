@@ -6,7 +6,7 @@ import asyncio
 
 import grpc
 
-from pdserve.runtime.channels import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, PLAINTEXT, ClientSecurity  # noqa: F401 (re-exported)
+from pdserve.runtime.channels import CHANNEL_OPTIONS, PLAINTEXT, ClientSecurity
 from pdserve.v1 import colocated_pb2_grpc, decode_pb2_grpc, prefill_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 

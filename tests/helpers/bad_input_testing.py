@@ -6,8 +6,7 @@ from __future__ import annotations
 import time
 
 from pdserve.cli.cluster import LocalCluster
-from pdserve.router.worker_clients import CHANNEL_OPTIONS
-from pdserve.runtime.channels import PLAINTEXT, ClientSecurity
+from pdserve.runtime.channels import CHANNEL_OPTIONS, PLAINTEXT, ClientSecurity
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 MAX_MODEL_LEN = 256

@@ -52,7 +52,7 @@ from helpers.bad_input_testing import (
 )
 from pdserve.models.tiny_model import make_tiny_model
 from pdserve.router.servicer import MAX_PROMPT_CHARS
-from pdserve.router.worker_clients import MAX_MESSAGE_BYTES
+from pdserve.runtime.channels import MAX_MESSAGE_BYTES
 from pdserve.v1 import (
     decode_pb2,
     decode_pb2_grpc,

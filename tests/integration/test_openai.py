@@ -298,19 +298,14 @@ def test_api_key_is_enforced(cluster, model_dir):
 
 def test_without_api_keys_the_api_is_open(cluster, model_dir):
     """A second front end on the same router, in this process, configured with no keys."""
-    from aiohttp import web
-
-    from pdserve.openai.app import build_app
     from pdserve.openai.frontend import Frontend, FrontendConfig
+    from pdserve.openai.server import start_http
 
     async def run():
         front = await Frontend.connect(FrontendConfig(router=cluster.router_address, model_dir=model_dir,
                                                       model_name="tiny",
                                                       router_security=cluster.client_security()))
-        runner = web.AppRunner(build_app(front), handler_cancellation=True)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
+        runner = await start_http(front, "127.0.0.1", 0)
         try:
             host, port = runner.addresses[0][:2]
             async with openai.AsyncOpenAI(base_url=f"http://{host}:{port}/v1", api_key="anything",
@@ -321,7 +316,7 @@ def test_without_api_keys_the_api_is_open(cluster, model_dir):
             return [m.id for m in models.data], response
         finally:
             await runner.cleanup()
-            await front.link.close()
+            await front.close()
 
     names, response = asyncio.run(run())
     assert names == ["tiny"] and response.model == "tiny" and response.usage.completion_tokens == 3

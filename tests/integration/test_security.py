@@ -29,8 +29,7 @@ from pdserve.cli.cluster import LocalCluster
 from pdserve.cli.cluster_security import ClusterSecurity
 from pdserve.kvtransfer import KVAuthError, KVLayout, KVTransferError, TCPKVSender
 from pdserve.models.tiny_model import make_tiny_model
-from pdserve.router.worker_clients import CHANNEL_OPTIONS
-from pdserve.runtime.channels import ClientSecurity
+from pdserve.runtime.channels import CHANNEL_OPTIONS, ClientSecurity
 from pdserve.runtime.tls import TlsConfig
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 

@@ -1,5 +1,6 @@
 """Parts of the OpenAI front end that need no cluster: chat templates rendered exactly as
-`transformers` renders them, request-field validation, router error mapping, metrics exposition."""
+`transformers` renders them, request-field validation and bounds, JSON the parser refuses,
+router error mapping, metrics exposition."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ import pytest
 
 from pdserve.models.tiny_model import make_tiny_model
 from pdserve.models.tokenizer import Tokenizer
+from pdserve.openai.body import parse_json
 from pdserve.openai.chat_template import ChatTemplate, normalize_messages
+from pdserve.openai.limits import MAX_CONTENT_PARTS, MAX_MESSAGES, NumberTooLarge, short_repr
 from pdserve.openai.metrics import Metrics
-from pdserve.openai.protocol import Limits, OpenAIError, from_rpc_error, read_sampling, to_proto
+from pdserve.openai.prompts import read_prompts, render_and_tokenize
+from pdserve.openai.protocol import OpenAIError, from_rpc_error
+from pdserve.openai.sampling import Limits, read_sampling, to_proto
 
 # Exercises what real checkpoints' templates use: namespace(), loop controls, tojson,
 # raise_exception, bos/eos tokens, whitespace control and add_generation_prompt.
@@ -119,6 +124,16 @@ def test_sampling_fields_map_to_the_router_message():
     ({"stop": ["a"] * 17}, "stop"), ({"stop": [""]}, "stop"), ({"stop": 3}, "stop"),
     ({"presence_penalty": 3}, "presence_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"), ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    # The protobuf field types: int32 top_k, uint32 stop_token_ids and min_tokens, uint64 seed.
+    ({"top_k": 2**31}, "top_k"), ({"top_k": 1e300}, "top_k"), ({"stop_token_ids": [2**32]}, "stop_token_ids"),
+    ({"min_tokens": 2**32}, "min_tokens"), ({"seed": -(2**63) - 1}, "seed"),
+    ({"stop_token_ids": [1] * 1025}, "stop_token_ids"), ({"stop": ["a"] * 100_000}, "stop"),
+    ({"temperature": 10**400}, "temperature"), ({"top_k": NumberTooLarge(5000)}, "top_k"),
+    ({"temperature": NumberTooLarge(5000)}, "temperature"),
+    # Below float32's smallest normal: would arrive as 0 or subnormal.
+    ({"temperature": 1e-300}, "temperature"), ({"top_p": 1e-300}, "top_p"), ({"min_p": 5e-324}, "min_p"),
+    ({"repetition_penalty": 1e-39}, "repetition_penalty"), ({"presence_penalty": -1e-300}, "presence_penalty"),
+    ({"stop": ["a\ud800"]}, "stop"),
 ])
 def test_bad_sampling_fields_are_400s_naming_the_field(body, param):
     with pytest.raises(OpenAIError) as error:
@@ -172,3 +187,88 @@ def test_each_metrics_has_its_own_registry():
     first.observe_request("/v1/models", 200, 0.01)
     assert b'pdserve_openai_requests_total{endpoint="/v1/models",status="200"} 1.0' in first.render()
     assert b"/v1/models" not in second.render()
+
+
+def test_small_normal_floats_and_zero_pass_through():
+    msg = to_proto(read_sampling({"temperature": 1e-30, "min_p": 0.0, "presence_penalty": -0.0}, LIMITS, chat=False))
+    assert msg.temperature > 0 and msg.min_p == 0
+
+
+def test_stop_token_ids_must_be_in_the_vocabulary():
+    limits = Limits(max_model_len=128, max_n=16, max_logprobs=20, vocab_size=512)
+    assert list(to_proto(read_sampling({"stop_token_ids": [511]}, limits, chat=False)).stop_token_ids) == [511]
+    with pytest.raises(OpenAIError) as error:
+        read_sampling({"stop_token_ids": [512]}, limits, chat=False)
+    assert error.value.param == "stop_token_ids"
+
+
+def test_json_the_parser_refuses_is_a_400_naming_the_field():
+    deep = b'{"n": 1, "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(OpenAIError) as error:
+        parse_json(deep)
+    assert (error.value.status, error.value.param) == (400, "prompt")
+    with pytest.raises(OpenAIError) as error:
+        parse_json(b"[" * 100_000 + b"]" * 100_000)
+    assert (error.value.status, error.value.param) == (400, None)
+    # Integers too long for int() become NumberTooLarge, which the field's reader names.
+    body = parse_json(b'{"max_tokens": ' + b"9" * 5000 + b', "prompt": [1, -' + b"1" * 5000 + b"]}")
+    assert isinstance(body["max_tokens"], NumberTooLarge) and isinstance(body["prompt"][1], NumberTooLarge)
+    with pytest.raises(OpenAIError) as error:
+        read_sampling(body, LIMITS, chat=False)
+    assert error.value.param == "max_tokens" and "5000 digits" in error.value.message
+    with pytest.raises(OpenAIError) as error:
+        read_prompts(body, 128, 512)
+    assert error.value.param == "prompt"
+    for bad in (b"{", b"\xff", b'{"a": 1,}'):
+        with pytest.raises(OpenAIError) as error:
+            parse_json(bad)
+        assert error.value.status == 400
+    assert parse_json(b'{"s": "\\ud83d\\ude00", "k": 12}') == {"s": "\U0001F600", "k": 12}
+
+
+@pytest.mark.parametrize("prompt", [["x"] * 65, "y" * 1_000_001, "a\ud800", [[1, 2], "\udc00"], [5] * 128,
+                                    [[5] * 200], [1, 2, 512], [1, True], [[]], [], 3, [{"a": 1}]])
+def test_prompts_over_the_bounds_or_not_unicode_are_400s(prompt):
+    with pytest.raises(OpenAIError) as error:
+        read_prompts({"prompt": prompt}, 128, 512)
+    assert (error.value.status, error.value.param) == (400, "prompt")
+
+
+def test_prompts_within_the_bounds_pass():
+    assert read_prompts({"prompt": [[5] * 127, "x" * 1000, "\U0001F600"]}, 128, 512) == [[5] * 127, "x" * 1000,
+                                                                                          "\U0001F600"]
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "hi"}] * (MAX_MESSAGES + 1),
+    [{"role": "user", "content": [{"type": "text", "text": "a"}] * (MAX_CONTENT_PARTS + 1)}],
+    [{"role": "user", "content": "z" * 1_000_001}],
+    [{"role": "user", "content": "z" * 600_000}, {"role": "assistant", "content": "z" * 600_000}],
+    [{"role": "user", "content": "hi", "name": "n" * 1_000_000}],
+    [{"role": "user", "content": "a\ud800"}],
+    [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}],
+    [{"role": "user", "content": "hi", "name": "\ud800"}],
+    [{"role": "user", "content": "hi", "tool_call_id": NumberTooLarge(5000)}],
+    [{"role": "x" * 10**6, "content": "hi"}],
+])
+def test_messages_over_the_bounds_are_400s_before_any_template_runs(messages):
+    with pytest.raises(OpenAIError) as error:
+        normalize_messages(messages)
+    assert (error.value.status, error.value.param) == (400, "messages")
+    assert len(error.value.message) < 300  # nothing of the client's is echoed at length
+
+
+def test_render_and_tokenize_gives_the_tokenizers_ids(model_dir):
+    tokenizer = Tokenizer.from_dir(model_dir)
+    template = ChatTemplate(tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
+    messages = normalize_messages(MESSAGES)
+    ids = render_and_tokenize(template, tokenizer, messages, True, None)
+    assert ids == tokenizer.encode(template.render(messages, True), add_special_tokens=False)
+    with pytest.raises(OpenAIError) as error:  # a template that prints what normalize_messages never saw
+        render_and_tokenize(template, tokenizer, [{"role": "user", "content": "\ud800"}], True, None)
+    assert error.value.param == "messages"
+
+
+def test_short_repr_never_raises_and_stays_short():
+    for value in (10**4000, [10**4000], "x" * 10**6, [[[[[[[[1]]]]]]]], {"k": "v" * 1000}, NumberTooLarge(7)):
+        assert len(short_repr(value)) < 100
