@@ -74,12 +74,14 @@ class AttemptRunner:
                                               for w in {w.worker_id: w for w in attempt.workers}.values()])
 
     async def _workers(self, role: str, attempt: Attempt) -> list[WorkerInfo]:
-        """Registered workers of `role`, leaving out those that failed this request and
-        suspects, as long as that leaves any."""
+        """Registered workers of `role`, best first: those neither suspect nor failed by this
+        request; else those not suspect (once every live worker has failed this request, try them
+        again rather than a dead one, which stays registered until its heartbeat key expires);
+        else those this request has not tried; else all."""
         workers = await self.registry.list(role)
+        healthy = [w for w in workers if not self.suspects.is_suspect(w.worker_id)]
         fresh = [w for w in workers if w.worker_id not in attempt.avoid]
-        healthy = [w for w in fresh if not self.suspects.is_suspect(w.worker_id)]
-        return healthy or fresh or workers
+        return [w for w in healthy if w.worker_id not in attempt.avoid] or healthy or fresh or workers
 
     @staticmethod
     def _check_not_aborted(state: StreamState) -> None:

@@ -101,3 +101,33 @@ def test_progress_recorder_coalesces_and_survives_redis_loss():
         run(scenario(server))
     finally:
         server.stop()
+
+
+def test_retries_prefer_live_workers_over_a_dead_one_still_registered(redis_url):
+    """Once a request has failed on every worker of a role, its next attempt goes back to the live
+    ones, not to a dead one whose registration has not expired yet (a suspect)."""
+    from pdserve.router.attempt import Attempt, AttemptRunner
+    from pdserve.router.failover import SuspectWorkers
+    from pdserve.router.worker_choice import InFlight
+    from pdserve.router.worker_clients import WorkerClients
+
+    async def scenario():
+        client = aioredis.from_url(redis_url)
+        registry = WorkerRegistry(client, prefix="retry-choice", ttl_s=30)
+        for worker_id in ("dead", "live"):
+            await registry.heartbeat(WorkerInfo(worker_id, "prefill", "127.0.0.1:1"))
+        suspects = SuspectWorkers(cooldown_s=60.0)
+        suspects.mark("dead")
+        runner = AttemptRunner(registry, WorkerClients(), InFlight(), suspects, lease_ms=1000, rpc_timeout_s=1.0,
+                               stream_idle_timeout_s=1.0)
+        untried = [w.worker_id for w in await runner._workers("prefill", Attempt("r", avoid={"dead"}))]
+        all_tried = [w.worker_id for w in await runner._workers("prefill", Attempt("r", avoid={"dead", "live"}))]
+        unknown_state = [w.worker_id for w in await runner._workers("prefill", Attempt("r", avoid=set()))]
+        suspects.mark("live")  # every worker suspect: the ones this request has not tried
+        only_suspects = [w.worker_id for w in await runner._workers("prefill", Attempt("r", avoid={"dead"}))]
+        await client.aclose()
+        return untried, all_tried, unknown_state, only_suspects
+
+    untried, all_tried, unknown_state, only_suspects = run(scenario())
+    assert untried == ["live"] and all_tried == ["live"] and unknown_state == ["live"]
+    assert only_suspects == ["live"]
