@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -42,7 +42,10 @@ class Dispatcher:
     """Runs requests across the registered workers and yields the client's responses."""
 
     def __init__(self, registry: WorkerRegistry, store: RequestStore, clients: WorkerClients,
-                 lease_ms: int = 30_000, rpc_timeout_s: float = 60.0, policy: RetryPolicy | None = None):
+                 lease_ms: int = 30_000, rpc_timeout_s: float = 60.0, policy: RetryPolicy | None = None,
+                 on_retry: Callable[[str], None] | None = None):
+        """on_retry(reason) is called for every retry of a request elsewhere (e.g. to count them
+        by reason: a gRPC status name, or the exception's class)."""
         self.registry = registry
         self.store = store
         self.clients = clients
@@ -52,6 +55,7 @@ class Dispatcher:
         self.runner = AttemptRunner(registry, clients, self.inflight, self.suspects, lease_ms, rpc_timeout_s,
                                     self.policy.stream_idle_timeout_s)
         self.attempts: dict[str, Attempt] = {}  # request id -> its current attempt
+        self.on_retry = on_retry
 
     async def abort(self, state: StreamState) -> None:
         """Abort the request wherever it runs; its stream then ends with "abort"."""
@@ -114,6 +118,8 @@ class Dispatcher:
                 if failures >= self.policy.max_attempts:
                     raise UnavailableError(f"request {state.request_id} could not be served: {failures} attempts "
                                            f"failed in a row, the last with {_describe(exc)}") from exc
+                if self.on_retry is not None:
+                    self.on_retry(retry_reason(exc))
                 delay = self.policy.delay_s(failures)
                 logger.warning("request %s: attempt failed (%s); retrying in %.0f ms", state.request_id,
                                _describe(exc), delay * 1000)
@@ -140,6 +146,13 @@ class Dispatcher:
             return True
         except grpc.aio.AioRpcError:
             return False
+
+
+def retry_reason(error: BaseException) -> str:
+    """A retry's cause as a metrics label: the gRPC status name, else the exception's class."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        return error.code().name
+    return type(error).__name__
 
 
 def _describe(error: BaseException) -> str:

@@ -40,17 +40,19 @@ async def serve_router(settings: RouterSettings) -> None:
     await check_redis(redis, redis_settings.url)
     clients = WorkerClients(ClientSecurity(server.tls))  # its certificate is the client certificate
     redis_wait = RedisWait(redact_url(redis_settings.url), settings.redis_wait_s)  # Redis away: wait, then UNAVAILABLE
+    metrics = RouterMetrics(telemetry.registry)
     dispatcher = Dispatcher(WorkerRegistry(redis, prefix=redis_settings.prefix, wait=redis_wait),
                             RequestStore(redis, prefix=redis_settings.prefix, wait=redis_wait),
                             clients, lease_ms=settings.lease_ms,
                             policy=RetryPolicy(max_attempts=settings.max_attempts,
-                                               stream_idle_timeout_s=settings.stream_idle_timeout_s))
+                                               stream_idle_timeout_s=settings.stream_idle_timeout_s),
+                            on_retry=lambda reason: metrics.retries.labels(reason=reason).inc())
     max_model_len = min(settings.max_model_len or model_config.max_position_embeddings,
                         model_config.max_position_embeddings)
     lifecycle = Lifecycle()
     admission = AdmissionControl(AdmissionLimits(settings.max_inflight_requests, settings.overload_retry_after_ms))
     servicer = RouterServicer(tokenizer, model_config, settings.model_name or settings.model, dispatcher,
-                              max_model_len, settings.block_size, RouterMetrics(telemetry.registry), lifecycle,
+                              max_model_len, settings.block_size, metrics, lifecycle,
                               admission)
     running = await start_server_with_health(
         lambda s: router_pb2_grpc.add_RouterServicer_to_server(servicer, s), service_names_of(router_pb2),

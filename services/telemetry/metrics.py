@@ -74,6 +74,10 @@ class RouterMetrics:
             ["code"], registry=registry)
         self.requests_in_flight = Gauge("pdserve:router_requests_in_flight",
                                         "Generate calls being served.", registry=registry)
+        self.retries = Counter(
+            "pdserve:router_retries", "Attempts of a request retried elsewhere, by the failure's cause "
+            "(a gRPC status name such as UNAVAILABLE, or WorkerFailedError: a stream silent too long or "
+            "ended early; OverloadedError: a started stream waiting for room).", ["reason"], registry=registry)
 
 
 class WorkerMetrics:

@@ -11,6 +11,7 @@ import random
 import grpc
 import pytest
 
+from helpers.observability_testing import scrape
 from pdserve.bench.chaos import ProgressWatch, kill_round, make_prompts, run_streams, stream_one, wait_all_blocks_free
 from pdserve.bench.chaos_churn import churn
 from pdserve.cli.cluster import LocalCluster
@@ -44,10 +45,13 @@ def reference(cluster):
 @pytest.mark.parametrize("role", ["decode", "prefill"])
 def test_kill_9_mid_stream_loses_and_repeats_nothing(cluster, reference, model_dir, role):
     prompts, want = reference
-    router_log = cluster.servers("router")[0].log_path
-    retries_before = router_log.read_text().count("retrying")
+    router = cluster.servers("router")[0]
+    retries_before = router.log_path.read_text().count("retrying")
+    counted_before = _retries_counted(router.metrics_address)
     report = asyncio.run(kill_round(cluster, prompts, MAX_TOKENS, want, role, random.Random(role)))
-    assert router_log.read_text().count("retrying") > retries_before  # streams really failed over
+    retries = router.log_path.read_text().count("retrying") - retries_before
+    assert retries > 0  # streams really failed over
+    assert _retries_counted(router.metrics_address) - counted_before == retries  # each one, by its cause
     assert report.errors == []
     assert report.completed == NUM_STREAMS
     assert report.identical == NUM_STREAMS
@@ -138,3 +142,9 @@ def test_colocated_worker_kill_continues_on_the_other(model_dir):
         assert "retrying" in router_log.read_text()  # streams really failed over
         loads = asyncio.run(wait_all_blocks_free(cluster))
         assert all(load.num_blocks_free == load.num_blocks_total for load in loads.values()), loads
+
+
+def _retries_counted(metrics_address: str) -> float:
+    """The router's pdserve:router_retries_total, summed over reasons."""
+    return sum(value for name, value in scrape(metrics_address).items()
+               if name.startswith("pdserve:router_retries_total"))
