@@ -116,3 +116,7 @@ class KVReceiverBackend(ABC):
     @abstractmethod
     def cancel(self, reservation_id: str) -> bool:
         """Forget a reservation; afterwards nothing is written into its blocks."""
+
+    @abstractmethod
+    def has_sender(self, reservation_id: str) -> bool:
+        """True while a live sender is attached to the reservation (its lease is then renewed)."""

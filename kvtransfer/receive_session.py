@@ -108,6 +108,8 @@ class ReceiveSession:
                 self._expect_empty(frame_type, size)
                 self._complete(res)
                 return
+            elif frame_type == wire.KEEPALIVE:
+                self._expect_empty(frame_type, size)
             elif frame_type == wire.CANCEL:
                 self._expect_empty(frame_type, size)
                 self.table.finish(res, KVTransferCancelled(

@@ -123,6 +123,13 @@ class ReservationTable:
             res.bound_unix_ns, res.bound_monotonic = time.time_ns(), time.monotonic()
             return res
 
+    def has_sender(self, reservation_id: str) -> bool:
+        """True while a sender's connection is bound to the open reservation (its KV is on the way,
+        or its prompt still queued on the prefill server)."""
+        with self._cond:
+            res = self._by_id.get(reservation_id)
+            return res is not None and not res.closed and res.connection is not None
+
     def begin_write(self, res: ExpectedTransfer) -> bool:
         """Claim the right to write into res's blocks; False once it is cancelled or finished."""
         with self._cond:

@@ -109,6 +109,11 @@ class TCPKVReceiver(KVReceiverBackend):
         and on_complete is not called. False if it was not registered any more."""
         return self.reservations.cancel(reservation_id)
 
+    def has_sender(self, reservation_id: str) -> bool:
+        """True while a sender's connection is bound to the reservation and open: a dead sender
+        closes it (EOF, a reset, or the sockets' keepalive probes for a vanished host)."""
+        return self.reservations.has_sender(reservation_id)
+
     def _accept_loop(self) -> None:
         while not self._stopping:
             try:

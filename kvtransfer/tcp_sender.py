@@ -47,12 +47,15 @@ def raise_if_error(frame_type: int, message: dict) -> None:
 class TCPKVSender(KVSenderBackend):
     """Opens TCP transfers for a prefill server whose cache has `layout`. ssl_context: a client
     context to speak TLS (server_hostname defaults to the endpoint's host); auth_token: the shared
-    secret the receivers expect."""
+    secret the receivers expect; keepalive_s: how long a transfer may send nothing before it
+    sends a KEEPALIVE frame (its prompt still queued)."""
 
     def __init__(self, layout: KVLayout, ssl_context: ssl.SSLContext | None = None,
                  auth_token: str | None = None, server_hostname: str | None = None,
-                 connect_timeout_s: float = 10.0, socket_buffer_bytes: int | None = None):
+                 connect_timeout_s: float = 10.0, socket_buffer_bytes: int | None = None,
+                 keepalive_s: float = wire.SENDER_KEEPALIVE_S):
         self.layout = layout
+        self.keepalive_s = keepalive_s
         self.ssl_context = ssl_context
         self.auth_token = auth_token
         self.server_hostname = server_hostname
@@ -83,15 +86,17 @@ class TCPKVSender(KVSenderBackend):
         except BaseException:
             sock.close()
             raise
-        return TCPKVTransfer(sock, self.layout, endpoint, reservation_id, reply["num_blocks"], started)
+        return TCPKVTransfer(sock, self.layout, endpoint, reservation_id, reply["num_blocks"], started,
+                             self.keepalive_s)
 
 
 class TCPKVTransfer(KVTransfer):
     """A handshaken connection and its sending thread (see KVTransfer for the contract)."""
 
     def __init__(self, sock: socket.socket, layout: KVLayout, endpoint: str, reservation_id: str,
-                 num_blocks: int, started: float):
+                 num_blocks: int, started: float, keepalive_s: float = wire.SENDER_KEEPALIVE_S):
         self.layout = layout
+        self.keepalive_s = keepalive_s
         self.endpoint = endpoint
         self.reservation_id = reservation_id
         self.num_blocks = num_blocks
@@ -173,7 +178,12 @@ class TCPKVTransfer(KVTransfer):
     def _run(self) -> None:
         try:
             while True:
-                item = self._queue.get()
+                try:
+                    item = self._queue.get(timeout=self.keepalive_s)
+                except queue.Empty:  # nothing to send yet (the prompt is queued): say we are alive
+                    self._raise_receiver_error()
+                    self._sock.sendall(wire.encode_header(wire.KEEPALIVE, 0))
+                    continue
                 if item is _CANCEL or self._cancelled.is_set():
                     self._sock.sendall(wire.encode_header(wire.CANCEL, 0))
                     return

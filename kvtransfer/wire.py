@@ -14,6 +14,9 @@ Frame types and payloads:
     FINISH    sender -> receiver   empty: everything is sent
     COMPLETE  receiver -> sender   JSON: {"bytes": n}: the whole KV is in the reserved blocks
     CANCEL    sender -> receiver   empty: the sender gives up
+    KEEPALIVE sender -> receiver   empty: still here (the prompt waits to be computed); sent after
+                                   SENDER_KEEPALIVE_S without a frame, so a receiver's idle timeout
+                                   drops dead senders, not queued ones
     ERROR     either way           JSON: {"code": str, "message": str}; the connection closes after it
 """
 
@@ -33,9 +36,11 @@ HEADER = struct.Struct("!4sBBHQ")
 LAYER_HEADER = struct.Struct("!III")
 MAX_JSON_PAYLOAD = 4 << 20  # a HELLO lists block ids: 4 MiB is ~500k of them
 
-HELLO, HELLO_OK, LAYER, FINISH, COMPLETE, CANCEL, ERROR = range(1, 8)
+SENDER_KEEPALIVE_S = 10.0  # well under the decode server's receiver idle timeout (30 s)
+
+HELLO, HELLO_OK, LAYER, FINISH, COMPLETE, CANCEL, ERROR, KEEPALIVE = range(1, 9)
 FRAME_NAMES = {HELLO: "HELLO", HELLO_OK: "HELLO_OK", LAYER: "LAYER", FINISH: "FINISH",
-               COMPLETE: "COMPLETE", CANCEL: "CANCEL", ERROR: "ERROR"}
+               COMPLETE: "COMPLETE", CANCEL: "CANCEL", ERROR: "ERROR", KEEPALIVE: "KEEPALIVE"}
 
 
 def encode_header(frame_type: int, payload_len: int) -> bytes:

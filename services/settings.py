@@ -117,8 +117,10 @@ class RouterSettings:
 @dataclass(frozen=True, kw_only=True)
 class WorkerSettings:
     """What the prefill, decode and colocated servers share: the engine, the registry entry
-    (worker_id None: role + a random suffix; heartbeat_s: a worker silent 3 beats is dropped), and
-    the bound on requests queued at once (beyond it RESOURCE_EXHAUSTED with the retry hint)."""
+    (worker_id None: role + a random suffix; heartbeat_s: a worker silent 3 beats is dropped),
+    the bound on requests queued at once (beyond it RESOURCE_EXHAUSTED with the retry hint), and
+    stream_keepalive_s: how often a request stream with nothing to send (waiting for a batch slot)
+    sends an empty output, well under the router's --stream-idle-timeout-s."""
 
     server: ServerSettings
     redis: RedisSettings
@@ -127,12 +129,15 @@ class WorkerSettings:
     heartbeat_s: float = 1.0
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
     overload_retry_after_ms: int = DEFAULT_RETRY_AFTER_MS
+    stream_keepalive_s: float = 5.0
 
     role = ""  # each role's name in the registry, set by the subclass (a class attribute, not a field)
 
     def __post_init__(self) -> None:
         if not self.heartbeat_s > 0:
             raise ValueError(f"--heartbeat-s must be > 0, got {self.heartbeat_s}")
+        if not self.stream_keepalive_s > 0:
+            raise ValueError(f"--stream-keepalive-s must be > 0, got {self.stream_keepalive_s}")
         self.queue_bound("queue")  # the bound's own checks, at start
 
     def queue_bound(self, what: str) -> QueueBound:

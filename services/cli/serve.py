@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                          "mid-stream: the rest goes on elsewhere) before it fails UNAVAILABLE")
     add_flag(p, "--stream-idle-timeout-s", 60.0, float, "router: a worker stream silent this long counts "
                                                          "as failed (the request goes on elsewhere)")
+    add_flag(p, "--stream-keepalive-s", 5.0, float, "decode, colocated: a request stream with nothing to send "
+                                                    "(waiting for a batch slot) sends an empty output this often, "
+                                                    "so the router does not take it for a hung worker")
     add_flag(p, "--max-inflight-requests", 256, int, "router: Generate calls served at once; beyond it a "
                                                      "call gets RESOURCE_EXHAUSTED at once, with a retry hint")
     add_flag(p, "--max-queued-requests", 256, int, "workers: requests waiting at once (prefill: Prefill calls "
@@ -157,7 +160,7 @@ def settings_from(ns: argparse.Namespace):
                                 api_keys=parse_api_keys(ns.api_key))
     worker = dict(server=server, redis=redis, engine=engine_args_from(ns), worker_id=ns.worker_id,
                   heartbeat_s=ns.heartbeat_s, max_queued_requests=ns.max_queued_requests,
-                  overload_retry_after_ms=ns.overload_retry_after_ms)
+                  overload_retry_after_ms=ns.overload_retry_after_ms, stream_keepalive_s=ns.stream_keepalive_s)
     if role == "prefill":
         return s.PrefillSettings(**worker, kv_connect_timeout_s=ns.kv_connect_timeout_s,
                                  kv_auth_token=ns.kv_auth_token or None)

@@ -52,6 +52,8 @@ class AsyncEngine:
         self._stats = engine.stats()
         self._error: BaseException | None = None
         self._calls: set[asyncio.Future] = set()  # futures of Call commands not yet settled
+        self._aborting: set[str] = set()  # engine-side ids with an Abort queued, not yet applied
+        self._aborting_lock = threading.Lock()  # the loop adds, the engine thread reads and removes
 
     def start(self) -> None:
         """Start the engine thread, bound to the running event loop."""
@@ -159,7 +161,7 @@ class AsyncEngine:
             del self._streams[engine_id]
             del self._engine_ids[request_id]
             if not finished:
-                self._commands.put(Abort(engine_id))
+                self._send_abort(engine_id)
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request; its stream ends with a finish_reason "abort" output. False when
@@ -167,8 +169,15 @@ class AsyncEngine:
         engine_id = self._engine_ids.get(request_id)
         if engine_id is None:
             return False
-        self._commands.put(Abort(engine_id))
+        self._send_abort(engine_id)
         return True
+
+    def _send_abort(self, engine_id: str) -> None:
+        """Queue an Abort; until the engine thread applies it, a step made only of requests
+        being aborted stops after its current layer (LLMEngine.step's interrupt)."""
+        with self._aborting_lock:
+            self._aborting.add(engine_id)
+        self._commands.put(Abort(engine_id))
 
     async def reserve(self, reservation_id: str, num_prompt_tokens: int,
                       expires_at: float | None = None) -> list[int]:
@@ -192,6 +201,10 @@ class AsyncEngine:
     async def release_reservation(self, reservation_id: str) -> bool:
         """LLMEngine.release_reservation in the engine thread (False when not open)."""
         return await self._call(lambda e: e.release_reservation(reservation_id))
+
+    async def extend_reservations(self, expiries: dict[str, float]) -> None:
+        """LLMEngine.extend_reservation in the engine thread, for each (reservation id, expires_at)."""
+        await self._call(lambda e: [e.extend_reservation(rid, at) for rid, at in expiries.items()])
 
     async def expire_reservations(self, now: float) -> list[str]:
         """LLMEngine.expire_reservations in the engine thread: the ids it released."""
@@ -221,16 +234,18 @@ class AsyncEngine:
                     return
                 if not self.engine.has_unfinished_requests():
                     continue
-                if self._layer_hook is None:
-                    outputs = self.engine.step()
-                else:
-                    outputs = self.engine.step(layer_hook=self._layer_hook)
+                outputs = self.engine.step(layer_hook=self._layer_hook, interrupt=self._all_aborting)
                 self._stats = self.engine.stats()
                 if outputs:
                     self._loop.call_soon_threadsafe(self._deliver, outputs)
         except BaseException as exc:  # noqa: BLE001 - every stream must learn the engine is gone
             self._error = exc
             self._loop.call_soon_threadsafe(self._fail_all, exc)
+
+    def _all_aborting(self, engine_ids: set[str]) -> bool:
+        """True when every request of the running step has an Abort queued (engine thread)."""
+        with self._aborting_lock:
+            return engine_ids <= self._aborting
 
     def _apply_commands(self, block: bool) -> bool:
         """Apply queued commands (waiting for one if block); False on stop."""
@@ -258,6 +273,8 @@ class AsyncEngine:
                 self._loop.call_soon_threadsafe(self._deliver_error, command.request_id, exc)
         elif isinstance(command, Abort):
             self.engine.abort_request(command.request_id)
+            with self._aborting_lock:
+                self._aborting.discard(command.request_id)
         else:
             try:
                 result, error = command.fn(self.engine), None

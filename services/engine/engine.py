@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pdserve.engine.block_pool import BlockPool
@@ -22,6 +22,10 @@ from pdserve.engine.stats import EngineCounters, EngineStats
 from pdserve.engine.validation import RequestRejectedError, validate_request
 from pdserve.models.sampler import Sampler
 from pdserve.models.sampling_params import SamplingParams
+
+
+class StepInterrupted(Exception):
+    """Raised after a layer to abandon the rest of a step whose requests are all being aborted."""
 
 
 class LLMEngine:
@@ -107,6 +111,11 @@ class LLMEngine:
         """Free an open reservation's blocks; False when it is not open (idempotent)."""
         return self.reservations.release(reservation_id)
 
+    def extend_reservation(self, reservation_id: str, expires_at: float) -> bool:
+        """Move an open reservation's expiry (a lease renewed while its KV is on the way); False
+        when it is not open."""
+        return self.reservations.extend(reservation_id, expires_at)
+
     def expire_reservations(self, now: float) -> list[str]:
         """Release the reservations whose expires_at <= now (same clock); returns their ids."""
         return self.reservations.expire(now)
@@ -170,12 +179,17 @@ class LLMEngine:
         """True while a request is queued or running, or an abort output is not yet returned."""
         return bool(self.requests) or bool(self._pending_outputs)
 
-    def step(self, layer_hook: LayerHook | None = None) -> list[RequestOutput]:
+    def step(self, layer_hook: LayerHook | None = None,
+             interrupt: Callable[[set[str]], bool] | None = None) -> list[RequestOutput]:
         """Run one iteration: schedule, copy shared blocks, run the model, sample, apply stops.
 
         Returns one RequestOutput per request that progressed or finished in this step.
         layer_hook(i, infos), if given, runs once layer i has written the K/V of the step's
-        chunks (infos: list[ChunkInfo]); it must not raise.
+        chunks (infos: list[ChunkInfo]); it must not raise. interrupt(request_ids), if given,
+        runs after every layer with the ids of the step's requests: True abandons the rest of the
+        step (its caller has aborts of all of them to apply), which then keeps nothing: no token,
+        no computed token counted, no prefix-cache entry. A long prefill step of requests whose
+        clients left stops within a layer, not at its end.
         """
         outputs, self._pending_outputs = self._pending_outputs, []
         sched = self.scheduler.schedule()
@@ -184,11 +198,23 @@ class LLMEngine:
             return outputs
         self.counters.num_steps += 1
         self.runner.copy_blocks(sched.copy_pairs)
-        layer_done = None
-        if layer_hook is not None:
-            infos = chunk_infos(sched.scheduled, self.config.block_size)
-            layer_done = lambda i: layer_hook(i, infos)  # noqa: E731
-        logits = self.runner.execute([self._chunk(s) for s in sched.scheduled], layer_done=layer_done)
+        infos = chunk_infos(sched.scheduled, self.config.block_size) if layer_hook is not None else None
+        request_ids = {s.request.request_id for s in sched.scheduled}
+        if not any(s.num_tokens > 1 for s in sched.scheduled):
+            interrupt = None  # a decode-only step is short (and keeps its CUDA graphs)
+
+        def layer_done(i: int) -> None:
+            if layer_hook is not None:
+                layer_hook(i, infos)
+            if interrupt is not None and interrupt(request_ids):
+                raise StepInterrupted
+
+        try:
+            logits = self.runner.execute([self._chunk(s) for s in sched.scheduled],
+                                         layer_done=layer_done if layer_hook or interrupt else None)
+        except StepInterrupted:
+            self.counters.num_interrupted_steps += 1
+            return outputs
         self._advance(sched)
         targets = [self._sampling_targets(s) for s in sched.scheduled if s.needs_logits]
         deltas = self.processor.sample(logits, targets)

@@ -115,6 +115,14 @@ class ReservationBook:
         self.free(reservation)
         return True
 
+    def extend(self, reservation_id: str, expires_at: float) -> bool:
+        """Move an open reservation's expiry to expires_at; False when it is not open."""
+        reservation = self._by_id.get(reservation_id)
+        if reservation is None:
+            return False
+        reservation.expires_at = expires_at
+        return True
+
     def expire(self, now: float) -> list[str]:
         """Release every reservation whose expires_at <= now; returns their ids."""
         expired = [r.reservation_id for r in self._by_id.values()

@@ -18,6 +18,7 @@ class EngineCounters:
     num_preemptions: int = 0
     num_finished_requests: int = 0
     num_aborted_requests: int = 0
+    num_interrupted_steps: int = 0  # steps abandoned after a layer: every request in them was aborted
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from pdserve.state.registry import WorkerInfo, WorkerRegistry
 from pdserve.telemetry import tracing
 from pdserve.v1 import colocated_pb2, decode_pb2, prefill_pb2, router_pb2, worker_pb2
 
+PROBE_TIMEOUT_S = 10.0  # a busy but live worker answers GetLoad well within this
 
 @dataclass
 class Attempt:
@@ -116,9 +117,29 @@ class AttemptRunner:
                                               retry_after_ms=retry_after_ms_of(full)) from exc
                     raise UnavailableError(f"every {worker.role} server is shutting down") from exc
 
+    async def _while_alive(self, call, worker: WorkerInfo):
+        """Await a unary call that may queue on the worker for long: every rpc_timeout_s it is
+        still pending, probe the worker; WorkerFailedError (the call cancelled) when the worker
+        does not answer the probe within PROBE_TIMEOUT_S. Retries come on evidence of failure,
+        never on a queue's length."""
+        pending = asyncio.ensure_future(call)
+        try:
+            while True:
+                done, _ = await asyncio.wait({pending}, timeout=self.rpc_timeout_s)
+                if done:
+                    return pending.result()
+                try:
+                    await self.clients.probe(worker.address, PROBE_TIMEOUT_S)
+                except grpc.aio.AioRpcError as error:
+                    raise WorkerFailedError(f"{worker.role} server {worker.worker_id} stopped answering while "
+                                            f"the call waited ({error.code().name})") from error
+        finally:
+            pending.cancel()  # no-op once done; else the gRPC call is cancelled
+
     async def _read(self, stream):
         """The stream's next output (or EOF); WorkerFailedError, the call cancelled, when the
-        worker sends nothing for stream_idle_timeout_s (a hung or partitioned peer)."""
+        worker sends nothing for stream_idle_timeout_s (a hung or partitioned peer; a live worker
+        sends keepalives while the request waits for a slot, see pdserve.workers.keepalive)."""
         try:
             return await asyncio.wait_for(stream.read(), self.stream_idle_timeout_s)
         except TimeoutError:
@@ -169,8 +190,9 @@ class AttemptRunner:
                 kv_target=target, trace_context=carrier)
 
             def prefill(worker: WorkerInfo):
-                return self.clients.prefill(worker.address).Prefill(
-                    prefill_request, timeout=self.rpc_timeout_s, metadata=metadata)
+                # No deadline: the prompt may wait in a long prefill queue, which is not a failure.
+                call = self.clients.prefill(worker.address).Prefill(prefill_request, metadata=metadata)
+                return self._while_alive(call, worker)
 
             prefill_worker, response = await self._on_first_available(
                 attempt, prefill_workers, choose_prefill, n_prompt, prefill)

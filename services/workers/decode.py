@@ -22,6 +22,7 @@ from pdserve.telemetry import spans, tracing
 from pdserve.telemetry.metrics import WorkerMetrics
 from pdserve.v1 import decode_pb2, decode_pb2_grpc
 from pdserve.workers.convert import request_output_to_proto
+from pdserve.workers.keepalive import with_keepalive
 from pdserve.workers.queue_bound import QueueBound
 from pdserve.workers.request_checks import RequestIds, check_decode, check_reserve
 from pdserve.workers.request_trace import WorkerRequestTrace
@@ -36,19 +37,25 @@ ENGINE_EXPIRY_GRACE_S = 10.0
 @dataclass
 class KVLease:
     """The decode server's lease on the blocks reserved for one request's prompt KV: it ends at
-    expires_at (the router's lease_ms), unless `arrived` resolves first, when the KV is in."""
+    expires_at (lease_s, the router's lease_ms, after the Reserve), unless `arrived` resolves
+    first, when the KV is in. While a prefill server's KV connection is attached (its prompt
+    queued or computing there) the lease is renewed: a queue is not a failure, and a sender that
+    dies closes its connection."""
 
     request_id: str
     expires_at: float
     arrived: asyncio.Future
     prompt_tokens: int = 0
+    lease_s: float = 30.0
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
     """pdserve.v1.DecodeWorker."""
 
-    def __init__(self, ctx: WorkerContext, receiver: TCPKVReceiver, queue: QueueBound | None = None):
+    def __init__(self, ctx: WorkerContext, receiver: TCPKVReceiver, queue: QueueBound | None = None,
+                 keepalive_s: float = 5.0):
         self.ctx = ctx
+        self.keepalive_s = keepalive_s
         self.receiver = receiver
         self.reservations: dict[str, KVLease] = {}
         self.decoding = RequestIds()  # Decode calls in progress (a second one: ALREADY_EXISTS)
@@ -87,7 +94,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
             loop.call_soon_threadsafe(_resolve, arrived, error)
 
         self.reservations[reservation_id] = KVLease(request.request_id, expires_at, arrived,
-                                                        request.prompt_tokens)
+                                                    request.prompt_tokens, lease_s)
         self.receiver.expect(reservation_id, list(block_ids), request.prompt_tokens, on_complete)
         return decode_pb2.ReserveResponse(
             reservation_id=reservation_id, kv_endpoint=self.ctx.kv_endpoint, block_ids=block_ids,
@@ -108,7 +115,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
         try:
             # aclosing: a caller leaving early aborts the request here now, not at collection.
             with self.ctx.lifecycle.track():
-                async with contextlib.aclosing(self._decode(request, trace)) as outputs:
+                outputs = with_keepalive(self._decode(request, trace), request.request_id, self.keepalive_s)
+                async with contextlib.aclosing(outputs) as outputs:
                     async for output in outputs:
                         generated_tokens += sum(len(s.token_ids) for s in output.samples)
                         yield output
@@ -165,8 +173,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
         if reservation is None:
             raise NotFoundError(f"reservation {reservation_id!r} is not open (expired or unknown)")
         try:
-            remaining = max(0.0, reservation.expires_at - time.monotonic())
-            await asyncio.wait_for(asyncio.shield(reservation.arrived), remaining)
+            while True:  # until the KV is in, or the lease (renewed while a sender is attached) ends
+                remaining = reservation.expires_at - time.monotonic()
+                if remaining <= 0 and not self.receiver.has_sender(reservation_id):
+                    raise TimeoutError(f"the lease ran out after {reservation.lease_s:g} s")
+                done, _ = await asyncio.wait({reservation.arrived}, timeout=max(remaining, EXPIRY_SWEEP_S))
+                if done:
+                    reservation.arrived.result()
+                    break
         except Exception as exc:  # timed out, or the transfer failed
             await self._drop(reservation_id)
             raise UnavailableError(f"KV for reservation {reservation_id!r} did not arrive: {exc}") from exc
@@ -189,15 +203,28 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
         return any(results)
 
     async def expire_forever(self) -> None:
-        """Free reservations whose lease ran out before their KV (or their Decode) came:
-        the receiver forgets them first, then the engine frees their blocks."""
+        """Every EXPIRY_SWEEP_S: renew the leases whose KV sender is attached, and free the
+        reservations whose lease ran out before their KV (or their Decode) came: the receiver
+        forgets them first, then the engine frees their blocks."""
         while True:
             await asyncio.sleep(EXPIRY_SWEEP_S)
-            now = time.monotonic()
-            for rid in [rid for rid, r in self.reservations.items() if r.expires_at <= now]:
+            await self.sweep(time.monotonic())
+
+    async def sweep(self, now: float) -> None:
+        """One pass of expire_forever at time `now` (time.monotonic())."""
+        renewed = {}
+        for rid, lease in list(self.reservations.items()):
+            if lease.expires_at - now > lease.lease_s / 2:
+                continue
+            if not lease.arrived.done() and self.receiver.has_sender(rid):
+                lease.expires_at = now + lease.lease_s
+                renewed[rid] = lease.expires_at + ENGINE_EXPIRY_GRACE_S
+            elif lease.expires_at <= now:
                 await self._drop(rid)
-            for rid in await self.ctx.async_engine.expire_reservations(now):
-                self.receiver.cancel(rid)
+        if renewed:
+            await self.ctx.async_engine.extend_reservations(renewed)
+        for rid in await self.ctx.async_engine.expire_reservations(now):
+            self.receiver.cancel(rid)
 
 
 def observe_received(metrics: WorkerMetrics, report: ReceivedTransfer) -> None:
@@ -233,7 +260,7 @@ async def setup(ctx: WorkerContext, settings: DecodeSettings):
     receiver.start()
     host = settings.server.advertised_host()
     ctx.kv_endpoint = f"{host}:{receiver.endpoint.rsplit(':', 1)[1]}"
-    servicer = DecodeServicer(ctx, receiver, settings.queue_bound("decode queue"))
+    servicer = DecodeServicer(ctx, receiver, settings.queue_bound("decode queue"), settings.stream_keepalive_s)
     ctx.abort_hooks.append(servicer.abort_reservations)
     ctx.lifecycle.add_source(lambda: len(servicer.reservations))  # granted, Decode still to come
     sweeper = asyncio.create_task(servicer.expire_forever())

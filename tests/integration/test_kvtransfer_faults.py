@@ -167,6 +167,29 @@ def test_idle_connection_is_closed_after_the_handshake_timeout(dst_caches):
         rx.stop()
 
 
+def test_a_queued_sender_keeps_its_connection_past_the_idle_timeout_with_keepalives(dst_caches):
+    """A sender whose prompt waits to be computed sends KEEPALIVE frames: the receiver's idle
+    timeout drops silent senders, not waiting ones; the KV sent afterwards lands whole."""
+    rx = TCPKVReceiver(dst_caches, idle_timeout_s=0.3)
+    rx.start()
+    try:
+        src, outcomes = random_caches(LAYOUT, NUM_BLOCKS, seed=3), Outcomes()
+        rx.expect("queued", [5, 6], 8, outcomes)
+        rx.expect("silent", [7, 8], 8, outcomes)
+        transfer = TCPKVSender(LAYOUT, keepalive_s=0.05).open(rx.endpoint, "queued", 8)
+        silent = TCPKVSender(LAYOUT, keepalive_s=60).open(rx.endpoint, "silent", 8)
+        # The silent one is dropped by the idle timeout while the queued one stays bound.
+        assert isinstance(outcomes.wait("silent"), KVTransferError)
+        assert rx.has_sender("queued") and not rx.has_sender("silent")
+        send_all(transfer, src, [1, 2])
+        transfer.finish(timeout=10)
+        assert outcomes.wait("queued") is None
+        assert_blocks_equal(dst_caches, [5, 6], src, [1, 2])
+        silent.cancel()
+    finally:
+        rx.stop()
+
+
 def test_stop_fails_pending_reservations(dst_caches):
     rx = TCPKVReceiver(dst_caches)
     rx.start()

@@ -1,0 +1,71 @@
+"""LLMEngine.step(interrupt=...): a prefill step whose requests are all being aborted stops
+after the layer where that became true and keeps nothing of itself, so the aborts then free
+every block and later requests (the same prompt included: no half-computed prefix-cache entry)
+get exactly the tokens of an engine that never saw it."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.engine.setup import EngineArgs, build_engine
+from pdserve.models.sampling_params import SamplingParams
+from pdserve.models.tiny_model import make_tiny_model
+
+PROMPT = list(range(5, 5 + 100))  # several full blocks: a prefix-cache entry if the step were kept
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(make_tiny_model(tmp_path_factory.mktemp("interrupt") / "tiny", arch="llama", seed=0))
+
+
+def _engine(model_dir: str):
+    engine, _ = build_engine(EngineArgs(model=model_dir, kv_cache_mb=16))
+    return engine
+
+
+def test_an_interrupted_step_keeps_nothing_and_the_aborts_free_every_block(model_dir):
+    engine = _engine(model_dir)
+    free_before = engine.stats().num_blocks_free
+    engine.add_request("gone-a", PROMPT, GREEDY)
+    engine.add_request("gone-b", PROMPT[::-1], GREEDY)
+    layers_run = []
+
+    def interrupt(request_ids: set[str]) -> bool:
+        layers_run.append(request_ids)
+        return len(layers_run) == 2  # the clients left while layer 1 computed
+
+    assert engine.step(interrupt=interrupt) == []
+    assert len(layers_run) == 2 and layers_run[0] == {"gone-a", "gone-b"}
+    assert engine.counters.num_interrupted_steps == 1
+    assert engine.counters.num_prefill_tokens_computed == 0
+    assert engine.abort_request("gone-a") and engine.abort_request("gone-b")
+    engine.step()  # delivers the aborted outputs
+    assert not engine.has_unfinished_requests()
+    stats = engine.stats()
+    assert stats.num_blocks_free == free_before and stats.num_blocks_cached == 0
+
+    want = [r.samples[0].token_ids for r in _engine(model_dir).generate([PROMPT], GREEDY)]
+    assert [r.samples[0].token_ids for r in engine.generate([PROMPT], GREEDY)] == want
+
+
+def test_a_step_that_is_not_interrupted_is_unchanged_and_decode_steps_are_never_asked(model_dir):
+    engine = _engine(model_dir)
+    asked = []
+
+    def never(request_ids: set[str]) -> bool:
+        asked.append(len(request_ids))
+        return False
+
+    engine.add_request("kept", PROMPT, GREEDY)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step(interrupt=never)
+    tokens = [t for o in outputs for s in o.samples for t in s.token_ids]
+    want = [r.samples[0].token_ids for r in _engine(model_dir).generate([PROMPT], GREEDY)]
+    assert tokens == want[0]
+    layers = len(asked)
+    assert layers > 0 and engine.counters.num_interrupted_steps == 0
+    # Only the prefill step asked (once per layer); the 7 decode steps after it did not.
+    assert layers == len(engine.runner.kv_caches)
