@@ -1,6 +1,11 @@
 """Waiting for Redis: a call that finds Redis unreachable is retried with short backoff until a
 deadline, then fails with UnavailableError (gRPC UNAVAILABLE) naming the server and the error.
 
+Each attempt runs in a task of its own, awaited through asyncio.shield: redis-py's asyncio client
+can swallow a task's cancellation that lands mid-command (measured with redis 8.2: about one
+cancel in three went missing), which would keep a request whose client left running until its
+next write. Shielded, the caller is cancelled at once and the command finishes on its own.
+
     wait = RedisWait(redact_url(ns.redis_url), wait_s=5.0)   # redact_url: pdserve.state.redis_connect
     created = await wait.call(lambda: redis.eval(...))
 """
@@ -62,7 +67,7 @@ class RedisWait:
         while True:
             budget = max(deadline - loop.time(), self.min_attempt_s)
             try:
-                return await asyncio.wait_for(attempt(), budget)
+                return await _shielded(attempt(), budget)
             except RETRYABLE_ERRORS as exc:
                 error = exc
             left = deadline - loop.time()
@@ -71,6 +76,32 @@ class RedisWait:
                                        f"{_describe(error)}") from error
             await asyncio.sleep(min(backoff, left))
             backoff = min(2 * backoff, self.max_backoff_s)
+
+
+_DETACHED: set[asyncio.Task] = set()  # attempts their caller left (cancelled or timed out), still finishing
+
+
+async def _shielded(command: Awaitable[T], timeout_s: float) -> T:
+    """await `command` in its own task for at most timeout_s (then TimeoutError, and the task is
+    cancelled); a cancelled caller raises CancelledError at once, and the command is left to
+    finish (cancelling redis-py mid-command costs the connection, and may be swallowed anyway)."""
+    task = asyncio.ensure_future(command)
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await asyncio.shield(task)
+    except BaseException as exc:
+        if not task.done():
+            if isinstance(exc, TimeoutError):
+                task.cancel()
+            _DETACHED.add(task)  # kept until it really ends
+            task.add_done_callback(_forget)
+        raise
+
+
+def _forget(task: asyncio.Task) -> None:
+    _DETACHED.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: a detached attempt's failure is nobody's to report
 
 
 def _describe(error: BaseException) -> str:
