@@ -5,8 +5,13 @@ get exactly the tokens of an engine that never saw it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
+
 import pytest
 
+from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.setup import EngineArgs, build_engine
 from pdserve.models.sampling_params import SamplingParams
 from pdserve.models.tiny_model import make_tiny_model
@@ -69,3 +74,39 @@ def test_a_step_that_is_not_interrupted_is_unchanged_and_decode_steps_are_never_
     assert layers > 0 and engine.counters.num_interrupted_steps == 0
     # Only the prefill step asked (once per layer); the 7 decode steps after it did not.
     assert layers == len(engine.runner.kv_caches)
+
+
+def test_a_stream_closed_mid_step_stops_the_step_after_the_current_layer(model_dir):
+    """AsyncEngine end to end: the caller leaves while layer 0 computes (the hook holds the
+    engine thread there); the step stops after that layer and the request is gone."""
+    engine = _engine(model_dir)
+    in_layer_0, leave_done = threading.Event(), threading.Event()
+    layers_seen = []
+
+    def hook(layer: int, infos) -> None:
+        layers_seen.append(layer)
+        if layer == 0:
+            in_layer_0.set()
+            leave_done.wait(10)
+
+    async def scenario():
+        async_engine = AsyncEngine(engine, layer_hook=hook)
+        async_engine.start()
+        try:
+            stream = async_engine.generate("leaving", PROMPT, GREEDY)
+            reading = asyncio.ensure_future(anext(stream))
+            await asyncio.to_thread(in_layer_0.wait, 10)
+            reading.cancel()  # the client leaves: closing the stream queues the abort
+            with contextlib.suppress(asyncio.CancelledError):
+                await reading
+            await stream.aclose()
+            leave_done.set()
+            return await async_engine._call(lambda e: (e.counters.num_interrupted_steps, e.stats()))
+        finally:
+            async_engine.shutdown()
+
+    interrupted, stats = asyncio.run(scenario())
+    assert interrupted == 1
+    assert (stats.num_running_requests, stats.num_waiting_requests) == (0, 0)
+    assert stats.num_blocks_free == stats.num_blocks_total
+    assert layers_seen == [0]  # no layer after the one computing when the client left
