@@ -57,6 +57,8 @@ class EngineStatsCollector(Collector):
             "engine_generated_tokens": ("Tokens sampled by the engine.", c.num_generated_tokens),
             "engine_requests_finished": ("Requests the engine finished.", c.num_finished_requests),
             "engine_requests_aborted": ("Requests the engine aborted.", c.num_aborted_requests),
+            "engine_steps_interrupted": ("Prefill steps stopped after a layer: every request in them was "
+                                         "cancelled.", c.num_interrupted_steps),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"pdserve:{name}", doc, value=value)

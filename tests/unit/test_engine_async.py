@@ -115,9 +115,9 @@ def test_the_engine_steps_outside_the_event_loop_thread(tiny):
     sync_engine = tiny.engine()
     original_step = sync_engine.step
 
-    def recording_step():
+    def recording_step(**kwargs):
         stepping_threads.add(threading.get_ident())
-        return original_step()
+        return original_step(**kwargs)
 
     sync_engine.step = recording_step
 
