@@ -96,7 +96,8 @@ class RouterSettings:
     """The router. model: the checkpoint directory its tokenizer and config come from; model_name:
     what GetModelInfo reports (default: model); redis_wait_s: how long a new request waits for an
     unreachable Redis before UNAVAILABLE; lease_ms: how long a decode reservation waits for its KV;
-    max_attempts / stream_idle_timeout_s: the failover budget; max_inflight_requests and
+    max_attempts / stream_idle_timeout_s: the failover budget; rpc_timeout_s: the deadline of a
+    Reserve, and how often a Prefill still waiting probes its server; max_inflight_requests and
     overload_retry_after_ms: admission control; api_keys: keys gRPC clients must send (empty: open)."""
 
     server: ServerSettings
@@ -109,9 +110,14 @@ class RouterSettings:
     lease_ms: int = 30_000
     max_attempts: int = 5
     stream_idle_timeout_s: float = 60.0
+    rpc_timeout_s: float = 60.0
     max_inflight_requests: int = 256
     overload_retry_after_ms: int = DEFAULT_RETRY_AFTER_MS
     api_keys: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.rpc_timeout_s > 0:
+            raise ValueError(f"--rpc-timeout-s must be > 0, got {self.rpc_timeout_s}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -43,6 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                          "mid-stream: the rest goes on elsewhere) before it fails UNAVAILABLE")
     add_flag(p, "--stream-idle-timeout-s", 60.0, float, "router: a worker stream silent this long counts "
                                                          "as failed (the request goes on elsewhere)")
+    add_flag(p, "--rpc-timeout-s", 60.0, float, "router: deadline of a Reserve call; a Prefill call waiting this "
+                                                "long probes its server, and fails only if the probe does")
     add_flag(p, "--stream-keepalive-s", 5.0, float, "decode, colocated: a request stream with nothing to send "
                                                     "(waiting for a batch slot) sends an empty output this often, "
                                                     "so the router does not take it for a hung worker")
@@ -154,7 +156,7 @@ def settings_from(ns: argparse.Namespace):
         return s.RouterSettings(server=server, redis=redis, model=ns.model, model_name=ns.model_name,
                                 block_size=ns.block_size, max_model_len=ns.max_model_len,
                                 redis_wait_s=ns.redis_wait_s, lease_ms=ns.lease_ms, max_attempts=ns.max_attempts,
-                                stream_idle_timeout_s=ns.stream_idle_timeout_s,
+                                stream_idle_timeout_s=ns.stream_idle_timeout_s, rpc_timeout_s=ns.rpc_timeout_s,
                                 max_inflight_requests=ns.max_inflight_requests,
                                 overload_retry_after_ms=ns.overload_retry_after_ms,
                                 api_keys=parse_api_keys(ns.api_key))

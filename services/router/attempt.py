@@ -26,7 +26,7 @@ from pdserve.state.registry import WorkerInfo, WorkerRegistry
 from pdserve.telemetry import tracing
 from pdserve.v1 import colocated_pb2, decode_pb2, prefill_pb2, router_pb2, worker_pb2
 
-PROBE_TIMEOUT_S = 10.0  # a busy but live worker answers GetLoad well within this
+WAITING_CALL_PROBE_TIMEOUT_S = 10.0  # a busy but live worker answers GetLoad well within this
 
 @dataclass
 class Attempt:
@@ -120,8 +120,8 @@ class AttemptRunner:
     async def _while_alive(self, call, worker: WorkerInfo):
         """Await a unary call that may queue on the worker for long: every rpc_timeout_s it is
         still pending, probe the worker; WorkerFailedError (the call cancelled) when the worker
-        does not answer the probe within PROBE_TIMEOUT_S. Retries come on evidence of failure,
-        never on a queue's length."""
+        does not answer the probe within WAITING_CALL_PROBE_TIMEOUT_S (at most rpc_timeout_s).
+        Retries come on evidence of failure, never on a queue's length."""
         pending = asyncio.ensure_future(call)
         try:
             while True:
@@ -129,7 +129,7 @@ class AttemptRunner:
                 if done:
                     return pending.result()
                 try:
-                    await self.clients.probe(worker.address, PROBE_TIMEOUT_S)
+                    await self.clients.probe(worker.address, min(WAITING_CALL_PROBE_TIMEOUT_S, self.rpc_timeout_s))
                 except grpc.aio.AioRpcError as error:
                     raise WorkerFailedError(f"{worker.role} server {worker.worker_id} stopped answering while "
                                             f"the call waited ({error.code().name})") from error

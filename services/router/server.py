@@ -43,7 +43,7 @@ async def serve_router(settings: RouterSettings) -> None:
     metrics = RouterMetrics(telemetry.registry)
     dispatcher = Dispatcher(WorkerRegistry(redis, prefix=redis_settings.prefix, wait=redis_wait),
                             RequestStore(redis, prefix=redis_settings.prefix, wait=redis_wait),
-                            clients, lease_ms=settings.lease_ms,
+                            clients, lease_ms=settings.lease_ms, rpc_timeout_s=settings.rpc_timeout_s,
                             policy=RetryPolicy(max_attempts=settings.max_attempts,
                                                stream_idle_timeout_s=settings.stream_idle_timeout_s),
                             on_retry=lambda reason: metrics.retries.labels(reason=reason).inc())

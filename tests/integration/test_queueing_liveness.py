@@ -1,11 +1,13 @@
 """Waiting is not failing (a real cluster): a request queued for a decode batch slot longer than
 the router's stream idle timeout is kept alive by the decode server's keepalives, not retried; a
 reservation whose KV sender is attached (its prompt queued on the prefill server) outlives its
-lease, and one with no sender still expires on time."""
+lease, and one with no sender still expires on time; a Prefill call waiting past the router's
+rpc timeout is not retried while its server answers probes, and is when the server hangs."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import grpc
@@ -122,3 +124,62 @@ def test_a_lease_is_renewed_while_its_sender_is_attached_and_ends_once_it_leaves
                                                         reservation_id=reservation.reservation_id,
                                                         prompt_token_ids=list(range(5, 25))), timeout=10))
         assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+RPC_TIMEOUT_S = 1.0  # the router's --rpc-timeout-s: a pending Prefill probes its server this often
+
+
+@pytest.fixture(scope="module")
+def two_prefill(model_dir):
+    # One sequence and 8 tokens per prefill step: twelve 1,200-token prompts queue for seconds.
+    args = ["--rpc-timeout-s", str(RPC_TIMEOUT_S), "--max-num-seqs", "1", "--max-num-batched-tokens", "8"]
+    with LocalCluster(model_dir, prefill=2, decode=1, extra_args=args) as running:
+        yield running
+
+
+def _greedy_tokens(model_dir: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    engine, _ = build_engine(EngineArgs(model=model_dir, kv_cache_mb=64))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return [r.samples[0].token_ids for r in engine.generate(prompts, params)]
+
+
+def _run_all(cluster: LocalCluster, prompts: list[list[int]], max_tokens: int) -> list[tuple[list[int], float]]:
+    async def one(stub, prompt):
+        started, tokens = time.monotonic(), []
+        async for response in stub.Generate(request_for(prompt, max_tokens, temperature=0.0), timeout=120):
+            if response.HasField("chunk"):
+                tokens += list(response.chunk.token_ids)
+        return tokens, time.monotonic() - started
+
+    async def run():
+        async with cluster.aio_channel(cluster.router_address) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            return await asyncio.gather(*(one(stub, p) for p in prompts))
+
+    return asyncio.run(run())
+
+
+def test_a_prefill_queued_longer_than_the_rpc_timeout_is_not_retried(two_prefill, model_dir):
+    prompts = [[5 + (i * 7 + j) % 490 for j in range(1200)] for i in range(12)]
+    expected = _greedy_tokens(model_dir, prompts, 4)
+    before = _retries(two_prefill)
+    results = _run_all(two_prefill, prompts, 4)
+    slowest = max(seconds for _, seconds in results)
+    print(f"slowest of 12 queued prefills: {slowest:.2f} s (rpc timeout {RPC_TIMEOUT_S} s)")
+    assert [tokens for tokens, _ in results] == expected
+    assert slowest > 2 * RPC_TIMEOUT_S, slowest  # some prompt really waited past the probe interval
+    assert _retries(two_prefill) == before
+
+
+def test_a_hung_prefill_server_fails_its_waiting_calls_over_to_the_other(two_prefill, model_dir):
+    prompts = [[7 + (i * 11 + j) % 480 for j in range(40)] for i in range(6)]
+    expected = _greedy_tokens(model_dir, prompts, 4)
+    hung = next(p for p in two_prefill.processes if p.role == "prefill")
+    before = _retries(two_prefill)
+    hung.process.send_signal(signal.SIGSTOP)  # alive to TCP, deaf to gRPC: only a probe tells
+    try:
+        results = _run_all(two_prefill, prompts, 4)
+    finally:
+        hung.process.send_signal(signal.SIGCONT)
+    assert [tokens for tokens, _ in results] == expected
+    assert _retries(two_prefill) > before  # the calls on the hung server went over to the live one
