@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint (default: a fresh tiny model)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="every engine's batch limit")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="every engine's tokens per step (small: a slow prefill, so its queue grows)")
     p.add_argument("--loaded-clients", type=int, default=256)
     p.add_argument("--seconds", type=float, default=300.0, help="the loaded phase")
     p.add_argument("--baseline-seconds", type=float, default=60.0, help="the unloaded phase")
@@ -113,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = args.model or str(make_tiny_model(tempfile.mkdtemp(prefix="pdserve-soak-") + "/tiny", seed=0))
     rng = random.Random(args.seed)
     peaks: dict[str, int] = {}
-    with LocalCluster(model_dir, prefill=1, decode=1, extra_args=["--max-num-seqs", str(args.max_num_seqs)]) as cluster:
+    engine_args = ["--max-num-seqs", str(args.max_num_seqs)]
+    if args.max_num_batched_tokens:
+        engine_args += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    with LocalCluster(model_dir, prefill=1, decode=1, extra_args=engine_args) as cluster:
         unloaded = asyncio.run(run_phase(cluster, args.max_num_seqs, args.baseline_seconds, args.max_tokens, rng, {}))
         retries_before = router_retries(cluster)
         loaded = asyncio.run(run_phase(cluster, args.loaded_clients, args.seconds, args.max_tokens, rng, peaks))
