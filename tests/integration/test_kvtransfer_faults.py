@@ -170,7 +170,7 @@ def test_idle_connection_is_closed_after_the_handshake_timeout(dst_caches):
 def test_a_queued_sender_keeps_its_connection_past_the_idle_timeout_with_keepalives(dst_caches):
     """A sender whose prompt waits to be computed sends KEEPALIVE frames: the receiver's idle
     timeout drops silent senders, not waiting ones; the KV sent afterwards lands whole."""
-    rx = TCPKVReceiver(dst_caches, idle_timeout_s=0.3)
+    rx = TCPKVReceiver(dst_caches, idle_timeout_s=1.0)  # 20 keepalive intervals: margin for a busy machine
     rx.start()
     try:
         src, outcomes = random_caches(LAYOUT, NUM_BLOCKS, seed=3), Outcomes()
