@@ -77,15 +77,21 @@ def test_spans_cross_carriers_and_reach_the_otlp_receiver(sink):
     assert got[spans.KV_RECEIVE].service == "pdserve-test"
 
 
-def test_json_logs_carry_request_and_trace_ids(sink):
-    span = spans.start(spans.DECODE, None)
+def _json_logger(name: str, service: str) -> tuple[logging.Logger, io.StringIO]:
+    """A logger writing pdserve's JSON lines (request context included) into the returned buffer."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.addFilter(RequestContextFilter())
-    handler.setFormatter(JsonFormatter("pdserve-decode"))
-    log = logging.getLogger("pdserve.test.json")
+    handler.setFormatter(JsonFormatter(service))
+    log = logging.getLogger(name)
     log.addHandler(handler)
     log.propagate = False
+    return log, stream
+
+
+def test_json_logs_carry_request_and_trace_ids(sink):
+    span = spans.start(spans.DECODE, None)
+    log, stream = _json_logger("pdserve.test.json", "pdserve-decode")
 
     async def request_task():  # each RPC runs in its own task: the binding stays there
         bind_request("req-7", span)
@@ -158,13 +164,7 @@ def test_configure_logging_writes_text_through_the_escaping_formatter():
 
 
 def test_json_logs_escape_control_characters_by_themselves():
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.addFilter(RequestContextFilter())
-    handler.setFormatter(JsonFormatter("pdserve-router"))
-    log = logging.getLogger("pdserve.test.json-escape")
-    log.addHandler(handler)
-    log.propagate = False
+    log, stream = _json_logger("pdserve.test.json-escape", "pdserve-router")
 
     async def request_task():
         bind_request(f"ok\n{FORGED}")
