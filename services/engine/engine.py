@@ -199,9 +199,9 @@ class LLMEngine:
         self.counters.num_steps += 1
         self.runner.copy_blocks(sched.copy_pairs)
         infos = chunk_infos(sched.scheduled, self.config.block_size) if layer_hook is not None else None
-        request_ids = {s.request.request_id for s in sched.scheduled}
-        if not any(s.num_tokens > 1 for s in sched.scheduled):
+        if interrupt is not None and not any(s.num_tokens > 1 for s in sched.scheduled):
             interrupt = None  # a decode-only step is short (and keeps its CUDA graphs)
+        request_ids = {s.request.request_id for s in sched.scheduled} if interrupt is not None else set()
 
         def layer_done(i: int) -> None:
             if layer_hook is not None:
