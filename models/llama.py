@@ -125,16 +125,20 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T] -> final hidden states [T, hidden].
 
         layer_done(i) is called after layer i has written its K/V (the prefill server streams
-        each layer's blocks while the next layer computes). kv_scales: per layer, the scales of
-        an int8/fp8 KV cache (None for a float cache).
+        each layer's blocks while the next layer computes). It may return (rows [T'], positions
+        [T'], meta): the later layers then compute only those rows of the batch, laid out as meta
+        says (sequences whose requests left mid-step), and the result is [T', hidden].
+        kv_scales: per layer, the scales of an int8/fp8 KV cache (None for a float cache).
         """
         x = self.embed_tokens(input_ids)
         residual = None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, positions, self.cos_sin_cache, kv_caches[i], meta,
                                 kv_scales[i] if kv_scales is not None else None)
-            if layer_done is not None:
-                layer_done(i)
+            narrowed = layer_done(i) if layer_done is not None else None
+            if narrowed is not None:
+                rows, positions, meta = narrowed
+                x, residual = x[rows], residual[rows]
         x, _ = self.norm(x, residual)
         return x
 

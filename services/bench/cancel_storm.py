@@ -9,8 +9,9 @@ HTTP request is several router requests), and each client drops its TCP connecti
 moment in [0, --max-delay-s): before, during or after prefill. After a wave's last disconnect the
 benchmark polls, every 20 ms, the front end's and the router's requests in flight and the prefill
 and decode servers' loads, and records when each is back to zero (no request, no waiting prompt,
-no block used, no reservation). Prints the worst and p99 "all free" time over the waves and the
-prefill engine's interrupted steps, then one JSON line; exit 1 when a wave took over --limit-s.
+no block used, no reservation). Prints the worst and p99 "all free" time over the waves and how
+often the prefill engine stopped computing a prompt mid-step (steps stopped, chunks dropped),
+then one JSON line; exit 1 when a wave took over --limit-s.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import random
 import sys
 import tempfile
@@ -100,9 +102,14 @@ async def storm(cluster: LocalCluster, args) -> dict:
         print(f"wave {len(waves)}: {size} requests, free after " +
               ", ".join(f"{role} {s:.2f} s" for role, s in marks.items()), flush=True)
     worst = sorted(max(m.values()) for m in waves)
+    prefill_metrics = next(p.metrics_address for p in cluster.processes if p.role == "prefill")
+    counters = {name: int(await asyncio.to_thread(_in_flight, prefill_metrics, f"pdserve:{name}_total"))
+                for name in ("engine_steps_interrupted", "engine_chunks_dropped", "engine_requests_aborted",
+                             "prefill_tokens_computed")}
     return {"requests": sent, "waves": len(waves), "worst_s": round(worst[-1], 3),
             "p99_s": round(worst[min(len(worst) - 1, int(0.99 * len(worst)))], 3),
-            "over_limit": sum(1 for w in worst if w > args.limit_s), "limit_s": args.limit_s}
+            "over_limit": sum(1 for w in worst if w > args.limit_s), "limit_s": args.limit_s,
+            "prefill": counters}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{summary['requests']} requests in {summary['waves']} waves: every block free {summary['worst_s']:.2f} s "
           f"after the last disconnect at worst (p99 {summary['p99_s']:.2f} s); {summary['over_limit']} waves over "
           f"{args.limit_s:g} s")
-    print(json.dumps(summary))
+    c = summary["prefill"]
+    print(f"prefill engine: {c['engine_requests_aborted']} requests aborted, {c['engine_steps_interrupted']} steps "
+          f"stopped after a layer (every request gone), {c['engine_chunks_dropped']} chunks dropped mid-step")
+    # JSON has no infinity: a wave never all free within 3 * --limit-s is null.
+    print(json.dumps({k: None if isinstance(v, float) and math.isinf(v) else v for k, v in summary.items()}))
     return 0 if summary["over_limit"] == 0 else 1
 
 

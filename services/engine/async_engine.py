@@ -173,8 +173,8 @@ class AsyncEngine:
         return True
 
     def _send_abort(self, engine_id: str) -> None:
-        """Queue an Abort; until the engine thread applies it, a step made only of requests
-        being aborted stops after its current layer (LLMEngine.step's interrupt)."""
+        """Queue an Abort; until the engine thread applies it, a step computing the request
+        drops it after the current layer (LLMEngine.step's aborting)."""
         with self._aborting_lock:
             self._aborting.add(engine_id)
         self._commands.put(Abort(engine_id))
@@ -234,7 +234,7 @@ class AsyncEngine:
                     return
                 if not self.engine.has_unfinished_requests():
                     continue
-                outputs = self.engine.step(layer_hook=self._layer_hook, interrupt=self._all_aborting)
+                outputs = self.engine.step(layer_hook=self._layer_hook, aborting=self._aborting_of)
                 self._stats = self.engine.stats()
                 if outputs:
                     self._loop.call_soon_threadsafe(self._deliver, outputs)
@@ -242,10 +242,10 @@ class AsyncEngine:
             self._error = exc
             self._loop.call_soon_threadsafe(self._fail_all, exc)
 
-    def _all_aborting(self, engine_ids: set[str]) -> bool:
-        """True when every request of the running step has an Abort queued (engine thread)."""
+    def _aborting_of(self, engine_ids: set[str]) -> set[str]:
+        """Those of engine_ids with an Abort queued (engine thread; LLMEngine.step's aborting)."""
         with self._aborting_lock:
-            return engine_ids <= self._aborting
+            return engine_ids & self._aborting
 
     def _apply_commands(self, block: bool) -> bool:
         """Apply queued commands (waiting for one if block); False on stop."""

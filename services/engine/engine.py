@@ -180,16 +180,18 @@ class LLMEngine:
         return bool(self.requests) or bool(self._pending_outputs)
 
     def step(self, layer_hook: LayerHook | None = None,
-             interrupt: Callable[[set[str]], bool] | None = None) -> list[RequestOutput]:
+             aborting: Callable[[set[str]], set[str]] | None = None) -> list[RequestOutput]:
         """Run one iteration: schedule, copy shared blocks, run the model, sample, apply stops.
 
         Returns one RequestOutput per request that progressed or finished in this step.
         layer_hook(i, infos), if given, runs once layer i has written the K/V of the step's
-        chunks (infos: list[ChunkInfo]); it must not raise. interrupt(request_ids), if given,
-        runs after every layer with the ids of the step's requests: True abandons the rest of the
-        step (its caller has aborts of all of them to apply), which then keeps nothing: no token,
-        no computed token counted, no prefix-cache entry. A long prefill step of requests whose
-        clients left stops within a layer, not at its end.
+        chunks still computing (infos: list[ChunkInfo]); it must not raise. aborting(request_ids),
+        if given, runs after every layer of a step with prompt chunks, with the ids of the
+        requests still computing, and returns those of them whose caller has an abort to apply.
+        Their chunks leave the step there: the later layers do not compute them, and the step
+        keeps nothing of them (no token, no computed token counted, no prefix-cache entry). When
+        every request leaves, the rest of the step is abandoned. A long prefill step stops
+        computing a prompt whose client left within a layer, whoever it shares the step with.
         """
         outputs, self._pending_outputs = self._pending_outputs, []
         sched = self.scheduler.schedule()
@@ -198,25 +200,41 @@ class LLMEngine:
             return outputs
         self.counters.num_steps += 1
         self.runner.copy_blocks(sched.copy_pairs)
+        if aborting is not None and not any(s.num_tokens > 1 for s in sched.scheduled):
+            aborting = None  # a decode-only step is short (and keeps its CUDA graphs)
         infos = chunk_infos(sched.scheduled, self.config.block_size) if layer_hook is not None else None
-        if interrupt is not None and not any(s.num_tokens > 1 for s in sched.scheduled):
-            interrupt = None  # a decode-only step is short (and keeps its CUDA graphs)
-        request_ids = {s.request.request_id for s in sched.scheduled} if interrupt is not None else set()
+        computing = {s.request.request_id for s in sched.scheduled} if aborting is not None else set()
+        dropped: set[int] = set()  # indices into sched.scheduled
 
-        def layer_done(i: int) -> None:
+        def layer_done(i: int) -> set[int] | None:
+            nonlocal infos
             if layer_hook is not None:
                 layer_hook(i, infos)
-            if interrupt is not None and interrupt(request_ids):
+            if aborting is None:
+                return None
+            leaving = aborting(computing)
+            if not leaving:
+                return None
+            if leaving >= computing:
                 raise StepInterrupted
+            computing.difference_update(leaving)
+            newly = {j for j, s in enumerate(sched.scheduled) if s.request.request_id in leaving}
+            dropped.update(newly)
+            if infos is not None:
+                infos = [info for info in infos if info.request_id not in leaving]
+            return newly
 
         try:
             logits = self.runner.execute([self._chunk(s) for s in sched.scheduled],
-                                         layer_done=layer_done if layer_hook or interrupt else None)
+                                         layer_done=layer_done if layer_hook or aborting else None)
         except StepInterrupted:
             self.counters.num_interrupted_steps += 1
+            self.counters.num_dropped_chunks += len(sched.scheduled)
             return outputs
-        self._advance(sched)
-        targets = [self._sampling_targets(s) for s in sched.scheduled if s.needs_logits]
+        self.counters.num_dropped_chunks += len(dropped)
+        kept = [s for j, s in enumerate(sched.scheduled) if j not in dropped] if dropped else sched.scheduled
+        self._advance(sched, kept)
+        targets = [self._sampling_targets(s) for s in kept if s.needs_logits]
         deltas = self.processor.sample(logits, targets)
         self.counters.num_generated_tokens += len(deltas)
         outputs.extend(self._collect_outputs(deltas))
@@ -232,12 +250,12 @@ class LLMEngine:
             needs_logits=s.needs_logits,
         )
 
-    def _advance(self, sched: SchedulerOutput) -> None:
-        """Mark the computed tokens, register full blocks, fork finished shared prompts."""
+    def _advance(self, sched: SchedulerOutput, computed: Sequence[ScheduledSample]) -> None:
+        """Mark the computed chunks' tokens, register full blocks, fork finished shared prompts."""
         c = self.counters
         c.num_cache_hit_tokens += sched.num_cache_hit_tokens
         c.num_cache_query_tokens += sched.num_cache_query_tokens
-        for s in sched.scheduled:
+        for s in computed:
             sample = s.sample
             # A decode feeds back just the last sampled token; anything else is (re)computed prompt.
             if s.num_tokens == 1 and sample.output_token_ids and s.start == sample.num_tokens - 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,15 +165,20 @@ class ModelRunner:
     def execute(self, chunks: list[ScheduledChunk], layer_done=None) -> torch.Tensor:
         """Run one step; returns logits [N, vocab] float32 for the chunks with needs_logits, in order.
 
-        layer_done(i), if given, is called once layer i's K/V are in the cache.
+        layer_done(i), if given, is called once layer i's K/V are in the cache. It may return
+        indices into `chunks` to drop from the rest of the step (never all of the chunks still in
+        it): their later layers are not computed and they get no logits row.
         """
         batch = self.prepare(chunks)
         hidden = None
         if self.decode_graphs is not None and layer_done is None and max(batch.meta.query_lens_cpu) == 1:
             hidden = self.decode_graphs.run(batch.input_ids, batch.positions, batch.meta)
         if hidden is None:
-            hidden = self.model(batch.input_ids, batch.positions, self.kv_data, batch.meta, layer_done,
-                                kv_scales=self.kv_scales)
+            step = _NarrowingStep(self, chunks, batch, layer_done) if layer_done is not None else None
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_data, batch.meta,
+                                step.after_layer if step is not None else None, kv_scales=self.kv_scales)
+            if step is not None:
+                batch = step.batch
         return self.model.compute_logits(hidden[batch.logits_indices])
 
     @torch.inference_mode()
@@ -186,3 +192,31 @@ class ModelRunner:
         for key_cache, value_cache in self.kv_caches:
             key_cache[dst] = key_cache[src]
             value_cache[dst] = value_cache[src]
+
+
+class _NarrowingStep:
+    """One forward's batch as chunks leave it mid-step: after each layer, the chunks
+    layer_done(i) drops are cut out of the hidden states and the rest carry on."""
+
+    def __init__(self, runner: ModelRunner, chunks: list[ScheduledChunk], batch: PreparedBatch, layer_done):
+        self.runner = runner
+        self.chunks = chunks
+        self.batch = batch  # the layout of the chunks still in the step
+        self.kept = list(range(len(chunks)))  # indices into chunks, in the batch's order
+        self.layer_done = layer_done
+
+    def after_layer(self, layer_index: int):
+        """The model's layer_done: None to go on unchanged, else (rows [T'], positions [T'], meta)."""
+        dropped = self.layer_done(layer_index)
+        if not dropped:
+            return None
+        keep = [p for p, j in enumerate(self.kept) if j not in dropped]
+        if len(keep) == len(self.kept):
+            return None
+        if not keep:
+            raise ValueError("layer_done dropped every chunk of the step")
+        offsets = [0, *itertools.accumulate(self.batch.meta.query_lens_cpu)]
+        rows = torch.cat([torch.arange(offsets[p], offsets[p + 1]) for p in keep]).to(self.runner.device)
+        self.kept = [self.kept[p] for p in keep]
+        self.batch = self.runner.prepare([self.chunks[j] for j in self.kept])
+        return rows, self.batch.positions, self.batch.meta

@@ -19,6 +19,7 @@ class EngineCounters:
     num_finished_requests: int = 0
     num_aborted_requests: int = 0
     num_interrupted_steps: int = 0  # steps abandoned after a layer: every request in them was aborted
+    num_dropped_chunks: int = 0  # chunks that left a step after a layer, their request being aborted
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,8 @@ class EngineStatsCollector(Collector):
             "engine_requests_aborted": ("Requests the engine aborted.", c.num_aborted_requests),
             "engine_steps_interrupted": ("Prefill steps stopped after a layer: every request in them was "
                                          "cancelled.", c.num_interrupted_steps),
+            "engine_chunks_dropped": ("Chunks whose request was cancelled while a step computed them: the "
+                                      "step's later layers skipped them.", c.num_dropped_chunks),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"pdserve:{name}", doc, value=value)
