@@ -1,5 +1,6 @@
-"""`pdserve bench serve|compare|simulate`: the serving benchmark, the comparisons that justify
-disaggregation, and the simulator that sizes a deployment (the work lives in services/bench)."""
+"""`pdserve bench serve|compare|simulate|peer`: the serving benchmark, the comparisons that justify
+disaggregation, the simulator that sizes a deployment, and the side-by-side run against vLLM
+(the work lives in services/bench)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ from pdserve.cli.flags import add_client_security_flags, add_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `bench` and its three subcommands."""
+    """Add `bench` and its four subcommands."""
     p = sub.add_parser("bench", help="serving benchmark, deployment comparison, simulator")
     bench = p.add_subparsers(dest="bench_command", required=True)
     _register_serve(bench)
     _register_compare(bench)
     _register_simulate(bench)
+    _register_peer(bench)
 
 
 def _register_serve(bench: argparse._SubParsersAction) -> None:
@@ -84,6 +86,15 @@ def _register_simulate(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--attainment", type=float, default=0.9, help="--recommend: share of requests meeting the SLOs")
     p.add_argument("--save-result", default=None, metavar="FILE", help="write the predictions as JSON")
     p.set_defaults(run=lambda ns: _lazy("pdserve.bench.simulate_main").run(ns))
+
+
+def _register_peer(bench: argparse._SubParsersAction) -> None:
+    from pdserve.bench import peer
+
+    p = bench.add_parser("peer", help="pdserve vs vLLM's CPU build on the same checkpoint, by vLLM's own client",
+                         description=peer.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    peer.add_flags(p)
+    p.set_defaults(run=lambda ns: peer.run(ns))
 
 
 def _lazy(module: str):
