@@ -21,7 +21,7 @@ its OpenAI-compatible HTTP API. `vllm bench serve` runs the random dataset (--in
 --output-len output tokens, --ignore-eos, temperature 0) twice against each: --num-prompts at once,
 and --single-prompts one at a time. The table gives output tokens/s, median time per output token
 and mean time to first token, with pdserve's ratios to vLLM, the 1-minute load average before and
-after each run, and the commit; --out receives peer.md and peer.json.
+after each run, and the commit; --out receives peer.md, peer.json and vllm.log (the peer's log).
 """
 
 from __future__ import annotations
@@ -270,7 +270,7 @@ def run(args) -> int:
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     for system in systems:
         if system == "vllm":
-            with VllmServer(vllm, venv, args.model, args.dtype, args.input_len + args.output_len + 64, result_dir) as server:
+            with VllmServer(vllm, venv, args.model, args.dtype, args.input_len + args.output_len + 64, out) as server:
                 report.runs += _drive(vllm, venv, server.base_url, "vllm", args, result_dir)
         elif system in ("colocated", "pd"):
             with _pdserve_cluster(args, system) as cluster:

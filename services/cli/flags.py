@@ -62,6 +62,10 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--max-model-len", None, int, "prompt + output limit (default: the model's)")
     add_flag(parser, "--no-prefix-caching", False, bool, "turn the prefix cache off")
     add_flag(parser, "--threads", None, int, "torch CPU threads (default: torch's choice)")
+    add_flag(parser, "--single-thread-step-tokens", 32, int,
+             "CPU steps of fewer tokens than this (small decode batches) run on one torch thread: "
+             "their matmuls gain little from a second thread, and one descheduled by another process "
+             "stalls the whole step (0: every step uses --threads)")
     add_flag(parser, "--kv-cache-dtype", "auto", str,
              "KV cache dtype: auto (the model's) | int8 | fp8 (e4m3), with per-block scales",
              choices=KV_CACHE_DTYPES)
@@ -81,7 +85,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
                       block_size=ns.block_size, kv_cache_mb=ns.kv_cache_mb, max_num_seqs=ns.max_num_seqs,
                       max_num_batched_tokens=ns.max_num_batched_tokens, max_model_len=ns.max_model_len,
                       enable_prefix_caching=not ns.no_prefix_caching, threads=ns.threads,
-                      kv_cache_dtype=ns.kv_cache_dtype)
+                      kv_cache_dtype=ns.kv_cache_dtype, single_thread_step_tokens=ns.single_thread_step_tokens)
 
 
 # --- TLS, API keys, secrets -------------------------------------------------------------------

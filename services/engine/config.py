@@ -60,3 +60,4 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     threads: int | None = None
     kv_cache_dtype: str = "auto"
+    single_thread_step_tokens: int = 32  # CPU steps of fewer tokens run on one torch thread (0: never)

@@ -65,12 +65,23 @@ class ModelRunner:
     On the CPU, a bfloat16 model's linear layers are repacked for oneDNN in place unless
     pack_linears is False (models/cpu_packed_linear.py); packed_linears: how many of the model's
     layers are packed (a model shared by several runners is packed once).
+    single_thread_step_tokens: on the CPU, a step of fewer tokens runs on one torch thread and a
+    larger one on the threads torch had when the runner was built. A small decode step is a row of
+    matrix-vector products that a second thread barely speeds up, and on a machine whose other
+    cores also serve (the router, the HTTP front end, the client) a descheduled OpenMP thread
+    stalls every op of the step: measured here, a batch-1 step of a ~100M model went from 24 ms on
+    one thread to 58 ms on two with one other busy process. 0 keeps every step on all threads.
     """
 
     def __init__(self, model: LlamaForCausalLM, config: ModelConfig, num_blocks: int,
-                 block_size: int = 16, kv_dtype: torch.dtype | None = None, pack_linears: bool = True):
+                 block_size: int = 16, kv_dtype: torch.dtype | None = None, pack_linears: bool = True,
+                 single_thread_step_tokens: int = 0):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be >= 1")
+        if single_thread_step_tokens < 0:
+            raise ValueError(f"single_thread_step_tokens must be >= 0, got {single_thread_step_tokens}")
+        self.single_thread_step_tokens = single_thread_step_tokens
+        self.max_threads = torch.get_num_threads()
         self.model = model
         self.config = config
         if pack_linears:
@@ -170,6 +181,8 @@ class ModelRunner:
         it): their later layers are not computed and they get no logits row.
         """
         batch = self.prepare(chunks)
+        if self.device.type == "cpu" and self.max_threads > 1:
+            self._set_threads(batch.input_ids.numel())
         hidden = None
         if self.decode_graphs is not None and layer_done is None and max(batch.meta.query_lens_cpu) == 1:
             hidden = self.decode_graphs.run(batch.input_ids, batch.positions, batch.meta)
@@ -180,6 +193,12 @@ class ModelRunner:
             if step is not None:
                 batch = step.batch
         return self.model.compute_logits(hidden[batch.logits_indices])
+
+    def _set_threads(self, num_tokens: int) -> None:
+        """One torch thread for a small step, all of them for a large one (see the class doc)."""
+        threads = 1 if num_tokens < self.single_thread_step_tokens else self.max_threads
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
     @torch.inference_mode()
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
