@@ -235,7 +235,7 @@ def _commit() -> str:
 
 def render_markdown(report: PeerReport) -> str:
     """The comparison table: one row per system and load, pdserve's ratios against vLLM."""
-    peer = {(r.load): r for r in report.runs if r.system == "vllm"}
+    peer = {r.load: r for r in report.runs if r.system == "vllm"}
     lines = [f"{report.started}, commit {report.commit}, {report.cpu_count} CPUs, model `{report.model}` "
              f"({report.dtype}), random dataset {report.input_len} in / {report.output_len} out, "
              f"`vllm bench serve` ({report.peer}).", "",
@@ -243,16 +243,12 @@ def render_markdown(report: PeerReport) -> str:
              "| load avg before/after |",
              "|---|---|---|---|---|---|"]
     for r in report.runs:
-        base = peer.get(r.load)
-
-        def ratio(value: float, ref: float | None) -> str:
-            return f" ({value / ref:.2f}x)" if base is not None and r.system != "vllm" and ref else ""
-
-        lines.append(f"| {r.system} | {r.load} ({r.num_prompts}) | {r.output_tokens_per_s:.1f}"
-                     f"{ratio(r.output_tokens_per_s, base and base.output_tokens_per_s)} | {r.median_tpot_ms:.1f}"
-                     f"{ratio(r.median_tpot_ms, base and base.median_tpot_ms)} | {r.mean_ttft_ms:.1f}"
-                     f"{ratio(r.mean_ttft_ms, base and base.mean_ttft_ms)} | {r.load_avg_before:.2f} / "
-                     f"{r.load_avg_after:.2f} |")
+        base = peer.get(r.load) if r.system != "vllm" else None
+        cells = [f"{getattr(r, name):.1f}" + (f" ({getattr(r, name) / getattr(base, name):.2f}x)"
+                                              if base is not None and getattr(base, name) else "")
+                 for name in ("output_tokens_per_s", "median_tpot_ms", "mean_ttft_ms")]
+        lines.append(f"| {r.system} | {r.load} ({r.num_prompts}) | {' | '.join(cells)} | "
+                     f"{r.load_avg_before:.2f} / {r.load_avg_after:.2f} |")
     return "\n".join(lines) + "\n"
 
 
