@@ -93,6 +93,22 @@ def test_a_request_that_leaves_a_shared_step_is_dropped_and_the_rest_is_unchange
     assert engine.counters.num_cache_hit_tokens == 0
 
 
+async def _leave_during_layer_0(stream, in_layer_0: threading.Event, leave_done: threading.Event) -> None:
+    """The client of `stream` leaves while the engine thread is held inside layer 0: a pending read
+    is cancelled and the stream closed (which queues the abort), then the engine is let go."""
+    reading = asyncio.ensure_future(anext(stream))
+    await asyncio.to_thread(in_layer_0.wait, 10)
+    reading.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reading
+    await stream.aclose()
+    leave_done.set()
+
+
+async def _tokens_of(stream) -> list[int]:
+    return [t async for o in stream for s in o.samples for t in s.token_ids]
+
+
 def test_a_stream_closed_mid_step_leaves_the_step_and_the_other_stream_is_unchanged(model_dir):
     """AsyncEngine end to end: one of two callers sharing a prefill step leaves while layer 0
     computes; layer 1 computes only the other, whose tokens are those of a run without it."""
@@ -112,21 +128,12 @@ def test_a_stream_closed_mid_step_leaves_the_step_and_the_other_stream_is_unchan
         try:
             leaving = async_engine.generate("leaving", PROMPT[::-1], GREEDY)
             staying = async_engine.generate("staying", PROMPT, GREEDY)
-            reading = asyncio.ensure_future(anext(leaving))
-            collected = asyncio.ensure_future(_collect(staying))
-            await asyncio.to_thread(in_layer_0.wait, 10)
-            reading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reading
-            await leaving.aclose()
-            leave_done.set()
+            collected = asyncio.ensure_future(_tokens_of(staying))
+            await _leave_during_layer_0(leaving, in_layer_0, leave_done)
             tokens = await collected
             return tokens, await async_engine._call(lambda e: (e.counters.num_dropped_chunks, e.stats()))
         finally:
             async_engine.shutdown()
-
-    async def _collect(stream) -> list[int]:
-        return [t async for o in stream for s in o.samples for t in s.token_ids]
 
     tokens, (dropped, stats) = asyncio.run(scenario())
     assert seen[:2] == [{"leaving", "staying"}, {"staying"}]
@@ -174,14 +181,7 @@ def test_a_stream_closed_mid_step_stops_the_step_after_the_current_layer(model_d
         async_engine = AsyncEngine(engine, layer_hook=hook)
         async_engine.start()
         try:
-            stream = async_engine.generate("leaving", PROMPT, GREEDY)
-            reading = asyncio.ensure_future(anext(stream))
-            await asyncio.to_thread(in_layer_0.wait, 10)
-            reading.cancel()  # the client leaves: closing the stream queues the abort
-            with contextlib.suppress(asyncio.CancelledError):
-                await reading
-            await stream.aclose()
-            leave_done.set()
+            await _leave_during_layer_0(async_engine.generate("leaving", PROMPT, GREEDY), in_layer_0, leave_done)
             return await async_engine._call(lambda e: (e.counters.num_interrupted_steps, e.stats()))
         finally:
             async_engine.shutdown()
