@@ -203,8 +203,8 @@ class LLMEngine:
         if aborting is not None and not any(s.num_tokens > 1 for s in sched.scheduled):
             aborting = None  # a decode-only step is short (and keeps its CUDA graphs)
         infos = chunk_infos(sched.scheduled, self.config.block_size) if layer_hook is not None else None
+        # The requests that have not left the step (built only for a step that may be left).
         computing = {s.request.request_id for s in sched.scheduled} if aborting is not None else set()
-        dropped: set[int] = set()  # indices into sched.scheduled
 
         def layer_done(i: int) -> set[int] | None:
             nonlocal infos
@@ -218,11 +218,9 @@ class LLMEngine:
             if leaving >= computing:
                 raise StepInterrupted
             computing.difference_update(leaving)
-            newly = {j for j, s in enumerate(sched.scheduled) if s.request.request_id in leaving}
-            dropped.update(newly)
             if infos is not None:
                 infos = [info for info in infos if info.request_id not in leaving]
-            return newly
+            return {j for j, s in enumerate(sched.scheduled) if s.request.request_id in leaving}
 
         try:
             logits = self.runner.execute([self._chunk(s) for s in sched.scheduled],
@@ -231,8 +229,9 @@ class LLMEngine:
             self.counters.num_interrupted_steps += 1
             self.counters.num_dropped_chunks += len(sched.scheduled)
             return outputs
-        self.counters.num_dropped_chunks += len(dropped)
-        kept = [s for j, s in enumerate(sched.scheduled) if j not in dropped] if dropped else sched.scheduled
+        kept = sched.scheduled if aborting is None else [s for s in sched.scheduled
+                                                         if s.request.request_id in computing]
+        self.counters.num_dropped_chunks += len(sched.scheduled) - len(kept)
         self._advance(sched, kept)
         targets = [self._sampling_targets(s) for s in kept if s.needs_logits]
         deltas = self.processor.sample(logits, targets)
