@@ -26,6 +26,8 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # rope_type "frequency_divisors" (GGUF files' `rope_freqs` tensor): inv_freq[i] / divisors[i]
+    divisors: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

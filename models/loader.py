@@ -1,8 +1,10 @@
-"""Load a Hugging Face Llama-family checkpoint directory (one safetensors file or sharded)."""
+"""Load a Llama-family checkpoint: a Hugging Face directory (one safetensors file or sharded), a GGUF file, or a
+Hub id (see pdserve.models.source)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,9 @@ from safetensors import safe_open
 from pdserve.models.config import DTYPES, ModelConfig, ModelLoadError
 from pdserve.models.llama import LlamaForCausalLM
 from pdserve.models.rope import rope_cos_sin_cache
+from pdserve.models.source import ModelSource, resolve_model
+
+logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -24,15 +29,16 @@ _FUSED = {
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype | str | None = None,
+def load_model(checkpoint: str | Path | ModelSource, dtype: torch.dtype | str | None = None,
                device: str | torch.device = "cpu") -> tuple[LlamaForCausalLM, ModelConfig]:
-    """Build the network for `model_dir` and fill it with the checkpoint's weights.
+    """Build the network for `checkpoint` (a directory, a .gguf file, a Hub id or a ModelSource) and fill it
+    with the checkpoint's weights.
 
-    dtype: float32 / bfloat16 / float16 (None keeps the checkpoint's). Every expected tensor
-    must be present with its exact shape; errors name the file and the key.
+    dtype: float32 / bfloat16 / float16 (None keeps the checkpoint's; bfloat16 for quantized GGUF files).
+    Every expected tensor must be present with its exact shape; errors name the file and the key.
     """
-    model_dir = Path(model_dir)
-    config = ModelConfig.from_dir(model_dir)
+    source = resolve_model(checkpoint)
+    config = source.model_config()
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ModelLoadError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
@@ -45,7 +51,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str | None = None,
     expected = _expected_tensors(model, config)
     seen: set[str] = set()
     params = dict(model.named_parameters())
-    for name, tensor, source in _iter_checkpoint(model_dir):
+    for name, tensor, origin in _iter_tensors(source):
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         if name not in expected:
@@ -53,7 +59,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str | None = None,
         target, row_slice, shape = expected[name]
         if tuple(tensor.shape) != shape:
             raise ModelLoadError(
-                f"{source}: tensor '{name}' has shape {tuple(tensor.shape)}, expected {shape} "
+                f"{origin}: tensor '{name}' has shape {tuple(tensor.shape)}, expected {shape} "
                 f"for this config.json"
             )
         with torch.no_grad():
@@ -62,13 +68,26 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str | None = None,
     missing = sorted(set(expected) - seen)
     if missing:
         raise ModelLoadError(
-            f"{model_dir}: checkpoint is missing tensor '{missing[0]}'"
+            f"{source.path}: checkpoint is missing tensor '{missing[0]}'"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
     model = model.to(dtype)
     model.tie_weights()
     model.cos_sin_cache = _rope_buffer(config, device)
+    if source.format == "gguf":
+        size_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+        logger.info("%s: GGUF tensors %s dequantized to %s (%.0f MiB of weights; nothing stays quantized)",
+                    source.path, source.gguf.quantization_summary(), str(dtype).removeprefix("torch."), size_mib)
     return model.eval().requires_grad_(False), config
+
+
+def _iter_tensors(source: ModelSource) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """(Hugging Face name, tensor, file) for every tensor of the checkpoint."""
+    if source.format == "gguf":
+        for name, tensor in source.gguf.tensors():
+            yield name, tensor, source.path
+    else:
+        yield from _iter_checkpoint(source.path)
 
 
 def _rope_buffer(config: ModelConfig, device) -> torch.Tensor:

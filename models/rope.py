@@ -1,4 +1,4 @@
-"""Rotary position embedding tables, with the `llama3` and `linear` frequency scalings."""
+"""Rotary position embedding tables, with the `llama3`, `linear` and per-frequency (GGUF) scalings."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Te
         return inv_freq / scaling.factor
     if scaling.rope_type == "llama3":
         return _llama3_scale(inv_freq, scaling)
+    if scaling.rope_type == "frequency_divisors":
+        return inv_freq / torch.tensor(scaling.divisors, dtype=torch.float32)
     return inv_freq
 
 

@@ -51,13 +51,20 @@ class LocalCluster:
     openai_port: int = 0  # its HTTP port (0: any free port)
     openai_args: list[str] = field(default_factory=list)  # e.g. ["--api-key", "KEY"]
     security: ClusterSecurity | None = None  # mutual TLS + API key + KV token + Redis password everywhere
+    served_model_name: str | None = None  # the name the APIs report (default: the Hub id, or model_dir)
     processes: list[ServerProcess] = field(default_factory=list)
     redis: EmbeddedRedis | None = None
 
     def __post_init__(self) -> None:
-        # The servers resolve --model from their own working directory: give them an absolute path.
-        if Path(self.model_dir).exists():
-            self.model_dir = str(Path(self.model_dir).resolve())
+        from pdserve.models.hub import parse_hub_id
+        from pdserve.models.source import resolve_model
+
+        # The servers resolve --model from their own working directory: give them an absolute path. A Hub id
+        # is fetched here, once, and passed on pinned to the commit it resolved to (every server, same weights).
+        if Path(self.model_dir).expanduser().exists():
+            self.model_dir = str(Path(self.model_dir).expanduser().resolve())
+        elif parse_hub_id(self.model_dir) is not None:
+            self.model_dir = resolve_model(self.model_dir).pinned
         self.log_dir = Path(tempfile.mkdtemp(prefix="pdserve-cluster-"))
         self.prefix = f"pdserve-{os.getpid()}-{int(time.time() * 1000)}"
 
@@ -100,6 +107,8 @@ class LocalCluster:
                "--port", str(port), *self._redis_url_arg(), "--redis-prefix", self.prefix,
                "--worker-id", f"{role}-{index}", "--threads", str(self.threads_per_worker),
                "--metrics-port", "0", *(self.security.args() if self.security else []),
+               *(["--model-name", self.served_model_name] if self.served_model_name and role in ("router", "openai")
+                 else []),
                *(self.extra_args if args is None else args)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, **self._secret_env(role)}
         with log_path.open("wb") as log:

@@ -52,7 +52,9 @@ def add_flag(parser: argparse.ArgumentParser, flag: str, default=None, kind=str,
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     """Flags (and PDSERVE_* variables) for EngineArgs."""
-    add_flag(parser, "--model", None, str, "Hugging Face checkpoint directory", required=False)
+    add_flag(parser, "--model", None, str, "Hugging Face checkpoint directory, .gguf file (or a directory holding one), "
+             "or Hub id ORG/NAME[@REVISION] (fetched into the Hugging Face cache; HF_HOME, HF_TOKEN, HF_HUB_OFFLINE)",
+             required=False)
     add_flag(parser, "--dtype", None, str, "float32 | bfloat16 | float16 (default: the checkpoint's)")
     add_flag(parser, "--device", None, str, "cpu or cuda (default: cuda when a GPU is present, else cpu)")
     add_flag(parser, "--block-size", 16, int, "tokens per KV block")
@@ -74,11 +76,12 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     """EngineArgs from the engine flags; a clear error when the model is missing."""
     from pdserve.engine.setup import EngineArgs, default_device
+    from pdserve.models.hub import parse_hub_id
 
     if not ns.model:
         raise ValueError("--model DIR (or PDSERVE_MODEL) is required")
-    if not Path(ns.model).is_dir():
-        raise FileNotFoundError(f"--model {ns.model}: no such directory")
+    if not Path(ns.model).expanduser().exists() and parse_hub_id(ns.model) is None:
+        raise FileNotFoundError(f"--model {ns.model}: no such file or directory (and not a Hub id ORG/NAME[@REVISION])")
     if ns.kv_cache_dtype not in KV_CACHE_DTYPES:  # an invalid PDSERVE_KV_CACHE_DTYPE skips argparse
         raise ValueError(f"--kv-cache-dtype {ns.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
     return EngineArgs(model=ns.model, dtype=ns.dtype, device=ns.device or default_device(),

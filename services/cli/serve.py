@@ -58,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                         "sent with RESOURCE_EXHAUSTED")
     add_flag(p, "--model-name", None, str, "router: the name GetModelInfo reports (default: --model); "
                                            "openai: the name clients use (default: the router's)")
+    p.add_argument("--served-model-name", dest="model_name", help="the same as --model-name (vLLM's spelling)")
     add_flag(p, "--router", "127.0.0.1:50051", str, "openai: the router's host:port")
     add_flag(p, "--api-key", None, str, "router: API keys gRPC clients must send as metadata 'authorization: "
                                         "Bearer KEY' (health and reflection stay open); openai: keys HTTP clients "

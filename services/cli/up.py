@@ -13,7 +13,9 @@ from pdserve.cli.flags import add_flag
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the up subcommand."""
     p = sub.add_parser("up", help="run a local cluster: Redis, prefill and decode servers, router")
-    add_flag(p, "--model", None, str, "checkpoint directory (default: make the tiny model)")
+    add_flag(p, "--model", None, str, "Hugging Face checkpoint directory, .gguf file, or Hub id ORG/NAME[@REVISION] "
+             "(default: make the tiny model)")
+    add_flag(p, "--served-model-name", None, str, "the model name the APIs report (default: the Hub id, else --model)")
     add_flag(p, "--prefill", 1, int, "prefill servers")
     add_flag(p, "--decode", 1, int, "decode servers")
     add_flag(p, "--colocated", 0, int, "colocated workers (instead of prefill/decode when --prefill 0 --decode 0)")
@@ -40,7 +42,7 @@ def start_cluster(ns: argparse.Namespace):
     cluster = LocalCluster(model, prefill=ns.prefill, decode=ns.decode, colocated=ns.colocated,
                            router_port=ns.port, redis_url=ns.redis_url,
                            threads_per_worker=ns.threads_per_worker, openai=ns.openai_port > 0,
-                           openai_port=ns.openai_port,
+                           openai_port=ns.openai_port, served_model_name=ns.served_model_name,
                            # the OpenAI API's keys only (the router's would be its --api-key), not on command lines
                            role_env={"openai": {"PDSERVE_API_KEY": ns.api_key}} if ns.api_key else {})
     return cluster.start()

@@ -118,7 +118,7 @@ class ModelRunner:
     def from_dir(cls, model_dir: str | Path, num_blocks: int, block_size: int = 16,
                  dtype: torch.dtype | str | None = None, device: str = "cpu",
                  kv_cache_dtype: str = "auto") -> ModelRunner:
-        """Load a checkpoint directory and allocate a KV cache of `num_blocks` blocks
+        """Load a checkpoint (directory, GGUF file or Hub id) and allocate a KV cache of `num_blocks` blocks
         (kv_cache_dtype: "auto" | "int8" | "fp8")."""
         model, config = load_model(model_dir, dtype=dtype, device=device)
         kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, model.embed_tokens.weight.dtype)

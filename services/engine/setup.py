@@ -1,4 +1,4 @@
-"""Build an engine from a checkpoint directory and EngineArgs: shared by `pdserve generate`, the
+"""Build an engine from a checkpoint (directory, GGUF file or Hub id) and EngineArgs: shared by `pdserve generate`, the
 workers and the benchmarks, so every role sizes its KV cache the same way."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pdserve.engine.engine import LLMEngine
 from pdserve.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from pdserve.kernels.kv_quant import kv_cache_torch_dtype
 from pdserve.models.loader import load_model
+from pdserve.models.source import resolve_model
 from pdserve.models.tokenizer import Tokenizer
 
 __all__ = ["EngineArgs", "build_engine", "default_device"]
@@ -24,8 +25,9 @@ def build_engine(args: EngineArgs) -> tuple[LLMEngine, Tokenizer]:
     """Load the checkpoint and tokenizer and size the KV cache from kv_cache_mb."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    tokenizer = Tokenizer.from_dir(args.model)
-    model, model_config = load_model(args.model, dtype=args.dtype, device=args.device)
+    source = resolve_model(args.model)
+    tokenizer = source.tokenizer()
+    model, model_config = load_model(source, dtype=args.dtype, device=args.device)
     kv_dtype = kv_cache_torch_dtype(args.kv_cache_dtype, model.embed_tokens.weight.dtype)
     per_block = kv_cache_bytes_per_block(model_config, args.block_size, kv_dtype)
     num_blocks = max(1, args.kv_cache_mb * 2**20 // per_block)

@@ -24,6 +24,7 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pdserve.models.source import resolve_model
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.openai.chat_template import ChatTemplate
 from pdserve.openai.limits import MAX_PREPARING, PREPARE_THREADS, RETRY_AFTER_S
@@ -41,7 +42,8 @@ T = TypeVar("T")
 class FrontendConfig:
     """How `pdserve serve openai` was configured.
 
-    router: the router's host:port; model_dir: the checkpoint (tokenizer and chat template);
+    router: the router's host:port; model_dir: the checkpoint (tokenizer and chat template): a directory,
+    a GGUF file or a Hub id;
     model_name: the name clients use (None: the router's GetModelInfo name); api_keys: accepted
     `Authorization: Bearer` keys (empty: no key needed); router_wait_s: how long to wait for
     the router at start; router_security: TLS and the API key for the front end's channel to the router;
@@ -89,7 +91,7 @@ class Frontend:
     @classmethod
     async def connect(cls, config: FrontendConfig) -> Frontend:
         """Load the tokenizer and ask the router for the model's facts (waiting for it to come up)."""
-        tokenizer = Tokenizer.from_dir(config.model_dir)
+        tokenizer = resolve_model(config.model_dir).tokenizer()
         link = RouterLink(config.router, config.router_security)
         try:
             info = await link.model_info(config.router_wait_s)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pdserve.models.config import ModelConfig
-from pdserve.models.tokenizer import Tokenizer
+from pdserve.models.source import resolve_model
 from pdserve.router.admission import AdmissionControl, AdmissionLimits
 from pdserve.router.dispatch import Dispatcher
 from pdserve.router.failover import RetryPolicy
@@ -34,8 +33,9 @@ async def serve_router(settings: RouterSettings) -> None:
     server, redis_settings = settings.server, settings.redis
     telemetry = ProcessTelemetry.start(server.telemetry, "router")
     signals = ShutdownSignals()
-    tokenizer = Tokenizer.from_dir(settings.model)
-    model_config = ModelConfig.from_dir(settings.model)
+    source = resolve_model(settings.model)
+    tokenizer = source.tokenizer()
+    model_config = source.model_config()
     redis = open_redis(redis_settings.url, redis_settings.ca_file)
     await check_redis(redis, redis_settings.url)
     clients = WorkerClients(ClientSecurity(server.tls))  # its certificate is the client certificate
@@ -51,7 +51,7 @@ async def serve_router(settings: RouterSettings) -> None:
                         model_config.max_position_embeddings)
     lifecycle = Lifecycle()
     admission = AdmissionControl(AdmissionLimits(settings.max_inflight_requests, settings.overload_retry_after_ms))
-    servicer = RouterServicer(tokenizer, model_config, settings.model_name or settings.model, dispatcher,
+    servicer = RouterServicer(tokenizer, model_config, settings.model_name or source.served_name, dispatcher,
                               max_model_len, settings.block_size, metrics, lifecycle,
                               admission)
     running = await start_server_with_health(
