@@ -44,7 +44,7 @@ def test_streamed_text_is_the_full_decode(tmp_path):
 
 def test_bad_input_is_one_clear_line(tmp_path):
     out = pdserve("generate", "--model", str(tmp_path / "missing"), "hi")
-    assert out.returncode == 2 and "no such directory" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "no such file or directory" in out.stderr and "Traceback" not in out.stderr
     model = tmp_path / "tiny"
     assert pdserve("make-tiny-model", str(model)).returncode == 0
     out = pdserve("generate", "--model", str(model), "hi", "--temperature", "-1")
