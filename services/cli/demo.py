@@ -39,8 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the demo subcommand."""
     p = sub.add_parser("demo", help="make the tiny model if needed and stream a generation")
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the tiny demo model, "
-                                                 "trained on the start of the packaged short story)")
+    p.add_argument("--model", default=None, help="checkpoint directory, .gguf file or Hub id ORG/NAME[@REVISION] "
+                                                 "(default: the tiny demo model, trained on the start of the "
+                                                 "packaged short story)")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--in-process", action="store_true", help="no cluster: run the engine in this process")
     p.set_defaults(run=run)
@@ -50,7 +51,7 @@ def run(ns: argparse.Namespace) -> int:
     """Stream the generation to the terminal."""
     from pdserve.cli.generate import print_outputs
 
-    model_dir = Path(ns.model) if ns.model else ensure_tiny_model(default_model_dir())
+    model_dir = ns.model or ensure_tiny_model(default_model_dir())
     params = SamplingParams(max_tokens=ns.max_tokens, temperature=0.7, top_p=0.95, seed=0)
     if ns.in_process:
         from pdserve.llm import LLM
