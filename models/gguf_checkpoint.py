@@ -201,6 +201,8 @@ class GGUFCheckpoint:
                                  f"load (supported: {', '.join(SUPPORTED_TENSOR_TYPES)})")
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # GGUF lists dims innermost first
         values = np.ascontiguousarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        if not values.flags.writeable:  # an F32 tensor is a view of the read-only memory map: copy it out
+            values = values.copy()
         return torch.from_numpy(values.reshape(shape))
 
 
