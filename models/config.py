@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
+from pdserve.models.errors import ModelLoadError
+
+__all__ = ["DTYPES", "ModelConfig", "ModelLoadError", "RopeScaling"]
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(ValueError):
-    """A checkpoint cannot be loaded; the message names the file and, where there is one, the key."""
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -24,14 +25,13 @@ import numpy as np
 import torch
 
 from pdserve.models.config import ModelConfig, ModelLoadError, RopeScaling
+from pdserve.models.gguf_metadata import TensorInfo, read_gguf_header
 
-GGUF_SUFFIX = ".gguf"
 # general.architecture -> the Hugging Face architecture pdserve runs it as
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # The formats the issue promises, plus Q5_0/Q5_1, which llama.cpp's K-quant mixes use for rows that
 # are not a multiple of 256 wide.
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
-_SPLIT_FILE = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
 _LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # ggml tensor name (inside blk.N.) -> Hugging Face module path inside model.layers.N.
 _LAYER_MODULES = {
@@ -48,46 +48,18 @@ _GLOBAL_TENSORS = {
 ROPE_FREQS_TENSOR = "rope_freqs.weight"
 
 
-def find_gguf_file(path: Path) -> Path | None:
-    """The GGUF file `path` names: itself if it is one, the single *.gguf in a directory without a
-    config.json, else None. Raises ModelLoadError when a directory holds several, or for split files."""
-    if path.is_file() and path.suffix == GGUF_SUFFIX:
-        gguf_file = path
-    elif path.is_dir() and not (path / "config.json").is_file():
-        found = sorted(path.glob("*" + GGUF_SUFFIX))
-        if not found:
-            return None
-        if len(found) > 1:
-            names = ", ".join(p.name for p in found[:5])
-            raise ModelLoadError(f"{path}: holds {len(found)} GGUF files ({names}); name the one to serve "
-                                 f"with --model {path}/FILE.gguf")
-        gguf_file = found[0]
-    else:
-        return None
-    if _SPLIT_FILE.search(gguf_file.name):
-        raise ModelLoadError(f"{gguf_file}: a split GGUF file; pdserve loads single files (merge the parts with "
-                             "llama.cpp's `llama-gguf-split --merge`)")
-    return gguf_file
-
-
 class GGUFCheckpoint:
     """One GGUF file, memory-mapped: its metadata, the ModelConfig it describes and its tensors."""
 
     def __init__(self, path: str | Path) -> None:
-        """Open `path` and read its header (tensors are read only when iterated)."""
-        from gguf import GGUFReader
-
+        """Open `path` and read its header (tensor data is read only when `tensors` runs)."""
         self.path = Path(path)
-        try:
-            self.reader = GGUFReader(self.path, "r")
-        except (OSError, ValueError, IndexError, KeyError) as exc:
-            raise ModelLoadError(f"{self.path}: not a readable GGUF file ({exc})") from exc
-        self._tensors = {t.name: t for t in self.reader.tensors}
+        self.header = read_gguf_header(self.path)
+        self._tensors = self.header.tensors
 
     def field(self, key: str, default: Any = None) -> Any:
         """The metadata value under `key` (a str, number, bool or list), or `default` when absent."""
-        field = self.reader.fields.get(key)
-        return default if field is None else field.contents()
+        return self.header.metadata.get(key, default)
 
     @cached_property
     def architecture(self) -> str:
@@ -111,7 +83,7 @@ class GGUFCheckpoint:
             raise ModelLoadError(f"{self.path}: per-layer {arch}.attention.head_count_kv is not supported")
         embed = self._tensors.get("token_embd.weight")
         vocab = self._arch_field("vocab_size") or len(self.field("tokenizer.ggml.tokens", [])) or (
-            int(embed.shape[-1]) if embed is not None else None)
+            embed.shape[0] if embed is not None else None)
         raw = {
             "architectures": [GGUF_ARCHITECTURES[arch]],
             "vocab_size": vocab,
@@ -131,7 +103,7 @@ class GGUFCheckpoint:
             "eos_token_id": self.eos_token_ids or None,
         }
         config = ModelConfig.from_dict(raw, source=f"{self.path} (GGUF metadata)")
-        return _with_rope_scaling(config, self._rope_scaling(config))
+        return replace(config, rope_scaling=self._rope_scaling(config))
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -142,7 +114,7 @@ class GGUFCheckpoint:
 
     def _default_dtype(self) -> str:
         """float16/bfloat16 when every matrix is stored so, float32 for F32 files, bfloat16 for quantized."""
-        kinds = {t.tensor_type.name for t in self.reader.tensors if len(t.shape) > 1}
+        kinds = {_type_name(t.ggml_type) for t in self._tensors.values() if len(t.shape) > 1}
         if kinds == {"F32"}:
             return "float32"
         if kinds == {"F16"}:
@@ -154,7 +126,11 @@ class GGUFCheckpoint:
         tensor (how llama.cpp's converter stores Llama 3.1 scaling)."""
         freqs = self._tensors.get(ROPE_FREQS_TENSOR)
         if freqs is not None:
-            divisors = self._dequantized(freqs).reshape(-1)
+            if _type_name(freqs.ggml_type) != "F32":
+                raise ModelLoadError(f"{self.path}: tensor '{ROPE_FREQS_TENSOR}' is stored as "
+                                     f"{_type_name(freqs.ggml_type)}, expected F32")
+            count = int(np.prod(freqs.shape))
+            divisors = torch.from_numpy(np.fromfile(self.path, dtype="<f4", count=count, offset=freqs.offset))
             if divisors.numel() != config.head_dim // 2:
                 raise ModelLoadError(f"{self.path}: tensor '{ROPE_FREQS_TENSOR}' has {divisors.numel()} values, "
                                      f"expected head_dim/2 = {config.head_dim // 2}")
@@ -169,7 +145,7 @@ class GGUFCheckpoint:
 
     def quantization_summary(self) -> dict[str, int]:
         """How many tensors the file stores in each ggml type, e.g. {"Q4_K": 96, "F32": 65}."""
-        return dict(Counter(t.tensor_type.name for t in self.reader.tensors))
+        return dict(Counter(_type_name(t.ggml_type) for t in self._tensors.values()))
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (Hugging Face name, float32 tensor) for every weight, in file order.
@@ -178,32 +154,50 @@ class GGUFCheckpoint:
         naming the tensor for an unknown tensor name or an unsupported ggml type.
         """
         config = self.model_config
-        for tensor in self.reader.tensors:
+        file_bytes = np.memmap(self.path, dtype=np.uint8, mode="r")
+        for tensor in self._tensors.values():
             if tensor.name == ROPE_FREQS_TENSOR:
                 continue
             name = hf_tensor_name(tensor.name)
             if name is None:
                 raise ModelLoadError(f"{self.path}: tensor '{tensor.name}' is not part of a "
                                      f"{GGUF_ARCHITECTURES[self.architecture]} model")
-            weight = self._dequantized(tensor)
+            weight = self._dequantized(tensor, file_bytes)
             if self.architecture == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
                 weight = unpermute_rotary_rows(weight, config.num_heads)
             elif self.architecture == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
                 weight = unpermute_rotary_rows(weight, config.num_kv_heads)
             yield name, weight
 
-    def _dequantized(self, tensor) -> torch.Tensor:
-        from gguf import dequantize
+    def _dequantized(self, tensor: TensorInfo, file_bytes: np.ndarray) -> torch.Tensor:
+        """The tensor's values as float32 [shape], decoded by the gguf package from its rows of ggml blocks."""
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize
 
-        kind = tensor.tensor_type.name
+        kind = _type_name(tensor.ggml_type)
         if kind not in SUPPORTED_TENSOR_TYPES:
             raise ModelLoadError(f"{self.path}: tensor '{tensor.name}' is stored as {kind}, which pdserve does not "
                                  f"load (supported: {', '.join(SUPPORTED_TENSOR_TYPES)})")
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # GGUF lists dims innermost first
-        values = np.ascontiguousarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-        if not values.flags.writeable:  # an F32 tensor is a view of the read-only memory map: copy it out
-            values = values.copy()
-        return torch.from_numpy(values.reshape(shape))
+        qtype = GGMLQuantizationType(tensor.ggml_type)
+        block, block_bytes = GGML_QUANT_SIZES[qtype]
+        row = tensor.shape[-1]
+        rows = int(np.prod(tensor.shape[:-1], dtype=np.int64))
+        if row % block:
+            raise ModelLoadError(f"{self.path}: tensor '{tensor.name}' rows of {row} values do not fill whole "
+                                 f"{kind} blocks of {block}")
+        row_bytes = row // block * block_bytes
+        raw = file_bytes[tensor.offset:tensor.offset + rows * row_bytes].reshape(rows, row_bytes)
+        values = np.array(dequantize(raw, qtype), dtype=np.float32)  # a copy: never a view of the read-only map
+        return torch.from_numpy(values.reshape(tensor.shape))
+
+
+def _type_name(ggml_type: int) -> str:
+    """The ggml type's name ("Q4_K"), or "type N" for an id the gguf package does not know."""
+    from gguf import GGMLQuantizationType
+
+    try:
+        return GGMLQuantizationType(ggml_type).name
+    except ValueError:
+        return f"type {ggml_type}"
 
 
 def hf_tensor_name(gguf_name: str) -> str | None:
@@ -225,7 +219,3 @@ def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return weight.reshape(num_heads, rows // num_heads // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest)
 
 
-def _with_rope_scaling(config: ModelConfig, scaling: RopeScaling) -> ModelConfig:
-    from dataclasses import replace
-
-    return replace(config, rope_scaling=scaling)

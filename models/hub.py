@@ -30,7 +30,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import tqdm as hf_tqdm
 from huggingface_hub.utils import validate_repo_id
 
-from pdserve.models.config import ModelLoadError
+from pdserve.models.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ SERVING_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
-    "*.safetensors",
+    "model*.safetensors",  # model.safetensors or its shards; not e.g. Mistral's consolidated.safetensors copy
     "model.safetensors.index.json",
 )
 # huggingface_hub's patterns let `*` cross `/`: without this, `*.safetensors` would also fetch copies kept in
@@ -268,7 +268,7 @@ def _check_checkpoint(snapshot: HubSnapshot, label: str, cache_dir: Path) -> Non
     """ModelLoadError unless the snapshot holds a config.json and safetensors weights."""
     missing = [what for what, present in (
         ("no config.json", (snapshot.path / "config.json").is_file()),
-        ("no *.safetensors weights", any(snapshot.path.glob("*.safetensors"))),
+        ("no model*.safetensors weights", any(snapshot.path.glob("model*.safetensors"))),
     ) if not present]
     if missing:
         raise ModelLoadError(
@@ -286,5 +286,5 @@ def _held_instead(snapshot: HubSnapshot, cache_dir: Path) -> str:
     pickles = [name for name in files if name.endswith(_PICKLE_SUFFIXES)]
     ggufs = [name for name in files if name.lower().endswith(".gguf")]
     held = [f"PyTorch pickles ({', '.join(pickles)}), which pdserve never loads"] if pickles else []
-    held += [f"GGUF files ({', '.join(ggufs)}), which pdserve does not serve"] if ggufs else []
+    held += [f"GGUF files ({', '.join(ggufs)}): download one and pass its path, --model FILE.gguf"] if ggufs else []
     return f"; the repository holds {', and '.join(held)}" if held else ""

@@ -8,17 +8,23 @@ three forms behave the same everywhere. A Hub id resolves to a commit; `ModelSou
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
-from pdserve.models.config import ModelConfig, ModelLoadError
-from pdserve.models.gguf_checkpoint import GGUFCheckpoint, find_gguf_file
-from pdserve.models.hub import HubSnapshot, fetch_snapshot, parse_hub_id
+from pdserve.models.errors import ModelLoadError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch, gguf and huggingface_hub load only when a source needs them (the OpenAI front end
+    # reads a directory's tokenizer without torch)
+    from pdserve.models.config import ModelConfig
+    from pdserve.models.gguf_checkpoint import GGUFCheckpoint
+    from pdserve.models.hub import HubSnapshot
     from pdserve.models.tokenizer import Tokenizer
+
+GGUF_SUFFIX = ".gguf"
+_SPLIT_FILE = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,7 @@ class ModelSource:
 
     spec: str
     path: Path
-    format: str
+    format: Literal["hf", "gguf"]
     hub: HubSnapshot | None = None
 
     @property
@@ -49,12 +55,16 @@ class ModelSource:
     @cached_property
     def gguf(self) -> GGUFCheckpoint:
         """The opened GGUF file (format "gguf" only)."""
+        from pdserve.models.gguf_checkpoint import GGUFCheckpoint
+
         if self.format != "gguf":
             raise ValueError(f"{self.path} is not a GGUF file")
         return GGUFCheckpoint(self.path)
 
     def model_config(self) -> ModelConfig:
         """The network's configuration (config.json, or the GGUF metadata)."""
+        from pdserve.models.config import ModelConfig
+
         return self.gguf.model_config if self.format == "gguf" else ModelConfig.from_dir(self.path)
 
     def tokenizer(self) -> Tokenizer:
@@ -87,8 +97,35 @@ def resolve_model(spec: str | Path | ModelSource) -> ModelSource:
         if path.is_dir():
             return ModelSource(spec=text, path=path, format="hf")
         raise ModelLoadError(f"--model {text}: not a checkpoint directory or a .gguf file")
+    from pdserve.models.hub import fetch_snapshot, parse_hub_id
+
     hub_id = parse_hub_id(text)
     if hub_id is None:
         raise FileNotFoundError(f"--model {text}: no such file or directory (and not a Hub id ORG/NAME[@REVISION])")
-    snapshot = fetch_snapshot(*hub_id)
+    try:
+        snapshot = fetch_snapshot(*hub_id)
+    except ModelLoadError as exc:  # a mistyped relative path reads as an id too: say both
+        raise ModelLoadError(f"--model {text}: no such local path, and as a Hub id: {exc}") from exc
     return ModelSource(spec=text, path=snapshot.path, format="hf", hub=snapshot)
+
+
+def find_gguf_file(path: Path) -> Path | None:
+    """The GGUF file `path` names: itself if it is one, the single *.gguf in a directory without a
+    config.json, else None. Raises ModelLoadError when a directory holds several, or for split files."""
+    if path.is_file() and path.suffix.lower() == GGUF_SUFFIX:
+        gguf_file = path
+    elif path.is_dir() and not (path / "config.json").is_file():
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() == GGUF_SUFFIX and p.is_file())
+        if not found:
+            return None
+        if len(found) > 1:
+            names = ", ".join(p.name for p in found[:5])
+            raise ModelLoadError(f"{path}: holds {len(found)} GGUF files ({names}); name the one to serve "
+                                 f"with --model {path}/FILE.gguf")
+        gguf_file = found[0]
+    else:
+        return None
+    if _SPLIT_FILE.search(gguf_file.name):
+        raise ModelLoadError(f"{gguf_file}: a split GGUF file; pdserve loads single files (merge the parts with "
+                             "llama.cpp's `llama-gguf-split --merge`)")
+    return gguf_file

@@ -4,11 +4,13 @@ Used by `pdserve up`, the demo and the tests."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,21 @@ class ServerProcess:
     address: str = ""
     kv_endpoint: str = ""
     metrics_address: str = ""  # host:port of its Prometheus /metrics, when it serves one
+
+
+@contextlib.contextmanager
+def _environment(overrides: dict[str, str]) -> Iterator[None]:
+    """os.environ with `overrides` applied, restored afterwards."""
+    saved = {key: os.environ.get(key) for key in overrides}
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @dataclass
@@ -64,7 +81,8 @@ class LocalCluster:
         if Path(self.model_dir).expanduser().exists():
             self.model_dir = str(Path(self.model_dir).expanduser().resolve())
         elif parse_hub_id(self.model_dir) is not None:
-            self.model_dir = resolve_model(self.model_dir).pinned
+            with _environment(self.env):  # fetch with the servers' HF_* settings (cache, endpoint, offline)
+                self.model_dir = resolve_model(self.model_dir).pinned
         self.log_dir = Path(tempfile.mkdtemp(prefix="pdserve-cluster-"))
         self.prefix = f"pdserve-{os.getpid()}-{int(time.time() * 1000)}"
 

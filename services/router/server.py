@@ -34,8 +34,8 @@ async def serve_router(settings: RouterSettings) -> None:
     telemetry = ProcessTelemetry.start(server.telemetry, "router")
     signals = ShutdownSignals()
     source = resolve_model(settings.model)
-    tokenizer = source.tokenizer()
-    model_config = source.model_config()
+    tokenizer, model_config, served_name = source.tokenizer(), source.model_config(), source.served_name
+    del source  # a GGUF file's parsed metadata (tens of MiB for a large vocabulary) is not needed past here
     redis = open_redis(redis_settings.url, redis_settings.ca_file)
     await check_redis(redis, redis_settings.url)
     clients = WorkerClients(ClientSecurity(server.tls))  # its certificate is the client certificate
@@ -51,7 +51,7 @@ async def serve_router(settings: RouterSettings) -> None:
                         model_config.max_position_embeddings)
     lifecycle = Lifecycle()
     admission = AdmissionControl(AdmissionLimits(settings.max_inflight_requests, settings.overload_retry_after_ms))
-    servicer = RouterServicer(tokenizer, model_config, settings.model_name or source.served_name, dispatcher,
+    servicer = RouterServicer(tokenizer, model_config, settings.model_name or served_name, dispatcher,
                               max_model_len, settings.block_size, metrics, lifecycle,
                               admission)
     running = await start_server_with_health(

@@ -161,7 +161,9 @@ def test_a_directory_holding_one_gguf_file_loads_it(hf_dirs, tmp_path):
     assert source.tokenizer().chat_template  # the checkpoint's chat template travels in the file
 
 
-def _write_raw_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, object]]) -> Path:
+def _write_raw_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, object]],
+                    tokens: list[str] | None = None, token_types: list[int] | None = None,
+                    bos_eos: tuple[int, int] | None = None) -> Path:
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch)
@@ -173,7 +175,13 @@ def _write_raw_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, 
     writer.add_head_count_kv(2)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([chr(ord("a") + i) for i in range(16)])
+    writer.add_token_list(tokens or [chr(ord("a") + i) for i in range(16)])
+    if token_types:
+        writer.add_token_types(token_types)
+    if bos_eos:
+        writer.add_bos_token_id(bos_eos[0])
+        writer.add_eos_token_id(bos_eos[1])
+        writer.add_add_bos_token(True)
     writer.add_token_merges([])
     for name, (data, raw_type) in tensors.items():
         writer.add_tensor(name, data, raw_dtype=raw_type)
@@ -182,6 +190,26 @@ def _write_raw_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, 
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def test_special_tokens_written_outside_the_byte_alphabet_keep_their_ids(tmp_path):
+    """DeepSeek-R1 distills store `<｜begin▁of▁sentence｜>` raw in a byte-level vocabulary: it must encode to its
+    own id (transformers appends a new id past the model's vocabulary instead)."""
+    from pdserve.models.gguf_tokenizer import byte_level_alphabet
+
+    specials = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>"]
+    tokens = specials + sorted(set(byte_level_alphabet().values()))
+    types = [3, 3, 4] + [1] * (len(tokens) - 3)
+    path = _write_raw_gguf(tmp_path / "deepseek.gguf", "qwen2",
+                           {"token_embd.weight": (np.zeros((len(tokens), 32), np.float32), None)},
+                           tokens=tokens, token_types=types, bos_eos=(0, 1))
+    tokenizer = resolve_model(path).tokenizer()
+    assert (tokenizer.vocab_size, tokenizer.bos_token_id, tokenizer.eos_token_ids) == (len(tokens), 0, {1})
+    text = "Hi<｜User｜>yo<｜end▁of▁sentence｜>"
+    ids = tokenizer.encode(text)
+    assert ids == [0, tokens.index("H"), tokens.index("i"), 2, tokens.index("y"), tokens.index("o"), 1]
+    assert tokenizer.decode(ids, skip_special_tokens=False) == "<｜begin▁of▁sentence｜>" + text
+    assert tokenizer.decode(ids) == "Hi<｜User｜>yo"  # only the control tokens are skipped
 
 
 def test_an_unsupported_tensor_type_fails_naming_the_tensor_and_type(tmp_path):
@@ -200,8 +228,14 @@ def test_an_unsupported_architecture_fails_at_once(tmp_path):
         resolve_model(path).model_config()
 
 
-def test_not_a_gguf_file_is_named(tmp_path):
-    path = tmp_path / "broken.gguf"
-    path.write_bytes(b"GGUF" + b"\x00" * 10)
-    with pytest.raises(ModelLoadError, match="broken.gguf: not a readable GGUF file"):
-        resolve_model(path).model_config()
+def test_broken_and_truncated_files_are_named(hf_dirs, tmp_path):
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"GGML" + b"\x00" * 64)
+    with pytest.raises(ModelLoadError, match="garbage.gguf: not a GGUF file"):
+        resolve_model(garbage).model_config()
+    whole = write_gguf(hf_dirs["qwen2"], tmp_path / "whole.gguf", "Q8_0").read_bytes()
+    for name, size in (("cut-header.gguf", 200), ("cut-data.gguf", len(whole) - 1000)):
+        cut = tmp_path / name
+        cut.write_bytes(whole[:size])
+        with pytest.raises(ModelLoadError, match=f"{name}: (not a readable GGUF file|truncated GGUF file)"):
+            resolve_model(cut).model_config()

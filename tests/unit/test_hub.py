@@ -36,6 +36,7 @@ def checkpoint_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (repo / "README.md").write_text("# tiny llama\n")
     (repo / "original").mkdir()
     shutil.copy(repo / "model.safetensors", repo / "original" / "model.safetensors")
+    shutil.copy(repo / "model.safetensors", repo / "consolidated.safetensors")  # Mistral repos ship such a copy
     return repo
 
 
