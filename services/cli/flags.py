@@ -79,7 +79,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     from pdserve.models.hub import parse_hub_id
 
     if not ns.model:
-        raise ValueError("--model DIR (or PDSERVE_MODEL) is required")
+        raise ValueError("--model (a checkpoint directory, .gguf file or Hub id; or PDSERVE_MODEL) is required")
     if not Path(ns.model).expanduser().exists() and parse_hub_id(ns.model) is None:
         raise FileNotFoundError(f"--model {ns.model}: no such file or directory (and not a Hub id ORG/NAME[@REVISION])")
     if ns.kv_cache_dtype not in KV_CACHE_DTYPES:  # an invalid PDSERVE_KV_CACHE_DTYPE skips argparse

@@ -136,7 +136,7 @@ def settings_from(ns: argparse.Namespace):
 
     role = ROLE_ALIASES.get(ns.role, ns.role)
     if not ns.model:
-        raise ValueError("--model DIR (or PDSERVE_MODEL) is required")
+        raise ValueError("--model (a checkpoint directory, .gguf file or Hub id; or PDSERVE_MODEL) is required")
     port = ns.port if ns.port is not None else (OPENAI_DEFAULT_PORT if role == "openai" else 0)
     server = s.ServerSettings(host=ns.host, port=port, advertise_host=ns.advertise_host, tls=tls_from(ns),
                               telemetry=telemetry_from(ns), drain_timeout_s=ns.drain_timeout_s)
