@@ -136,7 +136,10 @@ def test_sentencepiece_gguf_greedy_tokens_equal_transformers(tmp_path):
     config_path.write_text(json.dumps(config))
     path = write_gguf(hf_dir, tmp_path / "spm.gguf", "Q8_0", tokenizer="sentencepiece")
     tokenizer = resolve_model(path).tokenizer()
-    prompts = [tokenizer.encode(text) for text in ("Once upon a time", "The server said", "日本語 text", "a b c")]
+    texts = ("Once upon a time", "The server said", "日本語 text", "a b c", "  two spaces", "Numbers 1234567",
+             "emoji 😀 here", "Ünïcödé and ß")
+    assert len(texts) == NUM_PROMPTS
+    prompts = [tokenizer.encode(text) for text in texts]
     assert _pdserve_greedy(path, prompts) == _transformers_greedy(path, prompts)
 
 
