@@ -177,31 +177,19 @@ def test_request_finished_at_prefill_releases_its_decode_reservation(disaggregat
 def test_pdserve_up_with_a_relative_model_path(model_dir, tmp_path):
     """`pdserve up --model DIR` with DIR relative to the user's directory: the servers it starts
     find the checkpoint (they got an absolute path), and the cluster serves the in-process tokens."""
-    import contextlib
     import json
-    import os
     import shutil
-    import signal
     import subprocess
     import sys
     from pathlib import Path
 
+    from helpers.up_testing import pdserve_up, stop_up
     from pdserve.llm import LLM
     from pdserve.models.sampling_params import SamplingParams
 
     shutil.copytree(model_dir, tmp_path / "hf")
-    # Its own process group, so that whatever it started can be ended by the group's id if it fails.
-    up = subprocess.Popen([sys.executable, "-P", "-m", "pdserve.cli", "up", "--model", "hf", "--port", "0",
-                           "--openai-port", "0"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, start_new_session=True)
-    try:
-        lines = []
-        for line in up.stdout:  # ends at EOF if `up` dies, with its output kept for the message
-            lines.append(line)
-            if line.startswith("pdserve cluster up: router at "):
-                break
-        assert lines and lines[-1].startswith("pdserve cluster up"), "".join(lines)[-3000:]
-        router = lines[-1].split()[5]
+    with pdserve_up("--model", "hf", "--port", "0", "--openai-port", "0", cwd=tmp_path) as (up, ready):
+        router = ready.split()[5]
         out = subprocess.run([sys.executable, "-P", "-m", "pdserve.cli", "generate", "--router", router, "Hello",
                               "--max-tokens", "8", "--temperature", "0", "--ignore-eos", "--json"],
                              capture_output=True, text=True, timeout=120)
@@ -211,11 +199,5 @@ def test_pdserve_up_with_a_relative_model_path(model_dir, tmp_path):
         assert json.loads(out.stdout)["token_ids"] == expected.samples[0].token_ids
         children = Path(f"/proc/{up.pid}/task/{up.pid}/children").read_text().split()
         assert len(children) >= 4, children  # Redis, prefill, decode, router
-        up.send_signal(signal.SIGINT)
-        rest = up.communicate(timeout=60)[0]
-        assert up.returncode == 0 and "pdserve cluster stopped" in rest, rest[-3000:]
+        stop_up(up)
         assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "up left servers running"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(up.pid, signal.SIGKILL)  # the group up leads: up and what it started, on failure
-        up.wait()

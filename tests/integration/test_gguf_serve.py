@@ -3,16 +3,11 @@ template the file carries and the name given by --served-model-name."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
-import sys
-
 import pytest
 
 from helpers.gguf_files import write_gguf
 from helpers.http_testing import call
+from helpers.up_testing import OPENAI_LINE, pdserve_up, stop_up
 from pdserve.llm import LLM
 from pdserve.models.sampling_params import SamplingParams
 from pdserve.models.tiny_model import make_tiny_model
@@ -34,37 +29,22 @@ def gguf_file(tmp_path_factory):
 def test_pdserve_up_serves_chat_from_a_gguf_file_with_its_chat_template(gguf_file):
     import transformers
 
-    up = subprocess.Popen([sys.executable, "-P", "-m", "pdserve.cli", "up", "--model", str(gguf_file), "--port", "0",
-                           "--openai-port", str(free_port()), "--served-model-name", "tiny-gguf"],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        lines = []
-        for line in up.stdout:  # ends at EOF if `up` dies, with its output kept for the message
-            lines.append(line)
-            if line.startswith("OpenAI-compatible API at "):
-                break
-        assert lines and lines[-1].startswith("OpenAI-compatible API at "), "".join(lines)[-3000:]
-        address = lines[-1].split()[3].removeprefix("http://").removesuffix("/v1")
-
+    args = ("--model", str(gguf_file), "--port", "0", "--openai-port", str(free_port()),
+            "--served-model-name", "tiny-gguf")
+    with pdserve_up(*args, until=OPENAI_LINE) as (up, ready):
+        address = ready.split()[3].removeprefix("http://").removesuffix("/v1")
         status, _, models = call(address, "GET", "/v1/models")
         assert status == 200 and [m["id"] for m in models["data"]] == ["tiny-gguf"], models
         status, _, reply = call(address, "POST", "/v1/chat/completions", {
             "model": "tiny-gguf", "messages": MESSAGES, "max_tokens": 12, "temperature": 0, "ignore_eos": True})
         assert status == 200, reply
+        stop_up(up)
 
-        # transformers renders the same file's template; pdserve in this process continues those ids.
-        reference = transformers.AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
-        prompt_ids = reference.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=False)
-        assert reference.decode(prompt_ids).endswith("[[assistant]]:")
-        assert reply["usage"]["prompt_tokens"] == len(prompt_ids)
-        [expected] = LLM(str(gguf_file), threads=1).generate(
-            prompt_ids, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
-        assert reply["choices"][0]["message"]["content"] == expected.samples[0].text
-        up.send_signal(signal.SIGINT)
-        rest = up.communicate(timeout=60)[0]
-        assert up.returncode == 0 and "pdserve cluster stopped" in rest, rest[-3000:]
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(up.pid, signal.SIGKILL)  # up and what it started, on failure
-        up.wait()
+    # transformers renders the same file's template; pdserve in this process continues those ids.
+    reference = transformers.AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    prompt_ids = reference.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert reference.decode(prompt_ids).endswith("[[assistant]]:")
+    assert reply["usage"]["prompt_tokens"] == len(prompt_ids)
+    [expected] = LLM(str(gguf_file), threads=1).generate(
+        prompt_ids, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert reply["choices"][0]["message"]["content"] == expected.samples[0].text

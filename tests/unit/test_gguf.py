@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from helpers.gguf_files import GGUF_TENSOR_TYPES, make_sentencepiece_checkpoint, write_gguf
+from helpers.hf_reference import hf_greedy
 from pdserve.llm import LLM
 from pdserve.models.config import ModelLoadError
 from pdserve.models.gguf_checkpoint import GGUFCheckpoint
@@ -60,19 +61,7 @@ def _prompts(vocab_size: int) -> list[list[int]]:
 
 
 def _transformers_greedy(gguf_path: Path, prompts: list[list[int]]) -> list[list[int]]:
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
-    out = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                                 min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-        out.append(gen[0, len(prompt):].tolist())
-    return out
+    return hf_greedy(str(gguf_path.parent), prompts, NEW_TOKENS, gguf_file=gguf_path.name)
 
 
 def _pdserve_greedy(model: str | Path, prompts: list[list[int]]) -> list[list[int]]:
