@@ -60,7 +60,7 @@ def load_model(checkpoint: str | Path | ModelSource, dtype: torch.dtype | str | 
         if tuple(tensor.shape) != shape:
             raise ModelLoadError(
                 f"{origin}: tensor '{name}' has shape {tuple(tensor.shape)}, expected {shape} "
-                f"for this config.json"
+                f"for this checkpoint's configuration"
             )
         with torch.no_grad():
             params[target][row_slice].copy_(tensor)

@@ -78,6 +78,14 @@ class ModelSource:
         return Tokenizer.from_dir(self.path)
 
 
+def names_a_model(spec: str) -> bool:
+    """Whether `spec` is an existing local path or reads as a Hub id (what `resolve_model` accepts, before any
+    file is read or anything downloaded)."""
+    from pdserve.models.hub import parse_hub_id
+
+    return Path(spec).expanduser().exists() or parse_hub_id(spec) is not None
+
+
 def resolve_model(spec: str | Path | ModelSource) -> ModelSource:
     """The ModelSource `spec` names: a local directory or .gguf file first, else a Hub id `ORG/NAME[@REV]`
     (downloaded into the shared Hugging Face cache, or found there offline).

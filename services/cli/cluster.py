@@ -73,14 +73,11 @@ class LocalCluster:
     redis: EmbeddedRedis | None = None
 
     def __post_init__(self) -> None:
-        from pdserve.models.hub import parse_hub_id
-        from pdserve.models.source import resolve_model
+        from pdserve.models.source import names_a_model, resolve_model
 
-        # The servers resolve --model from their own working directory: give them an absolute path. A Hub id
-        # is fetched here, once, and passed on pinned to the commit it resolved to (every server, same weights).
-        if Path(self.model_dir).expanduser().exists():
-            self.model_dir = str(Path(self.model_dir).expanduser().resolve())
-        elif parse_hub_id(self.model_dir) is not None:
+        # The servers resolve --model from their own working directory: they get an absolute path. A Hub id is
+        # fetched here, once, and passed on pinned to the commit it resolved to (every server, same weights).
+        if names_a_model(self.model_dir):  # anything else fails in the servers, with their message
             with _environment(self.env):  # fetch with the servers' HF_* settings (cache, endpoint, offline)
                 self.model_dir = resolve_model(self.model_dir).pinned
         self.log_dir = Path(tempfile.mkdtemp(prefix="pdserve-cluster-"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -76,11 +75,11 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     """EngineArgs from the engine flags; a clear error when the model is missing."""
     from pdserve.engine.setup import EngineArgs, default_device
-    from pdserve.models.hub import parse_hub_id
+    from pdserve.models.source import names_a_model
 
     if not ns.model:
         raise ValueError("--model (a checkpoint directory, .gguf file or Hub id; or PDSERVE_MODEL) is required")
-    if not Path(ns.model).expanduser().exists() and parse_hub_id(ns.model) is None:
+    if not names_a_model(ns.model):
         raise FileNotFoundError(f"--model {ns.model}: no such file or directory (and not a Hub id ORG/NAME[@REVISION])")
     if ns.kv_cache_dtype not in KV_CACHE_DTYPES:  # an invalid PDSERVE_KV_CACHE_DTYPE skips argparse
         raise ValueError(f"--kv-cache-dtype {ns.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
