@@ -1,6 +1,9 @@
 """Decode attention for the CPU path: single-token queries of many sequences over a paged cache.
 
-`reference.paged_attention` sends its q_len-1 rows here. The work is memory-bound and the queries
+`reference.paged_attention` sends its q_len-1 rows here. With a bfloat16 model and cache, a head dim
+the kernel takes (16 to 256, powers of two) and the native kernels available (kernels/cpu_native.py), one native call
+does every row and layer's work in place: each (row, KV head) reads its blocks once, scores, softmax
+and the weighted sum in float32. Otherwise it runs in PyTorch ops, as follows. The work is memory-bound and the queries
 are tiny (`group` query heads per KV head), so what matters is how often K/V are copied:
 - rows are grouped by context length (each group padded to its longest row, at most 2x its
   shortest), so that one long row does not pad every short one to its length;
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.kernels.cpu_native import ATTENTION_HEAD_DIMS, CpuNativeKernels, native_kernels
 from pdserve.kernels.kv_quant import dequantize_blocks
 
 MAX_PADDING_FACTOR = 2  # a group's longest context is at most this times its shortest
@@ -67,16 +71,32 @@ class DecodePlan:
     """The row groups of one step's decode rows, shared by every layer of that step.
 
     heads: [H] 0..H-1; kv_slot: [H] the KV head each query head reads (h // (H / KVH)).
+    native_rows: for the native kernel, (tokens [R], lengths [R], block tables [R, max_blocks]) of the
+    rows in int32, or None when the PyTorch path is used.
     """
 
     groups: list[RowGroup]
     heads: torch.Tensor
     kv_slot: torch.Tensor
+    native_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def build(cls, block_tables: torch.Tensor, seq_lens: list[int], starts: list[int], rows: list[int],
-              block_size: int, num_heads: int, num_kv_heads: int, device: torch.device) -> DecodePlan:
-        """Group rows (their seq_lens, and starts: their token positions) and look up their blocks."""
+              block_size: int, num_heads: int, num_kv_heads: int, device: torch.device,
+              native: bool = False, num_blocks: int = 0) -> DecodePlan:
+        """Group rows (their seq_lens, and starts: their token positions) and look up their blocks
+        (native: the rows' int32 tables for the native kernel instead, checked against the cache's
+        num_blocks, since the kernel reads them unchecked)."""
+        heads = torch.arange(num_heads, device=device)
+        kv_slot = heads // (num_heads // num_kv_heads)
+        if native:
+            if block_tables.numel() and int(block_tables.max()) >= num_blocks:
+                raise IndexError(f"block {int(block_tables.max())} is past the cache's {num_blocks} blocks")
+            index = torch.tensor(rows)
+            native_rows = (torch.tensor([starts[b] for b in rows], dtype=torch.int32),
+                           torch.tensor([seq_lens[b] for b in rows], dtype=torch.int32),
+                           block_tables.index_select(0, index).to(torch.int32).contiguous())
+            return cls([], heads, kv_slot, native_rows)
         groups = []
         for rows_in_group in group_rows_by_length(rows, seq_lens):
             num_blocks = -(-seq_lens[rows_in_group[0]] // block_size)  # the first is the longest
@@ -87,8 +107,18 @@ class DecodePlan:
             padding = (slots.unsqueeze(0) >= lens.unsqueeze(1)).unsqueeze(1)
             tokens = torch.tensor([starts[b] for b in rows_in_group], device=device)
             groups.append(RowGroup(tokens, block_ids, padding, num_blocks))
-        heads = torch.arange(num_heads, device=device)
-        return cls(groups, heads, heads // (num_heads // num_kv_heads))
+        return cls(groups, heads, kv_slot)
+
+
+def native_decode_kernels(query: torch.Tensor, key_cache: torch.Tensor,
+                          scales: tuple[torch.Tensor | None, torch.Tensor | None]) -> CpuNativeKernels | None:
+    """The native kernels when they can do this step's decode attention: a bfloat16 query and
+    cache (not quantized) on the CPU, contiguous, with a head dim the kernel takes."""
+    if (query.device.type != "cpu" or query.dtype != torch.bfloat16 or key_cache.dtype != torch.bfloat16
+            or scales[0] is not None or key_cache.shape[-1] not in ATTENTION_HEAD_DIMS or not key_cache.is_contiguous()
+            or query.stride(-1) != 1):
+        return None
+    return native_kernels()
 
 
 def decode_attention(query: torch.Tensor, caches: tuple[torch.Tensor, torch.Tensor],
@@ -99,6 +129,9 @@ def decode_attention(query: torch.Tensor, caches: tuple[torch.Tensor, torch.Tens
     query/out: [T, H, D] (only the planned rows' tokens of `out` are written); caches: (key,
     value) [NB, BS, KVH, D]; scales: their [NB, KVH] scales for an int8/fp8 cache, else None.
     """
+    if plan.native_rows is not None:
+        native_kernels().decode_attention(query, caches[0], caches[1], *plan.native_rows, scale, out)
+        return
     num_heads = query.shape[1]
     num_kv_heads, head_dim = caches[0].shape[2:]
     heads, kv_slot = plan.heads, plan.kv_slot

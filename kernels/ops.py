@@ -1,9 +1,10 @@
-"""The ops the model calls, dispatched to the Triton kernels on CUDA and to the PyTorch
-reference (kernels/reference.py) everywhere else. Signatures are those of the reference.
+"""The ops the model calls, dispatched to the Triton kernels on CUDA, to the native CPU kernels
+(kernels/cpu_native.py) for bfloat16 on a CPU that runs them, and to the PyTorch reference
+(kernels/reference.py) everywhere else. Signatures are those of the reference.
 
 `PDSERVE_KERNELS` (read at import, or set `ops.BACKEND`) picks: "auto" (Triton for CUDA
-tensors, the reference otherwise), "reference" (always), "triton" (always; on the CPU this needs
-TRITON_INTERPRET=1 and is only for tests).
+tensors, native or reference on the CPU), "reference" (always), "triton" (always; on the CPU this
+needs TRITON_INTERPRET=1 and is only for tests).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from functools import cache
 import torch
 
 from pdserve.kernels import reference
+from pdserve.kernels.cpu_native import CpuNativeKernels, native_kernels
 
 BACKENDS = ("auto", "reference", "triton")
 BACKEND = os.environ.get("PDSERVE_KERNELS", "auto")
@@ -44,11 +46,23 @@ def use_triton(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda and triton_available()
 
 
+def use_native(*tensors: torch.Tensor) -> CpuNativeKernels | None:
+    """The native CPU kernels when the backend is "auto", every tensor is a bfloat16 CPU tensor and the
+    kernels run here; else None."""
+    if BACKEND != "auto" or any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in tensors):
+        return None
+    return native_kernels()
+
+
 def rms_norm(x, weight, eps, residual=None):
     """See reference.rms_norm: x, residual [T, hidden] -> (normed, x + residual)."""
     if use_triton(x):
         from pdserve.kernels.triton_norm import rms_norm as triton_rms_norm
         return triton_rms_norm(x, weight, eps, residual)
+    native = use_native(x, weight, *([] if residual is None else [residual]))
+    if (native is not None and x.dim() == 2 and x.shape[-1] % 16 == 0 and x.is_contiguous()
+            and (residual is None or residual.is_contiguous())):
+        return native.rms_norm(x, weight, eps, residual)
     return reference.rms_norm(x, weight, eps, residual)
 
 
@@ -57,15 +71,24 @@ def silu_and_mul(gate_up):
     if use_triton(gate_up):
         from pdserve.kernels.triton_activation import silu_and_mul as triton_silu_and_mul
         return triton_silu_and_mul(gate_up)
+    native = use_native(gate_up)
+    if native is not None and gate_up.dim() == 2 and gate_up.shape[-1] % 32 == 0 and gate_up.stride(-1) == 1:
+        return native.silu_and_mul(gate_up)
     return reference.silu_and_mul(gate_up)
 
 
 def apply_rotary(q, k, positions, cos_sin_cache, step_cache=None):
     """See reference.apply_rotary: rotate q [T, H, D] and k [T, KVH, D] by position
-    (step_cache is the reference's)."""
+    (step_cache is the reference's). The native kernel rotates q and k in place and returns them."""
     if use_triton(q):
         from pdserve.kernels.triton_rotary import apply_rotary as triton_apply_rotary
         return triton_apply_rotary(q, k, positions, cos_sin_cache)
+    native = use_native(q, k)
+    if (native is not None and q.shape[-1] % 32 == 0 and q.stride(-1) == 1 and k.stride(-1) == 1
+            and cos_sin_cache.dtype == torch.float32 and cos_sin_cache.is_contiguous()
+            and positions.dtype == torch.int64 and positions.is_contiguous()):
+        native.rotary_in_place(q, k, positions, cos_sin_cache)
+        return q, k
     return reference.apply_rotary(q, k, positions, cos_sin_cache, step_cache)
 
 
@@ -74,6 +97,12 @@ def write_kv_to_cache(key, value, key_cache, value_cache, slot_mapping, k_scale=
     if use_triton(key):
         from pdserve.kernels.triton_kv_write import write_kv_to_cache as triton_write
         return triton_write(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
+    native = use_native(key, value, key_cache, value_cache)
+    if (native is not None and key_cache.is_contiguous() and value_cache.is_contiguous() and key.stride(-1) == 1
+            and value.stride(-1) == 1 and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()):
+        if slot_mapping.numel() and int(slot_mapping.max()) >= key_cache.shape[0] * key_cache.shape[1]:
+            raise IndexError(f"KV slot {int(slot_mapping.max())} is past the cache's {key_cache.shape[0]} blocks")
+        return native.write_kv(key, value, key_cache, value_cache, slot_mapping)
     return reference.write_kv_to_cache(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
 
 
@@ -85,7 +114,7 @@ def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query
     if not use_triton(query):
         return reference.paged_attention(query, key_cache, value_cache, block_tables, seq_lens,
                                          query_start_loc, scale, query_lens_cpu, seq_lens_cpu,
-                                         k_scale, v_scale, step_cache)
+                                         k_scale, v_scale, step_cache, native_decode=use_native(query) is not None)
     q_lens = query_lens_cpu or (query_start_loc[1:] - query_start_loc[:-1]).tolist()
     if q_lens and max(q_lens) == 1 and len(q_lens) == query.shape[0]:
         from pdserve.kernels.triton_decode_attention import choose_num_splits, paged_decode_attention

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pdserve.kernels.cpu_decode_attention import DecodePlan, decode_attention
+from pdserve.kernels.cpu_decode_attention import DecodePlan, decode_attention, native_decode_kernels
 from pdserve.kernels.kv_quant import dequantize_blocks, is_quantized, write_quantized
 
 
@@ -94,7 +94,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                     block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                     scale: float, query_lens_cpu: list[int] | None = None,
                     seq_lens_cpu: list[int] | None = None, k_scale: torch.Tensor | None = None,
-                    v_scale: torch.Tensor | None = None, step_cache: dict | None = None) -> torch.Tensor:
+                    v_scale: torch.Tensor | None = None, step_cache: dict | None = None,
+                    native_decode: bool = False) -> torch.Tensor:
     """Causal attention of packed queries over each sequence's paged K/V (prefill, chunked
     prefill with a cached prefix, and decode in one call).
 
@@ -104,7 +105,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     key_cache/value_cache: [NB, BS, KVH, D]; block_tables: [B, max_blocks]; seq_lens: [B];
     query_start_loc: [B+1]; k_scale/v_scale: [NB, KVH] scales of an int8/fp8 cache. Returns [T, H, D].
     step_cache: a dict that lives for one step (AttentionMetadata.step_cache), where what depends
-    only on the batch is kept for the step's other layers.
+    only on the batch is kept for the step's other layers. native_decode: let the native CPU kernel
+    do the decode rows where it can (kernels/cpu_decode_attention.py); the reference alone otherwise.
     """
     if is_quantized(key_cache.dtype) and (k_scale is None or v_scale is None):
         raise ValueError(f"a {key_cache.dtype} KV cache needs k_scale and v_scale")
@@ -120,8 +122,9 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     if decode_rows:
         plan = step_cache.get("cpu_decode_plan") if step_cache is not None else None
         if plan is None:
+            native = native_decode and native_decode_kernels(query, key_cache, (k_scale, v_scale)) is not None
             plan = DecodePlan.build(block_tables, s_lens, starts, decode_rows, key_cache.shape[1], num_heads,
-                                    num_kv_heads, query.device)
+                                    num_kv_heads, query.device, native, key_cache.shape[0])
             if step_cache is not None:
                 step_cache["cpu_decode_plan"] = plan
         decode_attention(query, (key_cache, value_cache), (k_scale, v_scale), plan, scale, out)

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")  # pdserve.kernels.kv_quant.KV_CACHE_DTYPES (checked by a test)
+CPU_LINEAR_BACKENDS = ("auto", "native", "onednn", "none")  # pdserve.models.cpu_packed_linear's (tested)
 
 
 def env_default(flag: str, default=None, kind=str):
@@ -67,6 +68,10 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
              "CPU steps of fewer tokens than this (small decode batches) run on one torch thread: "
              "their matmuls gain little from a second thread, and one descheduled by another process "
              "stalls the whole step (0: every step uses --threads)")
+    add_flag(parser, "--cpu-linear", "auto", str,
+             "bfloat16 linear layers on the CPU: native (pdserve's AVX-512 BF16 kernel, built on first use), "
+             "onednn (torch's oneDNN, weights reordered once), none (plain F.linear), auto (native where the "
+             "CPU and a C++ compiler allow it, else onednn)", choices=CPU_LINEAR_BACKENDS)
     add_flag(parser, "--kv-cache-dtype", "auto", str,
              "KV cache dtype: auto (the model's) | int8 | fp8 (e4m3), with per-block scales",
              choices=KV_CACHE_DTYPES)
@@ -83,11 +88,14 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         raise FileNotFoundError(f"--model {ns.model}: no such file or directory (and not a Hub id ORG/NAME[@REVISION])")
     if ns.kv_cache_dtype not in KV_CACHE_DTYPES:  # an invalid PDSERVE_KV_CACHE_DTYPE skips argparse
         raise ValueError(f"--kv-cache-dtype {ns.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
+    if ns.cpu_linear not in CPU_LINEAR_BACKENDS:  # likewise PDSERVE_CPU_LINEAR
+        raise ValueError(f"--cpu-linear {ns.cpu_linear!r} is not one of {', '.join(CPU_LINEAR_BACKENDS)}")
     return EngineArgs(model=ns.model, dtype=ns.dtype, device=ns.device or default_device(),
                       block_size=ns.block_size, kv_cache_mb=ns.kv_cache_mb, max_num_seqs=ns.max_num_seqs,
                       max_num_batched_tokens=ns.max_num_batched_tokens, max_model_len=ns.max_model_len,
                       enable_prefix_caching=not ns.no_prefix_caching, threads=ns.threads,
-                      kv_cache_dtype=ns.kv_cache_dtype, single_thread_step_tokens=ns.single_thread_step_tokens)
+                      kv_cache_dtype=ns.kv_cache_dtype, single_thread_step_tokens=ns.single_thread_step_tokens,
+                      cpu_linear=ns.cpu_linear)
 
 
 # --- TLS, API keys, secrets -------------------------------------------------------------------

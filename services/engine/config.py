@@ -61,3 +61,4 @@ class EngineArgs:
     threads: int | None = None
     kv_cache_dtype: str = "auto"
     single_thread_step_tokens: int = 32  # CPU steps of fewer tokens run on one torch thread (0: never)
+    cpu_linear: str = "auto"  # bfloat16 CPU linear layers: auto | native | onednn | none (cpu_packed_linear.py)

@@ -12,7 +12,7 @@ from pdserve.kernels.attention_metadata import AttentionMetadata
 from pdserve.kernels.kv_cache_alloc import allocate_cache, cache_block_bytes
 from pdserve.kernels.kv_quant import kv_cache_torch_dtype
 from pdserve.models.config import ModelConfig
-from pdserve.models.cpu_packed_linear import PackedLinear, pack_linears_for_cpu
+from pdserve.models.cpu_packed_linear import NativePackedLinear, PackedLinear, pack_linears_for_cpu
 from pdserve.models.llama import LlamaForCausalLM
 from pdserve.models.loader import load_model
 
@@ -62,9 +62,10 @@ class ModelRunner:
         blocks [NB, BS, 1, row_bytes] (values and scales).
     kv_data: per layer (K, V) [NB, BS, KVH, D] views the model reads and writes (= kv_caches
         for a float cache); kv_scales: per layer (K, V) [NB, KVH] float32 views, or None.
-    On the CPU, a bfloat16 model's linear layers are repacked for oneDNN in place unless
-    pack_linears is False (models/cpu_packed_linear.py); packed_linears: how many of the model's
-    layers are packed (a model shared by several runners is packed once).
+    On the CPU, a bfloat16 model's linear layers are repacked in place for cpu_linear's kernel
+    ("auto": the native one where it runs, else oneDNN; "none" leaves them; models/cpu_packed_linear.py);
+    packed_linears: how many of the model's layers are packed (a model shared by several runners is
+    packed once).
     single_thread_step_tokens: on the CPU, a step of fewer tokens runs on one torch thread and a
     larger one on the threads torch had when the runner was built. A small decode step is a row of
     matrix-vector products that a second thread barely speeds up, and on a machine whose other
@@ -74,7 +75,7 @@ class ModelRunner:
     """
 
     def __init__(self, model: LlamaForCausalLM, config: ModelConfig, num_blocks: int,
-                 block_size: int = 16, kv_dtype: torch.dtype | None = None, pack_linears: bool = True,
+                 block_size: int = 16, kv_dtype: torch.dtype | None = None, cpu_linear: str = "auto",
                  single_thread_step_tokens: int = 0):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be >= 1")
@@ -84,9 +85,8 @@ class ModelRunner:
         self.max_threads = torch.get_num_threads()
         self.model = model
         self.config = config
-        if pack_linears:
-            pack_linears_for_cpu(model)
-        self.packed_linears = sum(isinstance(m, PackedLinear) for m in model.modules())
+        pack_linears_for_cpu(model, cpu_linear)
+        self.packed_linears = sum(isinstance(m, (PackedLinear, NativePackedLinear)) for m in model.modules())
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.device = next(model.parameters()).device

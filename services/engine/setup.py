@@ -32,7 +32,7 @@ def build_engine(args: EngineArgs) -> tuple[LLMEngine, Tokenizer]:
     per_block = kv_cache_bytes_per_block(model_config, args.block_size, kv_dtype)
     num_blocks = max(1, args.kv_cache_mb * 2**20 // per_block)
     runner = ModelRunner(model, model_config, num_blocks, args.block_size, kv_dtype,
-                         single_thread_step_tokens=args.single_thread_step_tokens)
+                         single_thread_step_tokens=args.single_thread_step_tokens, cpu_linear=args.cpu_linear)
     max_model_len = min(args.max_model_len or model_config.max_position_embeddings,
                         model_config.max_position_embeddings)
     config = EngineConfig(block_size=args.block_size, max_num_seqs=args.max_num_seqs,

@@ -1,6 +1,7 @@
-"""oneDNN-packed linear layers on the CPU (models/cpu_packed_linear.py): a bfloat16 model's
-layers are packed by the model runner and give bit-identical logits and greedy tokens; float32
-models and a tied output head are left alone."""
+"""Packed linear layers on the CPU (models/cpu_packed_linear.py): a bfloat16 model's layers are
+packed by the model runner for the native kernel or oneDNN (oneDNN's give bit-identical logits and
+greedy tokens; the native kernel's are tested in test_cpu_native.py); float32 models and a tied
+output head are left alone."""
 
 from __future__ import annotations
 
@@ -9,16 +10,28 @@ import torch
 from torch import nn
 
 from helpers.engine_testing import greedy, one_torch_thread
+from pdserve.cli.flags import CPU_LINEAR_BACKENDS as FLAG_CHOICES
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.model_runner import ModelRunner, ScheduledChunk
-from pdserve.models.cpu_packed_linear import PackedLinear, pack_linears_for_cpu, packing_available
+from pdserve.kernels.cpu_native import native_kernels
+from pdserve.models.cpu_packed_linear import (
+    CPU_LINEAR_BACKENDS,
+    NativePackedEmbedding,
+    NativePackedLinear,
+    PackedLinear,
+    pack_linears_for_cpu,
+    packing_available,
+)
 from pdserve.models.loader import load_model
 from pdserve.models.tiny_model import make_tiny_model
 from pdserve.models.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="torch built without oneDNN")
 BLOCK_SIZE = 16
+BACKENDS = [pytest.param("onednn"),
+            pytest.param("native", marks=pytest.mark.skipif(native_kernels() is None, reason="no native kernels"))]
+LAYER_TYPES = {"onednn": PackedLinear, "native": NativePackedLinear}
 
 
 @pytest.fixture(scope="module")
@@ -33,42 +46,70 @@ def tied_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("packed") / "llama", arch="llama", seed=0, size="tiny")
 
 
-def engine_for(model_dir, pack: bool) -> tuple[LLMEngine, ModelRunner]:
+def engine_for(model_dir, backend: str) -> tuple[LLMEngine, ModelRunner]:
     model, config = load_model(model_dir, dtype=torch.bfloat16)
-    runner = ModelRunner(model, config, 64, BLOCK_SIZE, pack_linears=pack)
+    runner = ModelRunner(model, config, 64, BLOCK_SIZE, cpu_linear=backend)
     engine = LLMEngine(runner, Tokenizer.from_dir(model_dir), EngineConfig(block_size=BLOCK_SIZE))
     return engine, runner
 
 
-def packed_layers(model):
-    return [m for m in model.modules() if isinstance(m, PackedLinear)]
+def packed_layers(model, backend: str = "onednn"):
+    return [m for m in model.modules() if isinstance(m, LAYER_TYPES[backend])]
 
 
-def test_runner_packs_every_bfloat16_layer(tiny_dir):
-    runner = engine_for(tiny_dir, pack=True)[1]
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_runner_packs_every_bfloat16_layer(tiny_dir, backend):
+    runner = engine_for(tiny_dir, backend)[1]
     model = runner.model
-    assert runner.packed_linears == len(packed_layers(model))
-    assert len(packed_layers(model)) == 4 * model.config.num_layers + 1  # + the output head
+    assert runner.packed_linears == len(packed_layers(model, backend))
+    assert len(packed_layers(model, backend)) == 4 * model.config.num_layers + 1  # + the output head
     assert model.layers[0].self_attn.qkv_proj.bias is not None  # qwen2's q/k/v biases kept
+
+
+def test_auto_prefers_the_native_kernel_and_unknown_backends_are_refused(tiny_dir):
+    model = engine_for(tiny_dir, "auto")[1].model
+    assert len(packed_layers(model, "native" if native_kernels() is not None else "onednn")) > 0
+    model, _ = load_model(tiny_dir, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="unknown CPU linear backend"):
+        pack_linears_for_cpu(model, "mkl")
+    assert FLAG_CHOICES == CPU_LINEAR_BACKENDS  # the --cpu-linear flag's choices (kept torch-free)
 
 
 def test_a_model_shared_by_two_runners_is_packed_once(tiny_dir):
     model, config = load_model(tiny_dir, dtype=torch.bfloat16)
-    first = ModelRunner(model, config, 8, BLOCK_SIZE)
-    second = ModelRunner(model, config, 8, BLOCK_SIZE)
+    first = ModelRunner(model, config, 8, BLOCK_SIZE, cpu_linear="onednn")
+    second = ModelRunner(model, config, 8, BLOCK_SIZE, cpu_linear="onednn")
     assert first.packed_linears == second.packed_linears == len(packed_layers(model)) > 0
 
 
-def test_a_tied_output_head_is_not_packed(tied_dir):
-    model = engine_for(tied_dir, pack=True)[1].model
+def test_a_tied_output_head_is_not_packed_for_onednn(tied_dir):
+    model = engine_for(tied_dir, "onednn")[1].model
     assert len(packed_layers(model)) == 4 * model.config.num_layers
     assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.embed_tokens.weight
 
 
-def test_float32_models_are_not_packed(tiny_dir):
+@pytest.mark.skipif(native_kernels() is None, reason="no native kernels")
+def test_a_tied_output_head_is_packed_once_for_the_native_kernel_and_read_by_the_embedding(tied_dir):
+    model, _ = load_model(tied_dir, dtype=torch.bfloat16)
+    table, head = model.embed_tokens.weight.detach().clone(), model.lm_head
+    x = torch.randn(5, head.in_features, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    expected = head(x)
+    assert pack_linears_for_cpu(model, "native") == 4 * model.config.num_layers + 1
+    assert isinstance(model.embed_tokens, NativePackedEmbedding) and isinstance(model.lm_head, NativePackedLinear)
+    assert model.embed_tokens.packed_weight is model.lm_head.packed_weight
+    ids = torch.tensor([[0, 5, table.shape[0] - 1], [31, 32, 33]])
+    assert torch.equal(model.embed_tokens(ids), table[ids])
+    got = model.lm_head(x)
+    assert ((got.double() - expected.double()).abs() <= 2.0 ** -7 * expected.double().abs() + 1e-3).all()
+    with pytest.raises(IndexError, match="out of range"):
+        model.embed_tokens(torch.tensor([table.shape[0]]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_models_are_not_packed(tiny_dir, backend):
     model, _ = load_model(tiny_dir, dtype=torch.float32)
-    assert pack_linears_for_cpu(model) == 0
-    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    assert pack_linears_for_cpu(model, backend) == 0
+    assert not any(isinstance(m, (PackedLinear, NativePackedLinear)) for m in model.modules())
 
 
 @pytest.mark.parametrize("rows", [1, 5, 64, 300])
@@ -85,7 +126,7 @@ def test_packed_engine_gives_the_same_logits_and_tokens(tiny_dir):
     tokens, logits = {}, {}
     with one_torch_thread():
         for pack in (False, True):
-            engine, runner = engine_for(tiny_dir, pack)
+            engine, runner = engine_for(tiny_dir, "onednn" if pack else "none")
             assert (runner.packed_linears > 0) == pack
             chunk = ScheduledChunk(0, prompts[1], 0, list(range(4)), needs_logits=True)
             logits[pack] = runner.execute([chunk])
