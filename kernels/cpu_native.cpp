@@ -304,17 +304,27 @@ int pd_decode_attention_bf16(const uint16_t* query, int64_t q_token_stride, int6
   if (kernel == nullptr) return -1;
   const int64_t group = num_heads / num_kv_heads;
   const int64_t slot_stride = num_kv_heads * D, block_stride = block_size * slot_stride;
-  const int64_t tasks = rows * num_kv_heads;
 #pragma omp parallel num_threads(num_threads > 1 ? num_threads : 1) if (num_threads > 1)
   {
     std::vector<float> scratch;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t r = task / num_kv_heads, h = task % num_kv_heads;
+    for (int64_t r = 0; r < rows; ++r) {
+      // Read the row's blocks once in address order first: the KV heads' passes below then find them in
+      // cache instead of each fetching every slot's share of one head from memory, strided.
+      const int64_t blocks = (lengths[r] + block_size - 1) / block_size;
+      const int32_t* table = block_tables + r * table_stride;
+      int32_t touched = 0;
+      for (int64_t b = 0; b < blocks; ++b)
+        for (const uint16_t* cache : {key_cache, value_cache}) {
+          const int32_t* line = reinterpret_cast<const int32_t*>(cache + (int64_t)table[b] * block_stride);
+          for (int64_t i = 0; i < block_stride / 2; i += 16) touched += line[i];
+        }
+      asm volatile("" : : "r"(touched));
       const int64_t token = tokens[r];
-      kernel(query + token * q_token_stride + h * group * q_head_stride, q_head_stride, key_cache + h * D,
-             value_cache + h * D, block_stride, slot_stride, block_tables + r * table_stride, lengths[r], block_size,
-             group, scale, out + token * out_token_stride + h * group * out_head_stride, out_head_stride, scratch);
+      for (int64_t h = 0; h < num_kv_heads; ++h)
+        kernel(query + token * q_token_stride + h * group * q_head_stride, q_head_stride, key_cache + h * D,
+               value_cache + h * D, block_stride, slot_stride, table, lengths[r], block_size, group, scale,
+               out + token * out_token_stride + h * group * out_head_stride, out_head_stride, scratch);
     }
   }
   return 0;
