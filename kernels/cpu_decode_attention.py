@@ -90,8 +90,10 @@ class DecodePlan:
         heads = torch.arange(num_heads, device=device)
         kv_slot = heads // (num_heads // num_kv_heads)
         if native:
-            if block_tables.numel() and int(block_tables.max()) >= num_blocks:
-                raise IndexError(f"block {int(block_tables.max())} is past the cache's {num_blocks} blocks")
+            if block_tables.numel() and (int(block_tables.max()) >= num_blocks or int(block_tables.min()) < 0):
+                raise IndexError(f"a block id is past the cache's {num_blocks} blocks")
+            if max(seq_lens[b] for b in rows) > block_tables.shape[1] * block_size:
+                raise ValueError(f"a row's context is longer than its {block_tables.shape[1]} blocks")
             index = torch.tensor(rows)
             native_rows = (torch.tensor([starts[b] for b in rows], dtype=torch.int32),
                            torch.tensor([seq_lens[b] for b in rows], dtype=torch.int32),
@@ -110,13 +112,15 @@ class DecodePlan:
         return cls(groups, heads, kv_slot)
 
 
-def native_decode_kernels(query: torch.Tensor, key_cache: torch.Tensor,
+def native_decode_kernels(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                           scales: tuple[torch.Tensor | None, torch.Tensor | None]) -> CpuNativeKernels | None:
     """The native kernels when they can do this step's decode attention: a bfloat16 query and
-    cache (not quantized) on the CPU, contiguous, with a head dim the kernel takes."""
+    caches (not quantized, the same shape) on the CPU, contiguous, with a head dim the kernel takes."""
     if (query.device.type != "cpu" or query.dtype != torch.bfloat16 or key_cache.dtype != torch.bfloat16
+            or value_cache.dtype != torch.bfloat16 or value_cache.shape != key_cache.shape
             or scales[0] is not None or key_cache.shape[-1] not in ATTENTION_HEAD_DIMS or not key_cache.is_contiguous()
-            or query.stride(-1) != 1):
+            or not value_cache.is_contiguous() or query.dim() != 3 or query.shape[-1] != key_cache.shape[-1]
+            or query.shape[1] % key_cache.shape[2] or query.stride(-1) != 1):
         return None
     return native_kernels()
 

@@ -26,6 +26,13 @@ namespace {
 // features at once. Accumulation is float32, in input order, rounded to bfloat16 once at the end.
 
 constexpr int kFeatureBlock = 32;
+
+// Two adjacent bfloat16 values as one 32-bit lane (memcpy: any alignment, no aliasing assumption).
+inline int32_t load_pair(const uint16_t* p) {
+  int32_t pair;
+  std::memcpy(&pair, p, sizeof(pair));
+  return pair;
+}
 constexpr int kRowTile = 8;
 
 template <int Rows>
@@ -41,7 +48,7 @@ PD_KERNEL inline void linear_tile(const uint16_t* block, const uint16_t* x, int6
     const __m512bh w_lo = (__m512bh)_mm512_loadu_si512(w);
     const __m512bh w_hi = (__m512bh)_mm512_loadu_si512(w + kFeatureBlock);
     for (int r = 0; r < Rows; ++r) {
-      const __m512bh pair = (__m512bh)_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + r * ldx + 2 * k2));
+      const __m512bh pair = (__m512bh)_mm512_set1_epi32(load_pair(x + r * ldx + 2 * k2));
       acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w_lo, pair);
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w_hi, pair);
     }
@@ -91,7 +98,8 @@ PD_KERNEL inline __m512 exp_ps(__m512 x) {
   // e^x = 2^n * e^r with n = round(x / ln 2), |r| <= ln(2) / 2; e^r by a degree-6 polynomial (rel. error < 2e-7).
   const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
   const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-87.3365478515625f));
+  // x as the second operand of min and max, which return it when it is NaN: NaN in, NaN out
+  x = _mm512_max_ps(_mm512_set1_ps(-87.3365478515625f), _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), x));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
   r = _mm512_fnmadd_ps(n, ln2_lo, r);
@@ -304,24 +312,32 @@ int pd_decode_attention_bf16(const uint16_t* query, int64_t q_token_stride, int6
   if (kernel == nullptr) return -1;
   const int64_t group = num_heads / num_kv_heads;
   const int64_t slot_stride = num_kv_heads * D, block_stride = block_size * slot_stride;
+  // One task per sequence when there are enough of them for the threads: its blocks are first read once
+  // in address order (when they fit in L2), so that its KV heads' passes find them in cache instead of each
+  // fetching every slot's share of one head from memory. Otherwise one task per (sequence, KV head).
+  const bool per_sequence = rows >= (num_threads > 1 ? num_threads : 1);
+  const int64_t tasks = per_sequence ? rows : rows * num_kv_heads;
+  constexpr int64_t kPreReadBytes = 768 * 1024;
 #pragma omp parallel num_threads(num_threads > 1 ? num_threads : 1) if (num_threads > 1)
   {
     std::vector<float> scratch;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t r = 0; r < rows; ++r) {
-      // Read the row's blocks once in address order first: the KV heads' passes below then find them in
-      // cache instead of each fetching every slot's share of one head from memory, strided.
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t r = per_sequence ? task : task / num_kv_heads;
       const int64_t blocks = (lengths[r] + block_size - 1) / block_size;
       const int32_t* table = block_tables + r * table_stride;
-      int32_t touched = 0;
-      for (int64_t b = 0; b < blocks; ++b)
-        for (const uint16_t* cache : {key_cache, value_cache}) {
-          const int32_t* line = reinterpret_cast<const int32_t*>(cache + (int64_t)table[b] * block_stride);
-          for (int64_t i = 0; i < block_stride / 2; i += 16) touched += line[i];
-        }
-      asm volatile("" : : "r"(touched));
+      if (per_sequence && blocks * block_stride * 2 * (int64_t)sizeof(uint16_t) <= kPreReadBytes) {
+        uint32_t touched = 0;
+        for (int64_t b = 0; b < blocks; ++b)
+          for (const uint16_t* cache : {key_cache, value_cache}) {
+            const uint16_t* block = cache + (int64_t)table[b] * block_stride;
+            for (int64_t i = 0; i < block_stride; i += 32) touched += block[i];  // one read per 64-byte line
+          }
+        asm volatile("" : : "r"(touched));
+      }
       const int64_t token = tokens[r];
-      for (int64_t h = 0; h < num_kv_heads; ++h)
+      const int64_t first = per_sequence ? 0 : task % num_kv_heads, last = per_sequence ? num_kv_heads : first + 1;
+      for (int64_t h = first; h < last; ++h)
         kernel(query + token * q_token_stride + h * group * q_head_stride, q_head_stride, key_cache + h * D,
                value_cache + h * D, block_stride, slot_stride, table, lengths[r], block_size, group, scale,
                out + token * out_token_stride + h * group * out_head_stride, out_head_stride, scratch);

@@ -73,10 +73,19 @@ class CpuNativeKernels:
         """x [..., K] bfloat16 times the weight packed by `pack_linear_weight` ([ceil(N/32), K/2, 32, 2]),
         plus bias [N] float32 -> [..., N] bfloat16."""
         in_features = packed_weight.shape[1] * 2
+        if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.shape[-1] != in_features:
+            raise ValueError(f"the native linear takes bfloat16 CPU rows of {in_features}, got {x.dtype} "
+                             f"{tuple(x.shape)} on {x.device}")
+        if (packed_weight.dtype != torch.bfloat16 or not packed_weight.is_contiguous()
+                or packed_weight.shape[2:] != (FEATURE_BLOCK, 2) or out_features > packed_weight.shape[0] * FEATURE_BLOCK
+                or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()
+                                          or bias.numel() < out_features))):
+            raise ValueError("the native linear's packed weight (contiguous bfloat16 [N/32, K/2, 32, 2]) or "
+                             "bias (contiguous float32 [N]) is not as pack_linear_weight made it")
         rows = x.reshape(-1, in_features)
         if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < in_features):
             rows = rows.contiguous()
-        out = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
+        out = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16, device="cpu")
         self._linear(rows.data_ptr(), rows.shape[0], rows.stride(0), packed_weight.data_ptr(), out_features,
                      in_features, None if bias is None else bias.data_ptr(), out.data_ptr(), out_features,
                      torch.get_num_threads())
@@ -94,16 +103,18 @@ class CpuNativeKernels:
         num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
         if head_dim not in ATTENTION_HEAD_DIMS:
             raise ValueError(f"the native decode attention takes head dims {ATTENTION_HEAD_DIMS}, not {head_dim}")
-        self._attention(query.data_ptr(), query.stride(0), query.stride(1), key_cache.data_ptr(),
+        status = self._attention(query.data_ptr(), query.stride(0), query.stride(1), key_cache.data_ptr(),
                         value_cache.data_ptr(), block_size, num_kv_heads, head_dim, query.shape[1],
                         tokens.data_ptr(), lengths.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
                         tokens.numel(), scale, out.data_ptr(), out.stride(0), out.stride(1), torch.get_num_threads())
+        if status != 0:
+            raise ValueError(f"the native decode attention refused head dim {head_dim}")
 
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """gate_up [T, 2I] bfloat16 (rows may be strided) -> silu(gate) * up [T, I], float32 inside."""
         width = gate_up.shape[-1] // 2
-        out = torch.empty(gate_up.shape[0], width, dtype=torch.bfloat16)
+        out = torch.empty(gate_up.shape[0], width, dtype=torch.bfloat16, device="cpu")
         self._silu_and_mul(gate_up.data_ptr(), gate_up.shape[0], gate_up.stride(0), width, out.data_ptr(), width,
                            torch.get_num_threads())
         return out
@@ -151,7 +162,8 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def native_dir() -> Path:
     """Where built libraries are kept: $PDSERVE_HOME/native, default ~/.cache/pdserve/native."""
-    return Path(os.environ.get("PDSERVE_HOME", Path.home() / ".cache" / "pdserve")) / "native"
+    home = os.environ.get("PDSERVE_HOME")
+    return (Path(home) if home else Path.home() / ".cache" / "pdserve") / "native"
 
 
 def build_library(directory: Path | None = None) -> Path:
@@ -209,7 +221,12 @@ def load_native_kernels() -> CpuNativeKernels:
         raise NativeKernelError(f"{ENV_SWITCH}=off")
     if os.environ.get(ENV_SWITCH, "auto") != "auto":
         raise NativeKernelError(f"{ENV_SWITCH}={os.environ[ENV_SWITCH]!r} is not 'auto' or 'off'")
-    path = build_library()
+    try:
+        path = build_library()
+    except (OSError, RuntimeError) as exc:  # an unwritable cache folder, no home directory, ...
+        if isinstance(exc, NativeKernelError):
+            raise
+        raise NativeKernelError(f"cannot build the library: {exc}") from exc
     try:
         library = ctypes.CDLL(str(path))
     except OSError as exc:

@@ -61,7 +61,8 @@ def rms_norm(x, weight, eps, residual=None):
         return triton_rms_norm(x, weight, eps, residual)
     native = use_native(x, weight, *([] if residual is None else [residual]))
     if (native is not None and x.dim() == 2 and x.shape[-1] % 16 == 0 and x.is_contiguous()
-            and (residual is None or residual.is_contiguous())):
+            and weight.shape == x.shape[-1:] and weight.is_contiguous()
+            and (residual is None or (residual.shape == x.shape and residual.is_contiguous()))):
         return native.rms_norm(x, weight, eps, residual)
     return reference.rms_norm(x, weight, eps, residual)
 
@@ -84,12 +85,25 @@ def apply_rotary(q, k, positions, cos_sin_cache, step_cache=None):
         from pdserve.kernels.triton_rotary import apply_rotary as triton_apply_rotary
         return triton_apply_rotary(q, k, positions, cos_sin_cache)
     native = use_native(q, k)
-    if (native is not None and q.shape[-1] % 32 == 0 and q.stride(-1) == 1 and k.stride(-1) == 1
+    if (native is not None and q.dim() == 3 and k.dim() == 3 and q.shape[-1] % 32 == 0
+            and k.shape[-1] == q.shape[-1] == cos_sin_cache.shape[-1] and q.stride(-1) == 1 and k.stride(-1) == 1
             and cos_sin_cache.dtype == torch.float32 and cos_sin_cache.is_contiguous()
-            and positions.dtype == torch.int64 and positions.is_contiguous()):
+            and positions.dtype == torch.int64 and positions.is_contiguous()
+            and positions.numel() == q.shape[0] == k.shape[0]):
+        _check_positions(positions, cos_sin_cache.shape[0], step_cache)
         native.rotary_in_place(q, k, positions, cos_sin_cache)
         return q, k
     return reference.apply_rotary(q, k, positions, cos_sin_cache, step_cache)
+
+
+def _check_positions(positions: torch.Tensor, table_rows: int, step_cache: dict | None) -> None:
+    """Positions [T] must index the rotary table (the native kernel reads it unchecked); once per step."""
+    if step_cache is not None and step_cache.get("rotary_positions_checked"):
+        return
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= table_rows):
+        raise IndexError(f"a position is outside the rotary table's 0..{table_rows - 1}")
+    if step_cache is not None:
+        step_cache["rotary_positions_checked"] = True
 
 
 def write_kv_to_cache(key, value, key_cache, value_cache, slot_mapping, k_scale=None, v_scale=None):
@@ -99,7 +113,10 @@ def write_kv_to_cache(key, value, key_cache, value_cache, slot_mapping, k_scale=
         return triton_write(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
     native = use_native(key, value, key_cache, value_cache)
     if (native is not None and key_cache.is_contiguous() and value_cache.is_contiguous() and key.stride(-1) == 1
-            and value.stride(-1) == 1 and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()):
+            and value.stride(-1) == 1 and key.dim() == 3 and key.shape == value.shape
+            and key.shape[1:] == key_cache.shape[2:] and value_cache.shape == key_cache.shape
+            and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
+            and slot_mapping.numel() == key.shape[0]):
         if slot_mapping.numel() and int(slot_mapping.max()) >= key_cache.shape[0] * key_cache.shape[1]:
             raise IndexError(f"KV slot {int(slot_mapping.max())} is past the cache's {key_cache.shape[0]} blocks")
         return native.write_kv(key, value, key_cache, value_cache, slot_mapping)

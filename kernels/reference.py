@@ -122,7 +122,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     if decode_rows:
         plan = step_cache.get("cpu_decode_plan") if step_cache is not None else None
         if plan is None:
-            native = native_decode and native_decode_kernels(query, key_cache, (k_scale, v_scale)) is not None
+            native = native_decode and native_decode_kernels(query, key_cache, value_cache, (k_scale, v_scale)) is not None
             plan = DecodePlan.build(block_tables, s_lens, starts, decode_rows, key_cache.shape[1], num_heads,
                                     num_kv_heads, query.device, native, key_cache.shape[0])
             if step_cache is not None:

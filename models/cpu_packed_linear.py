@@ -105,9 +105,14 @@ class NativePackedEmbedding(nn.Module):
 
     def __init__(self, head: NativePackedLinear):
         super().__init__()
-        self.packed_weight = head.packed_weight  # shared with the head (not a second buffer)
+        self._head = (head,)  # not a submodule: the head is the model's; its buffer follows .to() there
         self.num_embeddings = head.out_features
         self.embedding_dim = head.in_features
+
+    @property
+    def packed_weight(self) -> torch.Tensor:
+        """The output head's packed weight [ceil(V/32), D/2, 32, 2]."""
+        return self._head[0].packed_weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids: [...] -> [..., embedding_dim]."""
@@ -136,8 +141,9 @@ def pack_linears_for_cpu(model: nn.Module, backend: str = "auto") -> int:
     """
     if backend not in CPU_LINEAR_BACKENDS:
         raise ValueError(f"unknown CPU linear backend {backend!r}; expected one of {list(CPU_LINEAR_BACKENDS)}")
-    if backend == "auto":
-        backend = "native" if native_kernels() is not None else "onednn"
+    if backend == "auto":  # the native library is only built for a model it would serve
+        wanted = any(_packable(m, set()) for m in model.modules())
+        backend = "native" if wanted and native_kernels() is not None else "onednn"
     if backend == "native" and native_kernels() is None:
         raise RuntimeError("the native CPU kernels are not available on this machine (see the log)")
     if backend == "none" or (backend == "onednn" and not packing_available()):

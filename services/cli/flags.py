@@ -71,7 +71,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--cpu-linear", "auto", str,
              "bfloat16 linear layers on the CPU: native (pdserve's AVX-512 BF16 kernel, built on first use), "
              "onednn (torch's oneDNN, weights reordered once), none (plain F.linear), auto (native where the "
-             "CPU and a C++ compiler allow it, else onednn)", choices=CPU_LINEAR_BACKENDS)
+             "CPU and a C++ compiler allow it, else onednn); the other native CPU kernels (attention, norms) "
+             "follow PDSERVE_CPU_NATIVE=auto|off", choices=CPU_LINEAR_BACKENDS)
     add_flag(parser, "--kv-cache-dtype", "auto", str,
              "KV cache dtype: auto (the model's) | int8 | fp8 (e4m3), with per-block scales",
              choices=KV_CACHE_DTYPES)

@@ -77,6 +77,13 @@ def test_an_odd_number_of_input_features_is_refused():
         pack_linear_weight(bf16(32, 7))
 
 
+def test_linear_refuses_rows_it_would_misread():
+    packed = pack_linear_weight(bf16(32, 16))
+    for x in (torch.randn(2, 16), bf16(2, 18)):
+        with pytest.raises(ValueError, match="bfloat16 CPU rows of 16"):
+            native_kernels().linear(x, packed, 32, None)
+
+
 # --- decode attention -----------------------------------------------------------------------------------
 
 def exact_decode_attention(q, key_cache, value_cache, tables, lengths, scale):
@@ -163,6 +170,26 @@ def test_decode_attention_refuses_a_head_dim_it_does_not_handle():
         native_attention(q, key_cache, value_cache, tables, [4], 0.1)
 
 
+def test_ops_refuse_tables_shorter_than_the_context_and_rotary_positions_past_the_table():
+    q, key_cache, value_cache, tables = attention_case(64, 4, 2, [20])
+    with pytest.raises(ValueError, match="longer than its 2 blocks"):
+        ops.paged_attention(q, key_cache, value_cache, tables, torch.tensor([40]), torch.tensor([0, 1]), 0.125,
+                            [1], [40])
+    cos_sin = torch.zeros(8, 64)
+    qk = bf16(1, 6, 64)
+    for position in (8, -1):
+        with pytest.raises(IndexError, match="rotary table"):
+            ops.apply_rotary(qk[:, :4], qk[:, 4:], torch.tensor([position]), cos_sin)
+
+
+def test_softmax_keeps_a_nan_score_nan():
+    """A NaN in the cache (a diverged model) must show in the output, not turn into a confident answer."""
+    q, key_cache, value_cache, tables = attention_case(64, 4, 2, [20])
+    key_cache[tables[0, 0], 3] = float("nan")
+    out = native_attention(q, key_cache, value_cache, tables, [20], 0.125)
+    assert bool(out.isnan().any())
+
+
 def test_ops_refuse_a_block_or_slot_past_the_cache():
     q, key_cache, value_cache, tables = attention_case(64, 4, 2, [20])
     tables[0, 1] = key_cache.shape[0]  # one past the last block
@@ -239,6 +266,14 @@ def test_without_a_compiler_a_library_built_earlier_is_used_and_else_it_says_why
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.raises(NativeKernelError, match="no-such-compiler"):
         build_library(tmp_path / "fresh")
+
+
+def test_an_unwritable_cache_folder_is_a_reason_not_a_crash(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("PDSERVE_HOME", str(blocker))  # native/ cannot be made under a file
+    with pytest.raises(NativeKernelError, match="cannot build the library"):
+        cpu_native.load_native_kernels()
 
 
 def test_the_switch_turns_the_kernels_off_and_takes_only_auto_or_off(monkeypatch):
