@@ -59,6 +59,7 @@ def test_wheel_holds_every_source_module(wheel):
                 missing.append(wanted)
     assert not missing, f"pyproject.toml's package list leaves these out: {missing}"
     assert "pdserve/v1/router.proto" in names and "pdserve/models/data/corpus.txt" in names
+    assert "pdserve/kernels/cpu_native.cpp" in names  # compiled on first use from the installed package
 
 
 def test_installed_wheel_lives_beside_transformers_and_hf_kernels(wheel, tmp_path):
@@ -82,9 +83,17 @@ except ImportError:
     pass  # transformers without Hugging Face's kernels package: nothing to shadow
 else:
     assert "pdserve" not in kernels.__file__, kernels.__file__
+from pdserve.kernels import cpu_native
+assert cpu_native.SOURCE.is_file() and str(cpu_native.SOURCE).startswith({str(target)!r}), cpu_native.SOURCE
+try:
+    built = cpu_native.build_library()  # from the installed source, into PDSERVE_HOME
+except cpu_native.NativeKernelError as exc:
+    assert "compiler" in str(exc), exc  # a machine without one: the PyTorch path runs
+else:
+    assert built.is_file() and built.parent == cpu_native.native_dir(), built
 print("ok", transformers.__version__)
 """
-    env = {**os.environ, "PYTHONPATH": str(target)}
+    env = {**os.environ, "PYTHONPATH": str(target), "PDSERVE_HOME": str(tmp_path / "home")}
     result = subprocess.run([sys.executable, "-P", "-c", code], cwd="/", env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and result.stdout.startswith("ok"), result.stderr[-3000:]
