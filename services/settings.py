@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from pdserve.openai.limits import HttpOptions
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
+ROUTING_POLICIES = ("kv", "load")
 KV_CONNECT_TIMEOUT_S = 10.0  # connect + handshake with a decode server's KV receiver
 
 
@@ -98,7 +99,9 @@ class RouterSettings:
     unreachable Redis before UNAVAILABLE; lease_ms: how long a decode reservation waits for its KV;
     max_attempts / stream_idle_timeout_s: the failover budget; rpc_timeout_s: the deadline of a
     Reserve, and how often a Prefill still waiting probes its server; max_inflight_requests and
-    overload_retry_after_ms: admission control; api_keys: keys gRPC clients must send (empty: open)."""
+    overload_retry_after_ms: admission control; api_keys: keys gRPC clients must send (empty: open);
+    routing: "kv" chooses prefill servers by what their prefix caches hold (pdserve.state.kv_events),
+    "load" by queued prompt tokens alone."""
 
     server: ServerSettings
     redis: RedisSettings
@@ -114,10 +117,13 @@ class RouterSettings:
     max_inflight_requests: int = 256
     overload_retry_after_ms: int = DEFAULT_RETRY_AFTER_MS
     api_keys: tuple[str, ...] = ()
+    routing: str = "kv"
 
     def __post_init__(self) -> None:
         if not self.rpc_timeout_s > 0:
             raise ValueError(f"--rpc-timeout-s must be > 0, got {self.rpc_timeout_s}")
+        if self.routing not in ROUTING_POLICIES:
+            raise ValueError(f"--routing must be one of {', '.join(ROUTING_POLICIES)}, got {self.routing!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                     "so the router does not take it for a hung worker")
     add_flag(p, "--max-inflight-requests", 256, int, "router: Generate calls served at once; beyond it a "
                                                      "call gets RESOURCE_EXHAUSTED at once, with a retry hint")
+    add_flag(p, "--routing", "kv", str, "router: kv chooses the prefill server whose prefix cache holds most of "
+                                        "the prompt (as its workers publish it), weighed against its queue; "
+                                        "load: by queued prompt tokens alone", choices=("kv", "load"))
     add_flag(p, "--max-queued-requests", 256, int, "workers: requests waiting at once (prefill: Prefill calls "
                                                    "not yet answered; decode: reservations + requests waiting for "
                                                    "a batch slot; colocated: the engine's waiting queue); beyond "
@@ -160,7 +163,7 @@ def settings_from(ns: argparse.Namespace):
                                 stream_idle_timeout_s=ns.stream_idle_timeout_s, rpc_timeout_s=ns.rpc_timeout_s,
                                 max_inflight_requests=ns.max_inflight_requests,
                                 overload_retry_after_ms=ns.overload_retry_after_ms,
-                                api_keys=parse_api_keys(ns.api_key))
+                                api_keys=parse_api_keys(ns.api_key), routing=ns.routing)
     worker = dict(server=server, redis=redis, engine=engine_args_from(ns), worker_id=ns.worker_id,
                   heartbeat_s=ns.heartbeat_s, max_queued_requests=ns.max_queued_requests,
                   overload_retry_after_ms=ns.overload_retry_after_ms, stream_keepalive_s=ns.stream_keepalive_s)

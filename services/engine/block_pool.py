@@ -125,6 +125,25 @@ class BlockPool:
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached: dict[int, KVBlock] = {}
         self._next_uid = ROOT_UID + 1
+        self._events: list[tuple[bool, int]] | None = None  # (stored?, key) in order, once recording
+
+    def record_events(self) -> None:
+        """Start keeping a log of prefix-cache entries stored and evicted (for KV-aware routing:
+        pdserve.state.kv_events publishes it)."""
+        if self._events is None:
+            self._events = []
+
+    def drain_events(self) -> list[tuple[bool, int]]:
+        """The (stored, key) events since the last drain, oldest first (stored False: evicted). Safe to
+        call from another thread than the engine's: the log is swapped, not copied."""
+        if self._events is None:
+            return []
+        events, self._events = self._events, []
+        return events
+
+    def cached_keys(self) -> list[int]:
+        """The keys of every prefix-cache entry now (a snapshot; safe from another thread under the GIL)."""
+        return list(self.cached)
 
     @property
     def num_free_blocks(self) -> int:
@@ -199,6 +218,8 @@ class BlockPool:
         block.uid = self._next_uid
         self._next_uid += 1
         self.cached[key] = block
+        if self._events is not None:
+            self._events.append((True, key))
         return block.uid
 
     def _evict(self, block: KVBlock) -> None:
@@ -207,6 +228,8 @@ class BlockPool:
             return
         if self.cached.get(block.block_hash) is block:
             del self.cached[block.block_hash]
+            if self._events is not None:
+                self._events.append((False, block.block_hash))
         block.block_hash = None
         block.token_ids = None
         block.parent_uid = ROOT_UID

@@ -16,12 +16,13 @@ import grpc
 from pdserve.models.sampling_params import SamplingParams
 from pdserve.router.failover import SuspectWorkers, WorkerFailedError
 from pdserve.router.responses import StreamState, responses_for
-from pdserve.router.worker_choice import InFlight, choose_decode, choose_prefill
+from pdserve.router.worker_choice import InFlight, choose_decode, choose_prefill, choose_prefill_by_cache
 from pdserve.router.worker_clients import WorkerClients
 from pdserve.runtime.errors import OverloadedError, UnavailableError
 from pdserve.runtime.lifecycle import is_draining_refusal
 from pdserve.runtime.retry_hint import retry_after_ms_of
 from pdserve.runtime.sampling_proto import engine_sampling_params_to_proto
+from pdserve.state.kv_events import PrefixIndex
 from pdserve.state.registry import WorkerInfo, WorkerRegistry
 from pdserve.telemetry import tracing
 from pdserve.v1 import colocated_pb2, decode_pb2, prefill_pb2, router_pb2, worker_pb2
@@ -49,6 +50,7 @@ class AttemptRunner:
     lease_ms: int
     rpc_timeout_s: float
     stream_idle_timeout_s: float
+    prefix_index: PrefixIndex | None = None  # --routing kv: prefill chosen by what its cache holds
 
     async def run(self, state: StreamState, attempt: Attempt, prompt_ids: list[int], params: SamplingParams,
                   carrier: dict[str, str]) -> AsyncIterator[router_pb2.GenerateResponse]:
@@ -194,8 +196,14 @@ class AttemptRunner:
                 call = self.clients.prefill(worker.address).Prefill(prefill_request, metadata=metadata)
                 return self._while_alive(call, worker)
 
+            choose = choose_prefill
+            if self.prefix_index is not None:
+                index = self.prefix_index
+
+                def choose(workers, inflight):
+                    return choose_prefill_by_cache(workers, inflight, prompt_ids, index)
             prefill_worker, response = await self._on_first_available(
-                attempt, prefill_workers, choose_prefill, n_prompt, prefill)
+                attempt, prefill_workers, choose, n_prompt, prefill)
             self.inflight.done(prefill_worker.worker_id, n_prompt)
             self._check_not_aborted(state)
             responses = responses_for(state, response.output)

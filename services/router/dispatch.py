@@ -25,6 +25,7 @@ from pdserve.router.responses import StreamState, completion
 from pdserve.router.worker_choice import InFlight
 from pdserve.router.worker_clients import WorkerClients
 from pdserve.runtime.errors import OverloadedError, UnavailableError
+from pdserve.state.kv_events import PrefixIndex
 from pdserve.state.registry import WorkerInfo, WorkerRegistry
 from pdserve.state.request_store import RequestRecord, RequestStore
 from pdserve.v1 import router_pb2
@@ -43,9 +44,10 @@ class Dispatcher:
 
     def __init__(self, registry: WorkerRegistry, store: RequestStore, clients: WorkerClients,
                  lease_ms: int = 30_000, rpc_timeout_s: float = 60.0, policy: RetryPolicy | None = None,
-                 on_retry: Callable[[str], None] | None = None):
+                 on_retry: Callable[[str], None] | None = None, prefix_index: PrefixIndex | None = None):
         """on_retry(reason) is called for every retry of a request elsewhere (e.g. to count them
-        by reason: a gRPC status name, or the exception's class)."""
+        by reason: a gRPC status name, or the exception's class). prefix_index: choose prefill
+        servers by what their prefix caches hold (--routing kv), else by load alone."""
         self.registry = registry
         self.store = store
         self.clients = clients
@@ -53,7 +55,7 @@ class Dispatcher:
         self.policy = policy or RetryPolicy()
         self.suspects = SuspectWorkers()
         self.runner = AttemptRunner(registry, clients, self.inflight, self.suspects, lease_ms, rpc_timeout_s,
-                                    self.policy.stream_idle_timeout_s)
+                                    self.policy.stream_idle_timeout_s, prefix_index)
         self.attempts: dict[str, Attempt] = {}  # request id -> its current attempt
         self.on_retry = on_retry
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from pdserve.models.source import resolve_model
 from pdserve.router.admission import AdmissionControl, AdmissionLimits
 from pdserve.router.dispatch import Dispatcher
@@ -14,10 +16,12 @@ from pdserve.runtime.lifecycle import Lifecycle, ShutdownSignals
 from pdserve.runtime.security import router_interceptors
 from pdserve.runtime.server import drain_and_stop, logger, run_server, start_server_with_health
 from pdserve.settings import RouterSettings
+from pdserve.state.kv_events import PrefixIndex, cancel_and_wait
 from pdserve.state.redis_connect import check_redis, open_redis, redact_url
 from pdserve.state.redis_retry import RedisWait
 from pdserve.state.registry import WorkerRegistry
 from pdserve.state.request_store import RequestStore
+from pdserve.telemetry.engine_collector import PrefixIndexCollector
 from pdserve.telemetry.metrics import RouterMetrics
 from pdserve.telemetry.process import ProcessTelemetry
 from pdserve.v1 import router_pb2, router_pb2_grpc
@@ -41,12 +45,18 @@ async def serve_router(settings: RouterSettings) -> None:
     clients = WorkerClients(ClientSecurity(server.tls))  # its certificate is the client certificate
     redis_wait = RedisWait(redact_url(redis_settings.url), settings.redis_wait_s)  # Redis away: wait, then UNAVAILABLE
     metrics = RouterMetrics(telemetry.registry)
+    prefix_index = PrefixIndex(redis, redis_settings.prefix) if settings.routing == "kv" else None
+    following = None
+    if prefix_index is not None:
+        following = asyncio.create_task(prefix_index.run())
+        telemetry.registry.register(PrefixIndexCollector(prefix_index.blocks_by_worker))
     dispatcher = Dispatcher(WorkerRegistry(redis, prefix=redis_settings.prefix, wait=redis_wait),
                             RequestStore(redis, prefix=redis_settings.prefix, wait=redis_wait),
                             clients, lease_ms=settings.lease_ms, rpc_timeout_s=settings.rpc_timeout_s,
                             policy=RetryPolicy(max_attempts=settings.max_attempts,
                                                stream_idle_timeout_s=settings.stream_idle_timeout_s),
-                            on_retry=lambda reason: metrics.retries.labels(reason=reason).inc())
+                            on_retry=lambda reason: metrics.retries.labels(reason=reason).inc(),
+                            prefix_index=prefix_index)
     max_model_len = min(settings.max_model_len or model_config.max_position_embeddings,
                         model_config.max_position_embeddings)
     lifecycle = Lifecycle()
@@ -65,6 +75,7 @@ async def serve_router(settings: RouterSettings) -> None:
         await drain_and_stop(running, lifecycle, server.drain_timeout_s, signals)
     finally:
         await running.server.stop(grace=0)
+        await cancel_and_wait(following)
         await clients.close()
         await redis.aclose()
         telemetry.close()

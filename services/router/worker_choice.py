@@ -1,4 +1,4 @@
-"""Load-aware choice of workers from the registry.
+"""Load-aware (and, for prefill, cache-aware) choice of workers from the registry.
 
 Heartbeats lag, so the router adds what it has itself dispatched since (its in-flight counts)
 to the load each worker last reported: a burst of requests spreads instead of piling on the
@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from pdserve.runtime.errors import UnavailableError
+from pdserve.state.kv_events import PrefixIndex
 from pdserve.state.registry import WorkerInfo
 
 
@@ -38,6 +39,24 @@ def choose_prefill(workers: list[WorkerInfo], inflight: InFlight) -> WorkerInfo:
         raise UnavailableError("no prefill server is registered")
     return min(workers, key=lambda w: (w.load.queued_prompt_tokens + inflight.prompt_tokens[w.worker_id],
                                        inflight.requests[w.worker_id], w.worker_id))
+
+
+def choose_prefill_by_cache(workers: list[WorkerInfo], inflight: InFlight, prompt_ids: list[int],
+                            index: PrefixIndex) -> WorkerInfo:
+    """The prefill worker with the least work to do for this prompt: the prompt tokens its prefix
+    cache does not hold (per the index) plus the prompt tokens queued there (reported + dispatched).
+    A hot prefix cannot pile every request onto one worker: its queue counts as much as the tokens
+    the cache saves, so once it is busier by more than that, another worker wins."""
+    if not workers:
+        raise UnavailableError("no prefill server is registered")
+    n_prompt = len(prompt_ids)
+
+    def work(w: WorkerInfo) -> tuple[int, int, str]:
+        to_compute = n_prompt - min(index.cached_tokens(w.worker_id, prompt_ids), n_prompt - 1)
+        queued = w.load.queued_prompt_tokens + inflight.prompt_tokens[w.worker_id]
+        return to_compute + queued, inflight.requests[w.worker_id], w.worker_id
+
+    return min(workers, key=work)
 
 
 def choose_decode(workers: list[WorkerInfo], inflight: InFlight) -> WorkerInfo:

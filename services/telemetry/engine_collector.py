@@ -1,5 +1,6 @@
 """Engine gauges and counters, read from the engine's latest snapshot (EngineStats) when
-Prometheus scrapes: the engine's step loop does no metrics work at all."""
+Prometheus scrapes: the engine's step loop does no metrics work at all. Also the router's
+prefix-cache index, read the same way."""
 
 from __future__ import annotations
 
@@ -64,3 +65,23 @@ class EngineStatsCollector(Collector):
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"pdserve:{name}", doc, value=value)
+
+
+class PrefixIndexCollector(Collector):
+    """The router's view of its prefill servers' prefix caches (--routing kv): blocks indexed per worker."""
+
+    def __init__(self, blocks_by_worker: Callable[[], dict[str, int]]):
+        self.blocks_by_worker = blocks_by_worker
+
+    def describe(self):
+        """Nothing up front: the registry then skips its duplicate check collect()."""
+        return []
+
+    def collect(self) -> Iterator:
+        """The current values."""
+        family = GaugeMetricFamily("pdserve:router_kv_index_blocks",
+                                   "Prefix-cache blocks the router knows each prefill server holds.",
+                                   labels=["worker"])
+        for worker, blocks in sorted(self.blocks_by_worker().items()):
+            family.add_metric([worker], blocks)
+        yield family

@@ -17,6 +17,7 @@ from pdserve.runtime.lifecycle import Lifecycle, ShutdownSignals
 from pdserve.runtime.server import drain_and_stop, logger, run_server, start_server_with_health
 from pdserve.runtime.status import map_errors
 from pdserve.settings import WorkerSettings
+from pdserve.state.kv_events import KVEventPublisher, cancel_and_wait
 from pdserve.state.redis_connect import check_redis, open_redis
 from pdserve.state.registry import WorkerInfo, WorkerRegistry
 from pdserve.telemetry.engine_collector import EngineStatsCollector
@@ -126,11 +127,17 @@ async def serve_worker(settings: WorkerSettings, ctx: WorkerContext,
     address = f"{server.advertised_host()}:{running.port}"
     registry = WorkerRegistry(redis, prefix=settings.redis.prefix, ttl_s=3 * settings.heartbeat_s)
     beat = asyncio.create_task(heartbeat_forever(registry, ctx, address, settings.heartbeat_s))
+    publishing = None
+    if ctx.role == "prefill":  # what its prefix cache holds, for the router's --routing kv
+        publisher = KVEventPublisher(redis, settings.redis.prefix, ctx.worker_id, settings.engine.block_size,
+                                     ctx.engine.pool, settings.heartbeat_s)
+        publishing = asyncio.create_task(publisher.run())
 
     async def leave() -> None:  # no heartbeat may land after the delete
         beat.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await beat
+        await cancel_and_wait(publishing)
         await registry.deregister(ctx.role, ctx.worker_id)
 
     ctx.telemetry.serve_metrics(server)

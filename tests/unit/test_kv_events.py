@@ -1,0 +1,107 @@
+"""KV cache events for --routing kv (pdserve.state.kv_events): the block pool's event log, the keys a
+prompt's blocks have in a worker's cache, the publisher and the router's index over a real
+Redis-protocol server, and the prefill choice by cache against load."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+
+from helpers.engine_testing import greedy, load_tiny, one_torch_thread
+from pdserve.engine.block_pool import BlockPool
+from pdserve.router.worker_choice import InFlight, choose_prefill, choose_prefill_by_cache
+from pdserve.state.embedded_redis import EmbeddedRedis
+from pdserve.state.kv_events import KVEventPublisher, PrefixIndex, prompt_block_keys
+from pdserve.state.registry import WorkerInfo, WorkerLoad
+
+
+def test_the_pool_logs_entries_stored_and_evicted_in_order_once_recording():
+    pool = BlockPool(2)
+    a, b = pool.allocate(2)
+    pool.register(a, 11, 0, (1, 2))
+    assert pool.drain_events() == []  # not recording yet
+    pool.record_events()
+    pool.register(b, 22, 0, (3, 4))
+    pool.free([a, b])
+    (c,) = pool.allocate(1)  # evicts the queue's head: a (cached blocks go to the tail, a first)
+    assert c is a and pool.drain_events() == [(True, 22), (False, 11)]
+    assert pool.drain_events() == []
+    assert sorted(pool.cached_keys()) == [22]
+
+
+def test_prompt_block_keys_are_the_keys_the_engine_caches(tmp_path):
+    with one_torch_thread():
+        tiny = load_tiny(tmp_path / "tiny")
+        engine = tiny.engine()  # block size 16
+        prompt = list(range(5, 5 + 50))  # 3 full blocks and 2 tokens
+        engine.generate([prompt], greedy(1))
+    keys = prompt_block_keys(prompt, 16)
+    assert len(keys) == 3 and set(keys) <= set(engine.pool.cached_keys())
+
+
+def test_the_index_applies_snapshots_and_events_in_order():
+    index = PrefixIndex(None, "p")
+    prompt = list(range(100, 164))
+    keys = prompt_block_keys(prompt, 16)
+    index.apply("w1", 16, "snapshot", keys[:2])
+    assert index.cached_tokens("w1", prompt) == 32 and index.cached_tokens("w2", prompt) == 0
+    index.apply("w1", 16, "events", [[1, keys[2]], [0, keys[0]]])
+    assert index.cached_tokens("w1", prompt) == 0  # the first block is gone: nothing leads
+    index.apply("w1", 16, "events", [[1, keys[0]]])
+    assert index.cached_tokens("w1", prompt) == 48
+    index.apply("w1", 16, "snapshot", [])  # a restarted worker
+    assert index.cached_tokens("w1", prompt) == 0
+
+
+def worker(worker_id: str, queued: int = 0) -> WorkerInfo:
+    return WorkerInfo(worker_id, "prefill", f"{worker_id}:1", load=WorkerLoad(queued_prompt_tokens=queued))
+
+
+def test_the_prefill_choice_follows_the_cache_until_its_queue_outweighs_it():
+    index = PrefixIndex(None, "p")
+    prompt = list(range(200, 200 + 512))
+    index.apply("b", 16, "snapshot", prompt_block_keys(prompt, 16))
+    idle = [worker("a"), worker("b")]
+    assert choose_prefill(idle, InFlight()).worker_id == "a"  # load alone: the first idle one
+    assert choose_prefill_by_cache(idle, InFlight(), prompt, index).worker_id == "b"
+    busy_b = [worker("a"), worker("b", queued=300)]  # 300 queued < 511 saved: still b
+    assert choose_prefill_by_cache(busy_b, InFlight(), prompt, index).worker_id == "b"
+    saturated_b = [worker("a"), worker("b", queued=2000)]  # the hot prefix's holder is swamped: a
+    assert choose_prefill_by_cache(saturated_b, InFlight(), prompt, index).worker_id == "a"
+
+
+def test_published_events_reach_a_router_that_starts_late():
+    async def scenario(url: str) -> None:
+        redis = aioredis.from_url(url)
+        try:
+            pool = BlockPool(4)
+            publisher = KVEventPublisher(redis, "t", "prefill-x", 16, pool, interval_s=1.0, snapshot_every=3)
+            prompt = list(range(300, 348))
+            keys = prompt_block_keys(prompt, 16)
+            blocks = pool.allocate(3)
+            for block, key in zip(blocks[:2], keys):
+                pool.register(block, key, 0, (0,))
+            await publisher.publish_once()  # events and the first snapshot
+            pool.register(blocks[2], keys[2], 0, (0,))
+            await publisher.publish_once()  # one event
+            assert 0 < await redis.pttl("t:kv-events") <= 30_000  # expires with the last publisher
+            index = PrefixIndex(redis, "t")  # starts after both: reads what the stream retains
+            while await index.read_once(block_ms=100):
+                pass
+            assert index.cached_tokens("prefill-x", prompt) == 48
+            await redis.xadd("t:kv-events", {"worker": "prefill-x", "block_size": 16, "kind": "events",
+                                              "data": "not json"})
+            await index.read_once(block_ms=100)  # a malformed entry is skipped, the index kept
+            assert index.cached_tokens("prefill-x", prompt) == 48
+        finally:
+            await redis.aclose()
+
+    with EmbeddedRedis() as server:
+        asyncio.run(scenario(server.url))
+
+
+def test_the_publisher_refuses_a_period_it_cannot_keep():
+    with pytest.raises(ValueError, match="interval_s"):
+        KVEventPublisher(None, "p", "w", 16, BlockPool(1), interval_s=0)
