@@ -50,9 +50,10 @@ def choose_prefill_by_cache(workers: list[WorkerInfo], inflight: InFlight, promp
     if not workers:
         raise UnavailableError("no prefill server is registered")
     n_prompt = len(prompt_ids)
+    keys: dict[int, list[int]] = {}  # the prompt's block keys, hashed once for all the workers
 
     def work(w: WorkerInfo) -> tuple[int, int, str]:
-        to_compute = n_prompt - min(index.cached_tokens(w.worker_id, prompt_ids), n_prompt - 1)
+        to_compute = n_prompt - min(index.cached_tokens(w.worker_id, prompt_ids, keys), n_prompt - 1)
         queued = w.load.queued_prompt_tokens + inflight.prompt_tokens[w.worker_id]
         return to_compute + queued, inflight.requests[w.worker_id], w.worker_id
 

@@ -125,13 +125,18 @@ class PrefixIndex:
         """How many blocks the index holds for each worker (a metric)."""
         return {worker_id: len(blocks.keys) for worker_id, blocks in list(self.workers.items())}
 
-    def cached_tokens(self, worker_id: str, token_ids: Sequence[int]) -> int:
-        """Leading tokens of the prompt whose blocks the worker holds (0 when it is unknown)."""
+    def cached_tokens(self, worker_id: str, token_ids: Sequence[int],
+                      keys_by_block_size: dict[int, list[int]] | None = None) -> int:
+        """Leading tokens of the prompt whose blocks the worker holds (0 when it is unknown).
+        keys_by_block_size: the prompt's block keys already computed, reused across workers (filled in)."""
         blocks = self.workers.get(worker_id)
         if blocks is None or not blocks.keys:
             return 0
+        keys_by_block_size = {} if keys_by_block_size is None else keys_by_block_size
+        if blocks.block_size not in keys_by_block_size:
+            keys_by_block_size[blocks.block_size] = prompt_block_keys(token_ids, blocks.block_size)
         held = 0
-        for key in prompt_block_keys(token_ids, blocks.block_size):
+        for key in keys_by_block_size[blocks.block_size]:
             if key not in blocks.keys:
                 break
             held += 1
