@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ from pdserve.engine.block_pool import ROOT_HASH, BlockPool, chained_hash
 
 logger = logging.getLogger("pdserve.kv_events")
 MAX_STREAM_ENTRIES = 10_000
+FORGET_AFTER_S = 60.0  # a worker silent this long (6 snapshot periods at the default 1 s beat) is dropped
 READ_BLOCK_MS = 1000
 RETRY_S = 1.0
 
@@ -93,19 +95,22 @@ class KVEventPublisher:
 
 @dataclass
 class WorkerBlocks:
-    """What one worker's prefix cache holds, as far as the stream has said."""
+    """What one worker's prefix cache holds, as far as the stream has said, and when it last said so
+    (time.monotonic())."""
 
     block_size: int
     keys: set[int] = field(default_factory=set)
+    heard_at: float = field(default_factory=time.monotonic)
 
 
 class PrefixIndex:
     """The router's side: the prefix-cache keys each worker holds, kept from the stream."""
 
-    def __init__(self, redis, prefix: str):
+    def __init__(self, redis, prefix: str, forget_after_s: float = FORGET_AFTER_S):
         self.redis, self.stream = redis, stream_key(prefix)
         self.workers: dict[str, WorkerBlocks] = {}
         self.last_id = "0"  # from the start of what the stream retains
+        self.forget_after_s = forget_after_s
 
     def apply(self, worker_id: str, block_size: int, kind: str, data: list) -> None:
         """One stream entry: a snapshot replaces the worker's keys; events add (1) and remove (0) in order."""
@@ -115,11 +120,22 @@ class PrefixIndex:
         blocks = self.workers.setdefault(worker_id, WorkerBlocks(block_size))
         if blocks.block_size != block_size:
             self.workers[worker_id] = blocks = WorkerBlocks(block_size)
+        blocks.heard_at = time.monotonic()
         for stored, key in data:
             if stored:
                 blocks.keys.add(int(key))
             else:
                 blocks.keys.discard(int(key))
+
+    def forget_silent_workers(self, now: float | None = None) -> list[str]:
+        """Drop the workers the stream has said nothing of for forget_after_s (they left: a live one
+        publishes a snapshot every few seconds); returns their ids. Keeps the index's memory bounded
+        as workers come and go."""
+        now = time.monotonic() if now is None else now
+        silent = [w for w, blocks in self.workers.items() if now - blocks.heard_at > self.forget_after_s]
+        for worker_id in silent:
+            del self.workers[worker_id]
+        return silent
 
     def blocks_by_worker(self) -> dict[str, int]:
         """How many blocks the index holds for each worker (a metric)."""
@@ -156,6 +172,7 @@ class PrefixIndex:
                     applied += 1
                 except (KeyError, ValueError, TypeError) as exc:
                     logger.warning("skipping a malformed KV event entry %s: %s", self.last_id, exc)
+        self.forget_silent_workers()
         return applied
 
     async def run(self) -> None:

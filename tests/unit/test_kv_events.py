@@ -55,6 +55,17 @@ def test_the_index_applies_snapshots_and_events_in_order():
     assert index.cached_tokens("w1", prompt) == 0
 
 
+def test_the_index_forgets_workers_that_went_silent():
+    index = PrefixIndex(None, "p", forget_after_s=60)
+    index.apply("gone", 16, "snapshot", [1, 2, 3])
+    index.apply("alive", 16, "snapshot", [4])
+    heard = index.workers["gone"].heard_at
+    index.apply("alive", 16, "events", [[1, 5]])
+    index.workers["alive"].heard_at = heard + 50  # it spoke 50 s after the other
+    assert index.forget_silent_workers(now=heard + 61) == ["gone"]
+    assert index.blocks_by_worker() == {"alive": 2}
+
+
 def worker(worker_id: str, queued: int = 0) -> WorkerInfo:
     return WorkerInfo(worker_id, "prefill", f"{worker_id}:1", load=WorkerLoad(queued_prompt_tokens=queued))
 
