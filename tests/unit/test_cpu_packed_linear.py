@@ -75,11 +75,12 @@ def test_auto_prefers_the_native_kernel_and_unknown_backends_are_refused(tiny_di
     assert FLAG_CHOICES == CPU_LINEAR_BACKENDS  # the --cpu-linear flag's choices (kept torch-free)
 
 
-def test_a_model_shared_by_two_runners_is_packed_once(tiny_dir):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_model_shared_by_two_runners_is_packed_once(tiny_dir, backend):
     model, config = load_model(tiny_dir, dtype=torch.bfloat16)
-    first = ModelRunner(model, config, 8, BLOCK_SIZE, cpu_linear="onednn")
-    second = ModelRunner(model, config, 8, BLOCK_SIZE, cpu_linear="onednn")
-    assert first.packed_linears == second.packed_linears == len(packed_layers(model)) > 0
+    first = ModelRunner(model, config, 8, BLOCK_SIZE, cpu_linear=backend)
+    second = ModelRunner(model, config, 8, BLOCK_SIZE, cpu_linear=backend)
+    assert first.packed_linears == second.packed_linears == len(packed_layers(model, backend)) > 0
 
 
 def test_a_tied_output_head_is_not_packed_for_onednn(tied_dir):
