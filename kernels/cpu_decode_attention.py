@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.kernels.cpu_native import ATTENTION_HEAD_DIMS, CpuNativeKernels, native_kernels
+from pdserve.kernels.cpu_native import ATTENTION_HEAD_DIMS, native_kernels
 from pdserve.kernels.kv_quant import dequantize_blocks
 
 MAX_PADDING_FACTOR = 2  # a group's longest context is at most this times its shortest
@@ -112,17 +112,15 @@ class DecodePlan:
         return cls(groups, heads, kv_slot)
 
 
-def native_decode_kernels(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                          scales: tuple[torch.Tensor | None, torch.Tensor | None]) -> CpuNativeKernels | None:
-    """The native kernels when they can do this step's decode attention: a bfloat16 query and
-    caches (not quantized, the same shape) on the CPU, contiguous, with a head dim the kernel takes."""
-    if (query.device.type != "cpu" or query.dtype != torch.bfloat16 or key_cache.dtype != torch.bfloat16
-            or value_cache.dtype != torch.bfloat16 or value_cache.shape != key_cache.shape
-            or scales[0] is not None or key_cache.shape[-1] not in ATTENTION_HEAD_DIMS or not key_cache.is_contiguous()
-            or not value_cache.is_contiguous() or query.dim() != 3 or query.shape[-1] != key_cache.shape[-1]
-            or query.shape[1] % key_cache.shape[2] or query.stride(-1) != 1):
-        return None
-    return native_kernels()
+def native_decode_fits(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                       k_scale: torch.Tensor | None) -> bool:
+    """Whether the native kernel takes this step's decode attention as laid out (the dtypes and the
+    kernels' availability are the caller's, ops.use_native): caches not quantized, the same shape,
+    contiguous, a head dim the kernel takes, query heads a multiple of the KV heads."""
+    return (k_scale is None and value_cache.shape == key_cache.shape and key_cache.shape[-1] in ATTENTION_HEAD_DIMS
+            and key_cache.is_contiguous() and value_cache.is_contiguous() and query.dim() == 3
+            and query.shape[-1] == key_cache.shape[-1] and query.shape[1] % key_cache.shape[2] == 0
+            and query.stride(-1) == 1)
 
 
 def decode_attention(query: torch.Tensor, caches: tuple[torch.Tensor, torch.Tensor],

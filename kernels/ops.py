@@ -15,6 +15,7 @@ from functools import cache
 import torch
 
 from pdserve.kernels import reference
+from pdserve.kernels.cpu_decode_attention import native_decode_fits
 from pdserve.kernels.cpu_native import CpuNativeKernels, native_kernels
 
 BACKENDS = ("auto", "reference", "triton")
@@ -131,7 +132,9 @@ def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query
     if not use_triton(query):
         return reference.paged_attention(query, key_cache, value_cache, block_tables, seq_lens,
                                          query_start_loc, scale, query_lens_cpu, seq_lens_cpu,
-                                         k_scale, v_scale, step_cache, native_decode=use_native(query) is not None)
+                                         k_scale, v_scale, step_cache,
+                                         native_decode=use_native(query, key_cache, value_cache) is not None
+                                         and native_decode_fits(query, key_cache, value_cache, k_scale))
     q_lens = query_lens_cpu or (query_start_loc[1:] - query_start_loc[:-1]).tolist()
     if q_lens and max(q_lens) == 1 and len(q_lens) == query.shape[0]:
         from pdserve.kernels.triton_decode_attention import choose_num_splits, paged_decode_attention

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pdserve.kernels.cpu_decode_attention import DecodePlan, decode_attention, native_decode_kernels
+from pdserve.kernels.cpu_decode_attention import DecodePlan, decode_attention
 from pdserve.kernels.kv_quant import dequantize_blocks, is_quantized, write_quantized
 
 
@@ -105,8 +105,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     key_cache/value_cache: [NB, BS, KVH, D]; block_tables: [B, max_blocks]; seq_lens: [B];
     query_start_loc: [B+1]; k_scale/v_scale: [NB, KVH] scales of an int8/fp8 cache. Returns [T, H, D].
     step_cache: a dict that lives for one step (AttentionMetadata.step_cache), where what depends
-    only on the batch is kept for the step's other layers. native_decode: let the native CPU kernel
-    do the decode rows where it can (kernels/cpu_decode_attention.py); the reference alone otherwise.
+    only on the batch is kept for the step's other layers. native_decode: the native CPU kernel does
+    the decode rows (the caller checked that it can: ops.paged_attention); the reference alone otherwise.
     """
     if is_quantized(key_cache.dtype) and (k_scale is None or v_scale is None):
         raise ValueError(f"a {key_cache.dtype} KV cache needs k_scale and v_scale")
@@ -122,9 +122,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     if decode_rows:
         plan = step_cache.get("cpu_decode_plan") if step_cache is not None else None
         if plan is None:
-            native = native_decode and native_decode_kernels(query, key_cache, value_cache, (k_scale, v_scale)) is not None
             plan = DecodePlan.build(block_tables, s_lens, starts, decode_rows, key_cache.shape[1], num_heads,
-                                    num_kv_heads, query.device, native, key_cache.shape[0])
+                                    num_kv_heads, query.device, native_decode, key_cache.shape[0])
             if step_cache is not None:
                 step_cache["cpu_decode_plan"] = plan
         decode_attention(query, (key_cache, value_cache), (k_scale, v_scale), plan, scale, out)
