@@ -13,7 +13,7 @@ import redis
 from helpers.observability_testing import generate_all, request_for, scrape, wait_until
 from pdserve.cli.cluster import LocalCluster
 from pdserve.models.tiny_model import make_tiny_model
-from pdserve.state.kv_events import prompt_block_keys, stream_key
+from pdserve.state.kv_events import PrefixIndex, stream_key
 
 BLOCK_SIZE = 16
 
@@ -24,22 +24,19 @@ def model_dir(tmp_path_factory):
 
 
 def holder_of(cluster: LocalCluster, prompt: list[int]) -> str:
-    """The prefill server whose published cache holds all of the prompt's full blocks (per the stream)."""
+    """The prefill server whose published cache holds all of the prompt's full blocks, per the stream read
+    from its start into an index of our own (the router's class, not the router's instance)."""
     client = redis.Redis.from_url(cluster.redis.url)
     try:
-        held: dict[str, set[int]] = {}
-        streams = client.keys(stream_key("*"))  # the cluster's own Redis prefix
+        streams = client.keys(stream_key("*"))  # under the cluster's own Redis prefix (none before a publish)
+        index = PrefixIndex(None, "")
         for _, fields in (entry for stream in streams for entry in client.xrange(stream)):
-            worker, kind, data = fields[b"worker"].decode(), fields[b"kind"].decode(), json.loads(fields[b"data"])
-            if kind == "snapshot":
-                held[worker] = set(data)
-            else:
-                for stored, key in data:
-                    (held.setdefault(worker, set()).add if stored else held.setdefault(worker, set()).discard)(key)
+            index.apply(fields[b"worker"].decode(), int(fields[b"block_size"]), fields[b"kind"].decode(),
+                        json.loads(fields[b"data"]))
     finally:
         client.close()
-    keys = set(prompt_block_keys(prompt, BLOCK_SIZE))
-    holders = [worker for worker, blocks in held.items() if keys <= blocks]
+    full = len(prompt) // BLOCK_SIZE * BLOCK_SIZE
+    holders = [worker for worker in index.workers if index.cached_tokens(worker, prompt) == full]
     return holders[0] if holders else ""
 
 
