@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer as BackendTokenizer
 
 from helpers.engine_testing import one_torch_thread
-from pdserve.engine.model_runner import ModelRunner, ScheduledChunk
+from helpers.paged_generation import allocate_tables, greedy_paged
+from pdserve.engine.model_runner import ModelRunner
 from pdserve.kernels import cpu_native, ops, reference
 from pdserve.kernels.cpu_native import NativeKernelError, build_library, native_kernels, pack_linear_weight
 from pdserve.models.loader import load_model
@@ -295,18 +296,6 @@ def trained_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("trained_native"), train_steps=TRAINED_STEPS)
 
 
-def greedy_tokens(runner: ModelRunner, prompts: list[list[int]], max_new: int) -> list[list[int]]:
-    """Greedy continuations of all prompts decoded together, max_new tokens each."""
-    tables = [list(range(i * 8, i * 8 + 8)) for i in range(len(prompts))]
-    logits = runner.execute([ScheduledChunk(i, p, 0, tables[i], True) for i, p in enumerate(prompts)])
-    tokens = [[int(row.argmax())] for row in logits]
-    for step in range(max_new - 1):
-        chunks = [ScheduledChunk(i, [tokens[i][-1]], len(p) + step, tables[i], True) for i, p in enumerate(prompts)]
-        for i, row in enumerate(runner.execute(chunks)):
-            tokens[i].append(int(row.argmax()))
-    return tokens
-
-
 def test_a_bfloat16_engine_on_the_native_kernels_decodes_like_the_pytorch_path(trained_dir, monkeypatch):
     """Both are bfloat16 and round differently, so they may part where two tokens are near-tied: on the
     trained checkpoint (peaked distributions) at least 30 of 32 64-token greedy continuations agree."""
@@ -314,10 +303,11 @@ def test_a_bfloat16_engine_on_the_native_kernels_decodes_like_the_pytorch_path(t
     rng = random.Random(0)
     starts = [rng.randrange(0, text.numel() - 64) for _ in range(32)]
     prompts = [text[s:s + rng.randrange(16, 52)].tolist() for s in starts]
+    tables, num_blocks = allocate_tables([len(p) for p in prompts], 64, 16)
     with one_torch_thread():
         model, config = load_model(trained_dir, dtype=torch.bfloat16)
-        native = greedy_tokens(ModelRunner(model, config, 32 * 8, 16, cpu_linear="native"), prompts, 64)
+        _, native = greedy_paged(ModelRunner(model, config, num_blocks, 16, cpu_linear="native"), prompts, 64, tables)
         model, config = load_model(trained_dir, dtype=torch.bfloat16)
         monkeypatch.setattr(ops, "BACKEND", "reference")
-        pytorch = greedy_tokens(ModelRunner(model, config, 32 * 8, 16, cpu_linear="none"), prompts, 64)
+        _, pytorch = greedy_paged(ModelRunner(model, config, num_blocks, 16, cpu_linear="none"), prompts, 64, tables)
     assert sum(a == b for a, b in zip(native, pytorch)) >= 30
