@@ -24,13 +24,15 @@ OnComplete = Callable[[str, "Exception | None"], None]
 
 @dataclass(frozen=True)
 class TransferStats:
-    """What one transfer moved: K/V payload bytes, LAYER frames, blocks per layer, and the seconds
-    from open() until the receiver confirmed the whole KV was written."""
+    """What one transfer moved: K/V payload bytes, LAYER (or READY) frames, blocks per layer, the
+    seconds from open() until the receiver confirmed the whole KV was written, and how the bytes
+    moved ("tcp" or "nixl")."""
 
     bytes: int
     frames: int
     blocks: int
     seconds: float
+    data_path: str = "tcp"
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class ReceivedTransfer:
     """What a receiver saw of one transfer that ended (for tracing and metrics): the sender's
     handshake metadata (e.g. W3C trace context), K/V payload bytes written, blocks per layer,
     when the handshake bound the reservation (Unix ns), the seconds from then until it ended,
-    and the error when it failed (None: the whole KV is in)."""
+    the error when it failed (None: the whole KV is in), and how the bytes moved ("tcp", "nixl")."""
 
     reservation_id: str
     metadata: dict[str, str]
@@ -47,6 +49,7 @@ class ReceivedTransfer:
     started_unix_ns: int
     seconds: float
     error: Exception | None
+    data_path: str = "tcp"
 
 
 TransferObserver = Callable[[ReceivedTransfer], None]

@@ -18,8 +18,10 @@ from pdserve.kvtransfer import wire
 from pdserve.kvtransfer.block_io import CacheBlocks
 from pdserve.kvtransfer.errors import KVAuthError, KVProtocolError, KVTransferCancelled, KVTransferError
 from pdserve.kvtransfer.layout import KVLayout
+from pdserve.kvtransfer.nixl_data import NixlReceiveSide
 from pdserve.kvtransfer.reservations import ExpectedTransfer, ReservationTable
 from pdserve.kvtransfer.sockio import recv_exact, recv_into_views, send_views
+from pdserve.kvtransfer.wire import NixlOffer
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,14 @@ class ReceiveSession:
 
     def __init__(self, sock: socket.socket, peer: str, layout: KVLayout, table: ReservationTable,
                  blocks: CacheBlocks, auth_token: str | None = None, handshake_timeout_s: float = 10.0,
-                 idle_timeout_s: float | None = None, ssl_context: ssl.SSLContext | None = None):
+                 idle_timeout_s: float | None = None, ssl_context: ssl.SSLContext | None = None,
+                 nixl: NixlReceiveSide | None = None, require_nixl: bool = False):
         self.sock = sock
+        self.nixl = nixl
+        self.require_nixl = require_nixl
+        self._offer: NixlOffer | None = None  # set when this transfer's K/V move by NIXL READs
+        self._nixl_peer: str | None = None
+        self._read_failed = False
         self.ssl_context = ssl_context
         self.peer = peer
         self.layout = layout
@@ -73,6 +81,8 @@ class ReceiveSession:
             self._fail(res, KVTransferError(f"receiver error: {exc}"), send_error=True)
         finally:
             self.sock.close()
+            if self._nixl_peer is not None:
+                self.nixl.release(self._nixl_peer, failed=self._read_failed)
 
     def abort(self, code: str, message: str) -> None:
         """Called from another thread (a cancel): tell the peer, then cut the socket, which wakes a
@@ -95,15 +105,30 @@ class ReceiveSession:
                 (hello.auth_token or "").encode(), self.auth_token.encode()):
             raise KVAuthError("the KV transfer auth token is missing or wrong")
         self.layout.check_compatible(hello.layout, "receiver", "sender")
-        res = self.table.bind(hello, self)
-        self._send(wire.encode_json_frame(wire.HELLO_OK, {"num_blocks": res.num_blocks}))
+        data_path = self._choose_data_path(hello)
+        res = self.table.bind(hello, self, data_path)
+        self._send(wire.encode_json_frame(wire.HELLO_OK, {"num_blocks": res.num_blocks, "data_path": data_path}))
         return res
+
+    def _choose_data_path(self, hello: wire.Hello) -> str:
+        """NIXL when the sender offers it and this receiver has it, else TCP (refused before the
+        reservation is bound when this receiver requires NIXL, so another sender may still fill it)."""
+        if hello.nixl is None or self.nixl is None:
+            if self.require_nixl:
+                raise KVTransferError("this decode server takes KV over NIXL only (--kv-transfer nixl) and "
+                                      "the sender did not offer it", code="data_path_mismatch")
+            return "tcp"
+        self._nixl_peer = self.nixl.accept(hello.nixl)
+        self._offer = hello.nixl
+        return "nixl"
 
     def _stream(self, res: ExpectedTransfer) -> None:
         while True:
             frame_type, size = self._read_header()
-            if frame_type == wire.LAYER:
+            if frame_type == wire.LAYER and self._offer is None:
                 self._receive_layer(res, size)
+            elif frame_type == wire.READY and self._offer is not None:
+                self._read_layer(res, size)
             elif frame_type == wire.FINISH:
                 self._expect_empty(frame_type, size)
                 self._complete(res)
@@ -118,17 +143,42 @@ class ReceiveSession:
             else:
                 raise KVProtocolError(f"unexpected {wire.FRAME_NAMES[frame_type]} frame after the handshake")
 
-    def _receive_layer(self, res: ExpectedTransfer, size: int) -> None:
+    def _layer_header(self, res: ExpectedTransfer, size: int, frame: str) -> tuple[int, int, int]:
+        """Read and check a LAYER or READY sub-header -> (layer, first block, block count)."""
         if size < wire.LAYER_HEADER.size:
-            raise KVProtocolError(f"LAYER payload of {size} bytes is shorter than its sub-header")
+            raise KVProtocolError(f"{frame} payload of {size} bytes is shorter than its sub-header")
         layer, first, count = wire.LAYER_HEADER.unpack(recv_exact(self.sock, wire.LAYER_HEADER.size))
         if layer >= self.layout.num_layers:
-            raise KVProtocolError(f"LAYER {layer} out of range: the layout has {self.layout.num_layers} layers")
+            raise KVProtocolError(f"{frame} {layer} out of range: the layout has {self.layout.num_layers} layers")
         if count < 1:
-            raise KVProtocolError(f"LAYER {layer} carries no blocks")
+            raise KVProtocolError(f"{frame} {layer} carries no blocks")
         if first + count > res.num_blocks:
-            raise KVProtocolError(f"LAYER {layer} blocks [{first}, {first + count}) are outside the "
+            raise KVProtocolError(f"{frame} {layer} blocks [{first}, {first + count}) are outside the "
                                   f"reservation's {res.num_blocks} blocks")
+        return layer, first, count
+
+    def _read_layer(self, res: ExpectedTransfer, size: int) -> None:
+        """READY: READ those blocks from the sender's staging region into the reserved blocks."""
+        layer, first, count = self._layer_header(res, size, "READY")
+        if size != wire.LAYER_HEADER.size:
+            raise KVProtocolError(f"READY {layer} payload is {size} bytes, not {wire.LAYER_HEADER.size}")
+        if not self.table.begin_write(res):
+            raise _Cancelled()
+        try:  # not interrupted by abort(): the READ runs to its end (or its timeout) before end_write
+            self.nixl.read_layer(self._nixl_peer, self._offer, res.num_blocks, layer, first,
+                                 list(res.dst_block_ids[first:first + count]))
+        except KVTransferError:
+            self._read_failed = True
+            raise
+        finally:
+            self.table.end_write(res)
+        if self._aborted:
+            raise _Cancelled()
+        res.received[layer, first:first + count] = True
+        res.bytes_received += 2 * count * self.layout.block_bytes
+
+    def _receive_layer(self, res: ExpectedTransfer, size: int) -> None:
+        layer, first, count = self._layer_header(res, size, "LAYER")
         expected = wire.LAYER_HEADER.size + 2 * count * self.layout.block_bytes
         if size != expected:
             raise KVProtocolError(f"LAYER {layer} payload is {size} bytes, {count} blocks of K and V "
@@ -154,6 +204,20 @@ class ReceiveSession:
             raise KVTransferError(
                 f"FINISH before all KV arrived: {missing[0].size} (layer, block) pairs missing, first "
                 f"layer {int(missing[0][0])} block {int(missing[1][0])}", code="incomplete")
+        if self._offer is not None:  # the bytes count only if the sender still held its region
+            self._send(wire.encode_json_frame(wire.COMPLETE, {"bytes": res.bytes_received}))
+            frame_type, size = self._read_header()
+            if frame_type == wire.CANCEL:
+                self._expect_empty(frame_type, size)
+                self.table.finish(res, KVTransferCancelled(
+                    f"the sender {self.peer} cancelled reservation {res.reservation_id!r} before confirming"))
+                return
+            if frame_type != wire.CONFIRM:
+                raise KVProtocolError(f"expected CONFIRM after COMPLETE, got {wire.FRAME_NAMES[frame_type]}")
+            self._expect_empty(frame_type, size)
+            if not self.table.finish(res, None):
+                raise _Cancelled()
+            return
         if not self.table.finish(res, None):
             raise _Cancelled()
         self._send(wire.encode_json_frame(wire.COMPLETE, {"bytes": res.bytes_received}))

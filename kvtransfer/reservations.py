@@ -52,6 +52,7 @@ class ExpectedTransfer:
     metadata: dict[str, str] = field(default_factory=dict)  # the sender's handshake metadata (trace context)
     bound_unix_ns: int = 0  # when a handshake bound it (time.time_ns())
     bound_monotonic: float = 0.0
+    data_path: str = "tcp"  # how the bound connection moves the K/V
 
 
 class ReservationTable:
@@ -100,8 +101,9 @@ class ReservationTable:
             self._by_id[reservation_id] = ExpectedTransfer(reservation_id, ids, num_tokens, needed,
                                                       on_complete, received)
 
-    def bind(self, hello: Hello, connection: Abortable) -> ExpectedTransfer:
-        """Attach a handshaking connection to the reservation it names; raises a KVTransferError
+    def bind(self, hello: Hello, connection: Abortable, data_path: str = "tcp") -> ExpectedTransfer:
+        """Attach a handshaking connection (moving the K/V by data_path) to the reservation it
+        names; raises a KVTransferError
         (UnknownReservation, or a mismatch of num_tokens / dst_block_ids, or already being filled)."""
         rid = hello.reservation_id
         with self._cond:
@@ -119,6 +121,7 @@ class ReservationTable:
                 raise KVTransferError(f"reservation {rid!r}: the sender's dst_block_ids differ from the "
                                       f"reserved blocks", code="size_mismatch")
             res.connection = connection
+            res.data_path = data_path
             res.metadata = dict(hello.metadata or {})
             res.bound_unix_ns, res.bound_monotonic = time.time_ns(), time.monotonic()
             return res
@@ -185,7 +188,8 @@ class ReservationTable:
     def _report(self, res: ExpectedTransfer, error: Exception | None) -> None:
         if self.observer is not None and res.connection is not None:
             report = ReceivedTransfer(res.reservation_id, res.metadata, res.bytes_received, res.num_blocks,
-                                      res.bound_unix_ns, time.monotonic() - res.bound_monotonic, error)
+                                      res.bound_unix_ns, time.monotonic() - res.bound_monotonic, error,
+                                      res.data_path)
             try:
                 self.observer(report)
             except Exception:  # telemetry must not kill the connection thread

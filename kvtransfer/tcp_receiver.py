@@ -13,6 +13,7 @@ from pdserve.kvtransfer import wire
 from pdserve.kvtransfer.backend import KVReceiverBackend, TransferObserver
 from pdserve.kvtransfer.block_io import CacheBlocks
 from pdserve.kvtransfer.layout import KVLayout
+from pdserve.kvtransfer.nixl_data import NixlReceiveSide
 from pdserve.kvtransfer.receive_session import ReceiveSession
 from pdserve.kvtransfer.reservations import OnComplete, ReservationTable
 from pdserve.kvtransfer.sockio import configure_socket
@@ -29,6 +30,9 @@ class TCPKVReceiver(KVReceiverBackend):
     loop.call_soon_threadsafe). ssl_context: a server-side context to speak TLS (mTLS if it requires
     client certificates); auth_token: a shared secret every sender must present in its handshake;
     observer: called (on a connection thread) with a ReceivedTransfer for every transfer that ends.
+    nixl: this server's NIXL side (the cache registered with it): senders that offer a staging
+    region are then READ from instead of sending LAYER frames; require_nixl refuses the others.
+    stop() closes it.
     """
 
     def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], layout: KVLayout | None = None,
@@ -36,7 +40,12 @@ class TCPKVReceiver(KVReceiverBackend):
                  auth_token: str | None = None, max_connections: int = 256,
                  handshake_timeout_s: float = 10.0, idle_timeout_s: float | None = None,
                  socket_buffer_bytes: int | None = None, zero_copy: bool | None = None,
-                 observer: TransferObserver | None = None):
+                 observer: TransferObserver | None = None, nixl: NixlReceiveSide | None = None,
+                 require_nixl: bool = False):
+        if require_nixl and nixl is None:
+            raise ValueError("require_nixl needs a NIXL side")
+        self.nixl = nixl
+        self.require_nixl = require_nixl
         self.layout = layout or KVLayout.from_kv_caches(kv_caches)
         num_blocks = self.layout.check_kv_caches(kv_caches)
         self.kv_caches = kv_caches
@@ -95,6 +104,8 @@ class TCPKVReceiver(KVReceiverBackend):
         for thread, session in sessions.items():
             session.abort("shutting_down", "the KV receiver is stopping")
             thread.join()
+        if self.nixl is not None:
+            self.nixl.close()
 
     def expect(self, reservation_id: str, dst_block_ids: list[int], num_tokens: int,
                on_complete: OnComplete) -> None:
@@ -140,7 +151,7 @@ class TCPKVReceiver(KVReceiverBackend):
             session = ReceiveSession(conn, f"{addr[0]}:{addr[1]}", self.layout, self.reservations,
                                      CacheBlocks(self.kv_caches, self.layout.block_bytes, self.zero_copy),
                                      self.auth_token, self.handshake_timeout_s, self.idle_timeout_s,
-                                     self.ssl_context)
+                                     self.ssl_context, self.nixl, self.require_nixl)
             thread = threading.Thread(target=session.run, name=f"kv-recv-{addr[1]}", daemon=True)
             self._sessions[thread] = session
             thread.start()

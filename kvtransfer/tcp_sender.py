@@ -17,9 +17,20 @@ from pdserve.kvtransfer.backend import KVSenderBackend, KVTransfer, TransferStat
 from pdserve.kvtransfer.block_io import block_views, gather_blocks, tensor_bytes
 from pdserve.kvtransfer.errors import KVProtocolError, KVTransferCancelled, KVTransferError, error_from_code
 from pdserve.kvtransfer.layout import KVLayout
+from pdserve.kvtransfer.nixl_data import NixlSendSide, StagingRegion
 from pdserve.kvtransfer.sockio import configure_socket, readable, recv_exact, send_views
 
 _FINISH, _CANCEL = object(), object()
+
+
+def _cuda_event(tensor: torch.Tensor):
+    """An event recorded now on the current stream when `tensor` is on a GPU (the sending thread
+    waits for it before the copy's bytes are read), else None."""
+    if tensor.device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
@@ -45,15 +56,24 @@ def raise_if_error(frame_type: int, message: dict) -> None:
 
 
 class TCPKVSender(KVSenderBackend):
-    """Opens TCP transfers for a prefill server whose cache has `layout`. ssl_context: a client
-    context to speak TLS (server_hostname defaults to the endpoint's host); auth_token: the shared
-    secret the receivers expect; keepalive_s: how long a transfer may send nothing before it
-    sends a KEEPALIVE frame (its prompt still queued)."""
+    """Opens transfers for a prefill server whose cache has `layout`, over a TCP control connection.
+    ssl_context: a client context to speak TLS (server_hostname defaults to the endpoint's host);
+    auth_token: the shared secret the receivers expect; keepalive_s: how long a transfer may send
+    nothing before it sends a KEEPALIVE frame (its prompt still queued).
+
+    nixl: this server's NIXL side; with it each transfer offers the receiver to READ the K/V from
+    a staging region (nixl_data.py), and moves them in LAYER frames when the receiver declines or
+    the staging pool is full, unless require_nixl (then the transfer fails with a clear error)."""
 
     def __init__(self, layout: KVLayout, ssl_context: ssl.SSLContext | None = None,
                  auth_token: str | None = None, server_hostname: str | None = None,
                  connect_timeout_s: float = 10.0, socket_buffer_bytes: int | None = None,
-                 keepalive_s: float = wire.SENDER_KEEPALIVE_S):
+                 keepalive_s: float = wire.SENDER_KEEPALIVE_S, nixl: NixlSendSide | None = None,
+                 require_nixl: bool = False):
+        if require_nixl and nixl is None:
+            raise ValueError("require_nixl needs a NIXL side")
+        self.nixl = nixl
+        self.require_nixl = require_nixl
         self.layout = layout
         self.keepalive_s = keepalive_s
         self.ssl_context = ssl_context
@@ -68,12 +88,14 @@ class TCPKVSender(KVSenderBackend):
         """Connect and handshake (see KVSenderBackend.open)."""
         started = time.perf_counter()
         host, port = parse_endpoint(endpoint)
+        staged = self._stage(num_tokens)
         hello = wire.Hello(self.layout, reservation_id, num_tokens,
                            None if dst_block_ids is None else tuple(int(b) for b in dst_block_ids),
-                           self.auth_token, dict(metadata or {}))
-        frame = hello.encode()  # validates nothing yet: the receiver is the judge
-        sock = socket.create_connection((host, port), timeout=timeout or self.connect_timeout_s)
+                           self.auth_token, dict(metadata or {}), staged[1] if staged else None)
+        sock = None
         try:
+            frame = hello.encode()  # validates nothing yet: the receiver is the judge
+            sock = socket.create_connection((host, port), timeout=timeout or self.connect_timeout_s)
             configure_socket(sock, self.socket_buffer_bytes)
             if self.ssl_context is not None:
                 sock = self.ssl_context.wrap_socket(sock, server_hostname=self.server_hostname or host)
@@ -82,19 +104,59 @@ class TCPKVSender(KVSenderBackend):
             raise_if_error(frame_type, reply)
             if frame_type != wire.HELLO_OK or reply.get("num_blocks") != self.layout.num_blocks_for(num_tokens):
                 raise KVProtocolError(f"bad handshake reply {wire.FRAME_NAMES[frame_type]} {reply}")
+            region = self._agreed_region(endpoint, reply.get("data_path", "tcp"), staged)
             sock.settimeout(None)
         except BaseException:
-            sock.close()
+            if sock is not None:
+                sock.close()
+            if staged is not None:
+                self.nixl.close_region(staged[0])
             raise
+        if staged is not None and region is None:
+            self.nixl.close_region(staged[0])
         return TCPKVTransfer(sock, self.layout, endpoint, reservation_id, reply["num_blocks"], started,
-                             self.keepalive_s)
+                             self.keepalive_s, region, self.nixl)
+
+    def _stage(self, num_tokens: int):
+        """(staging region, HELLO offer) when this transfer can go over NIXL, else None."""
+        if self.nixl is None:
+            return None
+        staged = self.nixl.open_region(self.layout.num_blocks_for(num_tokens))
+        if staged is None and self.require_nixl:
+            raise KVTransferError(f"the NIXL staging pool has no room for {num_tokens} tokens of KV now",
+                                  code="staging_full")
+        return staged
+
+    def _agreed_region(self, endpoint: str, data_path, staged):
+        """The staging region the transfer READs from, or None for LAYER frames, per HELLO_OK."""
+        if data_path not in wire.DATA_PATHS or (data_path == "nixl" and staged is None):
+            raise KVProtocolError(f"the KV receiver {endpoint} answered with data path {data_path!r}, "
+                                  f"which was not offered")
+        if data_path != "nixl" and self.require_nixl:
+            raise KVTransferError(f"the KV receiver {endpoint} does not take NIXL transfers and this prefill "
+                                  f"server requires them (--kv-transfer nixl)", code="data_path_mismatch")
+        return staged[0] if data_path == "nixl" else None
+
+
+class _Staged:
+    """A queued READY frame: its blocks were copied into the staging region (wait for `ready`,
+    a CUDA event, when the copy ran on a GPU)."""
+
+    def __init__(self, ready):
+        self.ready = ready
 
 
 class TCPKVTransfer(KVTransfer):
-    """A handshaken connection and its sending thread (see KVTransfer for the contract)."""
+    """A handshaken connection and its sending thread (see KVTransfer for the contract). With a
+    staging `region` (and the `nixl` side it came from) the blocks are staged and announced in
+    READY frames for the receiver to READ; without, they travel in LAYER frames."""
 
     def __init__(self, sock: socket.socket, layout: KVLayout, endpoint: str, reservation_id: str,
-                 num_blocks: int, started: float, keepalive_s: float = wire.SENDER_KEEPALIVE_S):
+                 num_blocks: int, started: float, keepalive_s: float = wire.SENDER_KEEPALIVE_S,
+                 region: StagingRegion | None = None, nixl: NixlSendSide | None = None):
+        self.region = region
+        self.nixl = nixl
+        self.data_path = "nixl" if region is not None else "tcp"
         self.layout = layout
         self.keepalive_s = keepalive_s
         self.endpoint = endpoint
@@ -121,13 +183,12 @@ class TCPKVTransfer(KVTransfer):
         ids = (src_block_ids.tolist() if isinstance(src_block_ids, torch.Tensor)
                else [int(b) for b in src_block_ids])
         self._check_layer(layer, key_cache, value_cache, ids, first_block)
-        if snapshot or key_cache.device.type != "cpu":
+        if self.region is not None:
+            self.region.stage_layer(layer, key_cache, value_cache, ids, first_block)
+            self._queue.put((layer, first_block, len(ids), _Staged(_cuda_event(key_cache)), None))
+        elif snapshot or key_cache.device.type != "cpu":
             copy = gather_blocks(key_cache, value_cache, ids)
-            ready = None
-            if copy.device.type == "cuda":  # the sending thread runs on another stream: wait for the gather
-                ready = torch.cuda.Event()
-                ready.record()
-            self._queue.put((layer, first_block, len(ids), (copy, ready), None))
+            self._queue.put((layer, first_block, len(ids), (copy, _cuda_event(copy)), None))
         else:
             self._queue.put((layer, first_block, len(ids), (key_cache, value_cache), ids))
 
@@ -200,9 +261,18 @@ class TCPKVTransfer(KVTransfer):
                     f"connection to the KV receiver {self.endpoint} lost: {exc}", code="connection_lost")
         finally:
             self._sock.close()
+            if self.region is not None:  # only now: the receiver reports success only after CONFIRM
+                self.nixl.close_region(self.region)
 
     def _send_item(self, layer: int, first: int, count: int, data, ids: list[int] | None) -> None:
         bb = self.layout.block_bytes
+        if isinstance(data, _Staged):
+            if data.ready is not None:
+                data.ready.synchronize()
+            self._sock.sendall(wire.encode_ready(layer, first, count))
+            self._bytes += 2 * count * bb
+            self._frames += 1
+            return
         if ids is None:  # a snapshot [2, count, words] and its CUDA event, maybe on a GPU
             copy, ready = data
             if ready is not None:
@@ -220,8 +290,12 @@ class TCPKVTransfer(KVTransfer):
         raise_if_error(frame_type, reply)
         if frame_type != wire.COMPLETE:
             raise KVProtocolError(f"expected COMPLETE, got {wire.FRAME_NAMES[frame_type]}")
+        if self.region is not None:
+            if self._cancelled.is_set():
+                return
+            self._sock.sendall(wire.encode_header(wire.CONFIRM, 0))
         self._stats = TransferStats(self._bytes, self._frames, self.num_blocks,
-                                    time.perf_counter() - self._started)
+                                    time.perf_counter() - self._started, self.data_path)
 
     def _raise_receiver_error(self) -> None:
         """The receiver speaks mid-stream only to refuse: stop at once if it did."""

@@ -6,8 +6,11 @@ Every frame is a 16-byte header followed by `payload_len` bytes:
 
 Frame types and payloads:
     HELLO     sender -> receiver   UTF-8 JSON: protocol, layout, reservation_id, num_tokens,
-                                   dst_block_ids (or null), auth_token (or null), metadata {str: str}
-    HELLO_OK  receiver -> sender   JSON: {"num_blocks": n} (blocks per layer this transfer fills)
+                                   dst_block_ids (or null), auth_token (or null), metadata {str: str},
+                                   nixl (or null): {agent, metadata (base64), address, memory, device},
+                                   the sender's offer to let the receiver READ its staging region
+    HELLO_OK  receiver -> sender   JSON: {"num_blocks": n, "data_path": "tcp" | "nixl"} (blocks per
+                                   layer this transfer fills; how the K/V bytes will move)
     LAYER     sender -> receiver   12-byte sub-header (layer u32, first_block u32, num_blocks u32),
                                    then num_blocks * block_bytes raw bytes of K, then the same of V;
                                    blocks are logical (0 = the reservation's first block)
@@ -18,10 +21,18 @@ Frame types and payloads:
                                    SENDER_KEEPALIVE_S without a frame, so a receiver's idle timeout
                                    drops dead senders, not queued ones
     ERROR     either way           JSON: {"code": str, "message": str}; the connection closes after it
+
+On the nixl data path LAYER frames are replaced by
+    READY     sender -> receiver   the LAYER sub-header only: those blocks are in the staging region;
+                                   the receiver READs them with NIXL before it reads the next frame
+and COMPLETE is answered by
+    CONFIRM   sender -> receiver   empty: the region was still held, the bytes read are good; only
+                                   then does the receiver report the transfer done
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 from dataclasses import dataclass
@@ -38,9 +49,13 @@ MAX_JSON_PAYLOAD = 4 << 20  # a HELLO lists block ids: 4 MiB is ~500k of them
 
 SENDER_KEEPALIVE_S = 10.0  # well under the decode server's receiver idle timeout (30 s)
 
-HELLO, HELLO_OK, LAYER, FINISH, COMPLETE, CANCEL, ERROR, KEEPALIVE = range(1, 9)
+HELLO, HELLO_OK, LAYER, FINISH, COMPLETE, CANCEL, ERROR, KEEPALIVE, READY, CONFIRM = range(1, 11)
 FRAME_NAMES = {HELLO: "HELLO", HELLO_OK: "HELLO_OK", LAYER: "LAYER", FINISH: "FINISH",
-               COMPLETE: "COMPLETE", CANCEL: "CANCEL", ERROR: "ERROR", KEEPALIVE: "KEEPALIVE"}
+               COMPLETE: "COMPLETE", CANCEL: "CANCEL", ERROR: "ERROR", KEEPALIVE: "KEEPALIVE",
+               READY: "READY", CONFIRM: "CONFIRM"}
+DATA_PATHS = ("tcp", "nixl")
+NIXL_MEMORY_TYPES = ("DRAM", "VRAM")
+MAX_NIXL_METADATA = 64 << 10  # an agent's metadata is ~1.5 KiB
 
 
 def encode_header(frame_type: int, payload_len: int) -> bytes:
@@ -85,6 +100,51 @@ def encode_layer_header(layer: int, first_block: int, num_blocks: int, block_byt
     return encode_header(LAYER, payload_len) + LAYER_HEADER.pack(layer, first_block, num_blocks)
 
 
+def encode_ready(layer: int, first_block: int, num_blocks: int) -> bytes:
+    """A READY frame: those blocks of that layer wait in the staging region."""
+    return encode_header(READY, LAYER_HEADER.size) + LAYER_HEADER.pack(layer, first_block, num_blocks)
+
+
+@dataclass(frozen=True)
+class NixlOffer:
+    """What a sender's HELLO says to let the receiver READ: its NIXL agent's name and metadata,
+    and where the transfer's staging region starts (address, NIXL memory type, device id)."""
+
+    agent: str
+    metadata: bytes
+    address: int
+    memory: str
+    device: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The HELLO's `nixl` object."""
+        return {"agent": self.agent, "metadata": base64.b64encode(self.metadata).decode(),
+                "address": self.address, "memory": self.memory, "device": self.device}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> NixlOffer:
+        """Parse and bound a HELLO's `nixl` object; KVProtocolError names the bad field."""
+        if not isinstance(data, dict):
+            raise KVProtocolError("HELLO nixl must be null or an object")
+        agent, encoded = data.get("agent"), data.get("metadata")
+        if not isinstance(agent, str) or not 0 < len(agent) <= 256:
+            raise KVProtocolError("HELLO nixl.agent must be a non-empty string of <= 256 chars")
+        if not isinstance(encoded, str) or len(encoded) > MAX_NIXL_METADATA * 4 // 3 + 4:
+            raise KVProtocolError(f"HELLO nixl.metadata must be base64 of <= {MAX_NIXL_METADATA} bytes")
+        try:
+            metadata = base64.b64decode(encoded, validate=True)
+        except ValueError:
+            raise KVProtocolError("HELLO nixl.metadata is not valid base64") from None
+        address, device, memory = data.get("address"), data.get("device"), data.get("memory")
+        if not _is_int(address) or not 0 < address < 1 << 64:
+            raise KVProtocolError("HELLO nixl.address must be a positive 64-bit int")
+        if not _is_int(device) or not 0 <= device < 1024:
+            raise KVProtocolError("HELLO nixl.device must be an int in [0, 1024)")
+        if memory not in NIXL_MEMORY_TYPES:
+            raise KVProtocolError(f"HELLO nixl.memory must be one of {NIXL_MEMORY_TYPES}")
+        return cls(agent, metadata, address, memory, device)
+
+
 def error_frame(code: str, message: str) -> bytes:
     """An ERROR frame."""
     return encode_json_frame(ERROR, {"code": code, "message": message})
@@ -100,6 +160,7 @@ class Hello:
     dst_block_ids: tuple[int, ...] | None = None
     auth_token: str | None = None
     metadata: dict[str, str] | None = None
+    nixl: NixlOffer | None = None
 
     def encode(self) -> bytes:
         """The HELLO frame."""
@@ -108,6 +169,7 @@ class Hello:
             "num_tokens": self.num_tokens,
             "dst_block_ids": None if self.dst_block_ids is None else list(self.dst_block_ids),
             "auth_token": self.auth_token, "metadata": self.metadata or {},
+            "nixl": None if self.nixl is None else self.nixl.to_dict(),
         })
 
     @classmethod
@@ -134,7 +196,9 @@ class Hello:
         if not isinstance(metadata, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise KVProtocolError("HELLO metadata must be an object of string to string")
-        return cls(layout, rid, num_tokens, None if ids is None else tuple(ids), token, metadata)
+        nixl = msg.get("nixl")
+        return cls(layout, rid, num_tokens, None if ids is None else tuple(ids), token, metadata,
+                   None if nixl is None else NixlOffer.from_dict(nixl))
 
 
 def _is_int(value: Any) -> bool:
