@@ -117,6 +117,11 @@ class TCPKVSender(KVSenderBackend):
         return TCPKVTransfer(sock, self.layout, endpoint, reservation_id, reply["num_blocks"], started,
                              self.keepalive_s, region, self.nixl)
 
+    def close(self) -> None:
+        """Release the NIXL side (its staging pool and agent), if any; transfers must have ended."""
+        if self.nixl is not None:
+            self.nixl.close()
+
     def _stage(self, num_tokens: int):
         """(staging region, HELLO offer) when this transfer can go over NIXL, else None."""
         if self.nixl is None:

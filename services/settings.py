@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
 ROUTING_POLICIES = ("kv", "load")
+KV_TRANSFER_MODES = ("auto", "tcp", "nixl")  # auto: NIXL where it loads and the peer takes it, else TCP
 KV_CONNECT_TIMEOUT_S = 10.0  # connect + handshake with a decode server's KV receiver
 
 
@@ -160,10 +161,14 @@ class WorkerSettings:
 @dataclass(frozen=True, kw_only=True)
 class PrefillSettings(WorkerSettings):
     """A prefill server: kv_connect_timeout_s bounds connecting to a decode server's KV port and
-    its handshake; kv_auth_token is the shared secret that port requires (None: none)."""
+    its handshake; kv_auth_token is the shared secret that port requires (None: none);
+    kv_transfer how the K/V bytes move (KV_TRANSFER_MODES); kv_staging_mib the NIXL staging pool
+    the decode servers READ from (MiB; a transfer that finds no room in it moves over TCP)."""
 
     kv_connect_timeout_s: float = KV_CONNECT_TIMEOUT_S
     kv_auth_token: str | None = None
+    kv_transfer: str = "auto"
+    kv_staging_mib: int = 256
 
     role = "prefill"
 
@@ -171,17 +176,32 @@ class PrefillSettings(WorkerSettings):
         super().__post_init__()
         if not self.kv_connect_timeout_s > 0:
             raise ValueError(f"--kv-connect-timeout-s must be > 0, got {self.kv_connect_timeout_s}")
+        check_kv_transfer(self.kv_transfer)
+        if not 1 <= self.kv_staging_mib <= 1 << 20:
+            raise ValueError(f"--kv-staging-mib must be in [1, 1048576], got {self.kv_staging_mib}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class DecodeSettings(WorkerSettings):
     """A decode server: kv_port is its KV transfer port (0: any free port), kv_auth_token the
-    secret senders must present (None: none)."""
+    secret senders must present (None: none), kv_transfer how the K/V bytes move
+    (KV_TRANSFER_MODES)."""
 
     kv_port: int = 0
     kv_auth_token: str | None = None
+    kv_transfer: str = "auto"
 
     role = "decode"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_kv_transfer(self.kv_transfer)
+
+
+def check_kv_transfer(mode: str) -> None:
+    """ValueError unless mode is one of KV_TRANSFER_MODES."""
+    if mode not in KV_TRANSFER_MODES:
+        raise ValueError(f"--kv-transfer must be one of {', '.join(KV_TRANSFER_MODES)}, got {mode!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -38,6 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_flag(p, "--kv-port", 0, int, "decode: KV transfer port (0: any free port)")
     add_flag(p, "--kv-connect-timeout-s", 10.0, float, "prefill: how long a decode server's KV receiver may take "
                                                       "to accept and answer the handshake (then UNAVAILABLE)")
+    add_flag(p, "--kv-transfer", "auto", str, "prefill/decode: how KV bytes move: tcp, nixl (NIXL READs over UCX; "
+                                              "fails where NIXL or the peer lacks it) or auto (nixl when it "
+                                              "loads and the peer takes it, else tcp)",
+             choices=("auto", "tcp", "nixl"))
+    add_flag(p, "--kv-staging-mib", 256, int, "prefill: NIXL staging memory decode servers READ from (MiB)")
     add_flag(p, "--lease-ms", 30000, int, "router: how long a decode reservation waits for its KV")
     add_flag(p, "--max-attempts", 5, int, "router: tries of one request on the workers (a worker that fails "
                                          "mid-stream: the rest goes on elsewhere) before it fails UNAVAILABLE")
@@ -169,7 +174,9 @@ def settings_from(ns: argparse.Namespace):
                   overload_retry_after_ms=ns.overload_retry_after_ms, stream_keepalive_s=ns.stream_keepalive_s)
     if role == "prefill":
         return s.PrefillSettings(**worker, kv_connect_timeout_s=ns.kv_connect_timeout_s,
-                                 kv_auth_token=ns.kv_auth_token or None)
+                                 kv_auth_token=ns.kv_auth_token or None, kv_transfer=ns.kv_transfer,
+                                 kv_staging_mib=ns.kv_staging_mib)
     if role == "decode":
-        return s.DecodeSettings(**worker, kv_port=ns.kv_port, kv_auth_token=ns.kv_auth_token or None)
+        return s.DecodeSettings(**worker, kv_port=ns.kv_port, kv_auth_token=ns.kv_auth_token or None,
+                                kv_transfer=ns.kv_transfer)
     return s.ColocatedSettings(**worker)

@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_flag(p, "--threads-per-worker", 1, int, "torch threads in each worker process")
     add_flag(p, "--openai-port", 8000, int, "port of the OpenAI-compatible HTTP API (0: do not start it)")
     add_flag(p, "--api-key", None, str, "API keys the OpenAI API requires, comma-separated (default: open)")
+    add_flag(p, "--kv-transfer", "auto", str, "how KV moves from prefill to decode servers: tcp, nixl or auto "
+             "(nixl when NIXL loads, else tcp)", choices=("auto", "tcp", "nixl"))
     p.set_defaults(run=run)
 
 
@@ -43,6 +45,7 @@ def start_cluster(ns: argparse.Namespace):
                            router_port=ns.port, redis_url=ns.redis_url,
                            threads_per_worker=ns.threads_per_worker, openai=ns.openai_port > 0,
                            openai_port=ns.openai_port, served_model_name=ns.served_model_name,
+                           env={"PDSERVE_KV_TRANSFER": ns.kv_transfer},
                            # the OpenAI API's keys only (the router's would be its --api-key), not on command lines
                            role_env={"openai": {"PDSERVE_API_KEY": ns.api_key}} if ns.api_key else {})
     return cluster.start()

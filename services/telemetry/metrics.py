@@ -94,25 +94,27 @@ class WorkerMetrics:
             "pdserve:request_prefill_time_seconds", "Time from first scheduled to the first token.",
             buckets=QUEUE_BUCKETS, registry=registry)
         self.kv_transfer_bytes = Counter(
-            "pdserve:kv_transfer_bytes", "KV cache payload bytes moved between servers.", ["direction"],
-            registry=registry)
+            "pdserve:kv_transfer_bytes", "KV cache payload bytes moved between servers, by data path (tcp, nixl).",
+            ["direction", "data_path"], registry=registry)
         self.kv_transfers = Counter(
-            "pdserve:kv_transfers", "KV transfers by direction and outcome (ok, error).",
-            ["direction", "outcome"], registry=registry)
+            "pdserve:kv_transfers", "KV transfers by direction, data path (tcp, nixl) and outcome (ok, error).",
+            ["direction", "data_path", "outcome"], registry=registry)
         self.kv_transfer_duration = Histogram(
             "pdserve:kv_transfer_duration_seconds",
             "Time of a KV transfer (sender: open to confirmed; receiver: handshake to complete).",
-            ["direction"], buckets=KV_TRANSFER_BUCKETS, registry=registry)
+            ["direction", "data_path"], buckets=KV_TRANSFER_BUCKETS, registry=registry)
         self.request_success = Counter(
             "pdserve:request_success", "Samples this worker finished, by finish reason.",
             ["finished_reason"], registry=registry)
 
-    def observe_transfer(self, direction: str, num_bytes: int, seconds: float, ok: bool) -> None:
-        """Count one KV transfer."""
-        self.kv_transfers.labels(direction, "ok" if ok else "error").inc()
+    def observe_transfer(self, direction: str, num_bytes: int, seconds: float, ok: bool,
+                         data_path: str) -> None:
+        """Count one KV transfer (data_path: "tcp" or "nixl"; a transfer that failed before its
+        handshake agreed on one counts under the one this server offered)."""
+        self.kv_transfers.labels(direction, data_path, "ok" if ok else "error").inc()
         if ok:
-            self.kv_transfer_bytes.labels(direction).inc(num_bytes)
-            self.kv_transfer_duration.labels(direction).observe(seconds)
+            self.kv_transfer_bytes.labels(direction, data_path).inc(num_bytes)
+            self.kv_transfer_duration.labels(direction, data_path).observe(seconds)
 
 
 def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> tuple[object, int]:

@@ -65,6 +65,7 @@ PDSERVE_KV_BLOCKS = "pdserve.kv.blocks"
 PDSERVE_KV_LAYERS = "pdserve.kv.layers"
 PDSERVE_KV_FRAMES = "pdserve.kv.frames"
 PDSERVE_KV_SECONDS = "pdserve.kv.seconds"
+PDSERVE_KV_DATA_PATH = "pdserve.kv.data_path"  # how the K/V bytes moved: tcp or nixl
 
 
 def start(name: str, parent: Context | trace.Span | None, kind: SpanKind = SpanKind.INTERNAL,

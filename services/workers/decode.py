@@ -15,7 +15,6 @@ from opentelemetry.trace import SpanKind
 from pdserve.kvtransfer import ReceivedTransfer, TCPKVReceiver
 from pdserve.runtime.errors import InvalidRequestError, NotFoundError, UnavailableError
 from pdserve.runtime.sampling_proto import sampling_params_from_engine_proto
-from pdserve.runtime.security import kv_receiver_options
 from pdserve.runtime.status import map_errors
 from pdserve.settings import DecodeSettings
 from pdserve.telemetry import spans, tracing
@@ -23,6 +22,7 @@ from pdserve.telemetry.metrics import WorkerMetrics
 from pdserve.v1 import decode_pb2, decode_pb2_grpc
 from pdserve.workers.convert import request_output_to_proto
 from pdserve.workers.keepalive import with_keepalive
+from pdserve.workers.kv_transport import kv_receiver
 from pdserve.workers.queue_bound import QueueBound
 from pdserve.workers.request_checks import RequestIds, check_decode, check_reserve
 from pdserve.workers.request_trace import WorkerRequestTrace
@@ -231,14 +231,15 @@ def observe_received(metrics: WorkerMetrics, report: ReceivedTransfer) -> None:
     """A KV transfer into this server ended (a receiver thread): metrics (direction
     "received") and a kv.receive span under the sender's kv.transfer span, whose context came
     in the handshake."""
-    metrics.observe_transfer("received", report.bytes, report.seconds, ok=report.error is None)
+    metrics.observe_transfer("received", report.bytes, report.seconds, ok=report.error is None,
+                             data_path=report.data_path)
     parent = tracing.extract(report.metadata)
     if parent is None:
         return
     span = spans.start(spans.KV_RECEIVE, parent, SpanKind.CONSUMER, report.started_unix_ns)
     span.set_attributes({spans.PDSERVE_RESERVATION_ID: report.reservation_id,
                          spans.PDSERVE_KV_BYTES: report.bytes, spans.PDSERVE_KV_BLOCKS: report.blocks,
-                         spans.PDSERVE_KV_SECONDS: report.seconds})
+                         spans.PDSERVE_KV_SECONDS: report.seconds, spans.PDSERVE_KV_DATA_PATH: report.data_path})
     spans.end_with_error(span, report.error)
 
 
@@ -254,14 +255,14 @@ def _resolve(future: asyncio.Future, error: Exception | None) -> None:
 
 async def setup(ctx: WorkerContext, settings: DecodeSettings):
     """Start the KV receiver and the lease sweeper; return (register, service names)."""
-    receiver = TCPKVReceiver(ctx.engine.runner.kv_caches, host=settings.server.host, port=settings.kv_port,
-                             observer=lambda report: observe_received(ctx.metrics, report),
-                             **kv_receiver_options(settings.server.tls, settings.kv_auth_token))
+    receiver = kv_receiver(settings, ctx.worker_id, ctx.engine.runner.kv_caches,
+                           lambda report: observe_received(ctx.metrics, report))
     receiver.start()
     host = settings.server.advertised_host()
     ctx.kv_endpoint = f"{host}:{receiver.endpoint.rsplit(':', 1)[1]}"
     servicer = DecodeServicer(ctx, receiver, settings.queue_bound("decode queue"), settings.stream_keepalive_s)
     ctx.abort_hooks.append(servicer.abort_reservations)
+    ctx.close_hooks.append(receiver.stop)
     ctx.lifecycle.add_source(lambda: len(servicer.reservations))  # granted, Decode still to come
     sweeper = asyncio.create_task(servicer.expire_forever())
     servicer.sweeper = sweeper  # keep a reference: the task runs for the server's life

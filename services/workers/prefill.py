@@ -12,16 +12,16 @@ from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.chunk_info import ChunkInfo
 from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.prefilled import first_token_params, outcome_after
-from pdserve.kvtransfer import KVLayout, TCPKVSender
+from pdserve.kvtransfer import TCPKVSender
 from pdserve.kvtransfer.backend import KVTransfer, TransferStats
 from pdserve.runtime.errors import UnavailableError
 from pdserve.runtime.sampling_proto import sampling_params_from_engine_proto
-from pdserve.runtime.security import kv_sender_options
 from pdserve.runtime.status import map_errors
 from pdserve.settings import KV_CONNECT_TIMEOUT_S, PrefillSettings
 from pdserve.telemetry import spans, tracing
 from pdserve.v1 import prefill_pb2, prefill_pb2_grpc
 from pdserve.workers.convert import request_output_to_proto
+from pdserve.workers.kv_transport import kv_sender
 from pdserve.workers.queue_bound import QueueBound
 from pdserve.workers.request_checks import RequestIds, check_prefill, transfer_error
 from pdserve.workers.request_trace import WorkerRequestTrace
@@ -103,7 +103,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
         except BaseException as exc:
             self.streamer.transfers.pop(request.request_id, None)
             await asyncio.to_thread(transfer.cancel)
-            self._count_transfer(kv_span, None, exc)
+            self._count_transfer(kv_span, transfer, None, exc)
             raise
         self.streamer.transfers.pop(request.request_id, None)
         task = asyncio.create_task(self._finish(request.request_id, transfer, kv_span))
@@ -124,11 +124,13 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
         try:
             transfer = await self._handshake(target, num_tokens, tracing.inject(kv_span))
         except BaseException as exc:
-            self._count_transfer(kv_span, None, exc)
+            self._count_transfer(kv_span, None, None, exc)
             error = transfer_error(exc, target.kv_endpoint) if isinstance(exc, Exception) else exc
             if error is exc:
                 raise
             raise error from exc
+        if kv_span.is_recording():
+            kv_span.set_attribute(spans.PDSERVE_KV_DATA_PATH, transfer.data_path)
         return transfer, kv_span
 
     async def _handshake(self, target, num_tokens: int, carrier: dict[str, str]) -> KVTransfer:
@@ -148,19 +150,27 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
             stats = await asyncio.to_thread(transfer.finish, TRANSFER_TIMEOUT_S)
         except Exception as exc:  # the decode side sees the failure on its own reservation
             logger.warning("KV transfer for %s did not complete: %s", request_id, exc)
-            self._count_transfer(kv_span, None, exc)
+            self._count_transfer(kv_span, transfer, None, exc)
             return
-        self._count_transfer(kv_span, stats, None)
+        self._count_transfer(kv_span, transfer, stats, None)
 
-    def _count_transfer(self, kv_span, stats: TransferStats | None, error: BaseException | None) -> None:
-        """KV metrics (direction "sent") and the end of the kv.transfer span."""
+    @property
+    def offered_data_path(self) -> str:
+        """The data path this server's handshakes offer ("nixl" when it has NIXL, else "tcp")."""
+        return "nixl" if self.sender.nixl is not None else "tcp"
+
+    def _count_transfer(self, kv_span, transfer: KVTransfer | None, stats: TransferStats | None,
+                        error: BaseException | None) -> None:
+        """KV metrics (direction "sent", by data path) and the end of the kv.transfer span."""
         if stats is not None:
-            self.ctx.metrics.observe_transfer("sent", stats.bytes, stats.seconds, ok=True)
+            self.ctx.metrics.observe_transfer("sent", stats.bytes, stats.seconds, ok=True, data_path=stats.data_path)
             if kv_span.is_recording():
                 kv_span.set_attributes({spans.PDSERVE_KV_BYTES: stats.bytes, spans.PDSERVE_KV_BLOCKS: stats.blocks,
-                                        spans.PDSERVE_KV_FRAMES: stats.frames, spans.PDSERVE_KV_SECONDS: stats.seconds})
+                                        spans.PDSERVE_KV_FRAMES: stats.frames, spans.PDSERVE_KV_SECONDS: stats.seconds,
+                                        spans.PDSERVE_KV_DATA_PATH: stats.data_path})
         else:
-            self.ctx.metrics.observe_transfer("sent", 0, 0.0, ok=False)
+            data_path = transfer.data_path if transfer is not None else self.offered_data_path
+            self.ctx.metrics.observe_transfer("sent", 0, 0.0, ok=False, data_path=data_path)
         spans.end_with_error(kv_span, error)
 
     async def abort_transfer(self, request_id: str) -> bool:
@@ -197,12 +207,10 @@ async def setup(ctx: WorkerContext, settings: PrefillSettings):
     streamer = LayerStreamer(kv_caches)
     ctx.async_engine = AsyncEngine(ctx.engine, layer_hook=streamer)
     ctx.abort_hooks = [ctx.async_engine.abort]
-    servicer = PrefillServicer(ctx, streamer, TCPKVSender(KVLayout.from_kv_caches(kv_caches),
-                                                              **kv_sender_options(settings.server.tls,
-                                                                                  settings.kv_auth_token)),
-                               settings.queue_bound("prefill queue"),
-                               settings.kv_connect_timeout_s)
+    servicer = PrefillServicer(ctx, streamer, kv_sender(settings, ctx.worker_id, kv_caches),
+                               settings.queue_bound("prefill queue"), settings.kv_connect_timeout_s)
     ctx.abort_hooks.append(servicer.abort_transfer)
+    ctx.close_hooks.append(servicer.sender.close)
     ctx.lifecycle.add_source(lambda: len(servicer.background))  # transfers still finishing
     names = [prefill_pb2.DESCRIPTOR.services_by_name["PrefillWorker"].full_name]
     return (lambda server: prefill_pb2_grpc.add_PrefillWorkerServicer_to_server(servicer, server)), names

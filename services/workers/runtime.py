@@ -44,6 +44,7 @@ class WorkerContext:
         self.async_engine = AsyncEngine(self.engine)
         self.kv_endpoint = ""
         self.abort_hooks: list[Callable[[str], Awaitable[bool]]] = [self.async_engine.abort]
+        self.close_hooks: list[Callable[[], None]] = []  # run at exit, after the engine stopped
 
     async def abort(self, request_id: str) -> bool:
         """Abort the request everywhere this worker holds it (engine, reservations, transfers)."""
@@ -151,5 +152,8 @@ async def serve_worker(settings: WorkerSettings, ctx: WorkerContext,
             await leave()
         await running.server.stop(grace=0)
         ctx.async_engine.shutdown()
+        for close in ctx.close_hooks:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(close)
         await redis.aclose()
         ctx.telemetry.close()
