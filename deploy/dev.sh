@@ -34,12 +34,12 @@ setup() {
   # torch first and pinned: an unpinned resolve on a machine without it pulls CUDA wheels.
   "$venv/bin/python" -m pip install -q "torch==$TORCH_VERSION"
   if [ "$mode" = locked ]; then
-    "$venv/bin/python" -m pip install -q -c "$LOCK" -e ".[test]"
+    "$venv/bin/python" -m pip install -q -c "$LOCK" -e ".[test,nixl]"
   else
     local pin
     pin=$(mktemp)
     echo "torch==$TORCH_VERSION" > "$pin"
-    "$venv/bin/python" -m pip install -q --upgrade --upgrade-strategy eager -c "$pin" -e ".[test]"
+    "$venv/bin/python" -m pip install -q --upgrade --upgrade-strategy eager -c "$pin" -e ".[test,nixl]"
     rm -f "$pin"
   fi
   echo "$want" > "$stamp"

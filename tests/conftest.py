@@ -21,6 +21,16 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != RE
 torch.set_num_threads(1)
 
 
+KV_TRANSFERS = ("tcp", "nixl")
+
+
+@pytest.fixture(scope="module", params=KV_TRANSFERS)
+def kv_transfer(request):
+    """Each KV data path in turn ("tcp", then "nixl", required on both sides): a module whose cluster
+    fixture takes this runs its tests once per backend. Pass it to LocalCluster as env PDSERVE_KV_TRANSFER."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
     """Factory: hf_checkpoint(name) -> directory of a transformers-written checkpoint (cached)."""

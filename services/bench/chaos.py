@@ -217,7 +217,7 @@ def _cluster(args) -> LocalCluster:
     model_dir = args.model or str(make_tiny_model(tempfile.mkdtemp(prefix="pdserve-chaos-") + "/tiny",
                                                   arch="llama", seed=0))
     return LocalCluster(model_dir, prefill=args.prefill, decode=args.decode,
-                        extra_args=["--max-num-seqs", "128"])
+                        extra_args=["--max-num-seqs", "128"], env={"PDSERVE_KV_TRANSFER": args.kv_transfer})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=64, help="churn: streams in flight at once")
     p.add_argument("--model", default=None, help="checkpoint (default: a fresh tiny model)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-transfer", choices=("auto", "tcp", "nixl"), default="auto",
+                   help="the servers' KV data path (churn then also checks their NIXL gauges)")
     args = p.parse_args(argv)
     with _cluster(args) as cluster:
         if args.mode == "kill":

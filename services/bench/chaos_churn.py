@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import urllib.request
 
 import redis.asyncio as aioredis
 
@@ -55,6 +56,7 @@ async def churn(cluster: LocalCluster, args) -> dict:
     loads = await wait_all_blocks_free(cluster)
     leaked = {name: load.num_blocks_total - load.num_blocks_free for name, load in loads.items()
               if load.num_blocks_free != load.num_blocks_total or load.num_reservations}
+    nixl = await asyncio.to_thread(nixl_leaks, cluster)
     client = aioredis.from_url(cluster.redis_url)
     try:
         no_ttl = await keys_without_ttl(client, cluster.prefix)
@@ -71,8 +73,31 @@ async def churn(cluster: LocalCluster, args) -> dict:
         "cancelled_wrong_prefix": sum(r.tokens != want[:len(r.tokens)] for r, want in cancelled),
         "errors": sorted({r.error for r in results if r.error}),
         "workers_with_leaked_blocks": leaked, "redis_keys_without_ttl": no_ttl,
+        "nixl_servers": nixl["servers"], "nixl_leaks": nixl["leaks"],
     }
     summary["ok"] = (summary["completed"] == summary["to_complete"] and not summary["wrong_tokens"]
                      and not summary["cancelled_wrong_prefix"] and not summary["errors"]
-                     and not leaked and not no_ttl)
+                     and not leaked and not no_ttl and not nixl["leaks"])
     return summary
+
+
+NIXL_IDLE = {"pdserve:kv_nixl_registrations": 1, "pdserve:kv_nixl_reads_in_flight": 0,
+             "pdserve:kv_staging_regions_in_use": 0}
+
+
+def nixl_leaks(cluster: LocalCluster) -> dict:
+    """Every live prefill and decode server's NIXL gauges, which must be back at rest: one memory
+    registration (the staging pool, or the KV cache), no READ in flight, no staging region held.
+    Returns {"servers": how many have NIXL, "leaks": {server: {gauge: value}}}."""
+    servers, leaks = 0, {}
+    for proc in cluster.servers("prefill") + cluster.servers("decode"):
+        text = urllib.request.urlopen(f"http://{proc.metrics_address}/metrics", timeout=10).read().decode()
+        values = {line.split(" ")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith("pdserve:kv_nixl_") or line.startswith("pdserve:kv_staging_")}
+        if not values:
+            continue
+        servers += 1
+        wrong = {name: value for name, value in values.items() if name in NIXL_IDLE and value != NIXL_IDLE[name]}
+        if wrong:
+            leaks[proc.log_path.stem] = wrong
+    return {"servers": servers, "leaks": leaks}

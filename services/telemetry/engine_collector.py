@@ -85,3 +85,28 @@ class PrefixIndexCollector(Collector):
         for worker, blocks in sorted(self.blocks_by_worker().items()):
             family.add_metric([worker], blocks)
         yield family
+
+
+class NixlCollector(Collector):
+    """A prefill or decode server's NIXL state (--kv-transfer nixl|auto): what its agent holds now.
+    counts() returns (registrations, READs in flight, remote agents, staging regions in use);
+    leak checks read these after traffic stops: registrations stay at one, the others at 0 (a
+    decode server keeps idle remote agents for a while: it forgets them after failed READs or
+    PEER_IDLE_S unused)."""
+
+    def __init__(self, counts: Callable[[], tuple[int, int, int, int]]):
+        self.counts = counts
+
+    def describe(self):
+        """Nothing up front: the registry then skips its duplicate check collect()."""
+        return []
+
+    def collect(self) -> Iterator:
+        """The current values."""
+        registrations, reads, peers, regions = self.counts()
+        for name, value, text in (
+                ("pdserve:kv_nixl_registrations", registrations, "Memory registrations of this server's NIXL agent."),
+                ("pdserve:kv_nixl_reads_in_flight", reads, "NIXL READs posted and not yet released (decode)."),
+                ("pdserve:kv_nixl_remote_agents", peers, "Remote NIXL agents this server knows (decode)."),
+                ("pdserve:kv_staging_regions_in_use", regions, "Staging regions held for open transfers (prefill).")):
+            yield GaugeMetricFamily(name, text, value=value)

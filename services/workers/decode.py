@@ -256,7 +256,7 @@ def _resolve(future: asyncio.Future, error: Exception | None) -> None:
 async def setup(ctx: WorkerContext, settings: DecodeSettings):
     """Start the KV receiver and the lease sweeper; return (register, service names)."""
     receiver = kv_receiver(settings, ctx.worker_id, ctx.engine.runner.kv_caches,
-                           lambda report: observe_received(ctx.metrics, report))
+                           lambda report: observe_received(ctx.metrics, report), ctx.telemetry.registry)
     receiver.start()
     host = settings.server.advertised_host()
     ctx.kv_endpoint = f"{host}:{receiver.endpoint.rsplit(':', 1)[1]}"

@@ -16,6 +16,7 @@ from pdserve.kvtransfer.nixl_agent import NixlAgent, NixlUnavailable
 from pdserve.kvtransfer.nixl_data import NixlReceiveSide, NixlSendSide
 from pdserve.runtime.security import kv_receiver_options, kv_sender_options
 from pdserve.settings import DecodeSettings, PrefillSettings
+from pdserve.telemetry.engine_collector import NixlCollector
 
 logger = logging.getLogger("pdserve.kv_transport")
 
@@ -33,8 +34,14 @@ def _agent(mode: str, worker_id: str) -> NixlAgent | None:
         return None
 
 
-def kv_sender(settings: PrefillSettings, worker_id: str, kv_caches) -> TCPKVSender:
-    """The prefill server's sender, per settings.kv_transfer (kv_caches: the engine's, per layer (K, V))."""
+def _agent_counts(agent: NixlAgent) -> tuple[int, int, int]:
+    counts = agent.counts()
+    return counts.registrations, counts.transfers_in_flight, counts.remote_agents
+
+
+def kv_sender(settings: PrefillSettings, worker_id: str, kv_caches, registry=None) -> TCPKVSender:
+    """The prefill server's sender, per settings.kv_transfer (kv_caches: the engine's, per layer (K, V));
+    its NIXL counts go to the Prometheus `registry`, if given."""
     layout = KVLayout.from_kv_caches(kv_caches)
     options = kv_sender_options(settings.server.tls, settings.kv_auth_token)
     agent = _agent(settings.kv_transfer, worker_id)
@@ -42,19 +49,25 @@ def kv_sender(settings: PrefillSettings, worker_id: str, kv_caches) -> TCPKVSend
         return TCPKVSender(layout, **options)
     device: torch.device = kv_caches[0][0].device
     nixl = NixlSendSide(agent, layout, settings.kv_staging_mib << 20, device)
+    if registry is not None:
+        registry.register(NixlCollector(lambda: (*_agent_counts(agent), nixl.pool.regions_in_use)))
     logger.info("KV transfer: %s; NIXL agent %s, %d MiB of %s staging",
                 "nixl" if settings.kv_transfer == "nixl" else "auto (nixl where the decode server takes it)",
                 agent.name, settings.kv_staging_mib, nixl.pool.memory)
     return TCPKVSender(layout, **options, nixl=nixl, require_nixl=settings.kv_transfer == "nixl")
 
 
-def kv_receiver(settings: DecodeSettings, worker_id: str, kv_caches, observer: TransferObserver) -> TCPKVReceiver:
-    """The decode server's receiver (not started), per settings.kv_transfer."""
+def kv_receiver(settings: DecodeSettings, worker_id: str, kv_caches, observer: TransferObserver,
+                registry=None) -> TCPKVReceiver:
+    """The decode server's receiver (not started), per settings.kv_transfer; its NIXL counts go to
+    the Prometheus `registry`, if given."""
     options = kv_receiver_options(settings.server.tls, settings.kv_auth_token)
     agent = _agent(settings.kv_transfer, worker_id)
     nixl = None
     if agent is not None:
         nixl = NixlReceiveSide(agent, KVLayout.from_kv_caches(kv_caches), kv_caches)
+        if registry is not None:
+            registry.register(NixlCollector(lambda: (*_agent_counts(agent), 0)))
         logger.info("KV transfer: %s; NIXL agent %s, KV cache registered (%s)",
                     "nixl" if settings.kv_transfer == "nixl" else "auto (nixl where the prefill server offers it)",
                     agent.name, nixl.memory)

@@ -207,7 +207,7 @@ async def setup(ctx: WorkerContext, settings: PrefillSettings):
     streamer = LayerStreamer(kv_caches)
     ctx.async_engine = AsyncEngine(ctx.engine, layer_hook=streamer)
     ctx.abort_hooks = [ctx.async_engine.abort]
-    servicer = PrefillServicer(ctx, streamer, kv_sender(settings, ctx.worker_id, kv_caches),
+    servicer = PrefillServicer(ctx, streamer, kv_sender(settings, ctx.worker_id, kv_caches, ctx.telemetry.registry),
                                settings.queue_bound("prefill queue"), settings.kv_connect_timeout_s)
     ctx.abort_hooks.append(servicer.abort_transfer)
     ctx.close_hooks.append(servicer.sender.close)

@@ -90,8 +90,8 @@ def _wait_all_blocks_free(cluster, roles=("prefill", "decode"), timeout_s=30.0):
 
 
 @pytest.fixture(scope="module")
-def disaggregated(model_dir):
-    with LocalCluster(model_dir, prefill=2, decode=2) as cluster:
+def disaggregated(model_dir, kv_transfer):
+    with LocalCluster(model_dir, prefill=2, decode=2, env={"PDSERVE_KV_TRANSFER": kv_transfer}) as cluster:
         yield cluster
 
 

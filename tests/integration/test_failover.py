@@ -29,8 +29,9 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster(model_dir):
-    with LocalCluster(model_dir, prefill=2, decode=2, extra_args=["--max-num-seqs", "128"]) as cluster:
+def cluster(model_dir, kv_transfer):
+    with LocalCluster(model_dir, prefill=2, decode=2, extra_args=["--max-num-seqs", "128"],
+                      env={"PDSERVE_KV_TRANSFER": kv_transfer}) as cluster:
         yield cluster
 
 
@@ -60,13 +61,15 @@ def test_kill_9_mid_stream_loses_and_repeats_nothing(cluster, reference, model_d
     assert all(load.num_blocks_free == load.num_blocks_total for load in loads.values()), loads
 
 
-def test_churn_with_cancellations_and_kills_leaves_no_leak(cluster):
+def test_churn_with_cancellations_and_kills_leaves_no_leak(cluster, kv_transfer):
     """200 streams, a fifth cancelled by their clients at random points, two servers killed and
     replaced meanwhile: completed streams are exact, and afterwards every KV block is free on
-    every live server and every Redis key has a TTL."""
+    every live server, every Redis key has a TTL and (over NIXL) every server's NIXL gauges are
+    at rest: one registration, no READ in flight, no staging region held."""
     args = argparse.Namespace(requests=200, cancel=0.2, kills=2, concurrency=32, max_tokens=MAX_TOKENS, seed=5)
     summary = asyncio.run(churn(cluster, args))
     assert summary["ok"], json.dumps(summary, default=str)  # a string: pytest would cut a dict short
+    assert summary["nixl_servers"] == (4 if kv_transfer == "nixl" else 0)
 
 
 def test_client_resumes_on_another_router_after_router_kill(cluster, model_dir):

@@ -20,15 +20,15 @@ KV_BYTES_PER_BLOCK = 2 * 2 * BLOCK_SIZE * 2 * 32 * 4
 
 
 @pytest.fixture(scope="module")
-def traced_cluster(tmp_path_factory):
+def traced_cluster(tmp_path_factory, kv_transfer):
     """One prefill and one decode server and the router, all exporting spans to `sink`."""
     model = make_tiny_model(tmp_path_factory.mktemp("obs") / "tiny", arch="llama", seed=0)
     sink = OTLPTraceSink.start()
     cluster = LocalCluster(str(model), prefill=1, decode=1,
                            extra_args=["--otlp-endpoint", sink.endpoint, "--log-json", "--kv-cache-mb", "32"],
-                           env={"OTEL_BSP_SCHEDULE_DELAY": "50"})
+                           env={"OTEL_BSP_SCHEDULE_DELAY": "50", "PDSERVE_KV_TRANSFER": kv_transfer})
     with cluster:
-        yield cluster, sink
+        yield cluster, sink, kv_transfer
     sink.stop()
 
 
@@ -51,7 +51,7 @@ def _trace_of(sink, request_id: str, names: set[str]) -> dict[str, list]:
 
 
 def test_one_request_is_one_trace_across_router_prefill_transfer_and_decode(traced_cluster):
-    cluster, sink = traced_cluster
+    cluster, sink, data_path = traced_cluster
     prompt = _prompt(20, seed=1)  # 2 KV blocks
     (result,) = generate_all(cluster.router_address, [request_for(
         prompt, 6, "trace-1", temperature=0.5, top_p=0.75, seed=3)], security=cluster.client_security())
@@ -84,6 +84,7 @@ def test_one_request_is_one_trace_across_router_prefill_transfer_and_decode(trac
     for span in (kv, receive):
         assert span.attributes[S.PDSERVE_KV_BYTES] == 2 * KV_BYTES_PER_BLOCK
         assert span.attributes[S.PDSERVE_KV_BLOCKS] == 2 and span.attributes[S.PDSERVE_KV_SECONDS] > 0
+        assert span.attributes[S.PDSERVE_KV_DATA_PATH] == data_path
     assert kv.attributes[S.PDSERVE_RESERVATION_ID] == receive.attributes[S.PDSERVE_RESERVATION_ID]
     # Times nest: the spans of a server start inside the router's; those the router waits out end
     # inside it too. The decode stream's span ends when its handler returns, after sending the last
@@ -96,7 +97,7 @@ def test_one_request_is_one_trace_across_router_prefill_transfer_and_decode(trac
 
 
 def test_a_clients_traceparent_is_continued(traced_cluster):
-    cluster, sink = traced_cluster
+    cluster, sink, data_path = traced_cluster
     trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     (result,) = generate_all(cluster.router_address, [request_for(_prompt(5, seed=2), 3, "client-traced")],
                              metadata=(("traceparent", f"00-{trace_id}-{parent_id}-01"),),
@@ -109,7 +110,7 @@ def test_a_clients_traceparent_is_continued(traced_cluster):
 
 
 def test_metrics_of_every_server_count_the_traffic(traced_cluster):
-    cluster, _ = traced_cluster
+    cluster, _, data_path = traced_cluster
     servers = {p.role: p.metrics_address for p in cluster.processes}
     assert set(servers) == {"router", "prefill", "decode"} and all(servers.values())
     before = {role: scrape(address) for role, address in servers.items()}
@@ -122,8 +123,11 @@ def test_metrics_of_every_server_count_the_traffic(traced_cluster):
     def delta(role: str, name: str) -> float:
         return scrape(servers[role]).get(name, 0.0) - before[role].get(name, 0.0)
 
+    def kv(name: str, **labels: str) -> str:  # a KV metric of this cluster's data path
+        return f"pdserve:kv_{name}{{data_path={data_path},{','.join(f'{k}={v}' for k, v in labels.items())}}}"
+
     # The prefill side's transfer ends in the background: wait for its count.
-    wait_until(lambda: delta("prefill", 'pdserve:kv_transfers_total{direction=sent,outcome=ok}') == 5, 20,
+    wait_until(lambda: delta("prefill", kv("transfers_total", direction="sent", outcome="ok")) == 5, 20,
                "the prefill server to count 5 KV transfers")
     router = {name: delta("router", name) for name in (
         "pdserve:time_to_first_token_seconds_count", "pdserve:e2e_request_latency_seconds_count",
@@ -135,10 +139,10 @@ def test_metrics_of_every_server_count_the_traffic(traced_cluster):
                       "pdserve:request_success_total{finished_reason=length}": 5}
     assert delta("prefill", "pdserve:request_queue_time_seconds_count") == 5
     assert delta("prefill", "pdserve:request_prefill_time_seconds_count") == 5
-    assert delta("prefill", "pdserve:kv_transfer_bytes_total{direction=sent}") == blocks * KV_BYTES_PER_BLOCK
+    assert delta("prefill", kv("transfer_bytes_total", direction="sent")) == blocks * KV_BYTES_PER_BLOCK
     assert delta("prefill", "pdserve:prefix_cache_queries_total") == sum(map(len, prompts))
-    assert delta("decode", "pdserve:kv_transfer_bytes_total{direction=received}") == blocks * KV_BYTES_PER_BLOCK
-    assert delta("decode", "pdserve:kv_transfer_duration_seconds_count{direction=received}") == 5
+    assert delta("decode", kv("transfer_bytes_total", direction="received")) == blocks * KV_BYTES_PER_BLOCK
+    assert delta("decode", kv("transfer_duration_seconds_count", direction="received")) == 5
     assert delta("decode", "pdserve:request_success_total{finished_reason=length}") == 5
     assert delta("decode", "pdserve:request_queue_time_seconds_count") == 5
     assert delta("decode", "pdserve:engine_generated_tokens_total") == 5 * 4
@@ -151,7 +155,7 @@ def test_metrics_of_every_server_count_the_traffic(traced_cluster):
 
 
 def test_json_logs_carry_the_request_and_trace_ids(traced_cluster):
-    cluster, sink = traced_cluster
+    cluster, sink, data_path = traced_cluster
     (result,) = generate_all(cluster.router_address, [request_for(_prompt(4, seed=5), 2, "logged-1")],
                              security=cluster.client_security())
     assert result.error is None

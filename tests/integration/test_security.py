@@ -58,11 +58,12 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster(model_dir, pki):
+def cluster(model_dir, pki, kv_transfer):
     security = ClusterSecurity(pki.ca_file, pki.cert_file, pki.key_file, api_key=API_KEY,
                                kv_auth_token=KV_TOKEN, redis_password=REDIS_PASSWORD)
     with LocalCluster(model_dir, prefill=1, decode=1, openai=True, security=security,
-                      role_env={"router": {"PDSERVE_API_KEY": f"{API_KEY},{OTHER_KEY}"}}) as c:
+                      role_env={"router": {"PDSERVE_API_KEY": f"{API_KEY},{OTHER_KEY}"}},
+                      env={"PDSERVE_KV_TRANSFER": kv_transfer}) as c:
         yield c
 
 
