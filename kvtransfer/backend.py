@@ -1,6 +1,7 @@
 """The backend interface: how KV blocks move from a prefill server's cache into a decode server's
-reserved blocks. TCP is the first backend (tcp_sender / tcp_receiver); others (shared memory, NCCL,
-RDMA) implement the same three classes.
+reserved blocks. TCP is the first backend (tcp_sender / tcp_receiver); its connection also carries
+the control of NIXL transfers, whose bytes the receiver READs (nixl_data.py); others implement the
+same three classes.
 
 Life of a transfer:
     decode side:  receiver.expect(reservation_id, dst_block_ids, num_tokens, on_complete)
@@ -67,7 +68,8 @@ class KVTransfer(ABC):
         num_kv_heads, head_dim]; src_block_ids: its physical blocks holding the reservation's logical
         blocks first_block, first_block + 1, ... (all of them by default; a part for chunked prefill).
         The blocks are read later, on the sending thread: they must stay unchanged until finish() or
-        cancel() returns, unless snapshot=True (a copy is taken now; always so off the CPU)."""
+        cancel() returns, unless snapshot=True (a copy is taken now; always so off the CPU). On the
+        nixl data path the receiver reads them in place and snapshot=True is refused."""
 
     @abstractmethod
     def finish(self, timeout: float | None = None) -> TransferStats:

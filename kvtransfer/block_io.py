@@ -68,15 +68,15 @@ class CacheBlocks:
         if self._flat is not None:
             return
         count, key_cache = len(block_ids), self.kv_caches[layer][0]
-        staged = as_word_rows(self._staging[:2 * count * self.block_bytes].view(2 * count, self.block_bytes))
+        staged = _as_rows(self._staging[:2 * count * self.block_bytes].view(2 * count, self.block_bytes))
         index = torch.tensor(block_ids, dtype=torch.int64, device=key_cache.device)
         for half, cache in zip(staged.view(2, count, -1), self.kv_caches[layer]):
-            as_word_rows(cache).index_copy_(0, index, half.to(cache.device, non_blocking=True))
+            _as_rows(cache).index_copy_(0, index, half.to(cache.device, non_blocking=True))
         if key_cache.device.type == "cuda":
             torch.cuda.current_stream(key_cache.device).synchronize()  # the staging buffer is reused
 
 
-def as_word_rows(tensor: torch.Tensor) -> torch.Tensor:
+def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous [N, ...] tensor as [N, words] of the widest integer type dividing a row's bytes
     (index ops on 8-byte words are several times faster than on single bytes)."""
     rows = tensor.reshape(tensor.shape[0], -1).view(torch.uint8)
@@ -91,7 +91,7 @@ def gather_blocks(key_cache: torch.Tensor, value_cache: torch.Tensor, block_ids:
     (byte-exact), on the caches' device: on a GPU one cheap gather; the sender thread then moves it
     to the CPU."""
     index = torch.tensor(block_ids, dtype=torch.int64, device=key_cache.device)
-    key_rows, value_rows = as_word_rows(key_cache), as_word_rows(value_cache)
+    key_rows, value_rows = _as_rows(key_cache), _as_rows(value_cache)
     out = torch.empty(2, len(block_ids), key_rows.shape[1], dtype=key_rows.dtype, device=key_cache.device)
     torch.index_select(key_rows, 0, index, out=out[0])
     torch.index_select(value_rows, 0, index, out=out[1])

@@ -3,7 +3,7 @@
 NIXL (NVIDIA's inference transfer library, UCX underneath) moves bytes between registered memory
 of two processes: shared memory or CMA on one host, RDMA between hosts, CUDA IPC and GPUDirect for
 GPU memory. pdserve uses one operation only: READ, posted by the decode side from a prefill server's
-registered staging memory into its own cache blocks (see nixl_data.py for why pull).
+registered KV cache into its own cache blocks (see nixl_data.py for why pull).
 
 NIXL's own progress thread busy-waits a core, so it is off: the side that posts a READ polls it to
 completion, and the passive side calls `progress()` while it has transfers open (UCX needs the
@@ -31,7 +31,11 @@ from pdserve.kvtransfer.errors import KVTransferError
 log = logging.getLogger(__name__)
 
 _API_MODULES = ("nixl._api", "nixl_cu12._api", "nixl_cu13._api")
-READ_POLL_SPIN_S = 200e-6  # a layer's READ takes ~0.3-0.6 ms on one host: spin that long, then sleep
+# Where the bytes move by the CPU (shared memory, CMA), UCX copies them inside our progress calls:
+# poll without pause for this long (yielding the GIL at each poll), then every READ_POLL_SLEEP_S
+# (a READ that slow is waiting on a NIC or a peer). Sleeping between polls from the start halved
+# throughput on one host.
+READ_POLL_SPIN_S = 0.05
 READ_POLL_SLEEP_S = 50e-6
 
 
@@ -157,8 +161,7 @@ class NixlAgent:
                 if now > deadline:
                     raise KVTransferError(f"NIXL READ from {peer} did not complete within {timeout_s:g} s",
                                           code="connection_lost")
-                if now > spin_until:
-                    time.sleep(READ_POLL_SLEEP_S)
+                time.sleep(0 if now < spin_until else READ_POLL_SLEEP_S)
                 with self._lock:
                     state = self._agent.check_xfer_state(handle)
             if state != "DONE":

@@ -11,6 +11,7 @@ import hmac
 import logging
 import socket
 import ssl
+import struct
 import threading
 import time
 
@@ -158,15 +159,16 @@ class ReceiveSession:
         return layer, first, count
 
     def _read_layer(self, res: ExpectedTransfer, size: int) -> None:
-        """READY: READ those blocks from the sender's staging region into the reserved blocks."""
+        """READY: READ those blocks from the sender's cache into the reserved blocks."""
         layer, first, count = self._layer_header(res, size, "READY")
-        if size != wire.LAYER_HEADER.size:
-            raise KVProtocolError(f"READY {layer} payload is {size} bytes, not {wire.LAYER_HEADER.size}")
+        if size != wire.LAYER_HEADER.size + 4 * count:
+            raise KVProtocolError(f"READY {layer} payload is {size} bytes, {count} source block ids need "
+                                  f"{wire.LAYER_HEADER.size + 4 * count}")
+        src = list(struct.unpack(f"!{count}I", recv_exact(self.sock, 4 * count)))
         if not self.table.begin_write(res):
             raise _Cancelled()
         try:  # not interrupted by abort(): the READ runs to its end (or its timeout) before end_write
-            self.nixl.read_layer(self._nixl_peer, self._offer, res.num_blocks, layer, first,
-                                 list(res.dst_block_ids[first:first + count]))
+            self.nixl.read_layer(self._nixl_peer, self._offer, layer, src, list(res.dst_block_ids[first:first + count]))
         except KVTransferError:
             self._read_failed = True
             raise

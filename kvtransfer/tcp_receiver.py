@@ -30,8 +30,8 @@ class TCPKVReceiver(KVReceiverBackend):
     loop.call_soon_threadsafe). ssl_context: a server-side context to speak TLS (mTLS if it requires
     client certificates); auth_token: a shared secret every sender must present in its handshake;
     observer: called (on a connection thread) with a ReceivedTransfer for every transfer that ends.
-    nixl: this server's NIXL side (the cache registered with it): senders that offer a staging
-    region are then READ from instead of sending LAYER frames; require_nixl refuses the others.
+    nixl: this server's NIXL side (the cache registered with it): senders that offer their
+    cache are then READ from instead of sending LAYER frames; require_nixl refuses the others.
     stop() closes it.
     """
 

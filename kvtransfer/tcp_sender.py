@@ -17,7 +17,7 @@ from pdserve.kvtransfer.backend import KVSenderBackend, KVTransfer, TransferStat
 from pdserve.kvtransfer.block_io import block_views, gather_blocks, tensor_bytes
 from pdserve.kvtransfer.errors import KVProtocolError, KVTransferCancelled, KVTransferError, error_from_code
 from pdserve.kvtransfer.layout import KVLayout
-from pdserve.kvtransfer.nixl_data import NixlSendSide, StagingRegion
+from pdserve.kvtransfer.nixl_data import NixlSendSide
 from pdserve.kvtransfer.sockio import configure_socket, readable, recv_exact, send_views
 
 _FINISH, _CANCEL = object(), object()
@@ -62,8 +62,8 @@ class TCPKVSender(KVSenderBackend):
     nothing before it sends a KEEPALIVE frame (its prompt still queued).
 
     nixl: this server's NIXL side; with it each transfer offers the receiver to READ the K/V from
-    a staging region (nixl_data.py), and moves them in LAYER frames when the receiver declines or
-    the staging pool is full, unless require_nixl (then the transfer fails with a clear error)."""
+    this server's cache (nixl_data.py), and moves them in LAYER frames when the receiver declines,
+    unless require_nixl (then the transfer fails with a clear error)."""
 
     def __init__(self, layout: KVLayout, ssl_context: ssl.SSLContext | None = None,
                  auth_token: str | None = None, server_hostname: str | None = None,
@@ -88,10 +88,10 @@ class TCPKVSender(KVSenderBackend):
         """Connect and handshake (see KVSenderBackend.open)."""
         started = time.perf_counter()
         host, port = parse_endpoint(endpoint)
-        staged = self._stage(num_tokens)
+        offer = self.nixl.offer if self.nixl is not None else None
         hello = wire.Hello(self.layout, reservation_id, num_tokens,
                            None if dst_block_ids is None else tuple(int(b) for b in dst_block_ids),
-                           self.auth_token, dict(metadata or {}), staged[1] if staged else None)
+                           self.auth_token, dict(metadata or {}), offer)
         sock = None
         try:
             frame = hello.encode()  # validates nothing yet: the receiver is the judge
@@ -104,64 +104,52 @@ class TCPKVSender(KVSenderBackend):
             raise_if_error(frame_type, reply)
             if frame_type != wire.HELLO_OK or reply.get("num_blocks") != self.layout.num_blocks_for(num_tokens):
                 raise KVProtocolError(f"bad handshake reply {wire.FRAME_NAMES[frame_type]} {reply}")
-            region = self._agreed_region(endpoint, reply.get("data_path", "tcp"), staged)
+            data_path = self._agreed_data_path(endpoint, reply.get("data_path", "tcp"))
             sock.settimeout(None)
         except BaseException:
             if sock is not None:
                 sock.close()
-            if staged is not None:
-                self.nixl.close_region(staged[0])
             raise
-        if staged is not None and region is None:
-            self.nixl.close_region(staged[0])
         return TCPKVTransfer(sock, self.layout, endpoint, reservation_id, reply["num_blocks"], started,
-                             self.keepalive_s, region, self.nixl)
+                             self.keepalive_s, self.nixl if data_path == "nixl" else None)
 
     def close(self) -> None:
-        """Release the NIXL side (its staging pool and agent), if any; transfers must have ended."""
+        """Release the NIXL side (its cache registration and agent), if any; transfers must have ended."""
         if self.nixl is not None:
             self.nixl.close()
 
-    def _stage(self, num_tokens: int):
-        """(staging region, HELLO offer) when this transfer can go over NIXL, else None."""
-        if self.nixl is None:
-            return None
-        staged = self.nixl.open_region(self.layout.num_blocks_for(num_tokens))
-        if staged is None and self.require_nixl:
-            raise KVTransferError(f"the NIXL staging pool has no room for {num_tokens} tokens of KV now",
-                                  code="staging_full")
-        return staged
-
-    def _agreed_region(self, endpoint: str, data_path, staged):
-        """The staging region the transfer READs from, or None for LAYER frames, per HELLO_OK."""
-        if data_path not in wire.DATA_PATHS or (data_path == "nixl" and staged is None):
+    def _agreed_data_path(self, endpoint: str, data_path) -> str:
+        """The data path HELLO_OK chose, checked against what was offered and required."""
+        if data_path not in wire.DATA_PATHS or (data_path == "nixl" and self.nixl is None):
             raise KVProtocolError(f"the KV receiver {endpoint} answered with data path {data_path!r}, "
                                   f"which was not offered")
         if data_path != "nixl" and self.require_nixl:
             raise KVTransferError(f"the KV receiver {endpoint} does not take NIXL transfers and this prefill "
                                   f"server requires them (--kv-transfer nixl)", code="data_path_mismatch")
-        return staged[0] if data_path == "nixl" else None
+        return data_path
 
 
-class _Staged:
-    """A queued READY frame: its blocks were copied into the staging region (wait for `ready`,
-    a CUDA event, when the copy ran on a GPU)."""
+class _Ready:
+    """A queued READY frame: the receiver may READ its blocks once `computed` (a CUDA event, when
+    the cache is on a GPU) has completed."""
 
-    def __init__(self, ready):
-        self.ready = ready
+    def __init__(self, computed):
+        self.computed = computed
 
 
 class TCPKVTransfer(KVTransfer):
-    """A handshaken connection and its sending thread (see KVTransfer for the contract). With a
-    staging `region` (and the `nixl` side it came from) the blocks are staged and announced in
-    READY frames for the receiver to READ; without, they travel in LAYER frames."""
+    """A handshaken connection and its sending thread (see KVTransfer for the contract). With the
+    `nixl` side the blocks are announced in READY frames and the receiver READs them from the
+    cache in place (send_layer then takes no snapshot: the caller keeps the blocks unchanged until
+    the transfer ends); without, they travel in LAYER frames."""
 
     def __init__(self, sock: socket.socket, layout: KVLayout, endpoint: str, reservation_id: str,
                  num_blocks: int, started: float, keepalive_s: float = wire.SENDER_KEEPALIVE_S,
-                 region: StagingRegion | None = None, nixl: NixlSendSide | None = None):
-        self.region = region
+                 nixl: NixlSendSide | None = None):
         self.nixl = nixl
-        self.data_path = "nixl" if region is not None else "tcp"
+        self.data_path = "nixl" if nixl is not None else "tcp"
+        if nixl is not None:
+            nixl.transfer_opened()
         self.layout = layout
         self.keepalive_s = keepalive_s
         self.endpoint = endpoint
@@ -188,9 +176,11 @@ class TCPKVTransfer(KVTransfer):
         ids = (src_block_ids.tolist() if isinstance(src_block_ids, torch.Tensor)
                else [int(b) for b in src_block_ids])
         self._check_layer(layer, key_cache, value_cache, ids, first_block)
-        if self.region is not None:
-            self.region.stage_layer(layer, key_cache, value_cache, ids, first_block)
-            self._queue.put((layer, first_block, len(ids), _Staged(_cuda_event(key_cache)), None))
+        if self.nixl is not None:
+            if snapshot:
+                raise ValueError("the nixl data path reads the blocks in place and takes no snapshot: keep them "
+                                 "unchanged until the transfer ends")
+            self._queue.put((layer, first_block, len(ids), _Ready(_cuda_event(key_cache)), ids))
         elif snapshot or key_cache.device.type != "cpu":
             copy = gather_blocks(key_cache, value_cache, ids)
             self._queue.put((layer, first_block, len(ids), (copy, _cuda_event(copy)), None))
@@ -266,15 +256,15 @@ class TCPKVTransfer(KVTransfer):
                     f"connection to the KV receiver {self.endpoint} lost: {exc}", code="connection_lost")
         finally:
             self._sock.close()
-            if self.region is not None:  # only now: the receiver reports success only after CONFIRM
-                self.nixl.close_region(self.region)
+            if self.nixl is not None:
+                self.nixl.transfer_closed()
 
     def _send_item(self, layer: int, first: int, count: int, data, ids: list[int] | None) -> None:
         bb = self.layout.block_bytes
-        if isinstance(data, _Staged):
-            if data.ready is not None:
-                data.ready.synchronize()
-            self._sock.sendall(wire.encode_ready(layer, first, count))
+        if isinstance(data, _Ready):
+            if data.computed is not None:
+                data.computed.synchronize()
+            self._sock.sendall(wire.encode_ready(layer, first, ids))
             self._bytes += 2 * count * bb
             self._frames += 1
             return
@@ -295,7 +285,7 @@ class TCPKVTransfer(KVTransfer):
         raise_if_error(frame_type, reply)
         if frame_type != wire.COMPLETE:
             raise KVProtocolError(f"expected COMPLETE, got {wire.FRAME_NAMES[frame_type]}")
-        if self.region is not None:
+        if self.nixl is not None:  # the blocks were held until now: the bytes the receiver read are good
             if self._cancelled.is_set():
                 return
             self._sock.sendall(wire.encode_header(wire.CONFIRM, 0))

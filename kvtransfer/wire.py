@@ -7,8 +7,8 @@ Every frame is a 16-byte header followed by `payload_len` bytes:
 Frame types and payloads:
     HELLO     sender -> receiver   UTF-8 JSON: protocol, layout, reservation_id, num_tokens,
                                    dst_block_ids (or null), auth_token (or null), metadata {str: str},
-                                   nixl (or null): {agent, metadata (base64), address, memory, device},
-                                   the sender's offer to let the receiver READ its staging region
+                                   nixl (or null): {agent, metadata (base64), memory, device, num_blocks,
+                                   bases}, the sender's offer to let the receiver READ its KV cache
     HELLO_OK  receiver -> sender   JSON: {"num_blocks": n, "data_path": "tcp" | "nixl"} (blocks per
                                    layer this transfer fills; how the K/V bytes will move)
     LAYER     sender -> receiver   12-byte sub-header (layer u32, first_block u32, num_blocks u32),
@@ -23,10 +23,11 @@ Frame types and payloads:
     ERROR     either way           JSON: {"code": str, "message": str}; the connection closes after it
 
 On the nixl data path LAYER frames are replaced by
-    READY     sender -> receiver   the LAYER sub-header only: those blocks are in the staging region;
-                                   the receiver READs them with NIXL before it reads the next frame
+    READY     sender -> receiver   the LAYER sub-header, then num_blocks u32: the sender's physical
+                                   blocks holding them; the receiver READs them with NIXL from the
+                                   sender's cache before it reads the next frame
 and COMPLETE is answered by
-    CONFIRM   sender -> receiver   empty: the region was still held, the bytes read are good; only
+    CONFIRM   sender -> receiver   empty: the blocks were still held, the bytes read are good; only
                                    then does the receiver report the transfer done
 """
 
@@ -100,30 +101,36 @@ def encode_layer_header(layer: int, first_block: int, num_blocks: int, block_byt
     return encode_header(LAYER, payload_len) + LAYER_HEADER.pack(layer, first_block, num_blocks)
 
 
-def encode_ready(layer: int, first_block: int, num_blocks: int) -> bytes:
-    """A READY frame: those blocks of that layer wait in the staging region."""
-    return encode_header(READY, LAYER_HEADER.size) + LAYER_HEADER.pack(layer, first_block, num_blocks)
+def encode_ready(layer: int, first_block: int, src_block_ids: list[int]) -> bytes:
+    """A READY frame: logical blocks first_block, ... of that layer are computed, in the sender's
+    physical blocks src_block_ids (u32 each, after the LAYER sub-header)."""
+    count = len(src_block_ids)
+    return (encode_header(READY, LAYER_HEADER.size + 4 * count) + LAYER_HEADER.pack(layer, first_block, count)
+            + struct.pack(f"!{count}I", *src_block_ids))
 
 
 @dataclass(frozen=True)
 class NixlOffer:
-    """What a sender's HELLO says to let the receiver READ: its NIXL agent's name and metadata,
-    and where the transfer's staging region starts (address, NIXL memory type, device id)."""
+    """What a sender's HELLO says to let the receiver READ its KV cache in place: its NIXL agent's
+    name and metadata, the NIXL memory type and device id of its cache, its number of blocks, and
+    the address of every cache tensor, in the order K of layer 0, V of layer 0, K of layer 1, ..."""
 
     agent: str
     metadata: bytes
-    address: int
     memory: str
     device: int
+    num_blocks: int
+    bases: tuple[int, ...]
 
     def to_dict(self) -> dict[str, Any]:
         """The HELLO's `nixl` object."""
-        return {"agent": self.agent, "metadata": base64.b64encode(self.metadata).decode(),
-                "address": self.address, "memory": self.memory, "device": self.device}
+        return {"agent": self.agent, "metadata": base64.b64encode(self.metadata).decode(), "memory": self.memory,
+                "device": self.device, "num_blocks": self.num_blocks, "bases": list(self.bases)}
 
     @classmethod
-    def from_dict(cls, data: Any) -> NixlOffer:
-        """Parse and bound a HELLO's `nixl` object; KVProtocolError names the bad field."""
+    def from_dict(cls, data: Any, num_layers: int) -> NixlOffer:
+        """Parse and bound a HELLO's `nixl` object for a cache of num_layers layers;
+        KVProtocolError names the bad field."""
         if not isinstance(data, dict):
             raise KVProtocolError("HELLO nixl must be null or an object")
         agent, encoded = data.get("agent"), data.get("metadata")
@@ -135,14 +142,18 @@ class NixlOffer:
             metadata = base64.b64decode(encoded, validate=True)
         except ValueError:
             raise KVProtocolError("HELLO nixl.metadata is not valid base64") from None
-        address, device, memory = data.get("address"), data.get("device"), data.get("memory")
-        if not _is_int(address) or not 0 < address < 1 << 64:
-            raise KVProtocolError("HELLO nixl.address must be a positive 64-bit int")
-        if not _is_int(device) or not 0 <= device < 1024:
-            raise KVProtocolError("HELLO nixl.device must be an int in [0, 1024)")
+        memory, device, num_blocks, bases = (data.get(k) for k in ("memory", "device", "num_blocks", "bases"))
         if memory not in NIXL_MEMORY_TYPES:
             raise KVProtocolError(f"HELLO nixl.memory must be one of {NIXL_MEMORY_TYPES}")
-        return cls(agent, metadata, address, memory, device)
+        if not _is_int(device) or not 0 <= device < 1024:
+            raise KVProtocolError("HELLO nixl.device must be an int in [0, 1024)")
+        if not _is_int(num_blocks) or not 0 < num_blocks < 1 << 32:
+            raise KVProtocolError("HELLO nixl.num_blocks must be a positive 32-bit int")
+        if (not isinstance(bases, list) or len(bases) != 2 * num_layers
+                or not all(_is_int(b) and 0 < b < 1 << 64 for b in bases)):
+            raise KVProtocolError(f"HELLO nixl.bases must list {2 * num_layers} positive 64-bit addresses "
+                                  f"(K and V of each layer)")
+        return cls(agent, metadata, memory, device, num_blocks, tuple(bases))
 
 
 def error_frame(code: str, message: str) -> bytes:
@@ -198,7 +209,7 @@ class Hello:
             raise KVProtocolError("HELLO metadata must be an object of string to string")
         nixl = msg.get("nixl")
         return cls(layout, rid, num_tokens, None if ids is None else tuple(ids), token, metadata,
-                   None if nixl is None else NixlOffer.from_dict(nixl))
+                   None if nixl is None else NixlOffer.from_dict(nixl, layout.num_layers))
 
 
 def _is_int(value: Any) -> bool:

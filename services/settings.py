@@ -162,13 +162,11 @@ class WorkerSettings:
 class PrefillSettings(WorkerSettings):
     """A prefill server: kv_connect_timeout_s bounds connecting to a decode server's KV port and
     its handshake; kv_auth_token is the shared secret that port requires (None: none);
-    kv_transfer how the K/V bytes move (KV_TRANSFER_MODES); kv_staging_mib the NIXL staging pool
-    the decode servers READ from (MiB; a transfer that finds no room in it moves over TCP)."""
+    kv_transfer how the K/V bytes move (KV_TRANSFER_MODES)."""
 
     kv_connect_timeout_s: float = KV_CONNECT_TIMEOUT_S
     kv_auth_token: str | None = None
     kv_transfer: str = "auto"
-    kv_staging_mib: int = 256
 
     role = "prefill"
 
@@ -177,8 +175,6 @@ class PrefillSettings(WorkerSettings):
         if not self.kv_connect_timeout_s > 0:
             raise ValueError(f"--kv-connect-timeout-s must be > 0, got {self.kv_connect_timeout_s}")
         check_kv_transfer(self.kv_transfer)
-        if not 1 <= self.kv_staging_mib <= 1 << 20:
-            raise ValueError(f"--kv-staging-mib must be in [1, 1048576], got {self.kv_staging_mib}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -82,18 +82,18 @@ async def churn(cluster: LocalCluster, args) -> dict:
 
 
 NIXL_IDLE = {"pdserve:kv_nixl_registrations": 1, "pdserve:kv_nixl_reads_in_flight": 0,
-             "pdserve:kv_staging_regions_in_use": 0}
+             "pdserve:kv_nixl_pinned_blocks": 0}
 
 
 def nixl_leaks(cluster: LocalCluster) -> dict:
     """Every live prefill and decode server's NIXL gauges, which must be back at rest: one memory
-    registration (the staging pool, or the KV cache), no READ in flight, no staging region held.
+    registration (the KV cache), no READ in flight, no KV block pinned for a transfer.
     Returns {"servers": how many have NIXL, "leaks": {server: {gauge: value}}}."""
     servers, leaks = 0, {}
     for proc in cluster.servers("prefill") + cluster.servers("decode"):
         text = urllib.request.urlopen(f"http://{proc.metrics_address}/metrics", timeout=10).read().decode()
         values = {line.split(" ")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                  if line.startswith("pdserve:kv_nixl_") or line.startswith("pdserve:kv_staging_")}
+                  if line.startswith("pdserve:kv_nixl_")}
         if not values:
             continue
         servers += 1

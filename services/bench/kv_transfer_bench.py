@@ -9,8 +9,8 @@
    socket reads and writes: the protocol's own cost; target >= 0.8, decides the exit status) and
    blocks shuffled on both sides (fragmented caches, the worst case: scattered 32 KiB copies cost
    CPU that a raw socket over contiguous memory does not pay; printed for information).
-   Where NIXL loads, the same two rows over the nixl data path (the sender stages each layer, the
-   receiver READs it), against the TCP backend's row of the same block order: target >= 1.5x.
+   Where NIXL loads, the same two rows over the nixl data path (the receiver READs each layer from
+   the sender's cache), against the TCP backend's row of the same block order: target >= 1.5x.
 2. overlap: a 1,024-token prefill of a make_tiny_model checkpoint, streamed layer by layer from the
    layer_done hook to a receiver in another process; time until the receiver holds the whole KV /
    time of the same prefill alone. Target <= 1.2 over TCP, <= 1.1 over NIXL.
@@ -49,11 +49,10 @@ def nixl_loads() -> bool:
         return False
 
 
-def nixl_sender(layout: KVLayout, staging_bytes: int) -> TCPKVSender:
-    """A sender that moves every transfer over NIXL (staging_bytes of staging)."""
-    side = NixlSendSide(NixlAgent(f"kvbench-send-{uuid.uuid4().hex[:8]}"), layout, staging_bytes,
-                        torch.device("cpu"))
-    return TCPKVSender(layout, nixl=side, require_nixl=True)
+def nixl_sender(kv_caches) -> TCPKVSender:
+    """A sender that moves every transfer over NIXL, the receiver reading `kv_caches` in place."""
+    side = NixlSendSide(NixlAgent(f"kvbench-send-{uuid.uuid4().hex[:8]}"), kv_caches)
+    return TCPKVSender(KVLayout.from_kv_caches(kv_caches), nixl=side, require_nixl=True)
 
 
 def make_caches(layout: KVLayout, num_blocks: int, random_bytes: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -156,7 +155,7 @@ def bench_throughput(payload_mb: int, repeats: int) -> dict:
     src = make_caches(layout, num_blocks, random_bytes=True)
     peer = ReceiverProcess(layout, num_blocks)
     sender = TCPKVSender(layout)
-    over_nixl = nixl_sender(layout, total + (1 << 20)) if nixl_loads() else None
+    over_nixl = nixl_sender(src) if nixl_loads() else None
     systems = THROUGHPUT_SYSTEMS + (NIXL_SYSTEMS if over_nixl is not None else ())
     walls: dict[str, list[float]] = {name: [] for name in systems}
     cpus: dict[str, list[float]] = {name: [] for name in systems}
@@ -243,7 +242,7 @@ class OverlapRun:
         layout = KVLayout.from_kv_caches(runner.kv_caches)
         self.senders = {"tcp": TCPKVSender(layout)}
         if nixl_loads():
-            self.senders["nixl"] = nixl_sender(layout, 2 * layout.num_layers * blocks * layout.block_bytes + (1 << 20))
+            self.senders["nixl"] = nixl_sender(runner.kv_caches)
         self.last_rid = ""
 
     def compute(self) -> float:

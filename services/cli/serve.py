@@ -42,7 +42,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                                               "fails where NIXL or the peer lacks it) or auto (nixl when it "
                                               "loads and the peer takes it, else tcp)",
              choices=("auto", "tcp", "nixl"))
-    add_flag(p, "--kv-staging-mib", 256, int, "prefill: NIXL staging memory decode servers READ from (MiB)")
     add_flag(p, "--lease-ms", 30000, int, "router: how long a decode reservation waits for its KV")
     add_flag(p, "--max-attempts", 5, int, "router: tries of one request on the workers (a worker that fails "
                                          "mid-stream: the rest goes on elsewhere) before it fails UNAVAILABLE")
@@ -174,8 +173,7 @@ def settings_from(ns: argparse.Namespace):
                   overload_retry_after_ms=ns.overload_retry_after_ms, stream_keepalive_s=ns.stream_keepalive_s)
     if role == "prefill":
         return s.PrefillSettings(**worker, kv_connect_timeout_s=ns.kv_connect_timeout_s,
-                                 kv_auth_token=ns.kv_auth_token or None, kv_transfer=ns.kv_transfer,
-                                 kv_staging_mib=ns.kv_staging_mib)
+                                 kv_auth_token=ns.kv_auth_token or None, kv_transfer=ns.kv_transfer)
     if role == "decode":
         return s.DecodeSettings(**worker, kv_port=ns.kv_port, kv_auth_token=ns.kv_auth_token or None,
                                 kv_transfer=ns.kv_transfer)

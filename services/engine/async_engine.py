@@ -210,6 +210,11 @@ class AsyncEngine:
         """LLMEngine.expire_reservations in the engine thread: the ids it released."""
         return await self._call(lambda e: e.expire_reservations(now))
 
+    async def run_between_steps(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """fn(engine) in the engine thread, between steps (after the step running now, whose layer
+        hooks have all returned by then); its result."""
+        return await self._call(fn)
+
     async def _call(self, fn: Callable[[LLMEngine], Any]) -> Any:
         """Run fn(engine) in the engine thread, between steps, and return its result."""
         if self._thread is None:

@@ -89,7 +89,7 @@ class PrefixIndexCollector(Collector):
 
 class NixlCollector(Collector):
     """A prefill or decode server's NIXL state (--kv-transfer nixl|auto): what its agent holds now.
-    counts() returns (registrations, READs in flight, remote agents, staging regions in use);
+    counts() returns (registrations, READs in flight, remote agents, KV blocks pinned for transfers);
     leak checks read these after traffic stops: registrations stay at one, the others at 0 (a
     decode server keeps idle remote agents for a while: it forgets them after failed READs or
     PEER_IDLE_S unused)."""
@@ -103,10 +103,10 @@ class NixlCollector(Collector):
 
     def collect(self) -> Iterator:
         """The current values."""
-        registrations, reads, peers, regions = self.counts()
+        registrations, reads, peers, pinned = self.counts()
         for name, value, text in (
                 ("pdserve:kv_nixl_registrations", registrations, "Memory registrations of this server's NIXL agent."),
                 ("pdserve:kv_nixl_reads_in_flight", reads, "NIXL READs posted and not yet released (decode)."),
                 ("pdserve:kv_nixl_remote_agents", peers, "Remote NIXL agents this server knows (decode)."),
-                ("pdserve:kv_staging_regions_in_use", regions, "Staging regions held for open transfers (prefill).")):
+                ("pdserve:kv_nixl_pinned_blocks", pinned, "KV blocks held for NIXL transfers in flight (prefill).")):
             yield GaugeMetricFamily(name, text, value=value)

@@ -7,8 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-
-import torch
+from collections.abc import Callable
 
 from pdserve.kvtransfer import KVLayout, TCPKVReceiver, TCPKVSender
 from pdserve.kvtransfer.backend import TransferObserver
@@ -39,21 +38,22 @@ def _agent_counts(agent: NixlAgent) -> tuple[int, int, int]:
     return counts.registrations, counts.transfers_in_flight, counts.remote_agents
 
 
-def kv_sender(settings: PrefillSettings, worker_id: str, kv_caches, registry=None) -> TCPKVSender:
+def kv_sender(settings: PrefillSettings, worker_id: str, kv_caches, registry=None,
+              pinned_blocks: Callable[[], int] = lambda: 0) -> TCPKVSender:
     """The prefill server's sender, per settings.kv_transfer (kv_caches: the engine's, per layer (K, V));
-    its NIXL counts go to the Prometheus `registry`, if given."""
+    its NIXL counts (and pinned_blocks(), the blocks held for transfers) go to the Prometheus
+    `registry`, if given."""
     layout = KVLayout.from_kv_caches(kv_caches)
     options = kv_sender_options(settings.server.tls, settings.kv_auth_token)
     agent = _agent(settings.kv_transfer, worker_id)
     if agent is None:
         return TCPKVSender(layout, **options)
-    device: torch.device = kv_caches[0][0].device
-    nixl = NixlSendSide(agent, layout, settings.kv_staging_mib << 20, device)
+    nixl = NixlSendSide(agent, kv_caches)
     if registry is not None:
-        registry.register(NixlCollector(lambda: (*_agent_counts(agent), nixl.pool.regions_in_use)))
-    logger.info("KV transfer: %s; NIXL agent %s, %d MiB of %s staging",
+        registry.register(NixlCollector(lambda: (*_agent_counts(agent), pinned_blocks())))
+    logger.info("KV transfer: %s; NIXL agent %s, KV cache registered (%s)",
                 "nixl" if settings.kv_transfer == "nixl" else "auto (nixl where the decode server takes it)",
-                agent.name, settings.kv_staging_mib, nixl.pool.memory)
+                agent.name, nixl.offer.memory)
     return TCPKVSender(layout, **options, nixl=nixl, require_nixl=settings.kv_transfer == "nixl")
 
 

@@ -9,6 +9,7 @@ import logging
 from opentelemetry.trace import SpanKind
 
 from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.block_pool import BlockPool
 from pdserve.engine.chunk_info import ChunkInfo
 from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.prefilled import first_token_params, outcome_after
@@ -33,11 +34,19 @@ TRANSFER_TIMEOUT_S = 60.0
 
 class LayerStreamer:
     """The engine's layer hook: after layer i of a step, queue that layer's blocks of every
-    chunk whose request has an open transfer (runs on the engine thread)."""
+    chunk whose request has an open transfer (runs on the engine thread).
 
-    def __init__(self, kv_caches):
+    Over TCP each layer's blocks are snapshotted (the engine frees a prompt's blocks at its first
+    token, before they are all sent). Over NIXL the decode server READs them in place, so a
+    request's blocks are pinned in the block pool (one more reference) from the step that computes
+    them until `release` (after the transfer ended), which runs between steps too."""
+
+    def __init__(self, kv_caches, pool: BlockPool):
         self.kv_caches = kv_caches
+        self.pool = pool
         self.transfers: dict[str, KVTransfer] = {}
+        self.pins: dict[str, dict[int, None]] = {}  # request id -> its pinned block ids (engine thread only)
+        self.num_pinned = 0
 
     def __call__(self, layer: int, infos: list[ChunkInfo]) -> None:
         key_cache, value_cache = self.kv_caches[layer]
@@ -45,15 +54,32 @@ class LayerStreamer:
             transfer = self.transfers.get(info.request_id)
             if transfer is None or info.start >= info.num_prompt_tokens:
                 continue
+            in_place = transfer.data_path == "nixl"
             try:
+                if in_place and layer == 0:
+                    self._pin(info.request_id, info.cached_block_ids + info.block_ids)
                 if info.cached_block_ids:  # prefix-cache hit: those blocks' KV was computed earlier
                     transfer.send_layer(layer, key_cache, value_cache, list(info.cached_block_ids), 0,
-                                        snapshot=True)
+                                        snapshot=not in_place)
                 transfer.send_layer(layer, key_cache, value_cache, list(info.block_ids),
-                                    info.first_block_index, snapshot=True)
+                                    info.first_block_index, snapshot=not in_place)
             except Exception as exc:  # a broken transfer must not stop the engine's step
                 logger.warning("KV transfer for %s failed: %s", info.request_id, exc)
                 self.transfers.pop(info.request_id, None)
+
+    def _pin(self, request_id: str, block_ids: tuple[int, ...]) -> None:
+        pinned = self.pins.setdefault(request_id, {})
+        new = [b for b in dict.fromkeys(block_ids) if b not in pinned]
+        self.pool.touch(self.pool.blocks[b] for b in new)
+        pinned.update(dict.fromkeys(new))
+        self.num_pinned += len(new)
+
+    def release(self, request_id: str) -> None:
+        """Unpin the request's blocks (engine thread, between steps; nothing when none are pinned)."""
+        pinned = self.pins.pop(request_id, None)
+        if pinned:
+            self.pool.free(self.pool.blocks[b] for b in reversed(pinned))
+            self.num_pinned -= len(pinned)
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
@@ -103,6 +129,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
         except BaseException as exc:
             self.streamer.transfers.pop(request.request_id, None)
             await asyncio.to_thread(transfer.cancel)
+            await self._unpin(request.request_id)
             self._count_transfer(kv_span, transfer, None, exc)
             raise
         self.streamer.transfers.pop(request.request_id, None)
@@ -152,7 +179,19 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
             logger.warning("KV transfer for %s did not complete: %s", request_id, exc)
             self._count_transfer(kv_span, transfer, None, exc)
             return
+        finally:  # the transfer is over (confirmed, failed or timed out): nobody reads its blocks now
+            await self._unpin(request_id)
         self._count_transfer(kv_span, transfer, stats, None)
+
+    async def _unpin(self, request_id: str) -> None:
+        """Unpin the blocks a NIXL transfer of the request held. Always through the engine thread,
+        between steps: a step running now may still pin blocks for it."""
+        if self.sender.nixl is None:
+            return
+        try:
+            await self.ctx.async_engine.run_between_steps(lambda _: self.streamer.release(request_id))
+        except Exception as exc:  # the engine is gone: its blocks with it
+            logger.warning("unpinning the KV blocks of %s failed: %s", request_id, exc)
 
     @property
     def offered_data_path(self) -> str:
@@ -178,6 +217,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
         transfer = self.streamer.transfers.pop(request_id, None)
         if transfer is not None:
             await asyncio.to_thread(transfer.cancel)
+            await self._unpin(request_id)
         return transfer is not None
 
 
@@ -204,10 +244,11 @@ def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
 async def setup(ctx: WorkerContext, settings: PrefillSettings):
     """Install the layer hook on the engine, and return (register, service names)."""
     kv_caches = ctx.engine.runner.kv_caches
-    streamer = LayerStreamer(kv_caches)
+    streamer = LayerStreamer(kv_caches, ctx.engine.pool)
     ctx.async_engine = AsyncEngine(ctx.engine, layer_hook=streamer)
     ctx.abort_hooks = [ctx.async_engine.abort]
-    servicer = PrefillServicer(ctx, streamer, kv_sender(settings, ctx.worker_id, kv_caches, ctx.telemetry.registry),
+    sender = kv_sender(settings, ctx.worker_id, kv_caches, ctx.telemetry.registry, lambda: streamer.num_pinned)
+    servicer = PrefillServicer(ctx, streamer, sender,
                                settings.queue_bound("prefill queue"), settings.kv_connect_timeout_s)
     ctx.abort_hooks.append(servicer.abort_transfer)
     ctx.close_hooks.append(servicer.sender.close)

@@ -201,3 +201,19 @@ def test_pdserve_up_with_a_relative_model_path(model_dir, tmp_path):
         assert len(children) >= 4, children  # Redis, prefill, decode, router
         stop_up(up)
         assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "up left servers running"
+
+
+def test_chunked_prefill_and_prefix_hits_move_exact_kv(model_dir, kv_transfer):
+    """Prompts of 70-130 tokens computed 32 tokens a step (each layer's KV streamed in parts, and
+    over NIXL each part's blocks pinned until read), then the same prompts again, now mostly from
+    the prefill server's prefix cache (cached blocks sent first): tokens match transformers and
+    every block is free afterwards (no pin outlives its transfer)."""
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(2, 500, (int(n),), generator=gen).tolist() for n in (70, 97, 130)]
+    with LocalCluster(model_dir, prefill=1, decode=1, extra_args=["--max-num-batched-tokens", "32"],
+                      env={"PDSERVE_KV_TRANSFER": kv_transfer}) as cluster:
+        first = asyncio.run(_generate_all(cluster, prompts, MAX_TOKENS))
+        again = asyncio.run(_generate_all(cluster, prompts, MAX_TOKENS))
+        _wait_all_blocks_free(cluster)
+    _check_against_transformers(model_dir, prompts, first)
+    _check_against_transformers(model_dir, prompts, again)

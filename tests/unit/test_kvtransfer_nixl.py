@@ -1,6 +1,6 @@
-"""KV transfer over NIXL: READs from the sender's staging region land bit-exact in the reserved
-blocks, the data path is negotiated (and refused clearly where one side requires NIXL), the
-receiver reports success only after the sender's CONFIRM, and nothing leaks.
+"""KV transfer over NIXL: READs from the sender's cache land bit-exact in the reserved blocks, the
+data path is negotiated (and refused clearly where one side requires NIXL), the receiver reports
+success only after the sender's CONFIRM, and nothing leaks.
 
 Real NIXL agents (UCX) and real sockets on 127.0.0.1, in this process; agents are shared per
 module (each takes ~0.5 s to start).
@@ -38,8 +38,14 @@ def new_agent(role: str) -> NixlAgent:
 
 
 @pytest.fixture(scope="module")
-def send_side():
-    side = NixlSendSide(new_agent("send"), LAYOUT, 1 << 20, torch.device("cpu"))
+def src_caches():
+    """The sender's cache, registered once; tests that change it restore it."""
+    return random_caches(LAYOUT, NUM_BLOCKS, seed=3)
+
+
+@pytest.fixture(scope="module")
+def send_side(src_caches):
+    side = NixlSendSide(new_agent("send"), src_caches)
     yield side
     side.close()
 
@@ -71,11 +77,11 @@ def receiver(dst_caches, receive_side):
 @pytest.fixture
 def sender(send_side):
     yield TCPKVSender(LAYOUT, nixl=send_side)
-    assert send_side.pool.regions_in_use == 0  # every transfer gave its region back
+    assert send_side.open_transfers == 0  # every transfer ended
 
 
-def test_layers_are_read_bit_exact_into_the_reserved_blocks(receiver, sender, dst_caches):
-    src = random_caches(LAYOUT, NUM_BLOCKS, seed=3)
+def test_layers_are_read_bit_exact_into_the_reserved_blocks(receiver, sender, dst_caches, src_caches):
+    src = src_caches
     src_ids, dst_ids = [3, 4, 5, 20, 7], [30, 2, 11, 12, 0]
     outcomes = Outcomes()
     receiver.expect("r1", dst_ids, 18, outcomes)
@@ -90,21 +96,20 @@ def test_layers_are_read_bit_exact_into_the_reserved_blocks(receiver, sender, ds
     assert_blocks_zero(dst_caches, sorted(set(range(NUM_BLOCKS)) - set(dst_ids)))
 
 
-def test_chunked_layers_and_source_changes_after_staging(receiver, sender, dst_caches):
-    """Each layer in two parts (chunked prefill); the source may change once send_layer returned:
-    the blocks were staged."""
-    src = random_caches(LAYOUT, NUM_BLOCKS, seed=4)
-    expected = [(k.clone(), v.clone()) for k, v in src]
+def test_chunked_layers_in_place_and_no_snapshot(receiver, sender, dst_caches, src_caches):
+    """Each layer in two parts (chunked prefill), read from the cache in place: a snapshot, which
+    the TCP path takes, is refused (the caller pins the blocks instead)."""
     outcomes = Outcomes()
     receiver.expect("parts", [9, 8, 7, 6, 5, 4], 24, outcomes)
     transfer = sender.open(receiver.endpoint, "parts", 24)
-    for layer, (key, value) in enumerate(src):
+    with pytest.raises(ValueError, match="takes no snapshot"):
+        transfer.send_layer(0, *src_caches[0], [10, 11, 12], first_block=3, snapshot=True)
+    for layer, (key, value) in enumerate(src_caches):
         transfer.send_layer(layer, key, value, [10, 11, 12], first_block=3)
-        key[10:13] = 0
         transfer.send_layer(layer, key, value, [0, 1, 2], first_block=0)
     transfer.finish(timeout=10)
     assert outcomes.wait("parts") is None
-    assert_blocks_equal(dst_caches, [9, 8, 7, 6, 5, 4], expected, [0, 1, 2, 10, 11, 12])
+    assert_blocks_equal(dst_caches, [9, 8, 7, 6, 5, 4], src_caches, [0, 1, 2, 10, 11, 12])
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8", "float8_e4m3fn"])
@@ -112,7 +117,7 @@ def test_quantized_and_half_caches_move_exactly(dtype):
     """int8/fp8 caches (their scales live inside each block's bytes) move as bytes like any other."""
     layout = KVLayout(num_layers=2, num_kv_heads=1, head_dim=6, block_size=3, dtype=dtype)
     src, dst = random_caches(layout, 8, seed=1), zero_caches(layout, 8)
-    send = NixlSendSide(new_agent("send"), layout, 1 << 16, torch.device("cpu"))
+    send = NixlSendSide(new_agent("send"), src)
     rx = TCPKVReceiver(dst, nixl=NixlReceiveSide(new_agent("recv"), layout, dst), require_nixl=True)
     rx.start()
     try:
@@ -128,9 +133,9 @@ def test_quantized_and_half_caches_move_exactly(dtype):
         send.close()
 
 
-def test_a_receiver_without_nixl_gets_layer_frames_and_a_strict_sender_refuses_it(send_side):
+def test_a_receiver_without_nixl_gets_layer_frames_and_a_strict_sender_refuses_it(send_side, src_caches):
     dst = zero_caches(LAYOUT, NUM_BLOCKS)
-    src = random_caches(LAYOUT, NUM_BLOCKS, seed=5)
+    src = src_caches
     rx = TCPKVReceiver(dst)  # TCP only
     rx.start()
     try:
@@ -147,7 +152,7 @@ def test_a_receiver_without_nixl_gets_layer_frames_and_a_strict_sender_refuses_i
         with pytest.raises(KVTransferError, match="does not take NIXL") as info:
             TCPKVSender(LAYOUT, nixl=send_side, require_nixl=True).open(rx.endpoint, "strict", 8)
         assert info.value.code == "data_path_mismatch"
-        assert send_side.pool.regions_in_use == 0
+        assert send_side.open_transfers == 0
     finally:
         rx.stop()
 
@@ -166,31 +171,9 @@ def test_a_strict_receiver_refuses_a_tcp_sender_before_binding_the_reservation(d
         rx.stop()
 
 
-def test_a_full_staging_pool_falls_back_to_tcp_or_fails_when_nixl_is_required(receiver, dst_caches):
-    tiny = NixlSendSide(new_agent("tiny"), LAYOUT, 4096, torch.device("cpu"))  # one region of 1 block
-    try:
-        src = random_caches(LAYOUT, NUM_BLOCKS, seed=6)
-        outcomes = Outcomes()
-        receiver.expect("small", [0], 4, outcomes)
-        receiver.expect("big", [1, 2, 3], 12, outcomes)
-        small = TCPKVSender(LAYOUT, nixl=tiny).open(receiver.endpoint, "small", 4)
-        with pytest.raises(KVTransferError, match="staging pool has no room") as info:
-            TCPKVSender(LAYOUT, nixl=tiny, require_nixl=True).open(receiver.endpoint, "big", 12)
-        assert info.value.code == "staging_full"
-        big = TCPKVSender(LAYOUT, nixl=tiny).open(receiver.endpoint, "big", 12)
-        assert (small.data_path, big.data_path) == ("nixl", "tcp")
-        send_all(small, src, [9])
-        send_all(big, src, [10, 11, 12])
-        small.finish(timeout=10), big.finish(timeout=10)
-        assert outcomes.wait("small") is None and outcomes.wait("big") is None
-        assert_blocks_equal(dst_caches, [0, 1, 2, 3], src, [9, 10, 11, 12])
-        assert tiny.pool.regions_in_use == 0
-    finally:
-        tiny.close()
-
-
-def test_receiver_cancel_mid_transfer_stops_reads_and_frees_the_senders_region(receiver, sender, dst_caches):
-    src = random_caches(LAYOUT, NUM_BLOCKS, seed=7)
+def test_receiver_cancel_mid_transfer_stops_reads_and_ends_the_senders_transfer(receiver, sender, dst_caches,
+                                                                                 src_caches):
+    src = src_caches
     outcomes = Outcomes()
     receiver.expect("gone", [4, 5], 8, outcomes)
     transfer = sender.open(receiver.endpoint, "gone", 8)
@@ -207,8 +190,8 @@ def test_receiver_cancel_mid_transfer_stops_reads_and_frees_the_senders_region(r
     assert_blocks_zero(dst_caches, [4, 5], layers=range(1, LAYOUT.num_layers))
 
 
-def test_sender_cancel_after_every_layer_fails_the_reservation(receiver, sender):
-    src = random_caches(LAYOUT, NUM_BLOCKS, seed=8)
+def test_sender_cancel_after_every_layer_fails_the_reservation(receiver, sender, src_caches):
+    src = src_caches
     outcomes = Outcomes()
     receiver.expect("quit", [6, 7], 8, outcomes)
     transfer = sender.open(receiver.endpoint, "quit", 8)
@@ -217,65 +200,79 @@ def test_sender_cancel_after_every_layer_fails_the_reservation(receiver, sender)
     assert isinstance(outcomes.wait("quit"), KVTransferCancelled)
 
 
-def _raw_nixl_hello(receiver, send_side, rid: str, num_tokens: int, offer=None):
-    """A handshaken socket speaking the nixl data path by hand, and the staging region offered."""
-    region, real_offer = send_side.open_region(LAYOUT.num_blocks_for(num_tokens))
+def _raw_nixl_hello(receiver, offer, rid: str, num_tokens: int):
+    """A handshaken socket speaking the nixl data path by hand -> (socket, reply type, reply)."""
     sock = socket.create_connection(("127.0.0.1", int(receiver.endpoint.rsplit(":", 1)[1])), timeout=10)
-    sock.sendall(wire.Hello(LAYOUT, rid, num_tokens, nixl=offer or real_offer).encode())
+    sock.sendall(wire.Hello(LAYOUT, rid, num_tokens, nixl=offer).encode())
     frame_type, size = wire.decode_header(recv_exact(sock, wire.HEADER.size))
-    return sock, region, frame_type, wire.decode_json(recv_exact(sock, size), "reply")
+    return sock, frame_type, wire.decode_json(recv_exact(sock, size), "reply")
 
 
 def test_success_is_reported_only_after_the_senders_confirm(receiver, send_side):
-    """A sender that read COMPLETE but never confirmed (it may have given its region away) fails."""
+    """A sender that read COMPLETE but never confirmed (it may have released its blocks) fails."""
     outcomes = Outcomes()
     receiver.expect("unconfirmed", [8], 4, outcomes)
-    sock, region, frame_type, reply = _raw_nixl_hello(receiver, send_side, "unconfirmed", 4)
+    sock, frame_type, reply = _raw_nixl_hello(receiver, send_side.offer, "unconfirmed", 4)
     try:
         assert frame_type == wire.HELLO_OK and reply["data_path"] == "nixl"
         for layer in range(LAYOUT.num_layers):
-            sock.sendall(wire.encode_ready(layer, 0, 1))
+            sock.sendall(wire.encode_ready(layer, 0, [5]))
         sock.sendall(wire.encode_header(wire.FINISH, 0))
         frame_type, _ = wire.decode_header(recv_exact(sock, wire.HEADER.size))
         assert frame_type == wire.COMPLETE
         assert "unconfirmed" not in outcomes.calls
     finally:
         sock.close()
-        send_side.close_region(region)
     assert isinstance(outcomes.wait("unconfirmed"), KVTransferError)
+
+
+def test_a_ready_naming_blocks_outside_the_senders_cache_is_refused(receiver, send_side, dst_caches):
+    outcomes = Outcomes()
+    receiver.expect("outside", [10], 4, outcomes)
+    sock, frame_type, _ = _raw_nixl_hello(receiver, send_side.offer, "outside", 4)
+    try:
+        assert frame_type == wire.HELLO_OK
+        sock.sendall(wire.encode_ready(0, 0, [NUM_BLOCKS]))
+        frame_type, size = wire.decode_header(recv_exact(sock, wire.HEADER.size))
+        reply = wire.decode_json(recv_exact(sock, size), "error")
+        assert frame_type == wire.ERROR and reply["code"] == KVProtocolError.code and "outside" in reply["message"]
+    finally:
+        sock.close()
+    assert isinstance(outcomes.wait("outside"), KVProtocolError)
+    assert_blocks_zero(dst_caches, [10])
 
 
 def test_an_offer_whose_metadata_names_another_agent_is_refused(receiver, send_side):
     outcomes = Outcomes()
     receiver.expect("liar", [9], 4, outcomes)
-    region, offer = send_side.open_region(1)
-    send_side.close_region(region)
-    forged = wire.NixlOffer("someone-else", offer.metadata, offer.address, offer.memory, offer.device)
-    sock, region, frame_type, reply = _raw_nixl_hello(receiver, send_side, "liar", 4, forged)
+    offer = send_side.offer
+    forged = wire.NixlOffer("someone-else", offer.metadata, offer.memory, offer.device, offer.num_blocks, offer.bases)
+    sock, frame_type, reply = _raw_nixl_hello(receiver, forged, "liar", 4)
     try:
         assert frame_type == wire.ERROR and reply["code"] == KVProtocolError.code
         assert "names agent" in reply["message"]
     finally:
         sock.close()
-        send_side.close_region(region)
     assert "liar" in receiver.reservations  # refused before it was bound
 
 
 @pytest.mark.parametrize("field,value,message", [
     ("metadata", "!!!", "not valid base64"),
-    ("address", 0, "positive 64-bit"),
+    ("bases", [1] * (2 * LAYOUT.num_layers - 1), "must list"),
+    ("bases", [0] * (2 * LAYOUT.num_layers), "must list"),
+    ("num_blocks", 0, "positive 32-bit"),
     ("memory", "FILE", "must be one of"),
     ("agent", "", "non-empty string"),
 ])
 def test_malformed_offers_are_protocol_errors(field, value, message):
-    offer = wire.NixlOffer("a", b"meta", 4096, "DRAM", 0).to_dict()
+    offer = wire.NixlOffer("a", b"meta", "DRAM", 0, 8, tuple(range(4096, 4096 + 2 * LAYOUT.num_layers))).to_dict()
     offer[field] = value
     with pytest.raises(KVProtocolError, match=message):
-        wire.NixlOffer.from_dict(offer)
+        wire.NixlOffer.from_dict(offer, LAYOUT.num_layers)
 
 
-def test_many_transfers_with_cancels_leave_no_region_read_or_peer_behind(receiver, sender, receive_side):
-    src = random_caches(LAYOUT, NUM_BLOCKS, seed=9)
+def test_many_transfers_with_cancels_leave_no_read_or_peer_behind(receiver, sender, receive_side, src_caches):
+    src = src_caches
     before = receive_side.agent.counts()
     outcomes = Outcomes()
     for i in range(60):
@@ -298,28 +295,15 @@ def test_many_transfers_with_cancels_leave_no_region_read_or_peer_behind(receive
     assert after.remote_agents <= before.remote_agents + 1
 
 
-def test_staging_pool_allocates_first_fit_and_coalesces(send_side):
-    pool = send_side.pool
-    regions = [pool.allocate(2) for _ in range(4)]
-    assert all(r is not None for r in regions) and pool.regions_in_use == 4
-    pool.free(regions[1]), pool.free(regions[2])
-    assert not pool.free(regions[1])  # a second free does nothing
-    bigger = pool.allocate(4)  # fits in the two freed, now merged, neighbours
-    assert bigger.offset == regions[1].offset
-    for region in (regions[0], regions[3], bigger):
-        pool.free(region)
-    assert pool.regions_in_use == 0 and pool.allocate(10 ** 6) is None
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_caches_move_through_gpu_staging():
-    """VRAM registration on both sides: the sender stages on its GPU, the receiver READs into its
-    GPU cache (CUDA IPC or GPUDirect under UCX)."""
+    """VRAM registration on both sides: the receiver READs the sender's GPU cache into its own
+    (CUDA IPC or GPUDirect under UCX)."""
     device = torch.device("cuda")
     src = [(k.to(device), v.to(device)) for k, v in random_caches(LAYOUT, NUM_BLOCKS, seed=10)]
     dst = [(k.to(device), v.to(device)) for k, v in zero_caches(LAYOUT, NUM_BLOCKS)]
-    send = NixlSendSide(new_agent("gsend"), LAYOUT, 1 << 20, device)
+    send = NixlSendSide(new_agent("gsend"), src)
     rx = TCPKVReceiver(dst, nixl=NixlReceiveSide(new_agent("grecv"), LAYOUT, dst), require_nixl=True)
     rx.start()
     try:
