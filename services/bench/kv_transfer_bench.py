@@ -55,17 +55,18 @@ def nixl_sender(kv_caches) -> TCPKVSender:
     return TCPKVSender(KVLayout.from_kv_caches(kv_caches), nixl=side, require_nixl=True)
 
 
-def make_caches(layout: KVLayout, num_blocks: int, random_bytes: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """num_layers (K, V) pairs [num_blocks, block_size, heads, head_dim] of layout.dtype."""
+def make_caches(layout: KVLayout, num_blocks: int, random_bytes: bool,
+                device: str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """num_layers (K, V) pairs [num_blocks, block_size, heads, head_dim] of layout.dtype on `device`."""
     dtype = getattr(torch, layout.dtype)
     shape = (num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
     elem = torch.tensor([], dtype=dtype).element_size()
 
     def one() -> torch.Tensor:
         if not random_bytes:
-            return torch.zeros(shape, dtype=dtype)
+            return torch.zeros(shape, dtype=dtype, device=device)
         raw = torch.randint(0, 256, (*shape[:-1], shape[-1] * elem), dtype=torch.uint8)
-        return raw.view(dtype)
+        return raw.view(dtype).to(device)
 
     return [(one(), one()) for _ in range(layout.num_layers)]
 
@@ -75,7 +76,7 @@ def blocks_digest(kv_caches, block_ids: list[int]) -> str:
     digest = hashlib.sha256()
     for key, value in kv_caches:
         for cache in (key, value):
-            digest.update(tensor_bytes(cache[block_ids].contiguous()))
+            digest.update(tensor_bytes(cache[block_ids].contiguous().cpu()))
     return digest.hexdigest()
 
 
@@ -85,12 +86,12 @@ def process_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def receiver_main(pipe, layout_dict: dict, num_blocks: int) -> None:
+def receiver_main(pipe, layout_dict: dict, num_blocks: int, device: str = "cpu") -> None:
     """The decode-side process: a TCPKVReceiver over its own cache (taking NIXL transfers too where
     NIXL loads), plus a raw socket for the baseline."""
     torch.set_num_threads(1)
     layout = KVLayout.from_dict(layout_dict)
-    kv_caches = make_caches(layout, num_blocks, random_bytes=False)
+    kv_caches = make_caches(layout, num_blocks, random_bytes=False, device=device)
     nixl = (NixlReceiveSide(NixlAgent(f"kvbench-recv-{uuid.uuid4().hex[:8]}"), layout, kv_caches)
             if nixl_loads() else None)
     receiver = TCPKVReceiver(kv_caches, nixl=nixl)
@@ -124,10 +125,11 @@ def receiver_main(pipe, layout_dict: dict, num_blocks: int) -> None:
 class ReceiverProcess:
     """A spawned receiver_main and the pipe to drive it."""
 
-    def __init__(self, layout: KVLayout, num_blocks: int):
+    def __init__(self, layout: KVLayout, num_blocks: int, device: str = "cpu"):
         ctx = mp.get_context("spawn")
         self.pipe, child = ctx.Pipe()
-        self.process = ctx.Process(target=receiver_main, args=(child, layout.to_dict(), num_blocks), daemon=True)
+        self.process = ctx.Process(target=receiver_main, args=(child, layout.to_dict(), num_blocks, device),
+                                   daemon=True)
         self.process.start()
         self.endpoint, self.raw_endpoint = self.pipe.recv()
 
@@ -144,19 +146,21 @@ THROUGHPUT_SYSTEMS = ("raw", "backend_contiguous", "backend_shuffled")
 NIXL_SYSTEMS = ("nixl_contiguous", "nixl_shuffled")  # each compared with the TCP row of its block order
 
 
-def bench_throughput(payload_mb: int, repeats: int) -> dict:
+def bench_throughput(payload_mb: int, repeats: int, device: str = "cpu") -> dict:
     """Raw socket vs the TCP backend with the blocks in order on both sides (the same memory the raw
     socket reads and writes) and shuffled on both sides (fragmented caches, the worst case); and
     where NIXL loads, the same two over the nixl data path. Returns per system the median GB/s,
-    CPU seconds per transfer and median paired ratio to raw (NIXL rows: to the TCP backend)."""
+    CPU seconds per transfer and median paired ratio to raw (NIXL rows: to the TCP backend).
+    device "cuda": both caches on the GPU (two processes on one GPU: the TCP backend stages through
+    host memory, NIXL reads GPU to GPU); the raw socket row is then left out."""
     layout = KVLayout(num_layers=8, num_kv_heads=8, head_dim=128, block_size=16, dtype="bfloat16")
     num_blocks = max(1, payload_mb * (1 << 20) // (2 * layout.num_layers * layout.block_bytes))
     total = 2 * layout.num_layers * num_blocks * layout.block_bytes
-    src = make_caches(layout, num_blocks, random_bytes=True)
-    peer = ReceiverProcess(layout, num_blocks)
+    src = make_caches(layout, num_blocks, random_bytes=True, device=device)
+    peer = ReceiverProcess(layout, num_blocks, device)
     sender = TCPKVSender(layout)
     over_nixl = nixl_sender(src) if nixl_loads() else None
-    systems = THROUGHPUT_SYSTEMS + (NIXL_SYSTEMS if over_nixl is not None else ())
+    systems = THROUGHPUT_SYSTEMS[device != "cpu":] + (NIXL_SYSTEMS if over_nixl is not None else ())
     walls: dict[str, list[float]] = {name: [] for name in systems}
     cpus: dict[str, list[float]] = {name: [] for name in systems}
     in_order = list(range(num_blocks))
@@ -183,7 +187,7 @@ def bench_throughput(payload_mb: int, repeats: int) -> dict:
         peer.stop()
         if over_nixl is not None:
             over_nixl.close()
-    baseline = {name: "raw" for name in THROUGHPUT_SYSTEMS}
+    baseline = {name: "raw" if device == "cpu" else name for name in THROUGHPUT_SYSTEMS}
     baseline.update(nixl_contiguous="backend_contiguous", nixl_shuffled="backend_shuffled")
     return {"bytes": total, "layout": layout, "systems": {name: {
         "gbs": total / statistics.median(walls[name]) / 1e9,
@@ -318,13 +322,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=("tiny", "small", "base"), default="small")
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="throughput: where both caches live (cuda: GPU to GPU, two processes on one GPU)")
     args = parser.parse_args(argv)
     print("command: python -m pdserve.bench.kv_transfer_bench " + shlex.join(argv if argv is not None else sys.argv[1:]))
     print(f"torch threads: {torch.get_num_threads()}")
     ok = True
     if args.part in ("all", "throughput"):
-        r = bench_throughput(args.payload_mb, args.repeats)
-        print(f"\n[throughput] {r['bytes'] / 2**20:.0f} MiB per transfer, {r['layout']}, "
+        r = bench_throughput(args.payload_mb, args.repeats, args.device)
+        print(f"\n[throughput] {r['bytes'] / 2**20:.0f} MiB per transfer on {args.device}, {r['layout']}, "
               f"median of {args.repeats} rounds; ratio = median over rounds of raw time / backend time")
         labels = {"raw": "raw socket", "backend_contiguous": "TCP backend, blocks in order",
                   "backend_shuffled": "TCP backend, blocks shuffled", "nixl_contiguous": "NIXL, blocks in order",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import uuid
 from dataclasses import dataclass
 
 import pytest
@@ -21,6 +22,8 @@ from pdserve.kernels import kv_quant, reference
 from pdserve.kernels.kv_cache_alloc import allocate_cache, cache_block_bytes
 from pdserve.kernels.kv_quant import FP8_MAX, INT8_MAX, dequantize_blocks, kv_cache_torch_dtype
 from pdserve.kvtransfer import KVLayout, TCPKVReceiver, TCPKVSender
+from pdserve.kvtransfer.nixl_agent import NixlAgent
+from pdserve.kvtransfer.nixl_data import NixlReceiveSide, NixlSendSide
 from pdserve.models.config import ModelConfig
 from pdserve.models.loader import load_model
 from pdserve.models.tiny_model import make_tiny_model
@@ -201,27 +204,35 @@ def test_kv_cache_dtype_flag_and_engine(tmp_path):
     assert len(out.samples[0].token_ids) == 8
 
 
+@pytest.mark.parametrize("data_path", ["tcp", "nixl"])
 @pytest.mark.parametrize("dtype", QUANTIZED)
-def test_quantized_blocks_move_over_tcp_with_their_scales(tiny, dtype):
-    """Prefill on one runner, each layer's blocks sent over the TCP transfer to another; the
-    receiver's next-token logits equal the sender's (values and scales arrived as they were)."""
+def test_quantized_blocks_move_with_their_scales(tiny, dtype, data_path):
+    """Prefill on one runner, each layer's blocks moved to another over TCP frames or NIXL READs;
+    the receiver's next-token logits equal the sender's (values and scales arrived as they were)."""
     with one_torch_thread():
         prefill = ModelRunner(tiny.model, tiny.config, 16, 4, dtype)
         decode = ModelRunner(tiny.model, tiny.config, 16, 4, dtype)
         layout = KVLayout.from_kv_caches(prefill.kv_caches)
         assert layout.dtype == str(dtype).removeprefix("torch.")
-        rx = TCPKVReceiver(decode.kv_caches)
+        send_side = recv_side = None
+        if data_path == "nixl":
+            send_side = NixlSendSide(NixlAgent(f"quant-send-{uuid.uuid4().hex[:8]}"), prefill.kv_caches)
+            recv_side = NixlReceiveSide(NixlAgent(f"quant-recv-{uuid.uuid4().hex[:8]}"), layout, decode.kv_caches)
+        rx = TCPKVReceiver(decode.kv_caches, nixl=recv_side, require_nixl=recv_side is not None)
         rx.start()
         try:
             prompt, src_ids, dst_ids = list(range(3, 25)), [9, 3, 5, 0, 14, 2], [1, 2, 3, 4, 12, 13]
             done = {}
             rx.expect("req", dst_ids, len(prompt), lambda rid, err: done.setdefault(rid, err))
-            transfer = TCPKVSender(layout).open(rx.endpoint, "req", len(prompt))
+            transfer = TCPKVSender(layout, nixl=send_side, require_nixl=send_side is not None).open(
+                rx.endpoint, "req", len(prompt))
             logits = prefill.execute([ScheduledChunk(0, prompt, 0, src_ids, True)],
                                      layer_done=lambda i: transfer.send_layer(i, *prefill.kv_caches[i], src_ids))
-            transfer.finish(timeout=30)
+            assert transfer.finish(timeout=30).data_path == data_path
         finally:
             rx.stop()
+            if send_side is not None:
+                send_side.close()
         assert done == {"req": None}
         token = int(logits.argmax(-1))
         mine = prefill.execute([ScheduledChunk(0, [token], len(prompt), src_ids, True)])

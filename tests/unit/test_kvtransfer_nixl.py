@@ -297,7 +297,7 @@ def test_many_transfers_with_cancels_leave_no_read_or_peer_behind(receiver, send
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_caches_move_through_gpu_staging():
+def test_gpu_caches_are_read_gpu_to_gpu():
     """VRAM registration on both sides: the receiver READs the sender's GPU cache into its own
     (CUDA IPC or GPUDirect under UCX)."""
     device = torch.device("cuda")
