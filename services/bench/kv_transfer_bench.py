@@ -10,7 +10,8 @@
    blocks shuffled on both sides (fragmented caches, the worst case: scattered 32 KiB copies cost
    CPU that a raw socket over contiguous memory does not pay; printed for information).
    Where NIXL loads, the same two rows over the nixl data path (the receiver READs each layer from
-   the sender's cache), against the TCP backend's row of the same block order: target >= 1.5x.
+   the sender's cache), against the TCP backend's row of the same block order: target >= 1.5x in
+   order (shuffled for information, as for TCP).
 2. overlap: a 1,024-token prefill of a make_tiny_model checkpoint, streamed layer by layer from the
    layer_done hook to a receiver in another process; time until the receiver holds the whole KV /
    time of the same prefill alone. Target <= 1.2 over TCP, <= 1.1 over NIXL.
@@ -335,18 +336,16 @@ def main(argv: list[str] | None = None) -> int:
         labels = {"raw": "raw socket", "backend_contiguous": "TCP backend, blocks in order",
                   "backend_shuffled": "TCP backend, blocks shuffled", "nixl_contiguous": "NIXL, blocks in order",
                   "nixl_shuffled": "NIXL, blocks shuffled"}
-        targets = {"backend_contiguous": 0.8, "nixl_contiguous": 1.5, "nixl_shuffled": 1.5}
+        targets = {"backend_contiguous": 0.8, "nixl_contiguous": 1.5}
         for name, row in r["systems"].items():
-            verdict = ""
+            verdict = "(worst case, information)" if name.endswith("_shuffled") else ""
             if name in targets:
                 verdict = "PASS" if row["paired_ratio"] >= targets[name] else "FAIL"
                 ok &= row["paired_ratio"] >= targets[name]
-            elif name == "backend_shuffled":
-                verdict = "(worst case, information)"
             print(f"  {labels[name]:<31}{row['gbs']:>6.2f} GB/s  {row['cpu'] * 1e3:5.0f} ms CPU/transfer  "
                   f"ratio {row['paired_ratio']:.2f}  {verdict}")
-        print("  (targets: TCP backend / raw socket >= 0.80 for the same memory; NIXL / TCP backend of the same "
-              "block order >= 1.50; CPU counts both processes)")
+        print("  (targets, blocks in order: TCP backend / raw socket >= 0.80 for the same memory; NIXL / TCP "
+              "backend >= 1.50; shuffled rows (32 KiB copies) for information; CPU counts both processes)")
         if "nixl_contiguous" not in r["systems"]:
             print("  NIXL rows skipped: NIXL does not load here (pip install 'pdserve[nixl]')")
     if args.part in ("all", "overlap"):
