@@ -18,10 +18,11 @@ drift. The checked-in stamps still set the oldest protobuf / grpcio runtime the 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
+import subprocess
 import sys
 import tempfile
-from importlib import resources
 from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
@@ -49,18 +50,27 @@ def generated_files(root: Path = PROTO_ROOT) -> list[Path]:
 def generate(out_dir: Path, root: Path = PROTO_ROOT) -> list[Path]:
     """Compile every .proto under root into out_dir (same relative layout); return the
     generated files relative to out_dir."""
-    from grpc_tools import protoc  # build-time tool: imported only when generating
+    run_protoc([f"--python_out={out_dir}", f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}"], root)
+    return generated_files(out_dir)
 
+
+def run_protoc(output_flags: list[str], root: Path = PROTO_ROOT) -> None:
+    """Compile every .proto under root (import paths relative to it, plus protobuf's well-known
+    types) with grpcio-tools' protoc and the given output flags; RuntimeError when it fails.
+
+    protoc runs in a child process: its compiler bundles its own abseil and protobuf, which crash
+    a process that has also loaded NIXL's (the KV transfer's)."""
     protos = proto_files(root)
     if not protos:
         raise FileNotFoundError(f"no .proto files under {root}")
-    well_known = resources.files("grpc_tools") / "_proto"
-    args = ["grpc_tools.protoc", f"-I{root}", f"-I{well_known}", f"--python_out={out_dir}",
-            f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}",
-            *(str(root / p) for p in protos)]
-    if protoc.main(args) != 0:
+    spec = importlib.util.find_spec("grpc_tools")  # located, not imported
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("grpcio-tools is not installed (pip install grpcio-tools)")
+    well_known = Path(spec.submodule_search_locations[0]) / "_proto"
+    command = [sys.executable, "-m", "grpc_tools.protoc", f"-I{root}", f"-I{well_known}", *output_flags,
+               *(str(root / p) for p in protos)]
+    if subprocess.run(command).returncode != 0:
         raise RuntimeError(f"protoc failed on {root} (see the messages above)")
-    return generated_files(out_dir)
 
 
 def without_version_stamps(code: str) -> str:

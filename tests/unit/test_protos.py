@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import shutil
-from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -229,13 +228,8 @@ def _element_paths(file_proto: descriptor_pb2.FileDescriptorProto):
 
 
 def test_every_proto_element_has_a_comment(tmp_path):
-    from grpc_tools import protoc
-
     out = tmp_path / "descriptors.pb"
-    protos = [str(generate.PROTO_ROOT / p) for p in generate.proto_files()]
-    well_known = resources.files("grpc_tools") / "_proto"
-    assert protoc.main(["protoc", f"-I{generate.PROTO_ROOT}", f"-I{well_known}",
-                        "--include_source_info", f"--descriptor_set_out={out}", *protos]) == 0
+    generate.run_protoc(["--include_source_info", f"--descriptor_set_out={out}"])
     file_set = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
     undocumented = [f"{f.name}: {label}" for f in file_set.file
                     for path, label in _element_paths(f) if path not in _documented_locations(f)]
