@@ -81,13 +81,12 @@ async def churn(cluster: LocalCluster, args) -> dict:
     return summary
 
 
-NIXL_IDLE = {"pdserve:kv_nixl_registrations": 1, "pdserve:kv_nixl_reads_in_flight": 0,
-             "pdserve:kv_nixl_pinned_blocks": 0}
+NIXL_IDLE = {"pdserve:kv_nixl_reads_in_flight": 0, "pdserve:kv_nixl_pinned_blocks": 0}
 
 
 def nixl_leaks(cluster: LocalCluster) -> dict:
     """Every live prefill and decode server's NIXL gauges, which must be back at rest: one memory
-    registration (the KV cache), no READ in flight, no KV block pinned for a transfer.
+    registration (the KV cache) per agent, no READ in flight, no KV block pinned for a transfer.
     Returns {"servers": how many have NIXL, "leaks": {server: {gauge: value}}}."""
     servers, leaks = 0, {}
     for proc in cluster.servers("prefill") + cluster.servers("decode"):
@@ -98,6 +97,8 @@ def nixl_leaks(cluster: LocalCluster) -> dict:
             continue
         servers += 1
         wrong = {name: value for name, value in values.items() if name in NIXL_IDLE and value != NIXL_IDLE[name]}
+        if values.get("pdserve:kv_nixl_registrations") != values.get("pdserve:kv_nixl_agents"):
+            wrong["pdserve:kv_nixl_registrations"] = values.get("pdserve:kv_nixl_registrations")
         if wrong:
             leaks[proc.log_path.stem] = wrong
     return {"servers": servers, "leaks": leaks}

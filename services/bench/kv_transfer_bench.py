@@ -37,7 +37,7 @@ import torch
 from pdserve.kvtransfer import KVLayout, TCPKVReceiver, TCPKVSender
 from pdserve.kvtransfer.block_io import tensor_bytes
 from pdserve.kvtransfer.nixl_agent import NixlAgent, NixlUnavailable, nixl_api
-from pdserve.kvtransfer.nixl_data import NixlReceiveSide, NixlSendSide
+from pdserve.kvtransfer.nixl_data import READ_LANES, NixlReceiveSide, NixlSendSide
 from pdserve.kvtransfer.tcp_sender import parse_endpoint
 
 
@@ -93,8 +93,8 @@ def receiver_main(pipe, layout_dict: dict, num_blocks: int, device: str = "cpu")
     torch.set_num_threads(1)
     layout = KVLayout.from_dict(layout_dict)
     kv_caches = make_caches(layout, num_blocks, random_bytes=False, device=device)
-    nixl = (NixlReceiveSide(NixlAgent(f"kvbench-recv-{uuid.uuid4().hex[:8]}"), layout, kv_caches)
-            if nixl_loads() else None)
+    nixl = (NixlReceiveSide([NixlAgent(f"kvbench-recv-{uuid.uuid4().hex[:8]}") for _ in range(READ_LANES)],
+                            layout, kv_caches) if nixl_loads() else None)
     receiver = TCPKVReceiver(kv_caches, nixl=nixl)
     raw = socket.create_server(("127.0.0.1", 0))
     pipe.send((receiver.start(), f"127.0.0.1:{raw.getsockname()[1]}"))

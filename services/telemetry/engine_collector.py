@@ -88,13 +88,13 @@ class PrefixIndexCollector(Collector):
 
 
 class NixlCollector(Collector):
-    """A prefill or decode server's NIXL state (--kv-transfer nixl|auto): what its agent holds now.
-    counts() returns (registrations, READs in flight, remote agents, KV blocks pinned for transfers);
-    leak checks read these after traffic stops: registrations stay at one, the others at 0 (a
-    decode server keeps idle remote agents for a while: it forgets them after failed READs or
-    PEER_IDLE_S unused)."""
+    """A prefill or decode server's NIXL state (--kv-transfer nixl|auto): what its agents hold now.
+    counts() returns (agents, registrations, READs in flight, remote agents, KV blocks pinned for
+    transfers); leak checks read these after traffic stops: one registration per agent, the
+    others at 0 (a decode server keeps idle remote agents for a while: it forgets them after
+    failed READs or PEER_IDLE_S unused)."""
 
-    def __init__(self, counts: Callable[[], tuple[int, int, int, int]]):
+    def __init__(self, counts: Callable[[], tuple[int, int, int, int, int]]):
         self.counts = counts
 
     def describe(self):
@@ -103,10 +103,11 @@ class NixlCollector(Collector):
 
     def collect(self) -> Iterator:
         """The current values."""
-        registrations, reads, peers, pinned = self.counts()
+        agents, registrations, reads, peers, pinned = self.counts()
         for name, value, text in (
-                ("pdserve:kv_nixl_registrations", registrations, "Memory registrations of this server's NIXL agent."),
+                ("pdserve:kv_nixl_agents", agents, "NIXL agents of this server (a decode server's read lanes)."),
+                ("pdserve:kv_nixl_registrations", registrations, "Memory registrations of this server's NIXL agents."),
                 ("pdserve:kv_nixl_reads_in_flight", reads, "NIXL READs posted and not yet released (decode)."),
-                ("pdserve:kv_nixl_remote_agents", peers, "Remote NIXL agents this server knows (decode)."),
+                ("pdserve:kv_nixl_remote_agents", peers, "Remote NIXL agents this server knows, per lane (decode)."),
                 ("pdserve:kv_nixl_pinned_blocks", pinned, "KV blocks held for NIXL transfers in flight (prefill).")):
             yield GaugeMetricFamily(name, text, value=value)

@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 from pdserve.kvtransfer import KVLayout, TCPKVReceiver, TCPKVSender
 from pdserve.kvtransfer.backend import TransferObserver
-from pdserve.kvtransfer.nixl_agent import NixlAgent, NixlUnavailable
-from pdserve.kvtransfer.nixl_data import NixlReceiveSide, NixlSendSide
+from pdserve.kvtransfer.nixl_agent import NixlAgent, NixlCounts, NixlUnavailable
+from pdserve.kvtransfer.nixl_data import READ_LANES, NixlReceiveSide, NixlSendSide
 from pdserve.runtime.security import kv_receiver_options, kv_sender_options
 from pdserve.settings import DecodeSettings, PrefillSettings
 from pdserve.telemetry.engine_collector import NixlCollector
@@ -20,22 +20,26 @@ from pdserve.telemetry.engine_collector import NixlCollector
 logger = logging.getLogger("pdserve.kv_transport")
 
 
-def _agent(mode: str, worker_id: str) -> NixlAgent | None:
-    """A NIXL agent unless mode is tcp; under auto, None (and one log line) when NIXL cannot start."""
+def _agents(mode: str, worker_id: str, count: int = 1) -> list[NixlAgent]:
+    """`count` NIXL agents unless mode is tcp; under auto, none (and one log line) when NIXL cannot start."""
     if mode == "tcp":
-        return None
-    try:  # unique per process: a restarted server is a new agent to its peers
-        return NixlAgent(f"pdserve-{worker_id}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        return []
+    agents: list[NixlAgent] = []
+    try:  # names unique per process: a restarted server is a new agent to its peers
+        for lane in range(count):
+            agents.append(NixlAgent(f"pdserve-{worker_id}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{lane}"))
     except NixlUnavailable as exc:
+        for agent in agents:
+            agent.close()
         if mode == "nixl":
             raise RuntimeError(f"--kv-transfer nixl: {exc}") from exc
         logger.info("KV transfer: tcp (NIXL unavailable: %s)", exc)
-        return None
+        return []
+    return agents
 
 
-def _agent_counts(agent: NixlAgent) -> tuple[int, int, int]:
-    counts = agent.counts()
-    return counts.registrations, counts.transfers_in_flight, counts.remote_agents
+def _gauges(counts: NixlCounts, agents: int, pinned: int) -> tuple[int, int, int, int, int]:
+    return agents, counts.registrations, counts.transfers_in_flight, counts.remote_agents, pinned
 
 
 def kv_sender(settings: PrefillSettings, worker_id: str, kv_caches, registry=None,
@@ -45,12 +49,13 @@ def kv_sender(settings: PrefillSettings, worker_id: str, kv_caches, registry=Non
     `registry`, if given."""
     layout = KVLayout.from_kv_caches(kv_caches)
     options = kv_sender_options(settings.server.tls, settings.kv_auth_token)
-    agent = _agent(settings.kv_transfer, worker_id)
-    if agent is None:
+    agents = _agents(settings.kv_transfer, worker_id)
+    if not agents:
         return TCPKVSender(layout, **options)
+    agent = agents[0]
     nixl = NixlSendSide(agent, kv_caches)
     if registry is not None:
-        registry.register(NixlCollector(lambda: (*_agent_counts(agent), pinned_blocks())))
+        registry.register(NixlCollector(lambda: _gauges(agent.counts(), 1, pinned_blocks())))
     logger.info("KV transfer: %s; NIXL agent %s, KV cache registered (%s)",
                 "nixl" if settings.kv_transfer == "nixl" else "auto (nixl where the decode server takes it)",
                 agent.name, nixl.offer.memory)
@@ -62,14 +67,14 @@ def kv_receiver(settings: DecodeSettings, worker_id: str, kv_caches, observer: T
     """The decode server's receiver (not started), per settings.kv_transfer; its NIXL counts go to
     the Prometheus `registry`, if given."""
     options = kv_receiver_options(settings.server.tls, settings.kv_auth_token)
-    agent = _agent(settings.kv_transfer, worker_id)
+    agents = _agents(settings.kv_transfer, worker_id, READ_LANES)
     nixl = None
-    if agent is not None:
-        nixl = NixlReceiveSide(agent, KVLayout.from_kv_caches(kv_caches), kv_caches)
+    if agents:
+        nixl = NixlReceiveSide(agents, KVLayout.from_kv_caches(kv_caches), kv_caches)
         if registry is not None:
-            registry.register(NixlCollector(lambda: (*_agent_counts(agent), 0)))
-        logger.info("KV transfer: %s; NIXL agent %s, KV cache registered (%s)",
+            registry.register(NixlCollector(lambda: _gauges(nixl.counts(), len(agents), 0)))
+        logger.info("KV transfer: %s; NIXL agents %s (%d read lanes), KV cache registered (%s)",
                     "nixl" if settings.kv_transfer == "nixl" else "auto (nixl where the prefill server offers it)",
-                    agent.name, nixl.memory)
+                    agents[0].name.rsplit("-", 1)[0], len(agents), nixl.memory)
     return TCPKVReceiver(kv_caches, host=settings.server.host, port=settings.kv_port, observer=observer,
                          nixl=nixl, require_nixl=settings.kv_transfer == "nixl", **options)

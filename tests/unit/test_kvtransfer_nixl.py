@@ -27,7 +27,7 @@ from helpers.kv_testing import (
 from pdserve.kvtransfer import KVLayout, KVTransferCancelled, KVTransferError, TCPKVReceiver, TCPKVSender, wire
 from pdserve.kvtransfer.errors import KVProtocolError
 from pdserve.kvtransfer.nixl_agent import NixlAgent, nixl_api
-from pdserve.kvtransfer.nixl_data import NixlReceiveSide, NixlSendSide
+from pdserve.kvtransfer.nixl_data import LANE_MIN_BYTES, READ_LANES, NixlReceiveSide, NixlSendSide
 from pdserve.kvtransfer.sockio import recv_exact
 
 nixl_api()  # NIXL is part of the test install (pdserve[nixl]): its absence fails here, it is not skipped
@@ -57,7 +57,7 @@ def dst_caches():
 
 @pytest.fixture(scope="module")
 def receive_side(dst_caches):
-    side = NixlReceiveSide(new_agent("recv"), LAYOUT, dst_caches)
+    side = NixlReceiveSide([new_agent("recv") for _ in range(READ_LANES)], LAYOUT, dst_caches)
     yield side
     side.close()
 
@@ -71,7 +71,7 @@ def receiver(dst_caches, receive_side):
     yield rx
     rx.nixl = None  # the module's receive side outlives this receiver
     rx.stop()
-    assert receive_side.agent.counts().transfers_in_flight == 0
+    assert receive_side.counts().transfers_in_flight == 0
 
 
 @pytest.fixture
@@ -128,6 +128,33 @@ def test_quantized_and_half_caches_move_exactly(dtype):
         assert transfer.finish(timeout=10).data_path == "nixl"
         assert outcomes.wait("x") is None
         assert_blocks_equal(dst, [6, 1, 4], src, [0, 2, 7])
+    finally:
+        rx.stop()
+        send.close()
+
+
+def test_large_layers_are_split_across_read_lanes_exactly():
+    """Layers of >= LANE_MIN_BYTES: each lane READs part of a layer on its own thread (K and V runs
+    of shuffled blocks split by bytes); every byte lands where it belongs."""
+    layout = KVLayout(num_layers=2, num_kv_heads=8, head_dim=128, block_size=16, dtype="bfloat16")
+    num_blocks = 2 * LANE_MIN_BYTES // (2 * layout.block_bytes) + 8
+    src, dst = random_caches(layout, num_blocks, seed=12), zero_caches(layout, num_blocks)
+    send = NixlSendSide(new_agent("lsend"), src)
+    lanes = [new_agent("lrecv") for _ in range(2)]
+    rx = TCPKVReceiver(dst, nixl=NixlReceiveSide(lanes, layout, dst), require_nixl=True)
+    rx.start()
+    try:
+        src_ids = list(range(num_blocks - 2))
+        dst_ids = src_ids[::2] + src_ids[1::2]  # runs of one block: many descriptors per lane
+        outcomes = Outcomes()
+        rx.expect("lanes", dst_ids, len(dst_ids) * layout.block_size, outcomes)
+        transfer = TCPKVSender(layout, nixl=send, require_nixl=True).open(rx.endpoint, "lanes",
+                                                                          len(dst_ids) * layout.block_size)
+        send_all(transfer, src, src_ids)
+        transfer.finish(timeout=30)
+        assert outcomes.wait("lanes") is None
+        assert_blocks_equal(dst, dst_ids, src, src_ids)
+        assert all(agent.counts().remote_agents == 1 for agent in lanes)  # both lanes read
     finally:
         rx.stop()
         send.close()
@@ -273,7 +300,7 @@ def test_malformed_offers_are_protocol_errors(field, value, message):
 
 def test_many_transfers_with_cancels_leave_no_read_or_peer_behind(receiver, sender, receive_side, src_caches):
     src = src_caches
-    before = receive_side.agent.counts()
+    before = receive_side.counts()
     outcomes = Outcomes()
     for i in range(60):
         rid = f"many-{i}"
@@ -290,9 +317,9 @@ def test_many_transfers_with_cancels_leave_no_read_or_peer_behind(receiver, send
             transfer.finish(timeout=10)
             assert outcomes.wait(rid) is None
     assert len(receiver.reservations) == 0
-    after = receive_side.agent.counts()  # the sender's agent may be new to the receiver: one peer more at most
-    assert after.registrations == before.registrations and after.transfers_in_flight == 0
-    assert after.remote_agents <= before.remote_agents + 1
+    after = receive_side.counts()  # the sender's agent may be new to the receiver: one peer more per lane
+    assert after.registrations == before.registrations == READ_LANES and after.transfers_in_flight == 0
+    assert after.remote_agents <= before.remote_agents + READ_LANES
 
 
 @pytest.mark.gpu
