@@ -95,6 +95,7 @@ class NixlAgent:
         self._lock = threading.Lock()
         self._registrations: list = []
         self._in_flight = 0
+        self.reads_completed = 0  # READs that finished DONE, over the agent's life
         self._peers: dict[str, bytes] = {}  # remote agent name -> the metadata it was added with
         self._closed = False
         log.info("NIXL agent %s started (UCX) in %.2f s", name, time.perf_counter() - started)
@@ -150,6 +151,7 @@ class NixlAgent:
         equal length. Raises KVTransferError when NIXL reports an error or after timeout_s (the
         READ is then released, which aborts it). Returns only once the READ no longer writes."""
         deadline = time.monotonic() + timeout_s
+        done = False
         with self._lock:
             handle = self._agent.initialize_xfer("READ", self._agent.get_xfer_descs(local_rows, local_memory),
                                                  self._agent.get_xfer_descs(remote_rows, remote_memory), peer)
@@ -173,6 +175,7 @@ class NixlAgent:
                     state = self._agent.check_xfer_state(handle)
             if state != "DONE":
                 raise KVTransferError(f"NIXL READ from {peer} failed (state {state})", code="connection_lost")
+            done = True
         except KVTransferError:
             raise
         except Exception as exc:  # nixlRemoteDisconnectError and friends: the peer is gone
@@ -180,6 +183,7 @@ class NixlAgent:
         finally:
             with self._lock:
                 self._in_flight -= 1
+                self.reads_completed += done
                 try:
                     self._agent.release_xfer_handle(handle)
                 except Exception as exc:

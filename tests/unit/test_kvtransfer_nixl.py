@@ -37,6 +37,26 @@ def new_agent(role: str) -> NixlAgent:
     return NixlAgent(f"test-{role}-{uuid.uuid4().hex[:8]}")
 
 
+def move_over_nixl(layout: KVLayout, src, dst, src_ids: list[int], dst_ids: list[int], lanes: int = 1):
+    """One transfer between fresh NIXL sides over src and dst (NIXL required on both); returns the
+    receiver's lane agents once the KV is in and both sides are closed again."""
+    send = NixlSendSide(new_agent("send"), src)
+    agents = [new_agent("recv") for _ in range(lanes)]
+    rx = TCPKVReceiver(dst, nixl=NixlReceiveSide(agents, layout, dst), require_nixl=True)
+    rx.start()
+    try:
+        outcomes, num_tokens = Outcomes(), len(dst_ids) * layout.block_size
+        rx.expect("moved", dst_ids, num_tokens, outcomes)
+        transfer = TCPKVSender(layout, nixl=send, require_nixl=True).open(rx.endpoint, "moved", num_tokens)
+        send_all(transfer, src, src_ids)
+        assert transfer.finish(timeout=30).data_path == "nixl"
+        assert outcomes.wait("moved") is None
+        return agents
+    finally:
+        rx.stop()
+        send.close()
+
+
 @pytest.fixture(scope="module")
 def src_caches():
     """The sender's cache, registered once; tests that change it restore it."""
@@ -117,20 +137,8 @@ def test_quantized_and_half_caches_move_exactly(dtype):
     """int8/fp8 caches (their scales live inside each block's bytes) move as bytes like any other."""
     layout = KVLayout(num_layers=2, num_kv_heads=1, head_dim=6, block_size=3, dtype=dtype)
     src, dst = random_caches(layout, 8, seed=1), zero_caches(layout, 8)
-    send = NixlSendSide(new_agent("send"), src)
-    rx = TCPKVReceiver(dst, nixl=NixlReceiveSide(new_agent("recv"), layout, dst), require_nixl=True)
-    rx.start()
-    try:
-        outcomes = Outcomes()
-        rx.expect("x", [6, 1, 4], 9, outcomes)
-        transfer = TCPKVSender(layout, nixl=send, require_nixl=True).open(rx.endpoint, "x", 9)
-        send_all(transfer, src, [0, 2, 7])
-        assert transfer.finish(timeout=10).data_path == "nixl"
-        assert outcomes.wait("x") is None
-        assert_blocks_equal(dst, [6, 1, 4], src, [0, 2, 7])
-    finally:
-        rx.stop()
-        send.close()
+    move_over_nixl(layout, src, dst, [0, 2, 7], [6, 1, 4])
+    assert_blocks_equal(dst, [6, 1, 4], src, [0, 2, 7])
 
 
 def test_large_layers_are_split_across_read_lanes_exactly():
@@ -139,25 +147,12 @@ def test_large_layers_are_split_across_read_lanes_exactly():
     layout = KVLayout(num_layers=2, num_kv_heads=8, head_dim=128, block_size=16, dtype="bfloat16")
     num_blocks = 2 * LANE_MIN_BYTES // (2 * layout.block_bytes) + 8
     src, dst = random_caches(layout, num_blocks, seed=12), zero_caches(layout, num_blocks)
-    send = NixlSendSide(new_agent("lsend"), src)
-    lanes = [new_agent("lrecv") for _ in range(2)]
-    rx = TCPKVReceiver(dst, nixl=NixlReceiveSide(lanes, layout, dst), require_nixl=True)
-    rx.start()
-    try:
-        src_ids = list(range(num_blocks - 2))
-        dst_ids = src_ids[::2] + src_ids[1::2]  # runs of one block: many descriptors per lane
-        outcomes = Outcomes()
-        rx.expect("lanes", dst_ids, len(dst_ids) * layout.block_size, outcomes)
-        transfer = TCPKVSender(layout, nixl=send, require_nixl=True).open(rx.endpoint, "lanes",
-                                                                          len(dst_ids) * layout.block_size)
-        send_all(transfer, src, src_ids)
-        transfer.finish(timeout=30)
-        assert outcomes.wait("lanes") is None
-        assert_blocks_equal(dst, dst_ids, src, src_ids)
-        assert all(agent.counts().remote_agents == 1 for agent in lanes)  # both lanes read
-    finally:
-        rx.stop()
-        send.close()
+    src_ids = list(range(num_blocks - 2))
+    dst_ids = src_ids[::2] + src_ids[1::2]  # runs of one block: many descriptors per lane
+    lanes = move_over_nixl(layout, src, dst, src_ids, dst_ids, lanes=2)
+    assert_blocks_equal(dst, dst_ids, src, src_ids)
+    assert all(agent.reads_completed == layout.num_layers for agent in lanes)  # each lane read part of each layer
+    assert all(agent.counts().remote_agents == 0 for agent in lanes)  # forgotten when the receiver closed
 
 
 def test_a_receiver_without_nixl_gets_layer_frames_and_a_strict_sender_refuses_it(send_side, src_caches):
@@ -330,19 +325,6 @@ def test_gpu_caches_are_read_gpu_to_gpu():
     device = torch.device("cuda")
     src = [(k.to(device), v.to(device)) for k, v in random_caches(LAYOUT, NUM_BLOCKS, seed=10)]
     dst = [(k.to(device), v.to(device)) for k, v in zero_caches(LAYOUT, NUM_BLOCKS)]
-    send = NixlSendSide(new_agent("gsend"), src)
-    rx = TCPKVReceiver(dst, nixl=NixlReceiveSide(new_agent("grecv"), LAYOUT, dst), require_nixl=True)
-    rx.start()
-    try:
-        outcomes = Outcomes()
-        rx.expect("g", [7, 3, 9], 12, outcomes)
-        transfer = TCPKVSender(LAYOUT, nixl=send, require_nixl=True).open(rx.endpoint, "g", 12)
-        send_all(transfer, src, [1, 2, 30])
-        assert transfer.finish(timeout=30).data_path == "nixl"
-        assert outcomes.wait("g") is None
-        torch.cuda.synchronize()
-        assert_blocks_equal([(k.cpu(), v.cpu()) for k, v in dst], [7, 3, 9],
-                            [(k.cpu(), v.cpu()) for k, v in src], [1, 2, 30])
-    finally:
-        rx.stop()
-        send.close()
+    move_over_nixl(LAYOUT, src, dst, [1, 2, 30], [7, 3, 9], lanes=READ_LANES)
+    torch.cuda.synchronize()
+    assert_blocks_equal([(k.cpu(), v.cpu()) for k, v in dst], [7, 3, 9], [(k.cpu(), v.cpu()) for k, v in src], [1, 2, 30])
