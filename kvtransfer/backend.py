@@ -73,7 +73,8 @@ class KVTransfer(ABC):
 
     @abstractmethod
     def finish(self, timeout: float | None = None) -> TransferStats:
-        """Send the end marker and wait until the receiver has written everything; raises
+        """Send the end marker and wait until the receiver has written everything (over NIXL: has
+        read everything; its on_complete follows when it gets the CONFIRM this sends); raises
         KVTransferError (or a subclass) if the transfer failed, TimeoutError after `timeout`
         seconds (the transfer is then cancelled)."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import threading
 import uuid
 from dataclasses import dataclass
 
@@ -222,13 +223,14 @@ def test_quantized_blocks_move_with_their_scales(tiny, dtype, data_path):
         rx.start()
         try:
             prompt, src_ids, dst_ids = list(range(3, 25)), [9, 3, 5, 0, 14, 2], [1, 2, 3, 4, 12, 13]
-            done = {}
-            rx.expect("req", dst_ids, len(prompt), lambda rid, err: done.setdefault(rid, err))
+            done, reported = {}, threading.Event()
+            rx.expect("req", dst_ids, len(prompt), lambda rid, err: (done.setdefault(rid, err), reported.set()))
             transfer = TCPKVSender(layout, nixl=send_side, require_nixl=send_side is not None).open(
                 rx.endpoint, "req", len(prompt))
             logits = prefill.execute([ScheduledChunk(0, prompt, 0, src_ids, True)],
                                      layer_done=lambda i: transfer.send_layer(i, *prefill.kv_caches[i], src_ids))
             assert transfer.finish(timeout=30).data_path == data_path
+            assert reported.wait(10)  # over NIXL the receiver reports once it has the sender's CONFIRM
         finally:
             rx.stop()
             if send_side is not None:
