@@ -206,23 +206,21 @@ class ReceiveSession:
             raise KVTransferError(
                 f"FINISH before all KV arrived: {missing[0].size} (layer, block) pairs missing, first "
                 f"layer {int(missing[0][0])} block {int(missing[1][0])}", code="incomplete")
-        if self._offer is not None:  # the bytes count only if the sender still held its region
-            self._send(wire.encode_json_frame(wire.COMPLETE, {"bytes": res.bytes_received}))
+        complete = wire.encode_json_frame(wire.COMPLETE, {"bytes": res.bytes_received})
+        if self._offer is not None:  # what was READ counts only if the sender still held those blocks
+            self._send(complete)
             frame_type, size = self._read_header()
+            self._expect_empty(frame_type, size)
             if frame_type == wire.CANCEL:
-                self._expect_empty(frame_type, size)
                 self.table.finish(res, KVTransferCancelled(
                     f"the sender {self.peer} cancelled reservation {res.reservation_id!r} before confirming"))
                 return
             if frame_type != wire.CONFIRM:
                 raise KVProtocolError(f"expected CONFIRM after COMPLETE, got {wire.FRAME_NAMES[frame_type]}")
-            self._expect_empty(frame_type, size)
-            if not self.table.finish(res, None):
-                raise _Cancelled()
-            return
         if not self.table.finish(res, None):
             raise _Cancelled()
-        self._send(wire.encode_json_frame(wire.COMPLETE, {"bytes": res.bytes_received}))
+        if self._offer is None:
+            self._send(complete)
 
     def _read_header(self) -> tuple[int, int]:
         return wire.decode_header(recv_exact(self.sock, wire.HEADER.size))
