@@ -90,11 +90,13 @@ class KVSenderBackend(ABC):
     @abstractmethod
     def open(self, endpoint: str, reservation_id: str, num_tokens: int,
              dst_block_ids: Sequence[int] | None = None, metadata: dict[str, str] | None = None,
-             timeout: float | None = None) -> KVTransfer:
+             timeout: float | None = None, held_blocks: int = 0) -> KVTransfer:
         """Handshake with the receiver at `endpoint` for reservation_id holding num_tokens tokens.
         dst_block_ids, if given, must equal the reserved blocks (a routing check); metadata travels
-        in the handshake (e.g. W3C trace context). Raises KVLayoutMismatch, UnknownReservation,
-        KVAuthError or KVTransferError with a message naming the cause."""
+        in the handshake (e.g. W3C trace context). held_blocks: leading blocks the receiver holds
+        already (its prefix cache): they are not sent, and the receiver must agree. Raises
+        KVLayoutMismatch, UnknownReservation, KVAuthError or KVTransferError with a message naming
+        the cause."""
 
 
 class KVReceiverBackend(ABC):
@@ -115,9 +117,10 @@ class KVReceiverBackend(ABC):
 
     @abstractmethod
     def expect(self, reservation_id: str, dst_block_ids: list[int], num_tokens: int,
-               on_complete: OnComplete) -> None:
-        """Register reserved blocks; on_complete(reservation_id, error_or_None) is called once, from
-        a backend thread, unless cancel() comes first."""
+               on_complete: OnComplete, held_blocks: int = 0) -> None:
+        """Register reserved blocks (the first held_blocks of them hold their KV already and are
+        never written); on_complete(reservation_id, error_or_None) is called once, from a backend
+        thread, unless cancel() comes first."""
 
     @abstractmethod
     def cancel(self, reservation_id: str) -> bool:

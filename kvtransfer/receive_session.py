@@ -153,9 +153,9 @@ class ReceiveSession:
             raise KVProtocolError(f"{frame} {layer} out of range: the layout has {self.layout.num_layers} layers")
         if count < 1:
             raise KVProtocolError(f"{frame} {layer} carries no blocks")
-        if first + count > res.num_blocks:
+        if first < res.held_blocks or first + count > res.num_blocks:
             raise KVProtocolError(f"{frame} {layer} blocks [{first}, {first + count}) are outside the "
-                                  f"reservation's {res.num_blocks} blocks")
+                                  f"reservation's blocks to fill [{res.held_blocks}, {res.num_blocks})")
         return layer, first, count
 
     def _read_layer(self, res: ExpectedTransfer, size: int) -> None:

@@ -35,9 +35,10 @@ class ExpectedTransfer:
     """The receiver's record of one transfer it expects into blocks reserved for a prompt (it has no
     expiry of its own: the decode server closes it when its KVLease ends). Only the first
     `num_blocks` = ceil(num_tokens / block_size) of dst_block_ids receive KV (a reservation may
-    hold more, for the tokens decode will add). received: bool [num_layers, num_blocks], which
-    (layer, block) pairs have arrived. The fields after `received` belong to the connection
-    filling it."""
+    hold more, for the tokens decode will add), less the first `held_blocks`, which the receiver
+    holds already (shared prefix-cache blocks: writing them is a protocol error). received: bool
+    [num_layers, num_blocks], which (layer, block) pairs are in. The fields after `received`
+    belong to the connection filling it."""
 
     reservation_id: str
     dst_block_ids: tuple[int, ...]
@@ -45,6 +46,7 @@ class ExpectedTransfer:
     num_blocks: int
     on_complete: OnComplete
     received: np.ndarray
+    held_blocks: int = 0
     connection: Abortable | None = None
     writing: bool = False
     closed: bool = False
@@ -79,7 +81,7 @@ class ReservationTable:
             return self._by_id.get(reservation_id)
 
     def add(self, reservation_id: str, dst_block_ids: list[int], num_tokens: int,
-            on_complete: OnComplete) -> None:
+            on_complete: OnComplete, held_blocks: int = 0) -> None:
         """Register a reservation; ValueError on a duplicate id or blocks that cannot hold the prompt."""
         ids = tuple(int(b) for b in dst_block_ids)
         needed = self.layout.num_blocks_for(num_tokens) if num_tokens >= 1 else 0
@@ -94,12 +96,15 @@ class ReservationTable:
         if bad or len(set(ids)) != len(ids):
             raise ValueError(f"reservation {reservation_id}: block ids must be distinct and in "
                              f"[0, {self.num_cache_blocks}), got {'out of range ' + str(bad[:5]) if bad else 'repeats'}")
+        if not 0 <= held_blocks <= needed:
+            raise ValueError(f"reservation {reservation_id}: held_blocks {held_blocks} not in [0, {needed}]")
         received = np.zeros((self.layout.num_layers, needed), dtype=bool)
+        received[:, :held_blocks] = True
         with self._cond:
             if reservation_id in self._by_id:
                 raise ValueError(f"reservation {reservation_id} is already registered")
             self._by_id[reservation_id] = ExpectedTransfer(reservation_id, ids, num_tokens, needed,
-                                                      on_complete, received)
+                                                           on_complete, received, held_blocks)
 
     def bind(self, hello: Hello, connection: Abortable, data_path: str = "tcp") -> ExpectedTransfer:
         """Attach a handshaking connection (moving the K/V by data_path) to the reservation it
@@ -120,6 +125,9 @@ class ReservationTable:
             if hello.dst_block_ids is not None and hello.dst_block_ids != res.dst_block_ids:
                 raise KVTransferError(f"reservation {rid!r}: the sender's dst_block_ids differ from the "
                                       f"reserved blocks", code="size_mismatch")
+            if hello.held_blocks != res.held_blocks:
+                raise KVTransferError(f"reservation {rid!r}: this receiver holds {res.held_blocks} leading blocks "
+                                      f"already, the sender skips {hello.held_blocks}", code="size_mismatch")
             res.connection = connection
             res.data_path = data_path
             res.metadata = dict(hello.metadata or {})
@@ -187,7 +195,8 @@ class ReservationTable:
 
     def _report(self, res: ExpectedTransfer, error: Exception | None) -> None:
         if self.observer is not None and res.connection is not None:
-            report = ReceivedTransfer(res.reservation_id, res.metadata, res.bytes_received, res.num_blocks,
+            report = ReceivedTransfer(res.reservation_id, res.metadata, res.bytes_received,
+                                      res.num_blocks - res.held_blocks,
                                       res.bound_unix_ns, time.monotonic() - res.bound_monotonic, error,
                                       res.data_path)
             try:

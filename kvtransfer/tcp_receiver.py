@@ -108,12 +108,13 @@ class TCPKVReceiver(KVReceiverBackend):
             self.nixl.close()
 
     def expect(self, reservation_id: str, dst_block_ids: list[int], num_tokens: int,
-               on_complete: OnComplete) -> None:
+               on_complete: OnComplete, held_blocks: int = 0) -> None:
         """Register reserved blocks for a prompt of num_tokens tokens (the first
-        ceil(num_tokens / block_size) of dst_block_ids receive its KV). on_complete(reservation_id,
-        error) is called exactly once -- error None when the whole KV is in the blocks -- unless
+        ceil(num_tokens / block_size) of dst_block_ids receive its KV, less the first held_blocks,
+        which hold it already and are never written). on_complete(reservation_id, error) is called
+        exactly once -- error None when the whole KV is in the blocks -- unless
         cancel(reservation_id) comes first."""
-        self.reservations.add(reservation_id, dst_block_ids, num_tokens, on_complete)
+        self.reservations.add(reservation_id, dst_block_ids, num_tokens, on_complete, held_blocks)
 
     def cancel(self, reservation_id: str) -> bool:
         """Forget a reservation (expired, aborted). When this returns no byte more lands in its blocks,

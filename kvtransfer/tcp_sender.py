@@ -84,14 +84,14 @@ class TCPKVSender(KVSenderBackend):
 
     def open(self, endpoint: str, reservation_id: str, num_tokens: int,
              dst_block_ids: Sequence[int] | None = None, metadata: dict[str, str] | None = None,
-             timeout: float | None = None) -> TCPKVTransfer:
+             timeout: float | None = None, held_blocks: int = 0) -> TCPKVTransfer:
         """Connect and handshake (see KVSenderBackend.open)."""
         started = time.perf_counter()
         host, port = parse_endpoint(endpoint)
         offer = self.nixl.offer if self.nixl is not None else None
         hello = wire.Hello(self.layout, reservation_id, num_tokens,
                            None if dst_block_ids is None else tuple(int(b) for b in dst_block_ids),
-                           self.auth_token, dict(metadata or {}), offer)
+                           self.auth_token, dict(metadata or {}), offer, held_blocks)
         sock = None
         try:
             frame = hello.encode()  # validates nothing yet: the receiver is the judge
@@ -111,7 +111,7 @@ class TCPKVSender(KVSenderBackend):
                 sock.close()
             raise
         return TCPKVTransfer(sock, self.layout, endpoint, reservation_id, reply["num_blocks"], started,
-                             self.keepalive_s, self.nixl if data_path == "nixl" else None)
+                             self.keepalive_s, self.nixl if data_path == "nixl" else None, held_blocks)
 
     def close(self) -> None:
         """Release the NIXL side (its cache registration and agent), if any; transfers must have ended."""
@@ -141,11 +141,12 @@ class TCPKVTransfer(KVTransfer):
     """A handshaken connection and its sending thread (see KVTransfer for the contract). With the
     `nixl` side the blocks are announced in READY frames and the receiver READs them from the
     cache in place (send_layer then takes no snapshot: the caller keeps the blocks unchanged until
-    the transfer ends); without, they travel in LAYER frames."""
+    the transfer ends); without, they travel in LAYER frames. The first held_blocks logical blocks
+    the receiver holds already: send_layer leaves them out."""
 
     def __init__(self, sock: socket.socket, layout: KVLayout, endpoint: str, reservation_id: str,
                  num_blocks: int, started: float, keepalive_s: float = wire.SENDER_KEEPALIVE_S,
-                 nixl: NixlSendSide | None = None):
+                 nixl: NixlSendSide | None = None, held_blocks: int = 0):
         self.nixl = nixl
         self.data_path = "nixl" if nixl is not None else "tcp"
         if nixl is not None:
@@ -155,6 +156,7 @@ class TCPKVTransfer(KVTransfer):
         self.endpoint = endpoint
         self.reservation_id = reservation_id
         self.num_blocks = num_blocks
+        self.held_blocks = held_blocks
         self._sock = sock
         self._started = started
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -176,6 +178,11 @@ class TCPKVTransfer(KVTransfer):
         ids = (src_block_ids.tolist() if isinstance(src_block_ids, torch.Tensor)
                else [int(b) for b in src_block_ids])
         self._check_layer(layer, key_cache, value_cache, ids, first_block)
+        if first_block < self.held_blocks:  # the receiver has those already
+            skipped = min(self.held_blocks - first_block, len(ids))
+            ids, first_block = ids[skipped:], first_block + skipped
+            if not ids:
+                return
         if self.nixl is not None:
             if snapshot:
                 raise ValueError("the nixl data path reads the blocks in place and takes no snapshot: keep them "
@@ -289,7 +296,7 @@ class TCPKVTransfer(KVTransfer):
             if self._cancelled.is_set():
                 return
             self._sock.sendall(wire.encode_header(wire.CONFIRM, 0))
-        self._stats = TransferStats(self._bytes, self._frames, self.num_blocks,
+        self._stats = TransferStats(self._bytes, self._frames, self.num_blocks - self.held_blocks,
                                     time.perf_counter() - self._started, self.data_path)
 
     def _raise_receiver_error(self) -> None:

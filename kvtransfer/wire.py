@@ -172,6 +172,7 @@ class Hello:
     auth_token: str | None = None
     metadata: dict[str, str] | None = None
     nixl: NixlOffer | None = None
+    held_blocks: int = 0  # leading blocks the receiver holds already; not sent
 
     def encode(self) -> bytes:
         """The HELLO frame."""
@@ -180,7 +181,7 @@ class Hello:
             "num_tokens": self.num_tokens,
             "dst_block_ids": None if self.dst_block_ids is None else list(self.dst_block_ids),
             "auth_token": self.auth_token, "metadata": self.metadata or {},
-            "nixl": None if self.nixl is None else self.nixl.to_dict(),
+            "nixl": None if self.nixl is None else self.nixl.to_dict(), "held_blocks": self.held_blocks,
         })
 
     @classmethod
@@ -208,8 +209,11 @@ class Hello:
                 isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise KVProtocolError("HELLO metadata must be an object of string to string")
         nixl = msg.get("nixl")
+        held = msg.get("held_blocks", 0)
+        if not _is_int(held) or not 0 <= held <= layout.num_blocks_for(num_tokens):
+            raise KVProtocolError(f"HELLO held_blocks must be an int in [0, the prompt's blocks], got {held!r}")
         return cls(layout, rid, num_tokens, None if ids is None else tuple(ids), token, metadata,
-                   None if nixl is None else NixlOffer.from_dict(nixl, layout.num_layers))
+                   None if nixl is None else NixlOffer.from_dict(nixl, layout.num_layers), held)
 
 
 def _is_int(value: Any) -> bool:

@@ -93,6 +93,19 @@ class RedisSettings:
     ca_file: str | None = None
 
 
+@dataclass(frozen=True)
+class RoutingWeights:
+    """How --routing kv weighs load against cache hits, in prompt tokens. prefill_queue_weight: a
+    prompt token queued on a prefill server counts as this many tokens to compute.
+    decode_running_weight: a sequence running on a decode server counts as this many prompt tokens
+    to transfer. full_kv_fraction: a decode server with less than this share of its KV blocks free
+    gets no credit for what it holds (it is saturated: load alone decides)."""
+
+    prefill_queue_weight: float = 1.0
+    decode_running_weight: float = 256.0
+    full_kv_fraction: float = 0.1
+
+
 @dataclass(frozen=True, kw_only=True)
 class RouterSettings:
     """The router. model: the checkpoint directory its tokenizer and config come from; model_name:
@@ -101,8 +114,8 @@ class RouterSettings:
     max_attempts / stream_idle_timeout_s: the failover budget; rpc_timeout_s: the deadline of a
     Reserve, and how often a Prefill still waiting probes its server; max_inflight_requests and
     overload_retry_after_ms: admission control; api_keys: keys gRPC clients must send (empty: open);
-    routing: "kv" chooses prefill servers by what their prefix caches hold (pdserve.state.kv_events),
-    "load" by queued prompt tokens alone."""
+    routing: "kv" chooses prefill and decode servers by what their prefix caches hold
+    (pdserve.state.kv_events) weighed against their load by routing_weights, "load" by load alone."""
 
     server: ServerSettings
     redis: RedisSettings
@@ -119,12 +132,16 @@ class RouterSettings:
     overload_retry_after_ms: int = DEFAULT_RETRY_AFTER_MS
     api_keys: tuple[str, ...] = ()
     routing: str = "kv"
+    routing_weights: RoutingWeights = field(default_factory=RoutingWeights)
 
     def __post_init__(self) -> None:
         if not self.rpc_timeout_s > 0:
             raise ValueError(f"--rpc-timeout-s must be > 0, got {self.rpc_timeout_s}")
         if self.routing not in ROUTING_POLICIES:
             raise ValueError(f"--routing must be one of {', '.join(ROUTING_POLICIES)}, got {self.routing!r}")
+        weights = self.routing_weights
+        if weights.prefill_queue_weight < 0 or weights.decode_running_weight < 0:
+            raise ValueError("--prefill-queue-weight and --decode-running-weight must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -57,6 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_flag(p, "--routing", "kv", str, "router: kv chooses the prefill server whose prefix cache holds most of "
                                         "the prompt (as its workers publish it), weighed against its queue; "
                                         "load: by queued prompt tokens alone", choices=("kv", "load"))
+    add_flag(p, "--prefill-queue-weight", 1.0, float, "router, --routing kv: a prompt token queued on a prefill "
+                                                      "server counts as this many tokens to compute")
+    add_flag(p, "--decode-running-weight", 256.0, float, "router, --routing kv: a sequence running on a decode "
+                                                         "server counts as this many prompt tokens of KV to transfer")
     add_flag(p, "--max-queued-requests", 256, int, "workers: requests waiting at once (prefill: Prefill calls "
                                                    "not yet answered; decode: reservations + requests waiting for "
                                                    "a batch slot; colocated: the engine's waiting queue); beyond "
@@ -167,7 +171,9 @@ def settings_from(ns: argparse.Namespace):
                                 stream_idle_timeout_s=ns.stream_idle_timeout_s, rpc_timeout_s=ns.rpc_timeout_s,
                                 max_inflight_requests=ns.max_inflight_requests,
                                 overload_retry_after_ms=ns.overload_retry_after_ms,
-                                api_keys=parse_api_keys(ns.api_key), routing=ns.routing)
+                                api_keys=parse_api_keys(ns.api_key), routing=ns.routing,
+                                routing_weights=s.RoutingWeights(prefill_queue_weight=ns.prefill_queue_weight,
+                                                                 decode_running_weight=ns.decode_running_weight))
     worker = dict(server=server, redis=redis, engine=engine_args_from(ns), worker_id=ns.worker_id,
                   heartbeat_s=ns.heartbeat_s, max_queued_requests=ns.max_queued_requests,
                   overload_retry_after_ms=ns.overload_retry_after_ms, stream_keepalive_s=ns.stream_keepalive_s)

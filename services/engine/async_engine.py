@@ -184,15 +184,28 @@ class AsyncEngine:
         """LLMEngine.reserve in the engine thread: the reserved block ids, in logical order.
         Raises what it raises (OverloadedError when too few blocks are free). If the caller is
         cancelled meanwhile, the reservation is released."""
+        return await self._reserve(reservation_id, lambda e: e.reserve(reservation_id, num_prompt_tokens, expires_at))
+
+    async def reserve_prompt(self, reservation_id: str, prompt_token_ids: Sequence[int],
+                             expires_at: float | None = None) -> tuple[list[int], int]:
+        """LLMEngine.reserve_prompt in the engine thread: (the reserved block ids in logical order,
+        how many leading ones already hold the prompt's KV). Errors and cancellation as reserve()."""
+        def reserve(engine: LLMEngine) -> tuple[list[int], int]:
+            reservation = engine.reserve_prompt(reservation_id, prompt_token_ids, expires_at)
+            return reservation.block_ids, reservation.held_blocks
+
+        return await self._reserve(reservation_id, reserve)
+
+    async def _reserve(self, reservation_id: str, reserve: Callable[[LLMEngine], Any]) -> Any:
         made: list[bool] = []  # set in the engine thread once the reservation exists
 
-        def reserve(engine: LLMEngine) -> list[int]:
-            block_ids = engine.reserve(reservation_id, num_prompt_tokens, expires_at)
+        def reserve_and_note(engine: LLMEngine) -> Any:
+            result = reserve(engine)
             made.append(True)
-            return block_ids
+            return result
 
         try:
-            return await self._call(reserve)
+            return await self._call(reserve_and_note)
         except asyncio.CancelledError:
             # Runs after `reserve` in the engine thread, so `made` is final by then.
             self._commands.put(Call(lambda engine: made and engine.release_reservation(reservation_id)))

@@ -15,7 +15,7 @@ from pdserve.engine.model_runner import ScheduledChunk
 from pdserve.engine.outputs import GenerationResult, RequestOutput, SampleOutput
 from pdserve.engine.prefilled import attach_prompt_kv, check_progress, prime_samples
 from pdserve.engine.request import Request, Sample
-from pdserve.engine.reservations import ReservationBook
+from pdserve.engine.reservations import BlockReservation, ReservationBook
 from pdserve.engine.sample_processor import SampleProcessor, make_stop_checker
 from pdserve.engine.scheduler import ScheduledSample, Scheduler, SchedulerOutput
 from pdserve.engine.stats import EngineCounters, EngineStats
@@ -107,6 +107,16 @@ class LLMEngine:
         other errors). With expires_at, expire_reservations(now) frees it once now >= expires_at."""
         return self.reservations.reserve(reservation_id, num_prompt_tokens, expires_at).block_ids
 
+    def reserve_prompt(self, reservation_id: str, prompt_token_ids: Sequence[int],
+                       expires_at: float | None = None) -> BlockReservation:
+        """reserve() for a prompt whose tokens are known: the leading full blocks of it that the
+        prefix cache holds are pinned and lead the reservation (held_blocks), so only the blocks
+        after them need KV from the prefill server. An empty prefix cache makes it reserve()."""
+        prompt = tuple(int(t) for t in prompt_token_ids)
+        held = self.kv.find_cached_tokens(prompt)
+        return self.reservations.reserve(reservation_id, len(prompt), expires_at, held,
+                                         prompt[:len(held.blocks) * self.config.block_size])
+
     def release_reservation(self, reservation_id: str) -> bool:
         """Free an open reservation's blocks; False when it is not open (idempotent)."""
         return self.reservations.release(reservation_id)
@@ -135,7 +145,7 @@ class LLMEngine:
         reservation = self.reservations.take(reservation_id) if reservation_id is not None else None
         try:
             self._check_new_request(request_id, prompt_token_ids, params)
-            indices = check_progress(len(prompt_token_ids), params, generated, sample_indices,
+            indices = check_progress(prompt_token_ids, params, generated, sample_indices,
                                      cached_tokens, self.vocab_size, reservation)
         except BaseException:
             if reservation is not None:

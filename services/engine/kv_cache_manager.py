@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pdserve.engine.block_pool import ROOT_HASH, ROOT_UID, BlockPool, KVBlock
@@ -36,13 +36,20 @@ class KVCacheManager:
 
     def find_cached_prefix(self, seq: Sample, max_tokens: int) -> CachedPrefix:
         """Leading full blocks of seq's first max_tokens tokens that the prefix cache holds."""
+        return self._cached_prefix(seq.token_slice, max_tokens)
+
+    def find_cached_tokens(self, token_ids: Sequence[int]) -> CachedPrefix:
+        """Leading full blocks of token_ids that the prefix cache holds."""
+        return self._cached_prefix(lambda start, end: token_ids[start:end], len(token_ids))
+
+    def _cached_prefix(self, token_slice: Callable[[int, int], Sequence[int]], max_tokens: int) -> CachedPrefix:
         prefix = CachedPrefix()
         if not self.pool.enable_caching:
             return prefix
         parent_hash, parent_uid = ROOT_HASH, ROOT_UID
         bs = self.block_size
         for k in range(max_tokens // bs):
-            tokens = tuple(seq.token_slice(k * bs, (k + 1) * bs))
+            tokens = tuple(token_slice(k * bs, (k + 1) * bs))
             key, block = self.pool.lookup(parent_hash, parent_uid, tokens)
             if block is None:
                 break

@@ -60,7 +60,7 @@ def outcome_after(engine: LLMEngine, prompt_token_ids: Sequence[int], params: Sa
     return None, "".join(text)
 
 
-def check_progress(prompt_len: int, params: SamplingParams, generated: Sequence[Sequence[int]],
+def check_progress(prompt_token_ids: Sequence[int], params: SamplingParams, generated: Sequence[Sequence[int]],
                    sample_indices: Sequence[int] | None, cached_tokens: int, vocab_size: int | None,
                    reservation: BlockReservation | None) -> list[int]:
     """Validate the continued samples' progress; returns their sample indices.
@@ -68,6 +68,7 @@ def check_progress(prompt_len: int, params: SamplingParams, generated: Sequence[
     generated[k]: tokens already produced by sample sample_indices[k] (default: k). Raises
     RequestRejectedError (a ValueError) naming what is wrong.
     """
+    prompt_len = len(prompt_token_ids)
     if not isinstance(cached_tokens, numbers.Integral) or not 0 <= cached_tokens <= prompt_len:
         raise RequestRejectedError(f"cached_tokens {cached_tokens!r} is not in [0, prompt length {prompt_len}]")
     if len(generated) == 0:
@@ -99,6 +100,11 @@ def check_progress(prompt_len: int, params: SamplingParams, generated: Sequence[
             raise RequestRejectedError(
                 f"reservation {reservation.reservation_id!r} holds KV for {reservation.num_prompt_tokens} "
                 f"prompt tokens, the request's prompt has {prompt_len}")
+        held = reservation.held_tokens
+        if held and tuple(int(t) for t in prompt_token_ids[:len(held)]) != held:
+            raise RequestRejectedError(
+                f"reservation {reservation.reservation_id!r} holds cached KV for other leading tokens than "
+                f"the request's prompt")
     return [int(i) for i in indices]
 
 

@@ -12,6 +12,7 @@ import numbers
 from dataclasses import dataclass
 
 from pdserve.engine.block_pool import BlockPool, KVBlock
+from pdserve.engine.kv_cache_manager import CachedPrefix
 from pdserve.runtime.errors import (
     AlreadyExistsError,
     InvalidRequestError,
@@ -25,12 +26,17 @@ from pdserve.runtime.errors import (
 class BlockReservation:
     """Engine blocks held for the KV of num_prompt_tokens prompt tokens that another server sends,
     in logical order: the token at position p goes to blocks[p // block_size], offset
-    p % block_size. expires_at is the engine's safety net, later than the server's KVLease."""
+    p % block_size. expires_at is the engine's safety net, later than the server's KVLease.
+    The first held_blocks blocks are prefix-cache hits this engine already holds (pinned: one more
+    reference each) for held_tokens, the prompt's first held_blocks * block_size tokens; only the
+    blocks after them receive KV."""
 
     reservation_id: str
     num_prompt_tokens: int
     blocks: list[KVBlock]
     expires_at: float | None = None
+    held_blocks: int = 0
+    held_tokens: tuple[int, ...] = ()
 
     @property
     def block_ids(self) -> list[int]:
@@ -59,9 +65,12 @@ class ReservationBook:
         return sum(len(r.blocks) for r in self._by_id.values())
 
     def reserve(self, reservation_id: str, num_prompt_tokens: int,
-                expires_at: float | None = None) -> BlockReservation:
+                expires_at: float | None = None, held: CachedPrefix | None = None,
+                held_tokens: tuple[int, ...] = ()) -> BlockReservation:
         """Take blocks for a prompt of num_prompt_tokens tokens (evicting free prefix-cache
-        blocks if needed).
+        blocks if needed). held: the prompt's leading blocks found in the prefix cache (for
+        held_tokens, its first len(held.blocks) * block_size tokens): they are pinned and lead
+        the reservation instead of fresh blocks.
 
         Raises InvalidRequestError (bad id or count), AlreadyExistsError (id in use),
         PromptTooLongError (the prompt can never fit this engine) or OverloadedError (not
@@ -84,12 +93,20 @@ class ReservationBook:
             raise PromptTooLongError(
                 f"reservation {reservation_id!r}: {num_prompt_tokens} tokens need {needed} KV blocks, "
                 f"the engine has {self.pool.num_blocks}")
-        if needed > self.pool.num_free_blocks:
+        held_blocks = list(held.blocks) if held is not None else []
+        if len(held_blocks) > needed or len(held_tokens) != len(held_blocks) * self.block_size:
+            raise InvalidRequestError(f"reservation {reservation_id!r}: {len(held_blocks)} held blocks for "
+                                      f"{len(held_tokens)} tokens do not fit a prompt of {num_prompt_tokens}")
+        free_hits = sum(1 for b in held_blocks if b.ref_count == 0)  # pinning takes them off the free queue
+        if needed - len(held_blocks) > self.pool.num_free_blocks - free_hits:
             raise OverloadedError(
-                f"reservation {reservation_id!r}: {num_prompt_tokens} tokens need {needed} KV blocks, "
-                f"{self.pool.num_free_blocks} are free")
-        reservation = BlockReservation(reservation_id, int(num_prompt_tokens), self.pool.allocate(needed),
-                                  expires_at)
+                f"reservation {reservation_id!r}: {num_prompt_tokens} tokens need {needed - len(held_blocks)} KV "
+                f"blocks{f' beside {len(held_blocks)} cached' if held_blocks else ''}, "
+                f"{self.pool.num_free_blocks - free_hits} are free")
+        self.pool.touch(held_blocks)
+        reservation = BlockReservation(reservation_id, int(num_prompt_tokens),
+                                       held_blocks + self.pool.allocate(needed - len(held_blocks)), expires_at,
+                                       len(held_blocks), tuple(held_tokens))
         self._by_id[reservation_id] = reservation
         return reservation
 

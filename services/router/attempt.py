@@ -16,12 +16,13 @@ import grpc
 from pdserve.models.sampling_params import SamplingParams
 from pdserve.router.failover import SuspectWorkers, WorkerFailedError
 from pdserve.router.responses import StreamState, responses_for
-from pdserve.router.worker_choice import InFlight, choose_decode, choose_prefill, choose_prefill_by_cache
+from pdserve.router.worker_choice import CacheAwareChoice, InFlight, choose_decode, choose_prefill
 from pdserve.router.worker_clients import WorkerClients
 from pdserve.runtime.errors import OverloadedError, UnavailableError
 from pdserve.runtime.lifecycle import is_draining_refusal
 from pdserve.runtime.retry_hint import retry_after_ms_of
 from pdserve.runtime.sampling_proto import engine_sampling_params_to_proto
+from pdserve.settings import RoutingWeights
 from pdserve.state.kv_events import PrefixIndex
 from pdserve.state.registry import WorkerInfo, WorkerRegistry
 from pdserve.telemetry import tracing
@@ -50,7 +51,9 @@ class AttemptRunner:
     lease_ms: int
     rpc_timeout_s: float
     stream_idle_timeout_s: float
-    prefix_index: PrefixIndex | None = None  # --routing kv: prefill chosen by what its cache holds
+    prefix_index: PrefixIndex | None = None  # --routing kv: workers chosen by what their caches hold
+    weights: RoutingWeights = field(default_factory=RoutingWeights)
+    on_route: Callable[[str, str], None] | None = None  # (role, reason) of every routing decision
 
     async def run(self, state: StreamState, attempt: Attempt, prompt_ids: list[int], params: SamplingParams,
                   carrier: dict[str, str]) -> AsyncIterator[router_pb2.GenerateResponse]:
@@ -176,17 +179,24 @@ class AttemptRunner:
         rid = attempt.worker_request_id
 
         def reserve(worker: WorkerInfo):
+            # The prompt's ids let the decode server keep what its prefix cache holds of it (not sent again).
             return self.clients.decode(worker.address).Reserve(decode_pb2.ReserveRequest(
                 request_id=rid, prompt_tokens=n_prompt, max_tokens=params.max_tokens,
-                n=params.n, lease_ms=self.lease_ms), timeout=self.rpc_timeout_s, metadata=metadata)
+                n=params.n, lease_ms=self.lease_ms, prompt_token_ids=prompt_ids),
+                timeout=self.rpc_timeout_s, metadata=metadata)
 
+        by_cache = (CacheAwareChoice(self.prefix_index, prompt_ids, self.weights)
+                    if self.prefix_index is not None else None)
         self._check_not_aborted(state)
-        decode_worker, reservation = await self._on_first_available(attempt, decode_workers, choose_decode, 0, reserve)
+        decode_worker, reservation = await self._on_first_available(
+            attempt, decode_workers, by_cache.decode if by_cache else choose_decode, 0, reserve)
+        self._note_route(state, "decode", decode_worker, by_cache,
+                         reservation.held_blocks * reservation.block_size)
         try:
             self._check_not_aborted(state)
             target = prefill_pb2.KvTarget(kv_endpoint=reservation.kv_endpoint,
                                           reservation_id=reservation.reservation_id,
-                                          block_ids=reservation.block_ids)
+                                          block_ids=reservation.block_ids, held_blocks=reservation.held_blocks)
             prefill_request = prefill_pb2.PrefillRequest(
                 request_id=rid, prompt_token_ids=prompt_ids, sampling=sampling,
                 kv_target=target, trace_context=carrier)
@@ -196,15 +206,10 @@ class AttemptRunner:
                 call = self.clients.prefill(worker.address).Prefill(prefill_request, metadata=metadata)
                 return self._while_alive(call, worker)
 
-            choose = choose_prefill
-            if self.prefix_index is not None:
-                index = self.prefix_index
-
-                def choose(workers, inflight):
-                    return choose_prefill_by_cache(workers, inflight, prompt_ids, index)
             prefill_worker, response = await self._on_first_available(
-                attempt, prefill_workers, choose, n_prompt, prefill)
+                attempt, prefill_workers, by_cache.prefill if by_cache else choose_prefill, n_prompt, prefill)
             self.inflight.done(prefill_worker.worker_id, n_prompt)
+            self._note_route(state, "prefill", prefill_worker, by_cache, response.output.cached_tokens)
             self._check_not_aborted(state)
             responses = responses_for(state, response.output)
             if state.finished:  # done at the first token: nobody will send Decode, free the lease now
@@ -226,6 +231,19 @@ class AttemptRunner:
         finally:
             self.inflight.done(decode_worker.worker_id, 0)
 
+    def _note_route(self, state: StreamState, role: str, worker: WorkerInfo, by_cache: CacheAwareChoice | None,
+                    cached_tokens: int) -> None:
+        """Count the routing decision (by reason) and note it for the request's span: the chosen
+        worker, the prompt tokens the index expected it to hold, and those it did hold
+        (prefill: prefix-cache hits; decode: blocks kept from its cache, not transferred)."""
+        reason = by_cache.reason if by_cache is not None else "load"
+        if self.on_route is not None:
+            self.on_route(role, reason)
+        state.route.update({f"pdserve.route.{role}.worker": worker.worker_id, f"pdserve.route.{role}.reason": reason,
+                            f"pdserve.route.{role}.expected_cached_tokens":
+                                by_cache.expected_cached_tokens if by_cache is not None else 0,
+                            f"pdserve.route.{role}.cached_tokens": int(cached_tokens)})
+
     def _continue(self, state, attempt, prompt_ids, params, decode_workers, carrier):
         """Continue a started request on a decode server: no reservation, it recomputes the
         prompt and the tokens sent so far (like a preempted request) and goes on."""
@@ -233,7 +251,7 @@ class AttemptRunner:
         request = decode_pb2.DecodeRequest(
             request_id=attempt.worker_request_id, prompt_token_ids=prompt_ids, samples=_progress_of(state),
             sampling=engine_sampling_params_to_proto(params), trace_context=carrier)
-        return self._open_and_relay(state, attempt, decode_workers, len(prompt_ids),
+        return self._open_and_relay(state, attempt, decode_workers, prompt_ids, "decode",
                                     lambda w: self.clients.decode(w.address).Decode(request, metadata=metadata))
 
     def _colocated(self, state, attempt, prompt_ids, params, workers, carrier):
@@ -243,26 +261,30 @@ class AttemptRunner:
             request_id=attempt.worker_request_id, prompt_token_ids=prompt_ids,
             sampling=engine_sampling_params_to_proto(params), trace_context=carrier,
             samples=_progress_of(state) if state.started else [])
-        return self._open_and_relay(state, attempt, workers, len(prompt_ids),
+        return self._open_and_relay(state, attempt, workers, prompt_ids, "colocated",
                                     lambda w: self.clients.colocated(w.address).Generate(request, metadata=metadata))
 
-    async def _open_and_relay(self, state, attempt, workers, prompt_tokens, open_call):
-        """Open a worker stream on the first worker that takes it and relay it."""
+    async def _open_and_relay(self, state, attempt, workers, prompt_ids, role, open_call):
+        """Open a worker stream on the first worker (of `role`) that takes it and relay it."""
         self._check_not_aborted(state)
+        by_cache = (CacheAwareChoice(self.prefix_index, prompt_ids, self.weights)
+                    if self.prefix_index is not None else None)
+        choose = getattr(by_cache, role) if by_cache is not None else choose_decode
 
         async def open_stream(worker: WorkerInfo):
             stream = open_call(worker)
             # A refusal (draining, full) comes with the first read; so does a recompute's end.
             return stream, await self._read(stream)
 
-        worker, (stream, first) = await self._on_first_available(attempt, workers, choose_decode, prompt_tokens,
-                                                                 open_stream)
+        prompt_tokens = len(prompt_ids)
+        worker, (stream, first) = await self._on_first_available(attempt, workers, choose, prompt_tokens, open_stream)
         try:
             async with contextlib.aclosing(self._relay(state, stream, first)) as responses:
                 async for response in responses:
                     yield response
         finally:
             self.inflight.done(worker.worker_id, prompt_tokens)
+            self._note_route(state, role, worker, by_cache, state.cached_tokens)
 
 
 def _progress_of(state: StreamState) -> list[worker_pb2.SampleProgress]:

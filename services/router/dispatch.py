@@ -25,6 +25,7 @@ from pdserve.router.responses import StreamState, completion
 from pdserve.router.worker_choice import InFlight
 from pdserve.router.worker_clients import WorkerClients
 from pdserve.runtime.errors import OverloadedError, UnavailableError
+from pdserve.settings import RoutingWeights
 from pdserve.state.kv_events import PrefixIndex
 from pdserve.state.registry import WorkerInfo, WorkerRegistry
 from pdserve.state.request_store import RequestRecord, RequestStore
@@ -44,10 +45,12 @@ class Dispatcher:
 
     def __init__(self, registry: WorkerRegistry, store: RequestStore, clients: WorkerClients,
                  lease_ms: int = 30_000, rpc_timeout_s: float = 60.0, policy: RetryPolicy | None = None,
-                 on_retry: Callable[[str], None] | None = None, prefix_index: PrefixIndex | None = None):
+                 on_retry: Callable[[str], None] | None = None, prefix_index: PrefixIndex | None = None,
+                 weights: RoutingWeights | None = None, on_route: Callable[[str, str], None] | None = None):
         """on_retry(reason) is called for every retry of a request elsewhere (e.g. to count them
-        by reason: a gRPC status name, or the exception's class). prefix_index: choose prefill
-        servers by what their prefix caches hold (--routing kv), else by load alone."""
+        by reason: a gRPC status name, or the exception's class). prefix_index: choose prefill and
+        decode servers by what their prefix caches hold (--routing kv), weighed against their load
+        by `weights`, else by load alone. on_route(role, reason) is called for every choice."""
         self.registry = registry
         self.store = store
         self.clients = clients
@@ -55,7 +58,8 @@ class Dispatcher:
         self.policy = policy or RetryPolicy()
         self.suspects = SuspectWorkers()
         self.runner = AttemptRunner(registry, clients, self.inflight, self.suspects, lease_ms, rpc_timeout_s,
-                                    self.policy.stream_idle_timeout_s, prefix_index)
+                                    self.policy.stream_idle_timeout_s, prefix_index, weights or RoutingWeights(),
+                                    on_route)
         self.attempts: dict[str, Attempt] = {}  # request id -> its current attempt
         self.on_retry = on_retry
 

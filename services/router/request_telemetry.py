@@ -75,6 +75,12 @@ class RequestTelemetry:
             if self.metrics is not None:
                 self.metrics.request_success.labels(response.complete.finish_reason).inc()
 
+    def note_route(self, route: dict[str, str | int]) -> None:
+        """Put the request's routing decisions on its span (the chosen workers, why, and the prompt
+        tokens each was expected to hold against those it held)."""
+        if route and self.span.is_recording():
+            self.span.set_attributes(route)
+
     def end(self, error: BaseException | None = None) -> None:
         """The call is over: record latency, tokens and the outcome; end the span."""
         e2e = time.perf_counter() - self.started

@@ -41,6 +41,7 @@ class StreamState:
     cached_tokens: int = 0
     abort_requested: bool = False
     owner: str = ""
+    route: dict[str, str | int] = field(default_factory=dict)  # the last routing decisions, as span attributes
 
     @property
     def finished(self) -> bool:

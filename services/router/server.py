@@ -56,7 +56,8 @@ async def serve_router(settings: RouterSettings) -> None:
                             policy=RetryPolicy(max_attempts=settings.max_attempts,
                                                stream_idle_timeout_s=settings.stream_idle_timeout_s),
                             on_retry=lambda reason: metrics.retries.labels(reason=reason).inc(),
-                            prefix_index=prefix_index)
+                            prefix_index=prefix_index, weights=settings.routing_weights,
+                            on_route=lambda role, reason: metrics.routing_decisions.labels(role, reason).inc())
     max_model_len = min(settings.max_model_len or model_config.max_position_embeddings,
                         model_config.max_position_embeddings)
     lifecycle = Lifecycle()

@@ -117,6 +117,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                         yield response
         finally:
             self.active.pop(request_id, None)
+            telemetry.note_route(state.route)
 
     async def _created(self, request: router_pb2.GenerateRequest, owner: str):
         """Validate a new request and record it in Redis, bound to `owner`: (state, prompt ids,

@@ -1,4 +1,4 @@
-"""Load-aware (and, for prefill, cache-aware) choice of workers from the registry.
+"""Load-aware (and, with --routing kv, cache-aware) choice of workers from the registry.
 
 Heartbeats lag, so the router adds what it has itself dispatched since (its in-flight counts)
 to the load each worker last reported: a burst of requests spreads instead of piling on the
@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from pdserve.runtime.errors import UnavailableError
+from pdserve.settings import RoutingWeights
 from pdserve.state.kv_events import PrefixIndex
 from pdserve.state.registry import WorkerInfo
 
@@ -41,23 +42,76 @@ def choose_prefill(workers: list[WorkerInfo], inflight: InFlight) -> WorkerInfo:
                                        inflight.requests[w.worker_id], w.worker_id))
 
 
-def choose_prefill_by_cache(workers: list[WorkerInfo], inflight: InFlight, prompt_ids: list[int],
-                            index: PrefixIndex) -> WorkerInfo:
-    """The prefill worker with the least work to do for this prompt: the prompt tokens its prefix
-    cache does not hold (per the index) plus the prompt tokens queued there (reported + dispatched).
-    A hot prefix cannot pile every request onto one worker: its queue counts as much as the tokens
-    the cache saves, so once it is busier by more than that, another worker wins."""
-    if not workers:
-        raise UnavailableError("no prefill server is registered")
-    n_prompt = len(prompt_ids)
-    keys: dict[int, list[int]] = {}  # the prompt's block keys, hashed once for all the workers
+@dataclass
+class CacheAwareChoice:
+    """Chooses one request's workers by what their prefix caches hold (per the router's index)
+    against their load, and remembers, for metrics and the trace, what it expected of the chosen
+    one and why it won. Each choose method has the (workers, inflight) -> worker shape the attempt
+    runner takes. A hot prefix cannot pile every request onto one worker: its load term grows with
+    every request sent there, until another worker's total is smaller."""
 
-    def work(w: WorkerInfo) -> tuple[int, int, str]:
-        to_compute = n_prompt - min(index.cached_tokens(w.worker_id, prompt_ids, keys), n_prompt - 1)
-        queued = w.load.queued_prompt_tokens + inflight.prompt_tokens[w.worker_id]
-        return to_compute + queued, inflight.requests[w.worker_id], w.worker_id
+    index: PrefixIndex
+    prompt_ids: list[int]
+    weights: RoutingWeights = field(default_factory=RoutingWeights)
+    expected_cached_tokens: int = 0  # what the index says the last chosen worker holds of the prompt
+    reason: str = ""  # why the last chosen worker won: ROUTE_REASONS
+    _keys: dict[int, list[int]] = field(default_factory=dict)  # the prompt's block keys per block size
 
-    return min(workers, key=work)
+    def _cached(self, worker: WorkerInfo) -> int:
+        return self.index.cached_tokens(worker.worker_id, self.prompt_ids, self._keys)
+
+    def _pick(self, workers: list[WorkerInfo], cost, role: str) -> WorkerInfo:
+        if not workers:
+            raise UnavailableError(f"no {role} server is registered")
+        cached = {w.worker_id: self._cached(w) for w in workers}
+        best = min(workers, key=lambda w: (cost(w, cached[w.worker_id]), w.worker_id))
+        most = max(cached.values())
+        self.expected_cached_tokens = cached[best.worker_id]
+        self.reason = "load" if most == 0 else "cache" if cached[best.worker_id] == most else "load_over_cache"
+        return best
+
+    def prefill(self, workers: list[WorkerInfo], inflight: InFlight) -> WorkerInfo:
+        """The prefill server with the least work for this prompt: the prompt tokens its cache does
+        not hold, plus prefill_queue_weight times the prompt tokens queued there (reported and
+        dispatched since)."""
+        n_prompt, weight = len(self.prompt_ids), self.weights.prefill_queue_weight
+
+        def cost(w: WorkerInfo, cached: int) -> tuple[float, int]:
+            queued = w.load.queued_prompt_tokens + inflight.prompt_tokens[w.worker_id]
+            return n_prompt - min(cached, n_prompt - 1) + weight * queued, inflight.requests[w.worker_id]
+
+        return self._pick(workers, cost, "prefill")
+
+    def decode(self, workers: list[WorkerInfo], inflight: InFlight) -> WorkerInfo:
+        """The decode server where the prompt costs least: the prompt tokens whose KV it would have
+        to receive (what its cache holds is not sent), plus decode_running_weight per running
+        sequence; a server with under full_kv_fraction of its blocks free gets no cache credit."""
+        n_prompt, weight = len(self.prompt_ids), self.weights.decode_running_weight
+
+        def cost(w: WorkerInfo, cached: int) -> tuple[float, int]:
+            running = max(w.load.running, inflight.requests[w.worker_id])
+            if w.load.total_blocks and w.load.free_blocks < self.weights.full_kv_fraction * w.load.total_blocks:
+                cached = 0
+            return n_prompt - cached + weight * running, -w.load.free_blocks
+
+        return self._pick(workers, cost, "decode")
+
+    def colocated(self, workers: list[WorkerInfo], inflight: InFlight) -> WorkerInfo:
+        """The colocated worker where the prompt costs least: the prefill cost (tokens its cache
+        does not hold, plus its weighted queue) plus the decode cost of its running sequences."""
+        n_prompt, weights = len(self.prompt_ids), self.weights
+
+        def cost(w: WorkerInfo, cached: int) -> tuple[float, int]:
+            queued = w.load.queued_prompt_tokens + inflight.prompt_tokens[w.worker_id]
+            running = max(w.load.running, inflight.requests[w.worker_id])
+            return (n_prompt - min(cached, n_prompt - 1) + weights.prefill_queue_weight * queued
+                    + weights.decode_running_weight * running), -w.load.free_blocks
+
+        return self._pick(workers, cost, "colocated")
+
+
+# cache: the chosen worker holds the most of the prompt; load: none holds any; load_over_cache: one holding more was busier
+ROUTE_REASONS = ("cache", "load", "load_over_cache")
 
 
 def choose_decode(workers: list[WorkerInfo], inflight: InFlight) -> WorkerInfo:

@@ -52,12 +52,12 @@ class KVEventPublisher:
     """A worker's side: publishes its block pool's events every interval_s, and a snapshot of its
     whole prefix cache every snapshot_every intervals (the first one at once)."""
 
-    def __init__(self, redis, prefix: str, worker_id: str, block_size: int, pool: BlockPool,
+    def __init__(self, redis, prefix: str, worker_id: str, role: str, block_size: int, pool: BlockPool,
                  interval_s: float = 1.0, snapshot_every: int = 10):
         if interval_s <= 0 or snapshot_every < 1:
             raise ValueError("interval_s must be > 0 and snapshot_every >= 1")
         self.redis, self.stream = redis, stream_key(prefix)
-        self.worker_id, self.block_size, self.pool = worker_id, block_size, pool
+        self.worker_id, self.role, self.block_size, self.pool = worker_id, role, block_size, pool
         self.interval_s, self.snapshot_every = interval_s, snapshot_every
         pool.record_events()
         self._ticks = 0
@@ -76,8 +76,9 @@ class KVEventPublisher:
         the last worker publishing to it (every key pdserve writes expires)."""
         ttl_ms = max(1000, int(3 * self.snapshot_every * self.interval_s * 1000))
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.stream, {"worker": self.worker_id, "block_size": self.block_size, "kind": kind,
-                                    "data": json.dumps(data)}, maxlen=MAX_STREAM_ENTRIES, approximate=True)
+            pipe.xadd(self.stream, {"worker": self.worker_id, "role": self.role, "block_size": self.block_size,
+                                    "kind": kind, "data": json.dumps(data)},
+                      maxlen=MAX_STREAM_ENTRIES, approximate=True)
             pipe.pexpire(self.stream, ttl_ms)
             await pipe.execute()
 

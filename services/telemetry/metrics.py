@@ -78,6 +78,10 @@ class RouterMetrics:
             "pdserve:router_retries", "Attempts of a request retried elsewhere, by the failure's cause "
             "(a gRPC status name such as UNAVAILABLE, or WorkerFailedError: a stream silent too long or "
             "ended early; OverloadedError: a started stream waiting for room).", ["reason"], registry=registry)
+        self.routing_decisions = Counter(
+            "pdserve:router_routing_decisions", "Workers chosen for requests, by role and reason (cache: it "
+            "holds the most of the prompt; load: no worker holds any (or --routing load); load_over_cache: "
+            "one holding more was busier).", ["role", "reason"], registry=registry)
 
 
 class WorkerMetrics:
@@ -106,6 +110,10 @@ class WorkerMetrics:
         self.request_success = Counter(
             "pdserve:request_success", "Samples this worker finished, by finish reason.",
             ["finished_reason"], registry=registry)
+        self.kv_reserved_blocks = Counter(
+            "pdserve:kv_reserved_blocks", "Prompt KV blocks of the reservations a decode server granted: "
+            "source transferred (the prefill server sends them) or held (already in this server's prefix "
+            "cache: skipped by the transfer).", ["source"], registry=registry)
 
     def observe_transfer(self, direction: str, num_bytes: int, seconds: float, ok: bool,
                          data_path: str) -> None:
@@ -115,6 +123,12 @@ class WorkerMetrics:
         if ok:
             self.kv_transfer_bytes.labels(direction, data_path).inc(num_bytes)
             self.kv_transfer_duration.labels(direction, data_path).observe(seconds)
+
+
+    def observe_reserved_blocks(self, transferred: int, held: int) -> None:
+        """Count a granted reservation's prompt blocks: to be transferred, and held already."""
+        self.kv_reserved_blocks.labels("transferred").inc(transferred)
+        self.kv_reserved_blocks.labels("held").inc(held)
 
 
 def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> tuple[object, int]:

@@ -85,8 +85,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
         lease_s = (request.lease_ms or 30_000) / 1000
         reservation_id = f"{request.request_id}/{uuid.uuid4().hex[:12]}"
         expires_at = time.monotonic() + lease_s
-        block_ids = await self.ctx.async_engine.reserve(reservation_id, request.prompt_tokens,
-                                                        expires_at + ENGINE_EXPIRY_GRACE_S)
+        if request.prompt_token_ids:  # the prefix cache may hold the prompt's first blocks: not sent again
+            block_ids, held_blocks = await self.ctx.async_engine.reserve_prompt(
+                reservation_id, list(request.prompt_token_ids), expires_at + ENGINE_EXPIRY_GRACE_S)
+        else:
+            block_ids = await self.ctx.async_engine.reserve(reservation_id, request.prompt_tokens,
+                                                            expires_at + ENGINE_EXPIRY_GRACE_S)
+            held_blocks = 0
         loop = asyncio.get_running_loop()
         arrived = loop.create_future()
 
@@ -95,9 +100,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
 
         self.reservations[reservation_id] = KVLease(request.request_id, expires_at, arrived,
                                                     request.prompt_tokens, lease_s)
-        self.receiver.expect(reservation_id, list(block_ids), request.prompt_tokens, on_complete)
+        self.receiver.expect(reservation_id, list(block_ids), request.prompt_tokens, on_complete, held_blocks)
+        self.ctx.metrics.observe_reserved_blocks(len(block_ids) - held_blocks, held_blocks)
         return decode_pb2.ReserveResponse(
             reservation_id=reservation_id, kv_endpoint=self.ctx.kv_endpoint, block_ids=block_ids,
+            held_blocks=held_blocks,
             block_size=self.ctx.engine.config.block_size, lease_ms=int(lease_s * 1000),
             lease_expires_unix_ms=int((time.time() + lease_s) * 1000))
 

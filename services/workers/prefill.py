@@ -165,7 +165,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
         meanwhile (client gone, deadline), a transfer that still opens is cancelled at once."""
         opening = asyncio.ensure_future(asyncio.to_thread(
             self.sender.open, target.kv_endpoint, target.reservation_id, num_tokens,
-            list(target.block_ids), carrier, self.connect_timeout_s))
+            list(target.block_ids), carrier, self.connect_timeout_s, target.held_blocks))
         try:
             return await asyncio.shield(opening)
         except asyncio.CancelledError:

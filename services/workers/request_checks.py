@@ -63,6 +63,9 @@ def check_reserve(request, engine) -> None:
     if request.lease_ms > MAX_LEASE_MS:
         raise InvalidRequestError(f"lease_ms must be at most {MAX_LEASE_MS} (0: the server's default), "
                                   f"got {request.lease_ms}")
+    if request.prompt_token_ids and len(request.prompt_token_ids) != request.prompt_tokens:
+        raise InvalidRequestError(f"prompt_token_ids has {len(request.prompt_token_ids)} tokens, prompt_tokens "
+                                  f"says {request.prompt_tokens}")
     total = request.prompt_tokens + request.max_tokens
     if total > engine.max_model_len:
         raise PromptTooLongError(f"prompt ({request.prompt_tokens} tokens) + max_tokens ({request.max_tokens}) "
@@ -84,7 +87,7 @@ def check_decode(request, params: SamplingParams, engine, reserved_prompt_tokens
     if not request.samples:
         raise InvalidRequestError("samples is empty: at least one sample must continue")
     generated = [list(s.generated_token_ids) for s in request.samples]
-    check_progress(len(prompt), params, generated, [s.index for s in request.samples],
+    check_progress(prompt, params, generated, [s.index for s in request.samples],
                    request.cached_tokens, engine.vocab_size, None)
     if reserved_prompt_tokens is None:
         return
@@ -111,6 +114,8 @@ def check_prefill(request, params: SamplingParams, engine) -> None:
     if len(target.block_ids) < needed:
         raise InvalidRequestError(f"kv_target has {len(target.block_ids)} block ids; a prompt of {len(prompt)} "
                                   f"tokens needs {needed} blocks of {engine.config.block_size}")
+    if target.held_blocks > needed:
+        raise InvalidRequestError(f"kv_target.held_blocks {target.held_blocks} exceeds the prompt's {needed} blocks")
 
 
 def transfer_error(exc: BaseException, endpoint: str) -> BaseException:

@@ -128,11 +128,10 @@ async def serve_worker(settings: WorkerSettings, ctx: WorkerContext,
     address = f"{server.advertised_host()}:{running.port}"
     registry = WorkerRegistry(redis, prefix=settings.redis.prefix, ttl_s=3 * settings.heartbeat_s)
     beat = asyncio.create_task(heartbeat_forever(registry, ctx, address, settings.heartbeat_s))
-    publishing = None
-    if ctx.role == "prefill":  # what its prefix cache holds, for the router's --routing kv
-        publisher = KVEventPublisher(redis, settings.redis.prefix, ctx.worker_id, settings.engine.block_size,
-                                     ctx.engine.pool, settings.heartbeat_s)
-        publishing = asyncio.create_task(publisher.run())
+    # What its prefix cache holds, for the router's --routing kv.
+    publisher = KVEventPublisher(redis, settings.redis.prefix, ctx.worker_id, ctx.role, settings.engine.block_size,
+                                 ctx.engine.pool, settings.heartbeat_s)
+    publishing = asyncio.create_task(publisher.run())
 
     async def leave() -> None:  # no heartbeat may land after the delete
         beat.cancel()

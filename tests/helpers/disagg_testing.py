@@ -10,9 +10,10 @@ from pdserve.engine.prefilled import finish_reason_after, first_token_params
 from pdserve.models.sampling_params import SamplingParams
 
 
-def kv_copier(src, dst, request_id: str, dst_block_ids: list[int], seen: list | None = None):
+def kv_copier(src, dst, request_id: str, dst_block_ids: list[int], seen: list | None = None, held_blocks: int = 0):
     """A layer hook for engine src that copies layer i of request_id's prompt blocks into
-    dst's blocks dst_block_ids (same logical order), as the prefill server's sender would."""
+    dst's blocks dst_block_ids (same logical order), as the prefill server's sender would: all
+    but the first held_blocks, which dst holds already."""
     def hook(layer: int, infos: list[ChunkInfo]) -> None:
         for info in infos:
             if info.request_id != request_id:
@@ -21,17 +22,23 @@ def kv_copier(src, dst, request_id: str, dst_block_ids: list[int], seen: list | 
                 seen.append((layer, info))
             first = 0 if info.cached_block_ids else info.first_block_index
             src_ids = list(info.cached_block_ids) + list(info.block_ids)
+            skipped = max(0, min(held_blocks - first, len(src_ids)))
+            first, src_ids = first + skipped, src_ids[skipped:]
+            if not src_ids:
+                continue
             dst_ids = dst_block_ids[first:first + len(src_ids)]
             for src_cache, dst_cache in zip(src.runner.kv_caches[layer], dst.runner.kv_caches[layer]):
                 dst_cache[dst_ids] = src_cache[src_ids].to(dst_cache.device)
     return hook
 
 
-def prefill(a, b, request_id: str, prompt: list[int], params: SamplingParams, dst_block_ids: list[int]):
-    """Run the prompt on engine a up to the first token, streaming its KV into b's blocks;
-    returns {sample index: (first token, finish reason under the request's own params)}."""
+def prefill(a, b, request_id: str, prompt: list[int], params: SamplingParams, dst_block_ids: list[int],
+            held_blocks: int = 0):
+    """Run the prompt on engine a up to the first token, streaming its KV into b's blocks (all but
+    the first held_blocks); returns {sample index: (first token, finish reason under the request's
+    own params)}."""
     a.add_request(request_id, prompt, first_token_params(params))
-    hook = kv_copier(a, b, request_id, dst_block_ids)
+    hook = kv_copier(a, b, request_id, dst_block_ids, held_blocks=held_blocks)
     firsts = {}
     while a.has_unfinished_requests():
         for out in a.step(layer_hook=hook):

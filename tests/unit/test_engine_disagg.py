@@ -324,3 +324,44 @@ def test_async_engine_reserves_streams_prefilled_requests_and_hooks_layers(tiny)
     assert stats.num_blocks_free == stats.num_blocks_total and stats.num_reservations == 0
     assert not b_engine.requests and all(block.ref_count == 0 for block in b_engine.pool.blocks)
     assert_no_leaks(a_engine)
+
+
+def test_a_reservation_keeps_what_the_prefix_cache_holds_and_only_the_rest_arrives(tiny):
+    """A second turn (history + answer + new message) on the engine that served the first: the
+    reservation pins the cached blocks of the history, the prefill side sends only the blocks
+    after them, and the tokens equal an uninterrupted run; then nothing leaks."""
+    rng = random.Random(35)
+    first_turn = random_prompt(rng, 40)
+    b = tiny.engine(num_blocks=64)
+    answer = b.generate([first_turn], greedy(12))[0].samples[0].token_ids  # B caches 52 tokens' full blocks
+    second_turn = first_turn + answer + random_prompt(rng, 9)  # 61 tokens: 3 full blocks cached on B
+    params = greedy(10)
+    reservation = b.reserve_prompt("res-2", second_turn)
+    assert reservation.held_blocks == 3 and len(reservation.block_ids) == 4
+    held = reservation.blocks[:3]
+    assert all(block.ref_count == 1 and block.is_cached for block in held)  # pinned, still cached
+    with pytest.raises(OverloadedError):  # what is left cannot take the pinned blocks
+        b.reserve("hog", (b.stats().num_blocks_free + 1) * BLOCK_SIZE)
+    hog = b.reserve("hog", b.stats().num_blocks_free * BLOCK_SIZE)  # every free block: no pinned one among them
+    assert not set(hog) & set(reservation.block_ids[:3]) and all(block.is_cached for block in held)
+    b.release_reservation("hog")
+    a = tiny.engine(max_num_batched_tokens=16)
+    firsts = prefill(a, b, "r", second_turn, params, reservation.block_ids, held_blocks=3)
+    b.add_prefilled_request("r", second_turn, params, [[firsts[0][0]]], reservation_id="res-2")
+    got = with_first({0: firsts[0][0]}, drain(b)["r"])
+    assert got == as_dict(run_alone(tiny, second_turn, params))
+    assert_no_leaks(a)
+    assert_no_leaks(b)
+    # A Decode whose prompt differs inside the held blocks is refused, and frees the reservation.
+    other = list(second_turn)
+    other[5] = (other[5] + 1) % 500 + 3
+    assert b.reserve_prompt("res-3", second_turn).held_blocks == 3
+    with pytest.raises(ValueError, match="other leading tokens"):
+        b.add_prefilled_request("s", other, params, [[firsts[0][0]]], reservation_id="res-3")
+    assert_no_leaks(b)
+    # Released unused, the pinned blocks go back to the cache (a later turn still finds them).
+    assert b.reserve_prompt("res-4", second_turn).held_blocks == 3
+    assert b.release_reservation("res-4")
+    assert_no_leaks(b)
+    assert b.reserve_prompt("res-5", second_turn).held_blocks == 3
+    b.release_reservation("res-5")

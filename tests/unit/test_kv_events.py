@@ -11,7 +11,8 @@ import redis.asyncio as aioredis
 
 from helpers.engine_testing import greedy, load_tiny, one_torch_thread
 from pdserve.engine.block_pool import BlockPool
-from pdserve.router.worker_choice import InFlight, choose_prefill, choose_prefill_by_cache
+from pdserve.router.worker_choice import CacheAwareChoice, InFlight, choose_decode, choose_prefill
+from pdserve.settings import RoutingWeights
 from pdserve.state.embedded_redis import EmbeddedRedis
 from pdserve.state.kv_events import KVEventPublisher, PrefixIndex, prompt_block_keys
 from pdserve.state.registry import WorkerInfo, WorkerLoad
@@ -76,11 +77,43 @@ def test_the_prefill_choice_follows_the_cache_until_its_queue_outweighs_it():
     index.apply("b", 16, "snapshot", prompt_block_keys(prompt, 16))
     idle = [worker("a"), worker("b")]
     assert choose_prefill(idle, InFlight()).worker_id == "a"  # load alone: the first idle one
-    assert choose_prefill_by_cache(idle, InFlight(), prompt, index).worker_id == "b"
+    choice = CacheAwareChoice(index, prompt)
+    assert choice.prefill(idle, InFlight()).worker_id == "b"
+    assert (choice.reason, choice.expected_cached_tokens) == ("cache", 512)
     busy_b = [worker("a"), worker("b", queued=300)]  # 300 queued < 511 saved: still b
-    assert choose_prefill_by_cache(busy_b, InFlight(), prompt, index).worker_id == "b"
+    assert choice.prefill(busy_b, InFlight()).worker_id == "b"
     saturated_b = [worker("a"), worker("b", queued=2000)]  # the hot prefix's holder is swamped: a
-    assert choose_prefill_by_cache(saturated_b, InFlight(), prompt, index).worker_id == "a"
+    assert choice.prefill(saturated_b, InFlight()).worker_id == "a"
+    assert (choice.reason, choice.expected_cached_tokens) == ("load_over_cache", 0)
+    assert CacheAwareChoice(index, [1] * 64).prefill(idle, InFlight()).worker_id == "a"  # nobody holds it
+    inflight = InFlight()
+    for _ in range(2):  # what the router sent since the last heartbeat counts as queued too
+        inflight.add("b", 400)
+    assert choice.prefill(idle, inflight).worker_id == "a"
+
+
+def decode_worker(worker_id: str, running: int = 0, free: int = 100, total: int = 100) -> WorkerInfo:
+    return WorkerInfo(worker_id, "decode", f"{worker_id}:1",
+                      load=WorkerLoad(running=running, free_blocks=free, total_blocks=total))
+
+
+def test_the_decode_choice_follows_the_cache_until_running_sequences_or_a_full_cache_outweigh_it():
+    index = PrefixIndex(None, "p")
+    prompt = list(range(1000, 1000 + 1024))
+    index.apply("d1", 16, "snapshot", prompt_block_keys(prompt[:768], 16))  # holds 768 of 1024 tokens
+    weights = RoutingWeights(decode_running_weight=256.0)
+    choice = CacheAwareChoice(index, prompt, weights)
+    assert choose_decode([decode_worker("d0"), decode_worker("d1")], InFlight()).worker_id == "d0"  # load alone
+    assert choice.decode([decode_worker("d0"), decode_worker("d1")], InFlight()).worker_id == "d1"
+    assert (choice.reason, choice.expected_cached_tokens) == ("cache", 768)
+    # 2 more running sequences (512 tokens' worth) < 768 tokens not sent: still d1; 3 more: d0
+    assert choice.decode([decode_worker("d0"), decode_worker("d1", running=2)], InFlight()).worker_id == "d1"
+    assert choice.decode([decode_worker("d0"), decode_worker("d1", running=3)], InFlight()).worker_id == "d0"
+    assert choice.reason == "load_over_cache"
+    # with a running sequence d1 still wins by its cache, unless its KV blocks are all but taken
+    assert choice.decode([decode_worker("d0"), decode_worker("d1", running=1, free=50)], InFlight()).worker_id == "d1"
+    assert choice.decode([decode_worker("d0"), decode_worker("d1", running=1, free=5)], InFlight()).worker_id == "d0"
+
 
 
 def test_published_events_reach_a_router_that_starts_late():
@@ -88,7 +121,7 @@ def test_published_events_reach_a_router_that_starts_late():
         redis = aioredis.from_url(url)
         try:
             pool = BlockPool(4)
-            publisher = KVEventPublisher(redis, "t", "prefill-x", 16, pool, interval_s=1.0, snapshot_every=3)
+            publisher = KVEventPublisher(redis, "t", "prefill-x", "prefill", 16, pool, interval_s=1.0, snapshot_every=3)
             prompt = list(range(300, 348))
             keys = prompt_block_keys(prompt, 16)
             blocks = pool.allocate(3)
@@ -115,4 +148,4 @@ def test_published_events_reach_a_router_that_starts_late():
 
 def test_the_publisher_refuses_a_period_it_cannot_keep():
     with pytest.raises(ValueError, match="interval_s"):
-        KVEventPublisher(None, "p", "w", 16, BlockPool(1), interval_s=0)
+        KVEventPublisher(None, "p", "w", "prefill", 16, BlockPool(1), interval_s=0)

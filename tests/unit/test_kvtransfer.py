@@ -5,6 +5,8 @@ Real sockets on 127.0.0.1, port 0; the sender and the receiver run in this proce
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import torch
 
@@ -29,6 +31,7 @@ from pdserve.kvtransfer import (
     wire,
 )
 from pdserve.kvtransfer.errors import KVProtocolError
+from pdserve.kvtransfer.sockio import recv_exact
 
 
 @pytest.fixture
@@ -245,3 +248,34 @@ def test_layer_done_hook_streams_a_real_prefill(hf_checkpoint):
         assert torch.equal(mine, theirs)
     finally:
         rx.stop()
+
+
+def test_blocks_the_receiver_holds_are_neither_sent_nor_writable(receiver, dst_caches):
+    """A decode server that holds a prompt's first blocks (its prefix cache) gets only the rest: the
+    sender leaves them out, the receiver counts them in already, refuses a sender that disagrees, and
+    refuses a frame into them (they are shared with other sequences)."""
+    src = random_caches(LAYOUT, NUM_BLOCKS, seed=5)
+    dst_ids, src_ids = [20, 21, 22, 23, 24], [1, 2, 3, 4, 5]
+    outcomes = Outcomes()
+    receiver.expect("held", dst_ids, 18, outcomes, held_blocks=2)
+    with pytest.raises(KVTransferError, match="holds 2 leading blocks already, the sender skips 1"):
+        TCPKVSender(LAYOUT).open(receiver.endpoint, "held", 18, held_blocks=1)
+    transfer = TCPKVSender(LAYOUT).open(receiver.endpoint, "held", 18, dst_block_ids=dst_ids, held_blocks=2)
+    for layer, (key, value) in enumerate(src):  # as a prefill step hands them over: all five blocks
+        transfer.send_layer(layer, key, value, src_ids[:1], first_block=0)  # wholly held: nothing sent
+        transfer.send_layer(layer, key, value, src_ids[1:], first_block=1)  # the held one is dropped
+    stats = transfer.finish(timeout=10)
+    assert outcomes.wait("held") is None
+    assert (stats.blocks, stats.bytes) == (3, LAYOUT.num_layers * 2 * 3 * LAYOUT.block_bytes)
+    assert_blocks_zero(dst_caches, dst_ids[:2])
+    assert_blocks_equal(dst_caches, dst_ids[2:], src, src_ids[2:])
+
+    receiver.expect("guarded", [10, 11], 8, Outcomes(), held_blocks=1)
+    with socket.create_connection(receiver.endpoint.rsplit(":", 1)) as sock:  # a sender that writes a held block
+        sock.sendall(wire.Hello(LAYOUT, "guarded", 8, held_blocks=1).encode())
+        frame_type, size = wire.decode_header(recv_exact(sock, wire.HEADER.size))
+        assert frame_type == wire.HELLO_OK and recv_exact(sock, size)
+        sock.sendall(wire.encode_layer_header(0, 0, 1, LAYOUT.block_bytes) + bytes(2 * LAYOUT.block_bytes))
+        frame_type, size = wire.decode_header(recv_exact(sock, wire.HEADER.size))
+        assert frame_type == wire.ERROR and b"blocks to fill [1, 2)" in recv_exact(sock, size)
+    assert_blocks_zero(dst_caches, [10, 11])

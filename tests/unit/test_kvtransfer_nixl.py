@@ -37,19 +37,23 @@ def new_agent(role: str) -> NixlAgent:
     return NixlAgent(f"test-{role}-{uuid.uuid4().hex[:8]}")
 
 
-def move_over_nixl(layout: KVLayout, src, dst, src_ids: list[int], dst_ids: list[int], lanes: int = 1):
-    """One transfer between fresh NIXL sides over src and dst (NIXL required on both); returns the
-    receiver's lane agents once the KV is in and both sides are closed again."""
+def move_over_nixl(layout: KVLayout, src, dst, src_ids: list[int], dst_ids: list[int], lanes: int = 1,
+                   held_blocks: int = 0):
+    """One transfer between fresh NIXL sides over src and dst (NIXL required on both; the receiver
+    holds the first held_blocks already); returns the receiver's lane agents once the KV is in and
+    both sides are closed again."""
     send = NixlSendSide(new_agent("send"), src)
     agents = [new_agent("recv") for _ in range(lanes)]
     rx = TCPKVReceiver(dst, nixl=NixlReceiveSide(agents, layout, dst), require_nixl=True)
     rx.start()
     try:
         outcomes, num_tokens = Outcomes(), len(dst_ids) * layout.block_size
-        rx.expect("moved", dst_ids, num_tokens, outcomes)
-        transfer = TCPKVSender(layout, nixl=send, require_nixl=True).open(rx.endpoint, "moved", num_tokens)
+        rx.expect("moved", dst_ids, num_tokens, outcomes, held_blocks)
+        transfer = TCPKVSender(layout, nixl=send, require_nixl=True).open(rx.endpoint, "moved", num_tokens,
+                                                                         held_blocks=held_blocks)
         send_all(transfer, src, src_ids)
-        assert transfer.finish(timeout=30).data_path == "nixl"
+        stats = transfer.finish(timeout=30)
+        assert (stats.data_path, stats.blocks) == ("nixl", len(dst_ids) - held_blocks)
         assert outcomes.wait("moved") is None
         return agents
     finally:
@@ -328,3 +332,10 @@ def test_gpu_caches_are_read_gpu_to_gpu():
     move_over_nixl(LAYOUT, src, dst, [1, 2, 30], [7, 3, 9], lanes=READ_LANES)
     torch.cuda.synchronize()
     assert_blocks_equal([(k.cpu(), v.cpu()) for k, v in dst], [7, 3, 9], [(k.cpu(), v.cpu()) for k, v in src], [1, 2, 30])
+
+
+def test_blocks_the_receiver_holds_are_not_read():
+    src, dst = random_caches(LAYOUT, 8, seed=11), zero_caches(LAYOUT, 8)
+    move_over_nixl(LAYOUT, src, dst, [0, 1, 2, 3], [4, 5, 6, 7], held_blocks=3)
+    assert_blocks_zero(dst, [4, 5, 6])  # held: never written
+    assert_blocks_equal(dst, [7], src, [3])

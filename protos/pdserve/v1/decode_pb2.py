@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import worker_pb2 as pdserve_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/decode.proto\x12\npdserve.v1\x1a\x17pdserve/v1/worker.proto\"l\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\t\n\x01n\x18\x04 \x01(\r\x12\x10\n\x08lease_ms\x18\x05 \x01(\r\"\x96\x01\n\x0fReserveResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x13\n\x0bkv_endpoint\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x10\n\x08lease_ms\x18\x05 \x01(\r\x12\x1d\n\x15lease_expires_unix_ms\x18\x06 \x01(\x04\"\xc6\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12+\n\x07samples\x18\x04 \x03(\x0b\x32\x1a.pdserve.v1.SampleProgress\x12\x32\n\x08sampling\x18\x05 \x01(\x0b\x32 .pdserve.v1.EngineSamplingParams\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12\x42\n\rtrace_context\x18\x07 \x03(\x0b\x32+.pdserve.v1.DecodeRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x94\x01\n\x0c\x44\x65\x63odeWorker\x12\x42\n\x07Reserve\x12\x1a.pdserve.v1.ReserveRequest\x1a\x1b.pdserve.v1.ReserveResponse\x12@\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x19.pdserve.v1.RequestOutput0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/decode.proto\x12\npdserve.v1\x1a\x17pdserve/v1/worker.proto\"\x86\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\t\n\x01n\x18\x04 \x01(\r\x12\x10\n\x08lease_ms\x18\x05 \x01(\r\x12\x18\n\x10prompt_token_ids\x18\x06 \x03(\r\"\xab\x01\n\x0fReserveResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x13\n\x0bkv_endpoint\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x10\n\x08lease_ms\x18\x05 \x01(\r\x12\x1d\n\x15lease_expires_unix_ms\x18\x06 \x01(\x04\x12\x13\n\x0bheld_blocks\x18\x07 \x01(\r\"\xc6\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12+\n\x07samples\x18\x04 \x03(\x0b\x32\x1a.pdserve.v1.SampleProgress\x12\x32\n\x08sampling\x18\x05 \x01(\x0b\x32 .pdserve.v1.EngineSamplingParams\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12\x42\n\rtrace_context\x18\x07 \x03(\x0b\x32+.pdserve.v1.DecodeRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x94\x01\n\x0c\x44\x65\x63odeWorker\x12\x42\n\x07Reserve\x12\x1a.pdserve.v1.ReserveRequest\x1a\x1b.pdserve.v1.ReserveResponse\x12@\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x19.pdserve.v1.RequestOutput0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,14 +34,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DECODEREQUEST_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_DECODEREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_RESERVEREQUEST']._serialized_start=64
-  _globals['_RESERVEREQUEST']._serialized_end=172
-  _globals['_RESERVERESPONSE']._serialized_start=175
-  _globals['_RESERVERESPONSE']._serialized_end=325
-  _globals['_DECODEREQUEST']._serialized_start=328
-  _globals['_DECODEREQUEST']._serialized_end=654
-  _globals['_DECODEREQUEST_TRACECONTEXTENTRY']._serialized_start=603
-  _globals['_DECODEREQUEST_TRACECONTEXTENTRY']._serialized_end=654
-  _globals['_DECODEWORKER']._serialized_start=657
-  _globals['_DECODEWORKER']._serialized_end=805
+  _globals['_RESERVEREQUEST']._serialized_start=65
+  _globals['_RESERVEREQUEST']._serialized_end=199
+  _globals['_RESERVERESPONSE']._serialized_start=202
+  _globals['_RESERVERESPONSE']._serialized_end=373
+  _globals['_DECODEREQUEST']._serialized_start=376
+  _globals['_DECODEREQUEST']._serialized_end=702
+  _globals['_DECODEREQUEST_TRACECONTEXTENTRY']._serialized_start=651
+  _globals['_DECODEREQUEST_TRACECONTEXTENTRY']._serialized_end=702
+  _globals['_DECODEWORKER']._serialized_start=705
+  _globals['_DECODEWORKER']._serialized_end=853
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import worker_pb2 as pdserve_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/prefill.proto\x12\npdserve.v1\x1a\x17pdserve/v1/worker.proto\"J\n\x08KvTarget\x12\x13\n\x0bkv_endpoint\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\r\"\x95\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .pdserve.v1.EngineSamplingParams\x12\'\n\tkv_target\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.KvTarget\x12\x43\n\rtrace_context\x18\x05 \x03(\x0b\x32,.pdserve.v1.PrefillRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\x0fPrefillResponse\x12)\n\x06output\x18\x01 \x01(\x0b\x32\x19.pdserve.v1.RequestOutput2S\n\rPrefillWorker\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/prefill.proto\x12\npdserve.v1\x1a\x17pdserve/v1/worker.proto\"_\n\x08KvTarget\x12\x13\n\x0bkv_endpoint\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\x13\n\x0bheld_blocks\x18\x04 \x01(\r\"\x95\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .pdserve.v1.EngineSamplingParams\x12\'\n\tkv_target\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.KvTarget\x12\x43\n\rtrace_context\x18\x05 \x03(\x0b\x32,.pdserve.v1.PrefillRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\x0fPrefillResponse\x12)\n\x06output\x18\x01 \x01(\x0b\x32\x19.pdserve.v1.RequestOutput2S\n\rPrefillWorker\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,13 +35,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_PREFILLREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_KVTARGET']._serialized_start=65
-  _globals['_KVTARGET']._serialized_end=139
-  _globals['_PREFILLREQUEST']._serialized_start=142
-  _globals['_PREFILLREQUEST']._serialized_end=419
-  _globals['_PREFILLREQUEST_TRACECONTEXTENTRY']._serialized_start=368
-  _globals['_PREFILLREQUEST_TRACECONTEXTENTRY']._serialized_end=419
-  _globals['_PREFILLRESPONSE']._serialized_start=421
-  _globals['_PREFILLRESPONSE']._serialized_end=481
-  _globals['_PREFILLWORKER']._serialized_start=483
-  _globals['_PREFILLWORKER']._serialized_end=566
+  _globals['_KVTARGET']._serialized_end=160
+  _globals['_PREFILLREQUEST']._serialized_start=163
+  _globals['_PREFILLREQUEST']._serialized_end=440
+  _globals['_PREFILLREQUEST_TRACECONTEXTENTRY']._serialized_start=389
+  _globals['_PREFILLREQUEST_TRACECONTEXTENTRY']._serialized_end=440
+  _globals['_PREFILLRESPONSE']._serialized_start=442
+  _globals['_PREFILLRESPONSE']._serialized_end=502
+  _globals['_PREFILLWORKER']._serialized_start=504
+  _globals['_PREFILLWORKER']._serialized_end=587
 # @@protoc_insertion_point(module_scope)

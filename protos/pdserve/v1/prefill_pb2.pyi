@@ -8,14 +8,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KvTarget(_message.Message):
-    __slots__ = ("kv_endpoint", "reservation_id", "block_ids")
+    __slots__ = ("kv_endpoint", "reservation_id", "block_ids", "held_blocks")
     KV_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    HELD_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     kv_endpoint: str
     reservation_id: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, kv_endpoint: _Optional[str] = ..., reservation_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    held_blocks: int
+    def __init__(self, kv_endpoint: _Optional[str] = ..., reservation_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., held_blocks: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "kv_target", "trace_context")
