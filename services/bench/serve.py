@@ -83,6 +83,11 @@ def run_serve(address: str, requests: list[BenchRequest], settings: ServeSetting
     load = LoadSpec(tuple(offsets), settings.max_concurrency, settings.temperature, settings.timeout_s,
                     settings.progress)
     records = run_async(run_load(address, requests, load, settings.seed, security))
+    return serve_run(records, slos)
+
+
+def serve_run(records: list[RequestRecord], slos: dict[str, float] | None = None) -> ServeRun:
+    """A run's figures (slos in seconds) and its errors counted by message."""
     errors: dict[str, int] = {}
     for r in records:
         if r.error:

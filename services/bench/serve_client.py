@@ -54,8 +54,9 @@ def generate_request(request: BenchRequest, temperature: float, seed: int) -> ro
 
 
 async def send_one(stub: router_pb2_grpc.RouterStub, message: router_pb2.GenerateRequest,
-                   record: RequestRecord, timeout_s: float) -> None:
-    """Stream one request and fill `record` with its timings (errors are recorded, not raised)."""
+                   record: RequestRecord, timeout_s: float, token_ids: list[int] | None = None) -> None:
+    """Stream one request and fill `record` with its timings (errors are recorded, not raised);
+    the streamed token ids are appended to token_ids when given."""
     start = time.perf_counter()
     last, tokens = start, 0
     try:
@@ -64,6 +65,8 @@ async def send_one(stub: router_pb2_grpc.RouterStub, message: router_pb2.Generat
             if not (response.HasField("chunk") and response.chunk.token_ids):
                 continue
             count = len(response.chunk.token_ids)
+            if token_ids is not None:
+                token_ids.extend(response.chunk.token_ids)
             if tokens == 0:
                 record.ttft = now - start
                 record.itl.extend([0.0] * (count - 1))  # tokens that came with the first one

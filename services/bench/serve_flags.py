@@ -7,14 +7,18 @@ import argparse
 import math
 
 from pdserve.bench.serve import ServeSettings
+from pdserve.bench.serve_conversations import ConversationSpec
 from pdserve.bench.serve_datasets import DATASETS, DatasetSpec
 
+CONVERSATION = "conversation"  # the multi-turn dataset: sessions (pdserve.bench.serve_conversations)
 
-def add_dataset_flags(p: argparse.ArgumentParser) -> None:
-    """--dataset-name and the length flags of each dataset."""
-    p.add_argument("--dataset-name", default="random", choices=DATASETS,
-                   help="random lengths, the shipped ShareGPT-like lengths, or mixed (short requests "
-                        "plus a share of long prompts)")
+
+def add_dataset_flags(p: argparse.ArgumentParser, conversation: bool = False) -> None:
+    """--dataset-name and the length flags of each dataset (with conversation: the multi-turn one too)."""
+    p.add_argument("--dataset-name", default="random", choices=(*DATASETS, CONVERSATION) if conversation else DATASETS,
+                   help="random lengths, the shipped ShareGPT-like lengths, mixed (short requests "
+                        "plus a share of long prompts), or conversation (multi-turn sessions sharing a system "
+                        "prompt; --request-rate is then sessions per second and --num-prompts is ignored)")
     p.add_argument("--num-prompts", type=int, default=100, help="requests in the run")
     p.add_argument("--random-input-len", type=int, default=128, help="random/mixed: prompt tokens")
     p.add_argument("--random-output-len", type=int, default=64, help="random/mixed: output tokens")
@@ -25,6 +29,25 @@ def add_dataset_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixed-long-prompt-len", type=int, default=1024, help="mixed: tokens of a long prompt")
     p.add_argument("--mixed-long-output-len", type=int, default=8, help="mixed: output tokens of a long prompt")
     p.add_argument("--mixed-long-fraction", type=float, default=0.2, help="mixed: share of long prompts")
+    if conversation:
+        add_conversation_flags(p)
+
+
+def add_conversation_flags(p: argparse.ArgumentParser) -> None:
+    """The conversation dataset's shape."""
+    defaults = ConversationSpec()
+    p.add_argument("--conversation-sessions", type=int, default=defaults.num_sessions, help="conversation: sessions")
+    p.add_argument("--conversation-turns", type=int, default=defaults.turns, help="conversation: turns per session")
+    p.add_argument("--conversation-system-prompt-len", type=int, default=defaults.system_prompt_len,
+                   help="conversation: tokens of the system prompt every session shares")
+    p.add_argument("--conversation-first-message-len", type=int, default=defaults.first_message_len,
+                   help="conversation: tokens of a session's opening message (the document it is about)")
+    p.add_argument("--conversation-user-len", type=int, default=defaults.user_len,
+                   help="conversation: tokens of every later user message")
+    p.add_argument("--conversation-output-len", type=int, default=defaults.output_len,
+                   help="conversation: tokens of every answer")
+    p.add_argument("--conversation-think-time-s", type=float, default=defaults.think_time_s,
+                   help="conversation: mean pause (exponential) between an answer and the next turn")
 
 
 def add_load_flags(p: argparse.ArgumentParser) -> None:
@@ -46,6 +69,15 @@ def dataset_spec_from(ns: argparse.Namespace) -> DatasetSpec:
                        sharegpt_output_len=ns.sharegpt_output_len, long_prompt_len=ns.mixed_long_prompt_len,
                        long_output_len=ns.mixed_long_output_len, long_fraction=ns.mixed_long_fraction,
                        seed=ns.seed)
+
+
+def conversation_spec_from(ns: argparse.Namespace) -> ConversationSpec:
+    """ConversationSpec from the parsed flags."""
+    return ConversationSpec(num_sessions=ns.conversation_sessions, turns=ns.conversation_turns,
+                            system_prompt_len=ns.conversation_system_prompt_len,
+                            first_message_len=ns.conversation_first_message_len, user_len=ns.conversation_user_len,
+                            output_len=ns.conversation_output_len, think_time_s=ns.conversation_think_time_s,
+                            seed=ns.seed)
 
 
 def serve_settings_from(ns: argparse.Namespace) -> ServeSettings:

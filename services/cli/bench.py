@@ -18,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_compare(bench)
     _register_simulate(bench)
     _register_peer(bench)
+    _register_routing(bench)
 
 
 def _register_serve(bench: argparse._SubParsersAction) -> None:
@@ -26,7 +27,7 @@ def _register_serve(bench: argparse._SubParsersAction) -> None:
                                      "ITL, end-to-end latency, throughput and goodput.")
     add_flag(p, "--router", None, str, "HOST:PORT of the router", required=False)
     add_client_security_flags(p, api_key_help="the API key to send to the router (its --api-key)")
-    add_dataset_flags(p)
+    add_dataset_flags(p, conversation=True)
     add_load_flags(p)
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     p.add_argument("--warmup", type=int, default=2, help="short requests sent first, not counted")
@@ -95,6 +96,16 @@ def _register_peer(bench: argparse._SubParsersAction) -> None:
                          description=peer.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     peer.add_flags(p)
     p.set_defaults(run=lambda ns: peer.run(ns))
+
+
+def _register_routing(bench: argparse._SubParsersAction) -> None:
+    from pdserve.bench import routing_compare
+
+    p = bench.add_parser("routing", help="--routing kv vs --routing load on 2 prefill + 2 decode servers: "
+                                         "multi-turn and no-shared-prefix workloads, one run",
+                         description=routing_compare.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    routing_compare.add_flags(p)
+    p.set_defaults(run=lambda ns: routing_compare.run(ns))
 
 
 def _lazy(module: str):

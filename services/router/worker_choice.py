@@ -18,15 +18,18 @@ from pdserve.state.registry import WorkerInfo
 
 @dataclass
 class InFlight:
-    """What this router has sent to each worker and not yet seen finish."""
+    """What this router has sent to each worker and not yet seen finish, and how many requests it
+    ever sent each (the last tie-break: idle workers take turns instead of the first by id taking all)."""
 
     requests: Counter = field(default_factory=Counter)
     prompt_tokens: Counter = field(default_factory=Counter)
+    sent: Counter = field(default_factory=Counter)
 
     def add(self, worker_id: str, prompt_tokens: int) -> None:
         """Count a dispatched request (and its prompt tokens) against the worker."""
         self.requests[worker_id] += 1
         self.prompt_tokens[worker_id] += prompt_tokens
+        self.sent[worker_id] += 1
 
     def done(self, worker_id: str, prompt_tokens: int) -> None:
         """The request left the worker."""
@@ -35,11 +38,12 @@ class InFlight:
 
 
 def choose_prefill(workers: list[WorkerInfo], inflight: InFlight) -> WorkerInfo:
-    """The prefill worker with the fewest queued prompt tokens (reported + dispatched)."""
+    """The prefill worker with the fewest queued prompt tokens (reported + dispatched), then the one
+    sent fewest requests."""
     if not workers:
         raise UnavailableError("no prefill server is registered")
     return min(workers, key=lambda w: (w.load.queued_prompt_tokens + inflight.prompt_tokens[w.worker_id],
-                                       inflight.requests[w.worker_id], w.worker_id))
+                                       inflight.requests[w.worker_id], inflight.sent[w.worker_id], w.worker_id))
 
 
 @dataclass
@@ -78,7 +82,8 @@ class CacheAwareChoice:
 
         def cost(w: WorkerInfo, cached: int) -> tuple[float, int]:
             queued = w.load.queued_prompt_tokens + inflight.prompt_tokens[w.worker_id]
-            return n_prompt - min(cached, n_prompt - 1) + weight * queued, inflight.requests[w.worker_id]
+            return (n_prompt - min(cached, n_prompt - 1) + weight * queued, inflight.requests[w.worker_id],
+                    inflight.sent[w.worker_id])
 
         return self._pick(workers, cost, "prefill")
 
@@ -92,7 +97,7 @@ class CacheAwareChoice:
             running = max(w.load.running, inflight.requests[w.worker_id])
             if w.load.total_blocks and w.load.free_blocks < self.weights.full_kv_fraction * w.load.total_blocks:
                 cached = 0
-            return n_prompt - cached + weight * running, -w.load.free_blocks
+            return n_prompt - cached + weight * running, -w.load.free_blocks, inflight.sent[w.worker_id]
 
         return self._pick(workers, cost, "decode")
 
@@ -105,7 +110,7 @@ class CacheAwareChoice:
             queued = w.load.queued_prompt_tokens + inflight.prompt_tokens[w.worker_id]
             running = max(w.load.running, inflight.requests[w.worker_id])
             return (n_prompt - min(cached, n_prompt - 1) + weights.prefill_queue_weight * queued
-                    + weights.decode_running_weight * running), -w.load.free_blocks
+                    + weights.decode_running_weight * running), -w.load.free_blocks, inflight.sent[w.worker_id]
 
         return self._pick(workers, cost, "colocated")
 
@@ -116,8 +121,8 @@ ROUTE_REASONS = ("cache", "load", "load_over_cache")
 
 def choose_decode(workers: list[WorkerInfo], inflight: InFlight) -> WorkerInfo:
     """The decode worker with the fewest running sequences (this router's in-flight count
-    when it knows more), then the most free KV blocks."""
+    when it knows more), then the most free KV blocks, then the one sent fewest requests."""
     if not workers:
         raise UnavailableError("no decode server is registered")
     return min(workers, key=lambda w: (max(w.load.running, inflight.requests[w.worker_id]),
-                                       -w.load.free_blocks, w.worker_id))
+                                       -w.load.free_blocks, inflight.sent[w.worker_id], w.worker_id))

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.runtime.channels import CHANNEL_OPTIONS, PLAINTEXT, ClientSecurity
+from pdserve.telemetry.scrape import scrape_metrics
 from pdserve.v1 import router_pb2, router_pb2_grpc
 
 
@@ -65,13 +64,7 @@ def generate_all(address: str, requests: list[router_pb2.GenerateRequest], metad
 
 def scrape(address: str) -> dict[str, float]:
     """Every sample at http://address/metrics, keyed "name{label=value,...}" (labels sorted)."""
-    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return samples
+    return scrape_metrics(address)
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.05) -> None:

@@ -9,13 +9,15 @@ import random
 import statistics
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
 from helpers.secure_switch import client_env, client_flags
-from pdserve.bench.serve import ServeSettings, run_serve
+from pdserve.bench.serve import ServeSettings, run_async, run_serve
 from pdserve.bench.serve_arrivals import arrival_offsets
 from pdserve.bench.serve_client import model_facts
+from pdserve.bench.serve_conversations import ConversationSpec, run_conversations, session_messages
 from pdserve.bench.serve_datasets import DatasetSpec, build_requests, sample_lengths
 from pdserve.bench.serve_metrics import RequestRecord, compute_metrics, meets_slos, parse_slos, run_duration
 from pdserve.bench.serve_sharegpt import DATA_FILE, format_csv, load_sharegpt_like, synthesize_sharegpt_like
@@ -152,3 +154,34 @@ def test_max_concurrency_caps_requests_in_flight(cluster):
         in_flight += change
         peak = max(peak, in_flight)
     assert peak == 2
+
+
+def test_conversation_sessions_resend_their_history_with_each_turn(cluster, tmp_path):
+    """`bench serve --dataset-name conversation`: every turn's prompt is the session so far (shared
+    system prompt, opening message, answers as served, later messages), the sessions follow the
+    arrival process, and a session's turns never overlap."""
+    spec = ConversationSpec(num_sessions=3, turns=3, system_prompt_len=20, first_message_len=30, user_len=5,
+                            output_len=6, think_time_s=0.05, seed=4)
+    system, messages = session_messages(spec, 500)
+    assert (system, messages) == session_messages(spec, 500) and len(system) == 20
+    assert [len(m) for m in messages[0]] == [30, 5, 5] and messages[0] != messages[1]
+    facts = model_facts(cluster.router_address, security=cluster.client_security())
+    run = run_async(run_conversations(cluster.router_address, spec, facts.vocab_size, facts.max_model_len, 10.0,
+                                      progress=False, security=cluster.client_security()))
+    assert all(r.success and r.output_tokens == 6 for r in run.records)
+    assert [r.prompt_len for r in run.records] == [50, 61, 72] * 3  # history + answer + new message each turn
+    for s in range(3):
+        turns = run.records[3 * s:3 * s + 3]
+        assert all(a.send_time + a.e2e <= b.send_time for a, b in zip(turns, turns[1:]))
+    with pytest.raises(ValueError, match="context"):
+        run_async(run_conversations(cluster.router_address, replace(spec, first_message_len=facts.max_model_len),
+                                    facts.vocab_size, facts.max_model_len, 10.0, progress=False))
+    out = tmp_path / "conversation.json"
+    argv = ["bench", "serve", "--router", cluster.router_address, "--dataset-name", "conversation",
+            "--conversation-sessions", "2", "--conversation-turns", "2", "--conversation-system-prompt-len", "16",
+            "--conversation-first-message-len", "20", "--conversation-output-len", "4", "--request-rate", "10",
+            "--save-result", str(out), *client_flags(cluster)]
+    proc = subprocess.run([sys.executable, "-m", "pdserve.cli", *argv], capture_output=True,
+                          text=True, timeout=180, env=client_env(cluster))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(out.read_text())["metrics"]["completed"] == 4

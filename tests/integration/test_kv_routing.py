@@ -5,13 +5,17 @@ rest; greedy tokens equal a run with --routing load."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
+import time
 
 import pytest
 import redis
 
 from helpers.observability_testing import generate_all, request_for, scrape, wait_until
+from pdserve.bench.chaos import kill_round, run_streams, wait_all_blocks_free
+from pdserve.bench.chaos_churn import nixl_leaks
 from pdserve.cli.cluster import LocalCluster
 from pdserve.models.tiny_model import make_tiny_model
 from pdserve.state.kv_events import PrefixIndex, stream_key
@@ -98,3 +102,48 @@ def test_a_second_turn_goes_to_the_servers_holding_its_prefix_and_only_the_rest_
     with LocalCluster(model_dir, prefill=2, decode=2, extra_args=[*args, "--routing", "load"]) as cluster:
         load_first, load_second, _, _, _ = run_two_turns(cluster, first_turns, second_turns, kv=False)
     assert (kv_first, kv_second) == (load_first, load_second)  # routing never changes a token
+
+
+def test_a_decode_kill_and_a_router_restart_cost_cache_hits_never_tokens(model_dir, kv_transfer):
+    """Second turns of 16 conversations: a decode server killed mid-run and replaced by an empty one,
+    then the router replaced by a new one that knows only what the stream retains. Every stream gets
+    the fault-free tokens, the new router's index covers the live servers within two snapshot periods
+    and routes by cache again, and no block stays reserved or pinned."""
+    rng = random.Random(11)
+    first_turns = [[rng.randrange(3, 500) for _ in range(60)] for _ in range(16)]
+    heartbeat_s = 0.2
+    snapshot_period_s = 10 * heartbeat_s  # KVEventPublisher's default: a snapshot every 10 beats
+    with LocalCluster(model_dir, prefill=2, decode=2, extra_args=["--heartbeat-s", str(heartbeat_s)],
+                      env={"PDSERVE_KV_TRANSFER": kv_transfer}) as cluster:
+        answers = asyncio.run(run_streams(cluster, first_turns, 8))
+        second_turns = [p + r.tokens + [rng.randrange(3, 500) for _ in range(10)] for p, r in zip(first_turns, answers)]
+        reference = [r.tokens for r in asyncio.run(run_streams(cluster, second_turns, 16))]
+        assert all(len(tokens) == 16 for tokens in reference)
+        report = asyncio.run(kill_round(cluster, second_turns, 16, reference, "decode", random.Random(1)))
+        assert (report.identical, report.errors) == (len(second_turns), []), report
+
+        old_router = next(p for p in cluster.processes if p.role == "router")
+        new_router = cluster.add_server("router")
+        cluster.kill(old_router)
+        restarted = time.monotonic()
+        holding = [p.log_path.stem for p in cluster.servers("decode") + cluster.servers("prefill")
+                   if scrape(p.metrics_address)["pdserve:kv_cache_blocks_cached"] > 0]
+        wait_until(lambda: all(scrape(new_router.metrics_address).get(
+            f"pdserve:router_kv_index_blocks{{worker={w}}}", 0) > 0 for w in holding),
+            2 * snapshot_period_s + 5, "the new router's index of every server holding blocks")
+        recovered_s = time.monotonic() - restarted
+        assert recovered_s <= 2 * snapshot_period_s + 5, recovered_s
+
+        again = []
+        for prompt in second_turns:  # one at a time: with no queue anywhere, the cache decides
+            (result,) = asyncio.run(run_streams(cluster, [prompt], 16))
+            again.append(result.tokens)
+        assert again == reference
+        decisions = scrape(new_router.metrics_address)
+        by_cache = decisions.get("pdserve:router_routing_decisions_total{reason=cache,role=decode}", 0)
+        assert by_cache >= 0.75 * len(second_turns), decisions  # hits are back on the decode side
+
+        loads = asyncio.run(wait_all_blocks_free(cluster))
+        assert all(load.num_blocks_free == load.num_blocks_total and load.num_reservations == 0
+                   for load in loads.values()), loads
+        assert nixl_leaks(cluster)["leaks"] == {}
