@@ -1,6 +1,7 @@
 """What each worker's prefix cache holds, published for the router's KV-aware routing.
 
-Workers append to one Redis stream, `{prefix}:kv-events`: every period the prefix-cache entries
+Workers (prefill, decode and colocated servers) append to one Redis stream, `{prefix}:kv-events`,
+entries naming the worker, its role and block size: every period the prefix-cache entries
 stored and evicted since the last one, in order (keyed by the chained block hash the engine's
 prefix cache computes, pdserve.engine.block_pool.chained_hash), and every `snapshot_every`
 periods the whole set. A stream rather than pub/sub: a router that starts or reconnects reads
@@ -10,7 +11,8 @@ on the worker's event loop from a log the engine thread appends to; it never blo
 
 The router's PrefixIndex applies the stream in order (a snapshot replaces a worker's set, events
 add and remove) and answers how many of a prompt's leading tokens a worker holds. A stale index
-costs a cache miss, never a wrong token: the worker's engine looks its cache up itself.
+costs a cache miss, never a wrong token: the worker's engine looks its cache up itself (a decode
+server reports what it holds when it grants a reservation, and only the rest is transferred).
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ class EngineStatsCollector(Collector):
 
 
 class PrefixIndexCollector(Collector):
-    """The router's view of its prefill servers' prefix caches (--routing kv): blocks indexed per worker."""
+    """The router's view of its workers' prefix caches (--routing kv): blocks indexed per worker."""
 
     def __init__(self, blocks_by_worker: Callable[[], dict[str, int]]):
         self.blocks_by_worker = blocks_by_worker
@@ -80,7 +80,7 @@ class PrefixIndexCollector(Collector):
     def collect(self) -> Iterator:
         """The current values."""
         family = GaugeMetricFamily("pdserve:router_kv_index_blocks",
-                                   "Prefix-cache blocks the router knows each prefill server holds.",
+                                   "Prefix-cache blocks the router knows each worker (prefill, decode, colocated) holds.",
                                    labels=["worker"])
         for worker, blocks in sorted(self.blocks_by_worker().items()):
             family.add_metric([worker], blocks)
