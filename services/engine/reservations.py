@@ -61,8 +61,9 @@ class ReservationBook:
 
     @property
     def num_blocks(self) -> int:
-        """Blocks held by all open reservations."""
-        return sum(len(r.blocks) for r in self._by_id.values())
+        """Blocks all open reservations wait to fill (their held prefix-cache blocks not counted:
+        those hold KV already, and may be shared with running sequences)."""
+        return sum(len(r.blocks) - r.held_blocks for r in self._by_id.values())
 
     def reserve(self, reservation_id: str, num_prompt_tokens: int,
                 expires_at: float | None = None, held: CachedPrefix | None = None,

@@ -8,6 +8,7 @@ worker that looked idlest a second ago.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pdserve.runtime.errors import UnavailableError
@@ -64,14 +65,23 @@ class CacheAwareChoice:
     def _cached(self, worker: WorkerInfo) -> int:
         return self.index.cached_tokens(worker.worker_id, self.prompt_ids, self._keys)
 
-    def _pick(self, workers: list[WorkerInfo], cost, role: str) -> WorkerInfo:
+    def _pick(self, workers: list[WorkerInfo], cost, role: str,
+              credit: Callable[[WorkerInfo, int], int] | None = None) -> WorkerInfo:
+        """The worker of least cost(worker, credited cached tokens); credit(worker, cached) may take
+        back what a worker holds (a saturated one). The reason is judged on the credited amounts:
+        "load" when they do not differ (none holds any, or all hold the same, e.g. a system prompt)."""
         if not workers:
             raise UnavailableError(f"no {role} server is registered")
         cached = {w.worker_id: self._cached(w) for w in workers}
+        if credit is not None:
+            cached = {w.worker_id: credit(w, cached[w.worker_id]) for w in workers}
         best = min(workers, key=lambda w: (cost(w, cached[w.worker_id]), w.worker_id))
         most = max(cached.values())
         self.expected_cached_tokens = cached[best.worker_id]
-        self.reason = "load" if most == 0 else "cache" if cached[best.worker_id] == most else "load_over_cache"
+        if most == min(cached.values()):
+            self.reason = "load"
+        else:
+            self.reason = "cache" if cached[best.worker_id] == most else "load_over_cache"
         return best
 
     def prefill(self, workers: list[WorkerInfo], inflight: InFlight) -> WorkerInfo:
@@ -95,11 +105,13 @@ class CacheAwareChoice:
 
         def cost(w: WorkerInfo, cached: int) -> tuple[float, int]:
             running = max(w.load.running, inflight.requests[w.worker_id])
-            if w.load.total_blocks and w.load.free_blocks < self.weights.full_kv_fraction * w.load.total_blocks:
-                cached = 0
             return n_prompt - cached + weight * running, -w.load.free_blocks, inflight.sent[w.worker_id]
 
-        return self._pick(workers, cost, "decode")
+        def credit(w: WorkerInfo, cached: int) -> int:
+            full = w.load.total_blocks and w.load.free_blocks < self.weights.full_kv_fraction * w.load.total_blocks
+            return 0 if full else cached
+
+        return self._pick(workers, cost, "decode", credit)
 
     def colocated(self, workers: list[WorkerInfo], inflight: InFlight) -> WorkerInfo:
         """The colocated worker where the prompt costs least: the prefill cost (tokens its cache

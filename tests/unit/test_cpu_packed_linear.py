@@ -1,6 +1,7 @@
 """Packed linear layers on the CPU (models/cpu_packed_linear.py): a bfloat16 model's layers are
-packed by the model runner for the native kernel or oneDNN (oneDNN's give bit-identical logits and
-greedy tokens; the native kernel's are tested in test_cpu_native.py); float32 models and a tied
+packed by the model runner for the native kernel or oneDNN (oneDNN's give the same greedy tokens and
+logits bit-identical on AVX-512 BF16 CPUs, within one bfloat16 rounding elsewhere; the native kernel's
+are tested in test_cpu_native.py); float32 models and a tied
 output head are left alone."""
 
 from __future__ import annotations
@@ -133,5 +134,19 @@ def test_packed_engine_gives_the_same_logits_and_tokens(tiny_dir):
             logits[pack] = runner.execute([chunk])
             results = engine.generate(prompts, greedy(24))
             tokens[pack] = [r.samples[0].token_ids for r in results]
-    assert torch.equal(logits[True], logits[False])
+    # Bit-identical on the AVX-512 BF16 machines; on a CPU without them oneDNN's packed and plain kernels
+    # may round a bfloat16 output apart by one unit in the last place (seen: 1 logit of 512, 1.2e-4).
+    difference = (logits[True] - logits[False]).abs()
+    one_ulp = logits[False].abs() * 2.0 ** -7  # >= one bfloat16 unit in the last place of each value
+    assert bool((difference <= one_ulp).all()), difference.max()
+    if "avx512_bf16" in _cpu_flags():
+        assert torch.equal(logits[True], logits[False])
     assert tokens[True] == tokens[False]
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            return next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        return ""

@@ -113,6 +113,10 @@ def test_the_decode_choice_follows_the_cache_until_running_sequences_or_a_full_c
     # with a running sequence d1 still wins by its cache, unless its KV blocks are all but taken
     assert choice.decode([decode_worker("d0"), decode_worker("d1", running=1, free=50)], InFlight()).worker_id == "d1"
     assert choice.decode([decode_worker("d0"), decode_worker("d1", running=1, free=5)], InFlight()).worker_id == "d0"
+    assert (choice.reason, choice.expected_cached_tokens) == ("load", 0)  # d1's credit was taken back
+    index.apply("d0", 16, "snapshot", prompt_block_keys(prompt[:768], 16))  # both hold the same: load decides
+    assert choice.decode([decode_worker("d0", running=1), decode_worker("d1")], InFlight()).worker_id == "d1"
+    assert choice.reason == "load"
 
 
 
