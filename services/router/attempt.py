@@ -94,22 +94,26 @@ class AttemptRunner:
         if state.abort_requested:
             raise WorkerFailedError("aborted by the client")  # the retry loop ends the stream with "abort"
 
-    async def _on_first_available(self, attempt: Attempt, workers: list[WorkerInfo], choose, prompt_tokens: int,
-                                  call: Callable[[WorkerInfo], Awaitable]) -> tuple[WorkerInfo, object]:
+    async def _on_first_available(self, attempt: Attempt, workers: list[WorkerInfo], choose,
+                                  prompt_tokens: int | Callable[[], int],
+                                  call: Callable[[WorkerInfo], Awaitable]) -> tuple[WorkerInfo, object, int]:
         """await call(worker) on the worker `choose` picks, counting it in flight there. A worker
         that refuses (shutting down, or RESOURCE_EXHAUSTED) is left out and the next pick tried;
-        when all refuse: OverloadedError if one was full, else UnavailableError. Returns
-        (worker, result); on success the in-flight count stays (the caller ends it)."""
+        when all refuse: OverloadedError if one was full, else UnavailableError. prompt_tokens: what
+        the request adds to the chosen worker's in-flight prompt tokens (a callable: read after the
+        choice). Returns (worker, result, those tokens); on success the in-flight count stays (the
+        caller ends it with them)."""
         refused: set[str] = set()
         full = None
         while True:
             worker = choose([w for w in workers if w.worker_id not in refused], self.inflight)
-            self.inflight.add(worker.worker_id, prompt_tokens)
+            counted = prompt_tokens() if callable(prompt_tokens) else prompt_tokens  # after the choice
+            self.inflight.add(worker.worker_id, counted)
             attempt.workers.append(worker)
             try:
-                return worker, await call(worker)
+                return worker, await call(worker), counted
             except BaseException as exc:
-                self.inflight.done(worker.worker_id, prompt_tokens)
+                self.inflight.done(worker.worker_id, counted)
                 overloaded = (isinstance(exc, grpc.aio.AioRpcError)
                               and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED)
                 if not (overloaded or is_draining_refusal(exc)):
@@ -188,7 +192,7 @@ class AttemptRunner:
         by_cache = (CacheAwareChoice(self.prefix_index, prompt_ids, self.weights)
                     if self.prefix_index is not None else None)
         self._check_not_aborted(state)
-        decode_worker, reservation = await self._on_first_available(
+        decode_worker, reservation, _ = await self._on_first_available(
             attempt, decode_workers, by_cache.decode if by_cache else choose_decode, 0, reserve)
         self._note_route(state, "decode", decode_worker, by_cache,
                          reservation.held_blocks * reservation.block_size)
@@ -206,9 +210,11 @@ class AttemptRunner:
                 call = self.clients.prefill(worker.address).Prefill(prefill_request, metadata=metadata)
                 return self._while_alive(call, worker)
 
-            prefill_worker, response = await self._on_first_available(
-                attempt, prefill_workers, by_cache.prefill if by_cache else choose_prefill, n_prompt, prefill)
-            self.inflight.done(prefill_worker.worker_id, n_prompt)
+            # With kv routing a prefill server's queue grows by what it is expected to compute, not the whole prompt.
+            prefill_worker, response, counted = await self._on_first_available(
+                attempt, prefill_workers, by_cache.prefill if by_cache else choose_prefill,
+                (lambda: by_cache.tokens_to_compute) if by_cache else n_prompt, prefill)
+            self.inflight.done(prefill_worker.worker_id, counted)
             self._note_route(state, "prefill", prefill_worker, by_cache, response.output.cached_tokens)
             self._check_not_aborted(state)
             responses = responses_for(state, response.output)
@@ -276,8 +282,8 @@ class AttemptRunner:
             # A refusal (draining, full) comes with the first read; so does a recompute's end.
             return stream, await self._read(stream)
 
-        prompt_tokens = len(prompt_ids)
-        worker, (stream, first) = await self._on_first_available(attempt, workers, choose, prompt_tokens, open_stream)
+        worker, (stream, first), prompt_tokens = await self._on_first_available(
+            attempt, workers, choose, (lambda: by_cache.tokens_to_compute) if by_cache else len(prompt_ids), open_stream)
         try:
             async with contextlib.aclosing(self._relay(state, stream, first)) as responses:
                 async for response in responses:

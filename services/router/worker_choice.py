@@ -84,6 +84,11 @@ class CacheAwareChoice:
             self.reason = "cache" if cached[best.worker_id] == most else "load_over_cache"
         return best
 
+    @property
+    def tokens_to_compute(self) -> int:
+        """The prompt tokens the last chosen worker is expected to compute (what its queue grows by)."""
+        return len(self.prompt_ids) - min(self.expected_cached_tokens, len(self.prompt_ids) - 1)
+
     def prefill(self, workers: list[WorkerInfo], inflight: InFlight) -> WorkerInfo:
         """The prefill server with the least work for this prompt: the prompt tokens its cache does
         not hold, plus prefill_queue_weight times the prompt tokens queued there (reported and
