@@ -102,7 +102,7 @@ class RoutingWeights:
     gets no credit for what it holds (it is saturated: load alone decides)."""
 
     prefill_queue_weight: float = 1.0
-    decode_running_weight: float = 256.0
+    decode_running_weight: float = 1024.0
     full_kv_fraction: float = 0.1
 
 

@@ -74,12 +74,22 @@ class WorkloadRun:
 
 
 def read_counters(cluster: LocalCluster) -> dict[str, dict[str, float]]:
-    """COUNTERS (and KV bytes received) of every server now, as name -> worker id -> value."""
-    out: dict[str, dict[str, float]] = {name: {} for name in [*COUNTERS, "kv_bytes_received"]}
+    """COUNTERS, KV bytes received, CPU seconds of every process and the router's decisions by role and
+    reason, now, as name -> worker id (or "role/reason") -> value."""
+    out: dict[str, dict[str, float]] = {name: {} for name in [*COUNTERS, "kv_bytes_received", "cpu_seconds",
+                                                               "routing_decisions"]}
+    for proc in cluster.servers("router"):
+        samples = scrape_metrics(proc.metrics_address)
+        out["cpu_seconds"]["router"] = samples.get("process_cpu_seconds_total", 0.0)
+        for key, value in samples.items():
+            if key.startswith("pdserve:router_routing_decisions_total{"):
+                labels = dict(item.split("=", 1) for item in key[key.index("{") + 1:-1].split(","))
+                out["routing_decisions"][f"{labels['role']}/{labels['reason']}"] = value
     for role in ("prefill", "decode"):
         for proc in cluster.servers(role):
             samples = scrape_metrics(proc.metrics_address)
             worker = _worker_id(proc)
+            out["cpu_seconds"][worker] = samples.get("process_cpu_seconds_total", 0.0)
             for name, (counter_role, key) in COUNTERS.items():
                 if counter_role == role:
                     out[name][worker] = samples.get(key, 0.0)
@@ -220,13 +230,17 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default="small", help="make-tiny-model size of the served model")
     p.add_argument("--model-dir", default=None, help="serve this checkpoint instead of making one")
     add_conversation_flags(p)
-    p.set_defaults(conversation_turns=8, conversation_first_message_len=768, conversation_think_time_s=1.0)
+    p.set_defaults(conversation_sessions=32, conversation_turns=8, conversation_first_message_len=768,
+                   conversation_think_time_s=1.0)
     p.add_argument("--session-rate", type=float, default=0.5, help="sessions started per second (Poisson)")
     p.add_argument("--random-prompts", type=int, default=48, help="requests of the random workload")
     p.add_argument("--random-input-len", type=int, default=512)
     p.add_argument("--random-output-len", type=int, default=32)
     p.add_argument("--random-rate", type=float, default=2.0, help="requests per second of the random workload")
     p.add_argument("--kv-transfer", default="tcp", choices=("tcp", "nixl", "auto"), help="the servers' KV data path")
+    p.add_argument("--kv-cache-mb", type=int, default=64,
+                   help="every server's KV cache; the default holds about two thirds of the default workload's "
+                        "sessions (what a busy server sees: its cache cannot keep every conversation)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -241,7 +255,7 @@ def run(ns: argparse.Namespace) -> int:
     random_spec = DatasetSpec(name="random", num_prompts=ns.random_prompts, input_len=ns.random_input_len,
                               output_len=ns.random_output_len, seed=ns.seed + 1)
     spec = RoutingSpec(model_dir, conversation, ns.session_rate, random_spec, ns.random_rate,
-                       extra_args=("--kv-transfer", ns.kv_transfer))
+                       extra_args=("--kv-transfer", ns.kv_transfer, "--kv-cache-mb", str(ns.kv_cache_mb)))
     runs = {policy: run_policy(policy, spec) for policy in POLICIES}
     figures = report(runs)
     command = "pdserve bench " + shlex.join(sys.argv[2:])

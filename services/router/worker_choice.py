@@ -39,12 +39,19 @@ class InFlight:
 
 
 def choose_prefill(workers: list[WorkerInfo], inflight: InFlight) -> WorkerInfo:
-    """The prefill worker with the fewest queued prompt tokens (reported + dispatched), then the one
-    sent fewest requests."""
+    """The prefill worker with the fewest queued prompt tokens (as reported, or as this router
+    dispatched them when it knows more), then the one sent fewest requests."""
     if not workers:
         raise UnavailableError("no prefill server is registered")
-    return min(workers, key=lambda w: (w.load.queued_prompt_tokens + inflight.prompt_tokens[w.worker_id],
-                                       inflight.requests[w.worker_id], inflight.sent[w.worker_id], w.worker_id))
+    return min(workers, key=lambda w: (queued_prompt_tokens(w, inflight), inflight.requests[w.worker_id],
+                                       inflight.sent[w.worker_id], w.worker_id))
+
+
+def queued_prompt_tokens(worker: WorkerInfo, inflight: InFlight) -> int:
+    """Prompt tokens waiting on a prefill worker: its last heartbeat's count, or this router's own
+    in-flight count when that is larger (a heartbeat lags; summing the two would count twice the
+    requests both know of)."""
+    return max(worker.load.queued_prompt_tokens, inflight.prompt_tokens[worker.worker_id])
 
 
 @dataclass
@@ -96,7 +103,7 @@ class CacheAwareChoice:
         n_prompt, weight = len(self.prompt_ids), self.weights.prefill_queue_weight
 
         def cost(w: WorkerInfo, cached: int) -> tuple[float, int]:
-            queued = w.load.queued_prompt_tokens + inflight.prompt_tokens[w.worker_id]
+            queued = queued_prompt_tokens(w, inflight)
             return (n_prompt - min(cached, n_prompt - 1) + weight * queued, inflight.requests[w.worker_id],
                     inflight.sent[w.worker_id])
 
@@ -124,7 +131,7 @@ class CacheAwareChoice:
         n_prompt, weights = len(self.prompt_ids), self.weights
 
         def cost(w: WorkerInfo, cached: int) -> tuple[float, int]:
-            queued = w.load.queued_prompt_tokens + inflight.prompt_tokens[w.worker_id]
+            queued = queued_prompt_tokens(w, inflight)
             running = max(w.load.running, inflight.requests[w.worker_id])
             return (n_prompt - min(cached, n_prompt - 1) + weights.prefill_queue_weight * queued
                     + weights.decode_running_weight * running), -w.load.free_blocks, inflight.sent[w.worker_id]
