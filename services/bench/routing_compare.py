@@ -231,16 +231,17 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", default=None, help="serve this checkpoint instead of making one")
     add_conversation_flags(p)
     p.set_defaults(conversation_sessions=32, conversation_turns=8, conversation_first_message_len=768,
-                   conversation_think_time_s=1.0)
-    p.add_argument("--session-rate", type=float, default=0.5, help="sessions started per second (Poisson)")
+                   conversation_think_time_s=3.0)
+    p.add_argument("--session-rate", type=float, default=2.0, help="sessions started per second (Poisson)")
     p.add_argument("--random-prompts", type=int, default=48, help="requests of the random workload")
     p.add_argument("--random-input-len", type=int, default=512)
     p.add_argument("--random-output-len", type=int, default=32)
     p.add_argument("--random-rate", type=float, default=2.0, help="requests per second of the random workload")
     p.add_argument("--kv-transfer", default="tcp", choices=("tcp", "nixl", "auto"), help="the servers' KV data path")
-    p.add_argument("--kv-cache-mb", type=int, default=64,
-                   help="every server's KV cache; the default holds about two thirds of the default workload's "
-                        "sessions (what a busy server sees: its cache cannot keep every conversation)")
+    p.add_argument("--kv-cache-mb", type=int, default=48,
+                   help="every server's KV cache: by default about 24k tokens of the small model, against ~40k "
+                        "tokens of conversations open at once (a busy server's cache cannot keep every "
+                        "conversation twice; one copy per conversation fits)")
     p.add_argument("--seed", type=int, default=0)
 
 
