@@ -18,6 +18,7 @@ import argparse
 import json
 import shlex
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -251,7 +252,8 @@ def run(ns: argparse.Namespace) -> int:
     from pdserve.models.tiny_model import make_tiny_model
 
     out = Path(ns.out)
-    model_dir = ns.model_dir or str(make_tiny_model(out / "model", size=ns.size, seed=ns.seed))
+    model_dir = ns.model_dir or str(make_tiny_model(Path(tempfile.mkdtemp(prefix="pdserve-routing-")) / "model",
+                                                    size=ns.size, seed=ns.seed))
     conversation = conversation_spec_from(ns)
     random_spec = DatasetSpec(name="random", num_prompts=ns.random_prompts, input_len=ns.random_input_len,
                               output_len=ns.random_output_len, seed=ns.seed + 1)
