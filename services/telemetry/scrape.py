@@ -10,7 +10,11 @@ from prometheus_client.parser import text_string_to_metric_families
 def scrape_metrics(address: str, timeout_s: float = 10.0) -> dict[str, float]:
     """Every sample at http://address/metrics, keyed "name{label=value,...}" (labels sorted; no braces
     when a sample has no label)."""
-    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout_s).read().decode()
+    return parse_metrics(urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout_s).read().decode())
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text as samples keyed like scrape_metrics."""
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

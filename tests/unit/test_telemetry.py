@@ -13,7 +13,6 @@ import grpc
 import pytest
 import torch
 from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.engine.stats import EngineCounters, EngineStats
 from pdserve.kvtransfer import KVLayout, TCPKVReceiver, TCPKVSender
@@ -30,6 +29,7 @@ from pdserve.telemetry.logs import (
 )
 from pdserve.telemetry.metrics import RouterMetrics, new_registry
 from pdserve.telemetry.otlp_sink import OTLPTraceSink
+from pdserve.telemetry.scrape import parse_metrics
 
 
 @pytest.fixture
@@ -178,13 +178,7 @@ def test_json_logs_escape_control_characters_by_themselves():
 
 def _scrape(registry) -> dict[str, float]:
     """Every sample of a registry's Prometheus text, keyed by name and labels."""
-    text = generate_latest(registry).decode()
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return out
+    return parse_metrics(generate_latest(registry).decode())
 
 
 def test_engine_stats_and_router_metrics_in_prometheus_text():
