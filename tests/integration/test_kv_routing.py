@@ -28,9 +28,9 @@ def model_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("kv_routing") / "tiny", seed=0, size="tiny")
 
 
-def holder_of(cluster: LocalCluster, prompt: list[int], role: str) -> str:
-    """The server of `role` whose published cache holds all of the prompt's full blocks, per the stream
-    read from its start into an index of our own (the router's class, not the router's instance)."""
+def stream_index(cluster: LocalCluster) -> PrefixIndex:
+    """What the workers published, read from the stream's start into an index of our own (the router's
+    class, not the router's instance)."""
     client = redis.Redis.from_url(cluster.redis.url)
     try:
         streams = client.keys(stream_key("*"))  # under the cluster's own Redis prefix (none before a publish)
@@ -40,6 +40,12 @@ def holder_of(cluster: LocalCluster, prompt: list[int], role: str) -> str:
                         json.loads(fields[b"data"]))
     finally:
         client.close()
+    return index
+
+
+def holder_of(cluster: LocalCluster, prompt: list[int], role: str) -> str:
+    """The server of `role` whose published cache holds all of the prompt's full blocks."""
+    index = stream_index(cluster)
     full = len(prompt) // BLOCK_SIZE * BLOCK_SIZE
     holders = [worker for worker in index.workers
                if worker.startswith(f"{role}-") and index.cached_tokens(worker, prompt) == full]
@@ -65,9 +71,10 @@ def run_two_turns(cluster: LocalCluster, first_turns: list[list[int]], second_tu
             wait_until(lambda prompt=prompt: holder_of(cluster, prompt, role) != "", 30, f"the {role} KV events")
         holders[role] = [holder_of(cluster, prompt, role) for prompt in first_turns]
     router_metrics = next(p.metrics_address for p in cluster.processes if p.role == "router")
-    for holder in set(holders["prefill"] + holders["decode"]) if kv else ():  # the router applied the stream
-        wait_until(lambda h=holder: scrape(router_metrics).get(f'pdserve:router_kv_index_blocks{{worker={h}}}', 0) > 0,
-                   30, f"the router's index of {holder}")
+    published = stream_index(cluster).blocks_by_worker()
+    for holder in set(holders["prefill"] + holders["decode"]) if kv else ():  # the router applied all of it
+        wait_until(lambda h=holder: scrape(router_metrics).get(
+            f"pdserve:router_kv_index_blocks{{worker={h}}}", 0) >= published[h], 30, f"the router's index of {holder}")
     before = {name: totals(cluster, role, name) for role, name in (
         ("prefill", "pdserve:prefix_cache_hits_total"), ("decode", HELD), ("decode", SENT))}
     second = []
@@ -94,8 +101,9 @@ def test_a_second_turn_goes_to_the_servers_holding_its_prefix_and_only_the_rest_
     for holder in holders["prefill"]:  # each second turn found its 4 blocks where its first turn left them
         assert hits[holder] >= 64 * holders["prefill"].count(holder), (holders, hits)
     held, sent = deltas[HELD], deltas[SENT]
+    decisions = {k: v for k, v in router.items() if k.startswith("pdserve:router_routing_decisions")}
     for holder in holders["decode"]:  # and its decode server kept them: only blocks 4 and 5 were sent
-        assert held[holder] == 4 * holders["decode"].count(holder), (holders, held)
+        assert held[holder] == 4 * holders["decode"].count(holder), (holders, held, decisions)
     assert sum(sent.values()) == 2 * len(second_turns), sent
     assert router.get("pdserve:router_routing_decisions_total{reason=cache,role=decode}", 0) >= 2, router
     assert router.get("pdserve:router_routing_decisions_total{reason=cache,role=prefill}", 0) >= 2, router
