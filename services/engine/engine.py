@@ -82,6 +82,8 @@ class LLMEngine:
         """Queue a request. ValueError on a duplicate id, an empty prompt, or one that cannot fit."""
         self._check_new_request(request_id, prompt_token_ids, params)
         request = self._new_request(request_id, prompt_token_ids, params, range(params.n))
+        held = self.kv.find_cached_tokens(request.prompt_token_ids)
+        request.num_expected_cached_tokens = len(held.blocks) * self.kv.block_size  # the router balances on the rest
         self.requests[request_id] = request
         self.scheduler.add(request)
 
@@ -313,6 +315,7 @@ class LLMEngine:
             num_running_seqs=sched.num_running_seqs,
             num_waiting_requests=len(sched.waiting) + len(sched.ready),
             num_waiting_prompt_tokens=sum(r.num_prompt_tokens for r in sched.waiting),
+            num_prompt_tokens_to_compute=sched.num_prompt_tokens_to_compute,
             counters=EngineCounters(**vars(self.counters)),
             num_reservations=len(self.reservations),
             num_blocks_reserved=self.reservations.num_blocks,

@@ -71,6 +71,13 @@ class Scheduler:
         """Unfinished samples of running requests (what max_num_seqs limits)."""
         return sum(len(r.live_samples) for r in self.running)
 
+    @property
+    def num_prompt_tokens_to_compute(self) -> int:
+        """Prompt tokens the waiting and running requests still have to compute (what a prefill
+        server's queue costs; the router balances on it)."""
+        return (sum(r.num_prompt_tokens_to_compute for r in self.waiting)
+                + sum(r.num_prompt_tokens_to_compute for r in self.running))
+
     def add(self, request: Request) -> None:
         """Queue a new request at the back of the waiting queue."""
         request.status = RequestStatus.WAITING

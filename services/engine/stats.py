@@ -29,6 +29,8 @@ class EngineStats:
     num_blocks_cached counts blocks holding a prefix-cache entry, in use or free;
     num_blocks_free counts blocks with no owner (cached ones included: they are evictable);
     num_waiting_requests counts queued requests, prefilled ones waiting for a slot included;
+    num_prompt_tokens_to_compute: prompt tokens that waiting and running requests have yet to
+    compute (what their prefix-cache hits and earlier chunks did not cover);
     num_reservations / num_blocks_reserved: decode-side reservations whose KV has not been
     handed to a request yet, and the blocks they hold (not counted in num_blocks_free).
     """
@@ -41,6 +43,7 @@ class EngineStats:
     num_waiting_requests: int
     num_waiting_prompt_tokens: int
     counters: EngineCounters
+    num_prompt_tokens_to_compute: int = 0
     num_reservations: int = 0
     num_blocks_reserved: int = 0
 

@@ -18,8 +18,9 @@ ROLES = ("prefill", "decode", "colocated")
 
 @dataclass
 class WorkerLoad:
-    """What the router balances on: prefill by queued prompt tokens, decode by free KV blocks
-    and running sequences."""
+    """What the router balances on: prefill by queued prompt tokens (those its prefix cache does
+    not hold and no chunk has computed yet: the work ahead of a new request), decode by free KV
+    blocks and running sequences."""
 
     queued_prompt_tokens: int = 0
     running: int = 0

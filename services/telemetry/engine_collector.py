@@ -33,6 +33,9 @@ class EngineStatsCollector(Collector):
                                      s.num_waiting_requests),
             "num_sequences_running": ("Samples in the running batch.", s.num_running_seqs),
             "num_waiting_prompt_tokens": ("Prompt tokens of waiting requests.", s.num_waiting_prompt_tokens),
+            "num_prompt_tokens_to_compute": ("Prompt tokens that waiting and running requests have yet to compute "
+                                             "(prefix-cache hits and computed chunks excluded).",
+                                             s.num_prompt_tokens_to_compute),
             "kv_cache_blocks_total": ("KV cache blocks.", s.num_blocks_total),
             "kv_cache_blocks_used": ("KV cache blocks owned by a sequence.", s.num_blocks_used),
             "kv_cache_blocks_free": ("KV cache blocks with no owner (cached ones included).", s.num_blocks_free),

@@ -38,7 +38,7 @@ def stats_to_load_proto(stats: EngineStats) -> worker_pb2.WorkerLoad:
 
 def stats_to_registry_load(stats: EngineStats) -> WorkerLoad:
     """The engine's accounting as the registry's WorkerLoad (what the router balances on)."""
-    return WorkerLoad(queued_prompt_tokens=stats.num_waiting_prompt_tokens,
+    return WorkerLoad(queued_prompt_tokens=stats.num_prompt_tokens_to_compute,
                       running=stats.num_running_seqs, waiting=stats.num_waiting_requests,
                       free_blocks=stats.num_blocks_free, total_blocks=stats.num_blocks_total,
                       cached_blocks=stats.num_blocks_cached)

@@ -131,6 +131,26 @@ def test_prefix_cache_computes_only_the_new_tokens(tiny):
     assert_no_leaks(engine)
 
 
+def test_queued_prompt_work_excludes_prefix_cache_hits_and_computed_chunks(tiny):
+    # What a prefill server reports as its queue (the router balances on it): a waiting prompt whose
+    # first 256 tokens the cache holds counts its 30 others; a chunked one only what is left.
+    rng = random.Random(7)
+    shared = random_prompt(rng, 256)
+    engine = tiny.engine(max_num_batched_tokens=64)
+    engine.generate([shared + random_prompt(rng, 20)], greedy(1))
+    engine.add_request("hit", shared + random_prompt(rng, 30), greedy(1))
+    engine.add_request("miss", random_prompt(rng, 100), greedy(1))
+    stats = engine.stats()
+    assert stats.num_waiting_prompt_tokens == 286 + 100
+    assert stats.num_prompt_tokens_to_compute == 30 + 100
+    engine.step()  # 64 tokens of budget: "hit" computes its 30, "miss" its first 34
+    assert engine.stats().num_prompt_tokens_to_compute == 100 - 34
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.stats().num_prompt_tokens_to_compute == 0
+    assert_no_leaks(engine)
+
+
 def test_n_samples_share_prompt_blocks_and_reproduce_with_a_seed(tiny):
     rng = random.Random(6)
     prompt = random_prompt(rng, 40)  # 2 full blocks + 8 tokens in a third
