@@ -62,7 +62,8 @@ class RoutingSpec:
     prefill: int = 2
     decode: int = 2
     threads_per_worker: int = 1
-    extra_args: tuple[str, ...] = ()
+    extra_args: tuple[str, ...] = ()  # every server's flags
+    kv_cache_mb: dict[str, int] = field(default_factory=dict)  # role -> its servers' KV cache (MiB)
 
 
 @dataclass
@@ -111,7 +112,8 @@ def _delta(after: dict, before: dict) -> dict[str, dict[str, float]]:
 def run_policy(policy: str, spec: RoutingSpec) -> dict[str, WorkloadRun]:
     """Both workloads under one routing policy, each on a fresh cluster."""
     args = ["--routing", policy, *spec.extra_args]
-    shape = dict(prefill=spec.prefill, decode=spec.decode, threads_per_worker=spec.threads_per_worker)
+    shape = dict(prefill=spec.prefill, decode=spec.decode, threads_per_worker=spec.threads_per_worker,
+                 role_env={role: {"PDSERVE_KV_CACHE_MB": str(mb)} for role, mb in spec.kv_cache_mb.items()})
     runs = {}
     with LocalCluster(spec.model_dir, extra_args=args, **shape) as cluster:
         facts = model_facts(cluster.router_address)
@@ -161,6 +163,15 @@ def _shares(counts: dict[str, float]) -> dict[str, float]:
     return {w: (c / total if total else 0.0) for w, c in sorted(counts.items())}
 
 
+def compare_answers(load: WorkloadRun, kv: WorkloadRun) -> tuple[int, int]:
+    """(requests answered under both policies, how many of those answers differ). A request that failed
+    under either policy (a cluster at its KV limit refuses a reservation) has no answer to compare, and
+    neither have its session's later turns; the failures are reported on their own."""
+    both = [(a, b) for a, b, ra, rb in zip(load.answers, kv.answers, load.records, kv.records)
+            if ra.success and rb.success]
+    return len(both), sum(a != b for a, b in both)
+
+
 def verdict(runs: dict[str, dict[str, WorkloadRun]], figures: dict) -> dict:
     """Ratios load/kv (how many times fewer or lower with kv) and whether each target holds."""
     load, kv = figures["policies"]["load"]["conversation"], figures["policies"]["kv"]["conversation"]
@@ -169,10 +180,12 @@ def verdict(runs: dict[str, dict[str, WorkloadRun]], figures: dict) -> dict:
         return a / b if b else float("inf") if a else float("nan")
 
     lm, km = load["metrics"], kv["metrics"]
+    compared, differing = compare_answers(runs["load"]["conversation"], runs["kv"]["conversation"])
     out = {
-        "same_greedy_answers": runs["load"]["conversation"].answers == runs["kv"]["conversation"].answers,
-        "differing_answers": sum(a != b for a, b in zip(runs["load"]["conversation"].answers,
-                                                        runs["kv"]["conversation"].answers)),
+        "same_greedy_answers": compared > 0 and differing == 0,
+        "compared_answers": compared,
+        "differing_answers": differing,
+        "failed_load": lm["failed"], "failed_kv": km["failed"],
         "prefill_tokens_ratio": ratio(load["totals"]["prefill_tokens_computed"], kv["totals"]["prefill_tokens_computed"]),
         "kv_bytes_ratio": ratio(load["totals"]["kv_bytes_received"], kv["totals"]["kv_bytes_received"]),
         "ttft_p50_ratio": ratio(lm["ttft"]["p50_ms"], km["ttft"]["p50_ms"]),
@@ -212,8 +225,10 @@ def markdown(figures: dict, command: str) -> str:
     rows.append(f"| goodput (req/s, SLOs {figures['slos_ms']['ttft']:.0f} ms TTFT, "
                 f"{figures['slos_ms']['tpot']:.0f} ms TPOT) | {v['goodput_load']:.2f} | {v['goodput_kv']:.2f} | | "
                 f"no worse {'met' if v['goodput_met'] else 'MISSED'} |")
-    rows.append(f"| greedy answers identical | | | | {'yes' if v['same_greedy_answers'] else 'NO'} "
-                f"({v['differing_answers']} differ) |")
+    rows.append(f"| requests failed | {v['failed_load']} | {v['failed_kv']} | | |")
+    rows.append(f"| greedy answers identical (requests answered under both) | | | | "
+                f"{'yes' if v['same_greedy_answers'] else 'NO'} ({v['differing_answers']} of "
+                f"{v['compared_answers']} differ) |")
     rl, rk = figures["policies"]["load"]["random"], figures["policies"]["kv"]["random"]
     rows += ["", "| random workload (no shared prefix) | load | kv | kv/load | target |", "|---|---|---|---|---|",
              f"| request throughput (req/s) | {rl['metrics']['request_throughput']:.3f} | "
@@ -229,6 +244,10 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     """The subcommand's flags."""
     p.add_argument("--out", default="bench-routing", help="report folder (report.json, report.md)")
     p.add_argument("--size", default="small", help="make-tiny-model size of the served model")
+    p.add_argument("--train-steps", type=int, default=300,
+                   help="train the made model this many steps (~50 s for small): greedy answers are compared "
+                        "across runs whose prefix-cache hits differ, which moves fp32 logits by rounding, and a "
+                        "random model's near-ties would flip on it")
     p.add_argument("--model-dir", default=None, help="serve this checkpoint instead of making one")
     add_conversation_flags(p)
     p.set_defaults(conversation_sessions=32, conversation_turns=8, conversation_first_message_len=768,
@@ -239,10 +258,13 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-output-len", type=int, default=32)
     p.add_argument("--random-rate", type=float, default=2.0, help="requests per second of the random workload")
     p.add_argument("--kv-transfer", default="tcp", choices=("tcp", "nixl", "auto"), help="the servers' KV data path")
-    p.add_argument("--kv-cache-mb", type=int, default=48,
-                   help="every server's KV cache: by default about 24k tokens of the small model, against ~40k "
-                        "tokens of conversations open at once (a busy server's cache cannot keep every "
-                        "conversation twice; one copy per conversation fits)")
+    p.add_argument("--prefill-kv-cache-mb", type=int, default=32,
+                   help="each prefill server's KV cache (its prefix cache): by default ~16k tokens of the small "
+                        "model, against ~40k tokens of conversations open at once: the half of them routed to "
+                        "it mostly fits, every conversation does not")
+    p.add_argument("--decode-kv-cache-mb", type=int, default=64,
+                   help="each decode server's KV cache: it also holds every running and reserved sequence (a "
+                        "decode server that cannot reserve a prompt's blocks refuses the request)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -253,17 +275,19 @@ def run(ns: argparse.Namespace) -> int:
 
     out = Path(ns.out)
     model_dir = ns.model_dir or str(make_tiny_model(Path(tempfile.mkdtemp(prefix="pdserve-routing-")) / "model",
-                                                    size=ns.size, seed=ns.seed))
+                                                    size=ns.size, seed=ns.seed, train_steps=ns.train_steps))
     conversation = conversation_spec_from(ns)
     random_spec = DatasetSpec(name="random", num_prompts=ns.random_prompts, input_len=ns.random_input_len,
                               output_len=ns.random_output_len, seed=ns.seed + 1)
     spec = RoutingSpec(model_dir, conversation, ns.session_rate, random_spec, ns.random_rate,
-                       extra_args=("--kv-transfer", ns.kv_transfer, "--kv-cache-mb", str(ns.kv_cache_mb)))
+                       extra_args=("--kv-transfer", ns.kv_transfer),
+                       kv_cache_mb={"prefill": ns.prefill_kv_cache_mb, "decode": ns.decode_kv_cache_mb})
     runs = {policy: run_policy(policy, spec) for policy in POLICIES}
     figures = report(runs)
     command = "pdserve bench " + shlex.join(sys.argv[2:])
+    made = f"make-tiny-model {ns.size} seed {ns.seed} trained {ns.train_steps} steps"
     figures.update({"command": command, **provenance(), "spec": json.loads(json.dumps(asdict(replace(
-        spec, model_dir=ns.model_dir or f"make-tiny-model {ns.size} seed {ns.seed}")), default=str))})
+        spec, model_dir=ns.model_dir or made)), default=str))})
     write_json(out / "report.json", figures)
     text = markdown(figures, command)
     (out / "report.md").write_text(text, encoding="utf-8")

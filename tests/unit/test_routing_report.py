@@ -37,4 +37,12 @@ def test_every_target_is_judged_and_can_fail():
     assert not verdict["prefill_tokens_ratio_met"] and not verdict["ttft_p50_ratio_met"]
     assert not verdict["random_share_met"] and verdict["random_max_server_share_kv"] == 0.9
     table = markdown(bad, "pdserve bench routing")
-    assert "MISSED" in table and "NO (1 differ)" in table
+    assert "MISSED" in table and "NO (1 of 10 differ)" in table
+
+
+def test_a_request_that_failed_under_one_policy_is_counted_apart_not_as_a_different_answer():
+    failing = runs(2000, 0.1, [[1, 2]] * 9 + [[]], {"prefill-0": 5.0, "prefill-1": 5.0})
+    failing["kv"]["conversation"].records[-1].success = False
+    verdict = report(failing)["verdict"]
+    assert verdict["same_greedy_answers"] and verdict["compared_answers"] == 9 and verdict["differing_answers"] == 0
+    assert (verdict["failed_load"], verdict["failed_kv"]) == (0, 1)
