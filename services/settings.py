@@ -99,10 +99,15 @@ class RoutingWeights:
     prompt token queued on a prefill server counts as this many tokens to compute.
     decode_running_weight: a sequence running on a decode server counts as this many prompt tokens
     to transfer. full_kv_fraction: a decode server with less than this share of its KV blocks free
-    gets no credit for what it holds (it is saturated: load alone decides)."""
+    gets no credit for what it holds (it is saturated: load alone decides).
 
-    prefill_queue_weight: float = 1.0
-    decode_running_weight: float = 1024.0
+    The defaults lean to the cache: a prompt sent away from the server holding it is computed (or
+    transferred) twice and then cached twice, which costs every later request, not just this one
+    (`pdserve bench routing`: with 1.0 and 1024 a quarter of the turns left their holders and the
+    cluster computed a third more; services/bench/RESULTS.md)."""
+
+    prefill_queue_weight: float = 0.5
+    decode_running_weight: float = 256.0
     full_kv_fraction: float = 0.1
 
 

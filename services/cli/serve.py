@@ -57,9 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_flag(p, "--routing", "kv", str, "router: kv chooses the prefill server whose prefix cache holds most of "
                                         "the prompt (as its workers publish it), weighed against its queue; "
                                         "load: by queued prompt tokens alone", choices=("kv", "load"))
-    add_flag(p, "--prefill-queue-weight", 1.0, float, "router, --routing kv: a prompt token queued on a prefill "
+    add_flag(p, "--prefill-queue-weight", 0.5, float, "router, --routing kv: a prompt token queued on a prefill "
                                                       "server counts as this many tokens to compute")
-    add_flag(p, "--decode-running-weight", 1024.0, float, "router, --routing kv: a sequence running on a decode "
+    add_flag(p, "--decode-running-weight", 256.0, float, "router, --routing kv: a sequence running on a decode "
                                                          "server counts as this many prompt tokens of KV to transfer")
     add_flag(p, "--max-queued-requests", 256, int, "workers: requests waiting at once (prefill: Prefill calls "
                                                    "not yet answered; decode: reservations + requests waiting for "

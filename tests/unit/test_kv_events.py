@@ -80,14 +80,15 @@ def test_the_prefill_choice_follows_the_cache_until_its_queue_outweighs_it():
     choice = CacheAwareChoice(index, prompt)
     assert choice.prefill(idle, InFlight()).worker_id == "b"
     assert (choice.reason, choice.expected_cached_tokens) == ("cache", 512)
-    busy_b = [worker("a"), worker("b", queued=300)]  # 300 queued < 511 saved: still b
+    assert choice.weights.prefill_queue_weight == 0.5  # the default: a queued token counts half a token to compute
+    busy_b = [worker("a"), worker("b", queued=1000)]  # 1000 queued (500 weighted) < 511 saved: still b
     assert choice.prefill(busy_b, InFlight()).worker_id == "b"
-    saturated_b = [worker("a"), worker("b", queued=2000)]  # the hot prefix's holder is swamped: a
+    saturated_b = [worker("a"), worker("b", queued=1100)]  # the hot prefix's holder is swamped: a
     assert choice.prefill(saturated_b, InFlight()).worker_id == "a"
     assert (choice.reason, choice.expected_cached_tokens) == ("load_over_cache", 0)
     assert CacheAwareChoice(index, [1] * 64).prefill(idle, InFlight()).worker_id == "a"  # nobody holds it
     inflight = InFlight()
-    for _ in range(2):  # what the router sent since the last heartbeat counts as queued too
+    for _ in range(3):  # what the router sent since the last heartbeat counts as queued too
         inflight.add("b", 400)
     assert choice.prefill(idle, inflight).worker_id == "a"
 
