@@ -246,8 +246,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default="small", help="make-tiny-model size of the served model")
     p.add_argument("--train-steps", type=int, default=300,
                    help="train the made model this many steps (~50 s for small): greedy answers are compared "
-                        "across runs whose prefix-cache hits differ, which moves fp32 logits by rounding, and a "
-                        "random model's near-ties would flip on it")
+                        "across runs whose prefix-cache hits differ, and fp32 rounding differs with them; a "
+                        "trained model's margins keep such a comparison about routing, not near-ties")
     p.add_argument("--model-dir", default=None, help="serve this checkpoint instead of making one")
     add_conversation_flags(p)
     p.set_defaults(conversation_sessions=32, conversation_turns=8, conversation_first_message_len=768,
@@ -262,9 +262,10 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                    help="each prefill server's KV cache (its prefix cache): by default ~16k tokens of the small "
                         "model, against ~40k tokens of conversations open at once: the half of them routed to "
                         "it mostly fits, every conversation does not")
-    p.add_argument("--decode-kv-cache-mb", type=int, default=64,
+    p.add_argument("--decode-kv-cache-mb", type=int, default=32,
                    help="each decode server's KV cache: it also holds every running and reserved sequence (a "
-                        "decode server that cannot reserve a prompt's blocks refuses the request)")
+                        "decode server that cannot reserve a prompt's blocks refuses the request: at 24 MiB "
+                        "load routing's did)")
     p.add_argument("--seed", type=int, default=0)
 
 
