@@ -19,7 +19,10 @@ KVScales = tuple[torch.Tensor, torch.Tensor]  # (k_scale, v_scale) of an int8/fp
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention reading and writing K/V through the paged cache."""
+    """Grouped-query self-attention reading and writing K/V through the paged cache (under tensor
+    parallelism: this rank's heads, the partial o_proj outputs summed over the ranks)."""
+
+    tp = None  # the TensorParallelGroup of a sharded model (pdserve.models.tensor_parallel)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -49,11 +52,15 @@ class Attention(nn.Module):
         out = ops.paged_attention(q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
                                   meta.query_start_loc, self.scale, meta.query_lens_cpu,
                                   meta.seq_lens_cpu, k_scale, v_scale, meta.step_cache)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        out = self.o_proj(out.reshape(num_tokens, self.q_size))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)) (under tensor parallelism: this rank's slice
+    of the intermediate features, the partial outputs summed over the ranks)."""
+
+    tp = None  # the TensorParallelGroup of a sharded model
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -62,7 +69,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]."""
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        out = self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class RMSNorm(nn.Module):
