@@ -1,0 +1,183 @@
+"""A tensor-parallel engine: the engine's process is rank 0 (it schedules and samples) and drives N-1
+rank processes that hold the other shards of the model and of the KV cache.
+
+Every model call rank 0 makes (a step's chunks, a copy-on-write block copy) goes to the other ranks over
+a pipe before rank 0 runs it; all ranks then run the same forward, meeting in its all-reduces
+(pdserve.models.tensor_parallel). The pipes only carry the step's description (token ids, positions,
+block tables), so the block tables stay rank 0's and the ranks need no scheduler. A rank that dies
+breaks the next collective on the others (gloo reports the lost peer; the group's timeout bounds any
+wait), and a rank whose pipe closes (rank 0 gone) exits.
+
+Not yet: mid-step narrowing (a request that leaves during a step's layers finishes the step), KV
+transfer between servers of different layouts, NCCL/CUDA graphs on GPUs (issue 19).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.multiprocessing as mp
+
+from pdserve.engine.model_runner import ModelRunner, ScheduledChunk
+from pdserve.models.loader import load_model
+from pdserve.models.tensor_parallel import DEFAULT_TIMEOUT_S, TensorParallelGroup, shard_model
+
+logger = logging.getLogger(__name__)
+
+READY = "ready"
+
+
+@dataclass(frozen=True)
+class TensorParallelSettings:
+    """size: ranks (processes) per server; backend: gloo (CPU) or nccl (GPU); timeout_s bounds every
+    collective (a rank that stops answering fails the step instead of hanging it)."""
+
+    size: int = 1
+    backend: str = "gloo"
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.size}")
+        if self.backend not in ("gloo", "nccl"):
+            raise ValueError(f"tensor parallel backend must be gloo or nccl, got {self.backend!r}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"tensor parallel timeout must be > 0, got {self.timeout_s}")
+
+
+def _free_local_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(rank: int, settings: TensorParallelSettings, init_method: str, model_dir: str,
+               dtype: torch.dtype, num_blocks: int, block_size: int, threads: int, conn) -> None:
+    """Ranks 1..N-1: hold a shard, run what rank 0 sends until it says stop or its pipe closes."""
+    torch.set_num_threads(threads)
+    tp = TensorParallelGroup.join(rank, settings.size, init_method, settings.backend, settings.timeout_s)
+    try:
+        model, _ = load_model(model_dir, dtype=dtype)
+        runner = ModelRunner(model, shard_model(model, tp), num_blocks, block_size)
+        conn.send(READY)
+        while True:
+            try:
+                command, payload = conn.recv()
+            except EOFError:  # rank 0 is gone
+                return
+            if command == "execute":
+                runner.execute(payload)
+            elif command == "copy_blocks":
+                runner.copy_blocks(payload)
+            else:
+                return
+    finally:
+        tp.leave()
+
+
+class RankProcesses:
+    """Rank 0's handle on the other ranks: starts them, sends them each model call, stops them."""
+
+    def __init__(self, settings: TensorParallelSettings):
+        self.settings = settings
+        self.processes: list = []
+        self.pipes: list = []
+
+    def start(self, model_dir: str, dtype: torch.dtype, num_blocks: int, block_size: int,
+              threads: int = 1) -> TensorParallelGroup:
+        """Start ranks 1..N-1 and join the group as rank 0 (the model loads on every rank meanwhile);
+        returns rank 0's group once every rank holds its shard."""
+        init_method = f"tcp://127.0.0.1:{_free_local_port()}"
+        context = mp.get_context("spawn")
+        for rank in range(1, self.settings.size):
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_rank_main, daemon=True, name=f"pdserve-tp-rank-{rank}",
+                                      args=(rank, self.settings, init_method, model_dir, dtype, num_blocks,
+                                            block_size, threads, theirs))
+            process.start()
+            theirs.close()
+            self.processes.append(process)
+            self.pipes.append(ours)
+        try:
+            tp = TensorParallelGroup.join(0, self.settings.size, init_method, self.settings.backend,
+                                          self.settings.timeout_s)
+            for rank, pipe in enumerate(self.pipes, start=1):
+                if not pipe.poll(self.settings.timeout_s) or pipe.recv() != READY:
+                    raise RuntimeError(f"tensor parallel rank {rank} did not load its shard")
+        except BaseException:
+            self.stop()
+            raise
+        return tp
+
+    def send(self, command: str, payload) -> None:
+        """Send one model call to every other rank (BrokenPipeError when one is gone)."""
+        for pipe in self.pipes:
+            pipe.send((command, payload))
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Tell the ranks to stop, wait for them, and kill (by pid) any that do not exit."""
+        for pipe in self.pipes:
+            try:
+                pipe.send(("stop", None))
+            except (BrokenPipeError, OSError):
+                pass
+            pipe.close()
+        for process in self.processes:
+            process.join(timeout_s)
+            if process.is_alive():
+                logger.warning("tensor parallel rank process %d did not stop; killing it", process.pid)
+                process.kill()
+                process.join()
+        self.processes, self.pipes = [], []
+
+
+class TensorParallelRunner(ModelRunner):
+    """Rank 0's ModelRunner: each call goes to the other ranks first, then runs here on rank 0's shard
+    (its logits are the whole vocabulary's: the output head gathers them). Under tensor parallelism a
+    step is not narrowed mid-way: layer_done is ignored (a request that leaves finishes the step)."""
+
+    def __init__(self, model, local_config, num_blocks: int, block_size: int, ranks: RankProcesses, **kwargs):
+        super().__init__(model, local_config, num_blocks, block_size, **kwargs)
+        self.ranks = ranks
+        self.control_seconds = 0.0  # spent sending steps to the other ranks (the control overhead)
+        self.step_seconds = 0.0  # spent in execute, sending included
+
+    def execute(self, chunks: list[ScheduledChunk], layer_done=None) -> torch.Tensor:
+        """Run one step on every rank; returns logits [N, vocab] float32 (see ModelRunner.execute)."""
+        start = time.perf_counter()
+        self.ranks.send("execute", chunks)
+        sent = time.perf_counter()
+        logits = super().execute(chunks)
+        self.control_seconds += sent - start
+        self.step_seconds += time.perf_counter() - start
+        return logits
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write on every rank's shard of the KV cache."""
+        if pairs:
+            self.ranks.send("copy_blocks", pairs)
+        super().copy_blocks(pairs)
+
+    def close(self) -> None:
+        """Stop the other ranks and leave the group."""
+        self.ranks.stop()
+        self.model.tensor_parallel.leave()
+
+
+def tensor_parallel_runner(model_dir: str, settings: TensorParallelSettings, num_blocks: int, block_size: int,
+                           dtype: torch.dtype = torch.float32, threads: int = 1) -> TensorParallelRunner:
+    """Start settings.size ranks for the checkpoint at model_dir (this process is rank 0) and return
+    rank 0's runner; num_blocks is every rank's count of KV blocks (each holding its own heads)."""
+    ranks = RankProcesses(settings)
+    tp = ranks.start(model_dir, dtype, num_blocks, block_size, threads)
+    try:
+        model, _ = load_model(model_dir, dtype=dtype)
+        return TensorParallelRunner(model, shard_model(model, tp), num_blocks, block_size, ranks)
+    except BaseException:
+        ranks.stop()
+        tp.leave()
+        raise
