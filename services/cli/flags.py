@@ -73,6 +73,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
              "onednn (torch's oneDNN, weights reordered once), none (plain F.linear), auto (native where the "
              "CPU and a C++ compiler allow it, else onednn); the other native CPU kernels (attention, norms) "
              "follow PDSERVE_CPU_NATIVE=auto|off", choices=CPU_LINEAR_BACKENDS)
+    add_flag(parser, "--tensor-parallel-size", 1, int,
+             "split the model over this many rank processes (heads, MLP and vocabulary; gloo on CPUs); "
+             "colocated servers and `pdserve generate` only so far")
     add_flag(parser, "--kv-cache-dtype", "auto", str,
              "KV cache dtype: auto (the model's) | int8 | fp8 (e4m3), with per-block scales",
              choices=KV_CACHE_DTYPES)
@@ -96,7 +99,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
                       max_num_batched_tokens=ns.max_num_batched_tokens, max_model_len=ns.max_model_len,
                       enable_prefix_caching=not ns.no_prefix_caching, threads=ns.threads,
                       kv_cache_dtype=ns.kv_cache_dtype, single_thread_step_tokens=ns.single_thread_step_tokens,
-                      cpu_linear=ns.cpu_linear)
+                      cpu_linear=ns.cpu_linear, tensor_parallel_size=ns.tensor_parallel_size)
 
 
 # --- TLS, API keys, secrets -------------------------------------------------------------------

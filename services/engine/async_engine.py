@@ -54,6 +54,7 @@ class AsyncEngine:
         self._calls: set[asyncio.Future] = set()  # futures of Call commands not yet settled
         self._aborting: set[str] = set()  # engine-side ids with an Abort queued, not yet applied
         self._aborting_lock = threading.Lock()  # the loop adds, the engine thread reads and removes
+        self.on_failure: Callable[[BaseException], None] | None = None  # called on the loop when the thread fails
 
     def start(self) -> None:
         """Start the engine thread, bound to the running event loop."""
@@ -62,6 +63,11 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def failed(self) -> bool:
+        """True once the engine thread has failed (every stream then got EngineDeadError)."""
+        return self._error is not None
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
         """Stop the engine thread after its current step (running requests are dropped)."""
@@ -322,4 +328,6 @@ class AsyncEngine:
             stream.put_nowait(error)
         for future in self._calls:
             settle(future, None, error)
+        if self.on_failure is not None:
+            self.on_failure(exc)
 

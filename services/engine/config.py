@@ -62,3 +62,4 @@ class EngineArgs:
     kv_cache_dtype: str = "auto"
     single_thread_step_tokens: int = 32  # CPU steps of fewer tokens run on one torch thread (0: never)
     cpu_linear: str = "auto"  # bfloat16 CPU linear layers: auto | native | onednn | none (cpu_packed_linear.py)
+    tensor_parallel_size: int = 1  # rank processes the model is split over (pdserve.engine.tensor_parallel)

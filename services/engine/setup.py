@@ -27,15 +27,38 @@ def build_engine(args: EngineArgs) -> tuple[LLMEngine, Tokenizer]:
         torch.set_num_threads(args.threads)
     source = resolve_model(args.model)
     tokenizer = source.tokenizer()
-    model, model_config = load_model(source, dtype=args.dtype, device=args.device)
-    kv_dtype = kv_cache_torch_dtype(args.kv_cache_dtype, model.embed_tokens.weight.dtype)
-    per_block = kv_cache_bytes_per_block(model_config, args.block_size, kv_dtype)
-    num_blocks = max(1, args.kv_cache_mb * 2**20 // per_block)
-    runner = ModelRunner(model, model_config, num_blocks, args.block_size, kv_dtype,
-                         single_thread_step_tokens=args.single_thread_step_tokens, cpu_linear=args.cpu_linear)
+    if args.tensor_parallel_size > 1:
+        runner = _tensor_parallel_runner(args, source)
+        model_config = source.model_config()
+    else:
+        model, model_config = load_model(source, dtype=args.dtype, device=args.device)
+        kv_dtype = kv_cache_torch_dtype(args.kv_cache_dtype, model.embed_tokens.weight.dtype)
+        per_block = kv_cache_bytes_per_block(model_config, args.block_size, kv_dtype)
+        num_blocks = max(1, args.kv_cache_mb * 2**20 // per_block)
+        runner = ModelRunner(model, model_config, num_blocks, args.block_size, kv_dtype,
+                             single_thread_step_tokens=args.single_thread_step_tokens, cpu_linear=args.cpu_linear)
     max_model_len = min(args.max_model_len or model_config.max_position_embeddings,
                         model_config.max_position_embeddings)
     config = EngineConfig(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           enable_prefix_caching=args.enable_prefix_caching, max_model_len=max_model_len)
     return LLMEngine(runner, tokenizer, config), tokenizer
+
+
+def _tensor_parallel_runner(args: EngineArgs, source):
+    """Rank 0's runner over args.tensor_parallel_size ranks; each rank's KV cache gets kv_cache_mb for
+    its own heads (so the server holds tensor_parallel_size times as many tokens' KV per MiB and rank)."""
+    from pdserve.engine.tensor_parallel import TensorParallelSettings, tensor_parallel_runner
+    from pdserve.models.config import DTYPES
+    from pdserve.models.tensor_parallel import local_config
+
+    if args.device != "cpu":
+        raise ValueError("--tensor-parallel-size > 1 runs on CPUs (gloo) so far; the NCCL path is not built")
+    settings = TensorParallelSettings(size=args.tensor_parallel_size)
+    config = source.model_config()
+    local = local_config(config, settings.size)  # a ValueError naming what does not divide
+    dtype = DTYPES[args.dtype] if args.dtype else config.dtype
+    kv_dtype = kv_cache_torch_dtype(args.kv_cache_dtype, dtype)
+    num_blocks = max(1, args.kv_cache_mb * 2**20 // kv_cache_bytes_per_block(local, args.block_size, kv_dtype))
+    return tensor_parallel_runner(str(source.path), settings, num_blocks, args.block_size, dtype,
+                                  threads=args.threads or 1, kv_cache_dtype=args.kv_cache_dtype)

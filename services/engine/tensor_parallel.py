@@ -23,6 +23,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pdserve.engine.model_runner import ModelRunner, ScheduledChunk
+from pdserve.kernels.kv_quant import kv_cache_torch_dtype
 from pdserve.models.loader import load_model
 from pdserve.models.tensor_parallel import DEFAULT_TIMEOUT_S, TensorParallelGroup, shard_model
 
@@ -56,13 +57,14 @@ def _free_local_port() -> int:
 
 
 def _rank_main(rank: int, settings: TensorParallelSettings, init_method: str, model_dir: str,
-               dtype: torch.dtype, num_blocks: int, block_size: int, threads: int, conn) -> None:
+               dtype: torch.dtype, num_blocks: int, block_size: int, threads: int, kv_cache_dtype: str, conn) -> None:
     """Ranks 1..N-1: hold a shard, run what rank 0 sends until it says stop or its pipe closes."""
     torch.set_num_threads(threads)
     tp = TensorParallelGroup.join(rank, settings.size, init_method, settings.backend, settings.timeout_s)
     try:
         model, _ = load_model(model_dir, dtype=dtype)
-        runner = ModelRunner(model, shard_model(model, tp), num_blocks, block_size)
+        kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, model.embed_tokens.weight.dtype)
+        runner = ModelRunner(model, shard_model(model, tp), num_blocks, block_size, kv_dtype)
         conn.send(READY)
         while True:
             try:
@@ -88,7 +90,7 @@ class RankProcesses:
         self.pipes: list = []
 
     def start(self, model_dir: str, dtype: torch.dtype, num_blocks: int, block_size: int,
-              threads: int = 1) -> TensorParallelGroup:
+              threads: int = 1, kv_cache_dtype: str = "auto") -> TensorParallelGroup:
         """Start ranks 1..N-1 and join the group as rank 0 (the model loads on every rank meanwhile);
         returns rank 0's group once every rank holds its shard."""
         init_method = f"tcp://127.0.0.1:{_free_local_port()}"
@@ -97,7 +99,7 @@ class RankProcesses:
             ours, theirs = context.Pipe()
             process = context.Process(target=_rank_main, daemon=True, name=f"pdserve-tp-rank-{rank}",
                                       args=(rank, self.settings, init_method, model_dir, dtype, num_blocks,
-                                            block_size, threads, theirs))
+                                            block_size, threads, kv_cache_dtype, theirs))
             process.start()
             theirs.close()
             self.processes.append(process)
@@ -169,14 +171,17 @@ class TensorParallelRunner(ModelRunner):
 
 
 def tensor_parallel_runner(model_dir: str, settings: TensorParallelSettings, num_blocks: int, block_size: int,
-                           dtype: torch.dtype = torch.float32, threads: int = 1) -> TensorParallelRunner:
+                           dtype: torch.dtype = torch.float32, threads: int = 1,
+                           kv_cache_dtype: str = "auto") -> TensorParallelRunner:
     """Start settings.size ranks for the checkpoint at model_dir (this process is rank 0) and return
-    rank 0's runner; num_blocks is every rank's count of KV blocks (each holding its own heads)."""
+    rank 0's runner; num_blocks is every rank's count of KV blocks (each holding its own heads);
+    kv_cache_dtype: auto | int8 | fp8, as --kv-cache-dtype."""
     ranks = RankProcesses(settings)
-    tp = ranks.start(model_dir, dtype, num_blocks, block_size, threads)
+    tp = ranks.start(model_dir, dtype, num_blocks, block_size, threads, kv_cache_dtype)
     try:
         model, _ = load_model(model_dir, dtype=dtype)
-        return TensorParallelRunner(model, shard_model(model, tp), num_blocks, block_size, ranks)
+        kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, model.embed_tokens.weight.dtype)
+        return TensorParallelRunner(model, shard_model(model, tp), num_blocks, block_size, ranks, kv_dtype=kv_dtype)
     except BaseException:
         ranks.stop()
         tp.leave()

@@ -40,11 +40,17 @@ class WorkerContext:
         self.telemetry = ProcessTelemetry.start(settings.server.telemetry, self.role)
         self.metrics = WorkerMetrics(self.telemetry.registry)
         self.lifecycle = Lifecycle()
+        if settings.engine.tensor_parallel_size > 1 and self.role != "colocated":
+            raise ValueError(f"--tensor-parallel-size > 1 is available on colocated servers only so far (a {self.role} "
+                             "server would need KV transfer between sharded servers)")
         self.engine, self.tokenizer = build_engine(settings.engine)
         self.async_engine = AsyncEngine(self.engine)
         self.kv_endpoint = ""
         self.abort_hooks: list[Callable[[str], Awaitable[bool]]] = [self.async_engine.abort]
         self.close_hooks: list[Callable[[], None]] = []  # run at exit, after the engine stopped
+        close_runner = getattr(self.engine.runner, "close", None)  # a tensor-parallel runner's rank processes
+        if close_runner is not None:
+            self.close_hooks.append(close_runner)
 
     async def abort(self, request_id: str) -> bool:
         """Abort the request everywhere this worker holds it (engine, reservations, transfers)."""
@@ -140,6 +146,14 @@ async def serve_worker(settings: WorkerSettings, ctx: WorkerContext,
         await cancel_and_wait(publishing)
         await registry.deregister(ctx.role, ctx.worker_id)
 
+    def engine_failed(exc: BaseException) -> None:
+        # A worker whose engine is gone (e.g. a tensor-parallel rank died) must leave, not keep heartbeating:
+        # the router's failover carries its requests elsewhere, and a supervisor restarts it.
+        logger.error("%s %s: the engine failed (%r); stopping", ctx.role, ctx.worker_id, exc)
+        signals.requested.set()
+        signals.forced.set()
+
+    ctx.async_engine.on_failure = engine_failed
     ctx.telemetry.serve_metrics(server)
     logger.info("%s %s listening on %s", ctx.role, ctx.worker_id, address)
     print(f"READY {ctx.role} {address} {ctx.kv_endpoint}", flush=True)
@@ -156,3 +170,5 @@ async def serve_worker(settings: WorkerSettings, ctx: WorkerContext,
                 await asyncio.to_thread(close)
         await redis.aclose()
         ctx.telemetry.close()
+    if ctx.async_engine.failed:
+        raise SystemExit(1)
