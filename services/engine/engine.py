@@ -83,7 +83,8 @@ class LLMEngine:
         self._check_new_request(request_id, prompt_token_ids, params)
         request = self._new_request(request_id, prompt_token_ids, params, range(params.n))
         held = self.kv.find_cached_tokens(request.prompt_token_ids)
-        request.num_expected_cached_tokens = len(held.blocks) * self.kv.block_size  # the router balances on the rest
+        # The router balances on the rest; the last prompt token is always computed (its logits are needed).
+        request.num_expected_cached_tokens = min(len(held.blocks) * self.kv.block_size, len(prompt_token_ids) - 1)
         self.requests[request_id] = request
         self.scheduler.add(request)
 

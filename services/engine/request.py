@@ -91,7 +91,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     forked: bool = False
     num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache at first admission
-    num_expected_cached_tokens: int = 0  # what the prefix cache held of the prompt at arrival (a load estimate)
+    num_expected_cached_tokens: int = 0  # what the prefix cache held of the prompt at arrival, last token excepted
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)  # when the engine got it
     first_scheduled_time: float | None = None  # when it first joined the running batch
@@ -117,11 +117,14 @@ class Request:
     def num_prompt_tokens_to_compute(self) -> int:
         """Prompt tokens this request still has to run through the model: all but what the prefix
         cache served (or, before admission, held at arrival) and what earlier chunks computed."""
-        if self.status is RequestStatus.WAITING:
-            cached = self.num_expected_cached_tokens if self.num_cached_tokens is None else self.num_cached_tokens
-            return max(0, len(self.prompt_token_ids) - cached)
-        # the first sample computes the prompt (a running request's samples fork from it once it is done)
-        return max(0, len(self.prompt_token_ids) - self.samples[0].num_computed_tokens)
+        if self.status is RequestStatus.WAITING:  # an estimate (a preempted request recomputes more)
+            return max(0, len(self.prompt_token_ids) - self.num_expected_cached_tokens)
+        if self.forked:  # the prompt is in the cache: the samples share it
+            return 0
+        for sample in self.samples:  # the lead sample computes the prompt
+            if not sample.is_finished:
+                return max(0, len(self.prompt_token_ids) - sample.num_computed_tokens)
+        return 0
 
     @property
     def live_samples(self) -> list[Sample]:

@@ -61,4 +61,5 @@ def _tensor_parallel_runner(args: EngineArgs, source):
     kv_dtype = kv_cache_torch_dtype(args.kv_cache_dtype, dtype)
     num_blocks = max(1, args.kv_cache_mb * 2**20 // kv_cache_bytes_per_block(local, args.block_size, kv_dtype))
     return tensor_parallel_runner(str(source.path), settings, num_blocks, args.block_size, dtype,
-                                  threads=args.threads or 1, kv_cache_dtype=args.kv_cache_dtype)
+                                  threads=args.threads or 1, kv_cache_dtype=args.kv_cache_dtype,
+                                  cpu_linear=args.cpu_linear, single_thread_step_tokens=args.single_thread_step_tokens)

@@ -15,6 +15,7 @@ transfer between servers of different layouts, NCCL/CUDA graphs on GPUs (issue 1
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from pdserve.models.tensor_parallel import DEFAULT_TIMEOUT_S, TensorParallelGrou
 logger = logging.getLogger(__name__)
 
 READY = "ready"
+LOAD_TIMEOUT_S = 600.0  # a rank loads the whole checkpoint, then cuts its shard
 
 
 @dataclass(frozen=True)
@@ -57,14 +59,18 @@ def _free_local_port() -> int:
 
 
 def _rank_main(rank: int, settings: TensorParallelSettings, init_method: str, model_dir: str,
-               dtype: torch.dtype, num_blocks: int, block_size: int, threads: int, kv_cache_dtype: str, conn) -> None:
+               dtype: torch.dtype, num_blocks: int, block_size: int, threads: int, kv_cache_dtype: str,
+               runner_options: dict, conn) -> None:
     """Ranks 1..N-1: hold a shard, run what rank 0 sends until it says stop or its pipe closes."""
+    # A terminal's Ctrl-C or a SIGTERM to the group is rank 0's to handle (it drains, then stops the ranks).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(threads)
     tp = TensorParallelGroup.join(rank, settings.size, init_method, settings.backend, settings.timeout_s)
     try:
         model, _ = load_model(model_dir, dtype=dtype)
         kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, model.embed_tokens.weight.dtype)
-        runner = ModelRunner(model, shard_model(model, tp), num_blocks, block_size, kv_dtype)
+        runner = ModelRunner(model, shard_model(model, tp), num_blocks, block_size, kv_dtype, **runner_options)
         conn.send(READY)
         while True:
             try:
@@ -90,16 +96,18 @@ class RankProcesses:
         self.pipes: list = []
 
     def start(self, model_dir: str, dtype: torch.dtype, num_blocks: int, block_size: int,
-              threads: int = 1, kv_cache_dtype: str = "auto") -> TensorParallelGroup:
+              threads: int = 1, kv_cache_dtype: str = "auto", runner_options: dict | None = None,
+              load_timeout_s: float = LOAD_TIMEOUT_S) -> TensorParallelGroup:
         """Start ranks 1..N-1 and join the group as rank 0 (the model loads on every rank meanwhile);
-        returns rank 0's group once every rank holds its shard."""
+        returns rank 0's group once every rank holds its shard (RuntimeError when one exits first or
+        takes longer than load_timeout_s). runner_options: ModelRunner keywords, the same on every rank."""
         init_method = f"tcp://127.0.0.1:{_free_local_port()}"
         context = mp.get_context("spawn")
         for rank in range(1, self.settings.size):
             ours, theirs = context.Pipe()
             process = context.Process(target=_rank_main, daemon=True, name=f"pdserve-tp-rank-{rank}",
                                       args=(rank, self.settings, init_method, model_dir, dtype, num_blocks,
-                                            block_size, threads, kv_cache_dtype, theirs))
+                                            block_size, threads, kv_cache_dtype, runner_options or {}, theirs))
             process.start()
             theirs.close()
             self.processes.append(process)
@@ -107,8 +115,15 @@ class RankProcesses:
         try:
             tp = TensorParallelGroup.join(0, self.settings.size, init_method, self.settings.backend,
                                           self.settings.timeout_s)
-            for rank, pipe in enumerate(self.pipes, start=1):
-                if not pipe.poll(self.settings.timeout_s) or pipe.recv() != READY:
+            deadline = time.monotonic() + load_timeout_s
+            for rank, (pipe, process) in enumerate(zip(self.pipes, self.processes), start=1):
+                while not pipe.poll(1.0):
+                    if not process.is_alive():
+                        raise RuntimeError(f"tensor parallel rank {rank} exited (code {process.exitcode}) "
+                                           "while loading its shard")
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"tensor parallel rank {rank} did not load its shard in {load_timeout_s:.0f} s")
+                if pipe.recv() != READY:
                     raise RuntimeError(f"tensor parallel rank {rank} did not load its shard")
         except BaseException:
             self.stop()
@@ -172,16 +187,18 @@ class TensorParallelRunner(ModelRunner):
 
 def tensor_parallel_runner(model_dir: str, settings: TensorParallelSettings, num_blocks: int, block_size: int,
                            dtype: torch.dtype = torch.float32, threads: int = 1,
-                           kv_cache_dtype: str = "auto") -> TensorParallelRunner:
+                           kv_cache_dtype: str = "auto", **runner_options) -> TensorParallelRunner:
     """Start settings.size ranks for the checkpoint at model_dir (this process is rank 0) and return
     rank 0's runner; num_blocks is every rank's count of KV blocks (each holding its own heads);
-    kv_cache_dtype: auto | int8 | fp8, as --kv-cache-dtype."""
+    kv_cache_dtype: auto | int8 | fp8, as --kv-cache-dtype; runner_options: ModelRunner keywords
+    (cpu_linear, single_thread_step_tokens), the same on every rank."""
     ranks = RankProcesses(settings)
-    tp = ranks.start(model_dir, dtype, num_blocks, block_size, threads, kv_cache_dtype)
+    tp = ranks.start(model_dir, dtype, num_blocks, block_size, threads, kv_cache_dtype, runner_options)
     try:
         model, _ = load_model(model_dir, dtype=dtype)
         kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, model.embed_tokens.weight.dtype)
-        return TensorParallelRunner(model, shard_model(model, tp), num_blocks, block_size, ranks, kv_dtype=kv_dtype)
+        return TensorParallelRunner(model, shard_model(model, tp), num_blocks, block_size, ranks, kv_dtype=kv_dtype,
+                                    **runner_options)
     except BaseException:
         ranks.stop()
         tp.leave()

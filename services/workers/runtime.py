@@ -121,6 +121,15 @@ async def serve_worker(settings: WorkerSettings, ctx: WorkerContext,
     redis = open_redis(settings.redis.url, settings.redis.ca_file)
     await check_redis(redis, settings.redis.url, require_reachable=False)  # wrong credentials: stop here
     signals = ShutdownSignals()
+
+    def engine_failed(exc: BaseException) -> None:
+        # A worker whose engine is gone (e.g. a tensor-parallel rank died) must leave, not keep heartbeating:
+        # the router's failover carries its requests elsewhere, and a supervisor restarts it.
+        logger.error("%s %s: the engine failed (%r); stopping", ctx.role, ctx.worker_id, exc)
+        signals.requested.set()
+        signals.forced.set()
+
+    ctx.async_engine.on_failure = engine_failed
     ctx.async_engine.start()
     ctx.telemetry.registry.register(EngineStatsCollector(lambda: ctx.async_engine.stats()))
     control = WorkerControlServicer(ctx)
@@ -146,14 +155,6 @@ async def serve_worker(settings: WorkerSettings, ctx: WorkerContext,
         await cancel_and_wait(publishing)
         await registry.deregister(ctx.role, ctx.worker_id)
 
-    def engine_failed(exc: BaseException) -> None:
-        # A worker whose engine is gone (e.g. a tensor-parallel rank died) must leave, not keep heartbeating:
-        # the router's failover carries its requests elsewhere, and a supervisor restarts it.
-        logger.error("%s %s: the engine failed (%r); stopping", ctx.role, ctx.worker_id, exc)
-        signals.requested.set()
-        signals.forced.set()
-
-    ctx.async_engine.on_failure = engine_failed
     ctx.telemetry.serve_metrics(server)
     logger.info("%s %s listening on %s", ctx.role, ctx.worker_id, address)
     print(f"READY {ctx.role} {address} {ctx.kv_endpoint}", flush=True)
