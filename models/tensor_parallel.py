@@ -15,6 +15,7 @@ ends the others' step with an error instead of a hang.
 from __future__ import annotations
 
 import datetime
+import logging
 from dataclasses import dataclass, replace
 
 import torch
@@ -25,6 +26,8 @@ from pdserve.models.config import ModelConfig
 from pdserve.models.llama import LlamaForCausalLM
 
 DEFAULT_TIMEOUT_S = 60.0
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,10 +50,18 @@ class TensorParallelGroup:
                                 timeout=datetime.timedelta(seconds=timeout_s))
         return cls(rank, size)
 
-    def leave(self) -> None:
-        """Tear the process group down (every rank calls it at the end)."""
-        if dist.is_initialized():
-            dist.destroy_process_group(self.group)
+    def leave(self, synchronize: bool = True) -> None:
+        """Tear the process group down (every rank calls it at the end). synchronize: meet the other
+        ranks at a barrier first, so that none tears its connections down while a peer still uses them
+        (gloo then aborts the process); False when a rank is known dead."""
+        if not dist.is_initialized():
+            return
+        if synchronize:
+            try:
+                dist.barrier(group=self.group)
+            except RuntimeError:
+                logger.warning("tensor parallel group: a rank did not reach the final barrier")
+        dist.destroy_process_group(self.group)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum tensor over the ranks, in place; returns it."""

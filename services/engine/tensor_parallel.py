@@ -18,6 +18,7 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,7 @@ def _rank_main(rank: int, settings: TensorParallelSettings, init_method: str, mo
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(threads)
     tp = TensorParallelGroup.join(rank, settings.size, init_method, settings.backend, settings.timeout_s)
+    told_to_stop = False
     try:
         model, _ = load_model(model_dir, dtype=dtype)
         kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, model.embed_tokens.weight.dtype)
@@ -82,9 +84,10 @@ def _rank_main(rank: int, settings: TensorParallelSettings, init_method: str, mo
             elif command == "copy_blocks":
                 runner.copy_blocks(payload)
             else:
+                told_to_stop = True
                 return
     finally:
-        tp.leave()
+        tp.leave(synchronize=told_to_stop)  # rank 0 meets the others at the final barrier when it stops them
 
 
 class RankProcesses:
@@ -112,6 +115,7 @@ class RankProcesses:
             theirs.close()
             self.processes.append(process)
             self.pipes.append(ours)
+        tp = None
         try:
             tp = TensorParallelGroup.join(0, self.settings.size, init_method, self.settings.backend,
                                           self.settings.timeout_s)
@@ -126,7 +130,7 @@ class RankProcesses:
                 if pipe.recv() != READY:
                     raise RuntimeError(f"tensor parallel rank {rank} did not load its shard")
         except BaseException:
-            self.stop()
+            self.stop(before_join=(lambda: tp.leave(synchronize=False)) if tp is not None else None)
             raise
         return tp
 
@@ -135,14 +139,17 @@ class RankProcesses:
         for pipe in self.pipes:
             pipe.send((command, payload))
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Tell the ranks to stop, wait for them, and kill (by pid) any that do not exit."""
+    def stop(self, timeout_s: float = 10.0, before_join: Callable[[], None] | None = None) -> None:
+        """Tell the ranks to stop, call before_join (rank 0 leaving the group: the ranks wait for it at
+        the final barrier), wait for them, and kill (by pid) any that do not exit."""
         for pipe in self.pipes:
             try:
                 pipe.send(("stop", None))
             except (BrokenPipeError, OSError):
                 pass
             pipe.close()
+        if before_join is not None:
+            before_join()
         for process in self.processes:
             process.join(timeout_s)
             if process.is_alive():
@@ -180,9 +187,9 @@ class TensorParallelRunner(ModelRunner):
         super().copy_blocks(pairs)
 
     def close(self) -> None:
-        """Stop the other ranks and leave the group."""
-        self.ranks.stop()
-        self.model.tensor_parallel.leave()
+        """Stop the other ranks and leave the group (at a barrier with them when all are alive)."""
+        alive = all(process.is_alive() for process in self.ranks.processes)
+        self.ranks.stop(before_join=lambda: self.model.tensor_parallel.leave(synchronize=alive))
 
 
 def tensor_parallel_runner(model_dir: str, settings: TensorParallelSettings, num_blocks: int, block_size: int,
@@ -200,6 +207,5 @@ def tensor_parallel_runner(model_dir: str, settings: TensorParallelSettings, num
         return TensorParallelRunner(model, shard_model(model, tp), num_blocks, block_size, ranks, kv_dtype=kv_dtype,
                                     **runner_options)
     except BaseException:
-        ranks.stop()
-        tp.leave()
+        ranks.stop(before_join=lambda: tp.leave(synchronize=False))
         raise
