@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pdserve.engine.model_runner import ModelRunner, ScheduledChunk
 from pdserve.kernels.kv_quant import kv_cache_torch_dtype
 from pdserve.models.loader import load_model
 from pdserve.models.tensor_parallel import DEFAULT_TIMEOUT_S, TensorParallelGroup, shard_model
+from pdserve.state.embedded_redis import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +53,12 @@ class TensorParallelSettings:
             raise ValueError(f"tensor parallel timeout must be > 0, got {self.timeout_s}")
 
 
-def _free_local_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _load_shard(model_dir: str, dtype: torch.dtype, tp: TensorParallelGroup, kv_cache_dtype: str):
+    """(this rank's shard of the model, its local config, its KV cache dtype): what every rank builds its
+    ModelRunner from."""
+    model, _ = load_model(model_dir, dtype=dtype)
+    kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, model.embed_tokens.weight.dtype)
+    return model, shard_model(model, tp), kv_dtype
 
 
 def _rank_main(rank: int, settings: TensorParallelSettings, init_method: str, model_dir: str,
@@ -70,9 +72,8 @@ def _rank_main(rank: int, settings: TensorParallelSettings, init_method: str, mo
     tp = TensorParallelGroup.join(rank, settings.size, init_method, settings.backend, settings.timeout_s)
     told_to_stop = False
     try:
-        model, _ = load_model(model_dir, dtype=dtype)
-        kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, model.embed_tokens.weight.dtype)
-        runner = ModelRunner(model, shard_model(model, tp), num_blocks, block_size, kv_dtype, **runner_options)
+        model, local, kv_dtype = _load_shard(model_dir, dtype, tp, kv_cache_dtype)
+        runner = ModelRunner(model, local, num_blocks, block_size, kv_dtype, **runner_options)
         conn.send(READY)
         while True:
             try:
@@ -104,7 +105,7 @@ class RankProcesses:
         """Start ranks 1..N-1 and join the group as rank 0 (the model loads on every rank meanwhile);
         returns rank 0's group once every rank holds its shard (RuntimeError when one exits first or
         takes longer than load_timeout_s). runner_options: ModelRunner keywords, the same on every rank."""
-        init_method = f"tcp://127.0.0.1:{_free_local_port()}"
+        init_method = f"tcp://127.0.0.1:{free_port()}"
         context = mp.get_context("spawn")
         for rank in range(1, self.settings.size):
             ours, theirs = context.Pipe()
@@ -202,10 +203,8 @@ def tensor_parallel_runner(model_dir: str, settings: TensorParallelSettings, num
     ranks = RankProcesses(settings)
     tp = ranks.start(model_dir, dtype, num_blocks, block_size, threads, kv_cache_dtype, runner_options)
     try:
-        model, _ = load_model(model_dir, dtype=dtype)
-        kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, model.embed_tokens.weight.dtype)
-        return TensorParallelRunner(model, shard_model(model, tp), num_blocks, block_size, ranks, kv_dtype=kv_dtype,
-                                    **runner_options)
+        model, local, kv_dtype = _load_shard(model_dir, dtype, tp, kv_cache_dtype)
+        return TensorParallelRunner(model, local, num_blocks, block_size, ranks, kv_dtype=kv_dtype, **runner_options)
     except BaseException:
         ranks.stop(before_join=lambda: tp.leave(synchronize=False))
         raise

@@ -3,8 +3,6 @@ its shard, and runs the same greedy generation as a whole model would (tests/hel
 
 from __future__ import annotations
 
-import socket
-
 import torch
 import torch.multiprocessing as mp
 
@@ -12,14 +10,9 @@ from helpers.paged_generation import allocate_tables, greedy_paged
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.models.loader import load_model
 from pdserve.models.tensor_parallel import TensorParallelGroup, shard_model
+from pdserve.state.embedded_redis import free_port
 
 BLOCK_SIZE = 16
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def whole_model_greedy(model_dir, prompts: list[list[int]], max_new: int):
