@@ -59,10 +59,9 @@ TransferObserver = Callable[[ReceivedTransfer], None]
 class KVTransfer(ABC):
     """One prompt's KV on its way to one reservation (prefill side)."""
 
-    @abstractmethod
     def send_layer(self, layer: int, key_cache: torch.Tensor, value_cache: torch.Tensor,
                    src_block_ids: Sequence[int], first_block: int = 0, snapshot: bool = False) -> None:
-        """Queue layer `layer`'s blocks for sending and return at once.
+        """Queue layer `layer`'s blocks for sending and return at once (a server of one rank).
 
         key_cache, value_cache: the sender's cache of that layer, each [num_blocks, block_size,
         num_kv_heads, head_dim]; src_block_ids: its physical blocks holding the reservation's logical
@@ -70,6 +69,14 @@ class KVTransfer(ABC):
         The blocks are read later, on the sending thread: they must stay unchanged until finish() or
         cancel() returns, unless snapshot=True (a copy is taken now; always so off the CPU). On the
         nixl data path the receiver reads them in place and snapshot=True is refused."""
+        self.send_layer_ranks(layer, [(key_cache, value_cache)], src_block_ids, first_block, snapshot)
+
+    @abstractmethod
+    def send_layer_ranks(self, layer: int, rank_caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                         src_block_ids: Sequence[int], first_block: int = 0, snapshot: bool = False) -> None:
+        """send_layer for a tensor-parallel server: rank_caches holds every rank's (K, V) of that layer,
+        rank 0 first, each [num_blocks, block_size, heads_per_rank, head_dim] (the block ids are the
+        same on every rank). The transfer maps heads to the receiver's ranks (KVLayout.head_map)."""
 
     @abstractmethod
     def finish(self, timeout: float | None = None) -> TransferStats:

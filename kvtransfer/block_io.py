@@ -33,47 +33,65 @@ def block_views(flat: memoryview, block_ids: list[int], block_bytes: int) -> lis
     return [flat[start * block_bytes:(start + count) * block_bytes] for start, count in block_runs(block_ids)]
 
 
-class CacheBlocks:
-    """Byte access to the blocks of every layer's K and V cache.
+def as_rank_caches(kv_caches) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A server's caches per rank: kv_caches is either one rank's list of per-layer (K, V) pairs or
+    already a list of them per tensor-parallel rank."""
+    if kv_caches and isinstance(kv_caches[0], list):
+        return kv_caches
+    return [kv_caches]
 
-    kv_caches: per layer (K, V), each [num_blocks, block_size, heads, head_dim]. CPU caches are read
-    and written in place; caches on another device go through a CPU staging copy.
+
+class CacheBlocks:
+    """Byte access to the blocks of every rank's, every layer's K and V cache (the receiving side).
+
+    rank_kv_caches: per tensor-parallel rank, per layer (K, V), each [num_blocks, block_size, heads,
+    head_dim]; block_bytes: one block of one rank's K (or V). A LAYER payload holds, rank by rank, that
+    rank's K blocks then its V blocks. CPU caches are read and written in place; caches on another
+    device go through a CPU staging copy.
     """
 
-    def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_bytes: int,
+    def __init__(self, rank_kv_caches: list[list[tuple[torch.Tensor, torch.Tensor]]], block_bytes: int,
                  zero_copy: bool | None = None):
-        self.kv_caches = kv_caches
+        self.rank_kv_caches = as_rank_caches(rank_kv_caches)
         self.block_bytes = block_bytes
-        self.num_blocks = kv_caches[0][0].shape[0]
-        on_cpu = kv_caches[0][0].device.type == "cpu"
+        first = self.rank_kv_caches[0][0][0]
+        self.num_blocks = first.shape[0]
+        on_cpu = first.device.type == "cpu"
         self.zero_copy = on_cpu if zero_copy is None else (zero_copy and on_cpu)
-        self._flat = ([(tensor_bytes(k), tensor_bytes(v)) for k, v in kv_caches]
+        self._flat = ([[(tensor_bytes(k), tensor_bytes(v)) for k, v in caches] for caches in self.rank_kv_caches]
                       if self.zero_copy else None)
         self._staging: torch.Tensor | None = None
 
     def write_views(self, layer: int, block_ids: list[int]) -> list[memoryview]:
-        """Buffers a LAYER payload (K blocks then V blocks) is received into. With zero_copy they are
-        the cache blocks themselves; otherwise a staging buffer that `commit` copies into the cache."""
+        """Buffers a LAYER payload is received into. With zero_copy they are the cache blocks
+        themselves; otherwise a staging buffer that `commit` copies into the caches."""
         if self._flat is not None:
-            key, value = self._flat[layer]
-            return block_views(key, block_ids, self.block_bytes) + block_views(value, block_ids, self.block_bytes)
-        size = 2 * len(block_ids) * self.block_bytes
+            return [view for ranks in self._flat for half in ranks[layer]
+                    for view in block_views(half, block_ids, self.block_bytes)]
+        size = 2 * len(self.rank_kv_caches) * len(block_ids) * self.block_bytes
         if self._staging is None or self._staging.numel() < size:
-            pin = torch.cuda.is_available() and self.kv_caches[0][0].device.type == "cuda"
-            self._staging = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+            device = self.rank_kv_caches[0][0][0].device
+            self._staging = torch.empty(size, dtype=torch.uint8,
+                                        pin_memory=torch.cuda.is_available() and device.type == "cuda")
         return [tensor_bytes(self._staging)[:size]]
 
     def commit(self, layer: int, block_ids: list[int]) -> None:
-        """Copy a staged LAYER payload into the cache (no-op with zero_copy)."""
+        """Copy a staged LAYER payload into the caches (no-op with zero_copy)."""
         if self._flat is not None:
             return
-        count, key_cache = len(block_ids), self.kv_caches[layer][0]
-        staged = _as_rows(self._staging[:2 * count * self.block_bytes].view(2 * count, self.block_bytes))
-        index = torch.tensor(block_ids, dtype=torch.int64, device=key_cache.device)
-        for half, cache in zip(staged.view(2, count, -1), self.kv_caches[layer]):
-            _as_rows(cache).index_copy_(0, index, half.to(cache.device, non_blocking=True))
-        if key_cache.device.type == "cuda":
-            torch.cuda.current_stream(key_cache.device).synchronize()  # the staging buffer is reused
+        count, ranks = len(block_ids), len(self.rank_kv_caches)
+        staged = _as_rows(self._staging[:2 * ranks * count * self.block_bytes].view(2 * ranks * count,
+                                                                                   self.block_bytes))
+        devices = set()
+        for caches, rank_part in zip(self.rank_kv_caches, staged.view(ranks, 2, count, -1)):
+            key_cache = caches[layer][0]
+            index = torch.tensor(block_ids, dtype=torch.int64, device=key_cache.device)
+            for half, cache in zip(rank_part, caches[layer]):
+                _as_rows(cache).index_copy_(0, index, half.to(cache.device, non_blocking=True))
+            devices.add(key_cache.device)
+        for device in devices:
+            if device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()  # the staging buffer is reused
 
 
 def _as_rows(tensor: torch.Tensor) -> torch.Tensor:

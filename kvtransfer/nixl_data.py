@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from pdserve.kvtransfer.block_io import as_rank_caches
 from pdserve.kvtransfer.errors import KVProtocolError
 from pdserve.kvtransfer.layout import KVLayout
 from pdserve.kvtransfer.nixl_agent import NixlAgent, NixlCounts, memory_type
@@ -47,18 +48,20 @@ READ_LANES = 2  # the decode side's NIXL agents, each READing part of a layer on
 LANE_MIN_BYTES = 1 << 20  # a smaller layer is read by one lane (a thread handoff costs ~50 us)
 
 
-def cache_tensors(kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    """K of layer 0, V of layer 0, K of layer 1, ...: the order of NixlOffer.bases."""
-    return [tensor for pair in kv_caches for tensor in pair]
+def cache_tensors(kv_caches: list) -> list[torch.Tensor]:
+    """K of layer 0, V of layer 0, K of layer 1, ... of rank 0, then of rank 1, ...: the order of
+    NixlOffer.bases (kv_caches: one rank's per-layer (K, V) pairs, or a list of them per rank)."""
+    return [tensor for caches in as_rank_caches(kv_caches) for pair in caches for tensor in pair]
 
 
 class NixlSendSide:
     """A prefill server's NIXL state: its agent with the whole KV cache registered, the HELLO offer
     that lets a receiver READ it, and the thread that drives UCX progress while transfers are open.
 
-    kv_caches: per layer (K, V), each [num_blocks, block_size, heads, head_dim], contiguous."""
+    kv_caches: per layer (K, V), each [num_blocks, block_size, heads, head_dim], contiguous; or
+    such a list per tensor-parallel rank (rank 0 first)."""
 
-    def __init__(self, agent: NixlAgent, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(self, agent: NixlAgent, kv_caches: list):
         self.agent = agent
         tensors = cache_tensors(kv_caches)
         self._registration = agent.register(tensors)
@@ -109,21 +112,26 @@ class NixlReceiveSide:
     """A decode server's NIXL state: one or more agents ("read lanes"), each with the whole KV cache
     registered once, and the READs that fill reserved blocks from a sender's cache.
 
-    kv_caches: per layer (K, V), each [num_blocks, block_size, heads, head_dim], contiguous.
+    kv_caches: per layer (K, V), each [num_blocks, block_size, heads, head_dim], contiguous; or such
+    a list per tensor-parallel rank (then `layout` is the server's, KVLayout.of_ranks): each rank's
+    cache READs exactly its heads, from whichever of the sender's ranks hold them (KVLayout.head_map).
     agents: one per lane. A layer of at least LANE_MIN_BYTES is split across the lanes by bytes,
     each lane READing its part on its own thread: where the CPU moves the bytes (CMA on one host)
     two lanes copy on two cores, as the TCP backend's sender and receiver do (256 MiB on this
     2-core machine: 4.4-5.2 GB/s with one lane, 5.9-7.3 GB/s with two); the CPU time is the same."""
 
     def __init__(self, agents: list[NixlAgent] | NixlAgent, layout: KVLayout,
-                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], read_timeout_s: float = 30.0):
+                 kv_caches: list, read_timeout_s: float = 30.0):
         self.agents = [agents] if isinstance(agents, NixlAgent) else list(agents)
         if not self.agents:
             raise ValueError("NixlReceiveSide needs at least one agent")
         self.layout = layout
         self.read_timeout_s = read_timeout_s
-        self.memory, device = memory_type(kv_caches[0][0].device)
-        self._bases = np.array([[k.data_ptr(), v.data_ptr()] for k, v in kv_caches], dtype=np.uint64)
+        rank_caches = as_rank_caches(kv_caches)
+        layout.check_rank_caches(rank_caches)
+        self.memory, device = memory_type(rank_caches[0][0][0].device)
+        self._bases = np.array([[[k.data_ptr(), v.data_ptr()] for k, v in caches] for caches in rank_caches],
+                               dtype=np.uint64)  # [rank, layer, half]
         self._device = device
         self._registrations = [agent.register(cache_tensors(kv_caches)) for agent in self.agents]
         self._lanes = (ThreadPoolExecutor(len(self.agents) - 1, thread_name_prefix="nixl-lane")
@@ -181,16 +189,16 @@ class NixlReceiveSide:
                 del self._idle_since[peer]
                 self._forget(peer)
 
-    def read_layer(self, peer: str, offer: NixlOffer, layer: int, src_block_ids: list[int],
+    def read_layer(self, peer: str, offer: NixlOffer, sender: KVLayout, layer: int, src_block_ids: list[int],
                    dst_block_ids: list[int]) -> None:
-        """READ the sender's blocks src_block_ids of `layer` (K and V) into our blocks dst_block_ids,
-        pairwise; returns when every lane's part is in (or failed: the first error is raised only
-        after every lane stopped writing). KVProtocolError for a source block outside the sender's
-        cache (nothing is read then)."""
+        """READ the sender's blocks src_block_ids of `layer` (K and V; `sender` is its layout) into our
+        blocks dst_block_ids, pairwise, each of our ranks its own heads; returns when every lane's part
+        is in (or failed: the first error is raised only after every lane stopped writing).
+        KVProtocolError for a source block outside the sender's cache (nothing is read then)."""
         src = np.asarray(src_block_ids, dtype=np.int64)
         if src.size and (src.min() < 0 or src.max() >= offer.num_blocks):
             raise KVProtocolError(f"READY names source blocks outside the sender's {offer.num_blocks}")
-        local, remote = self._descriptors(offer, layer, src, np.asarray(dst_block_ids, dtype=np.int64))
+        local, remote = self._descriptors(offer, sender, layer, src, np.asarray(dst_block_ids, dtype=np.int64))
         parts = _split_by_bytes(local[:, 1], len(self.agents) if int(local[:, 1].sum()) >= LANE_MIN_BYTES else 1)
         futures = [self._lanes.submit(self._read_part, lane, peer, offer, local[part], remote[part])
                    for lane, part in enumerate(parts[1:], start=1)]
@@ -210,21 +218,29 @@ class NixlReceiveSide:
     def _read_part(self, lane: int, peer: str, offer: NixlOffer, local: np.ndarray, remote: np.ndarray) -> None:
         self.agents[lane].read(local, self.memory, remote, offer.memory, peer, self.read_timeout_s)
 
-    def _descriptors(self, offer: NixlOffer, layer: int, src: np.ndarray, dst: np.ndarray):
-        """(local, remote) uint64 [n, 3] rows of (address, bytes, device): K runs then V runs, one
-        row per run of blocks consecutive on both sides."""
-        breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
-        starts = np.concatenate([[0], breaks])
-        lengths = np.diff(np.concatenate([starts, [src.size]])).astype(np.uint64)
-        bb = np.uint64(self.layout.block_bytes)
-        runs = len(starts)
-        local = np.zeros((2 * runs, 3), dtype=np.uint64)
-        remote = np.zeros_like(local)
-        for half in range(2):
-            rows = slice(half * runs, (half + 1) * runs)
-            local[rows, 0] = self._bases[layer, half] + dst[starts].astype(np.uint64) * bb
-            remote[rows, 0] = np.uint64(offer.bases[2 * layer + half]) + src[starts].astype(np.uint64) * bb
-            local[rows, 1] = remote[rows, 1] = lengths * bb
+    def _descriptors(self, offer: NixlOffer, sender: KVLayout, layer: int, src: np.ndarray, dst: np.ndarray):
+        """(local, remote) uint64 [n, 3] rows of (address, bytes, device). Where a rank of ours takes a
+        whole rank's heads from the sender, one row per run of blocks consecutive on both sides;
+        where the heads are cut (different tensor-parallel sizes), one row per token of each block
+        (the heads of a token are contiguous in a [block_size, heads, head_dim] block, tokens are not)."""
+        ours = self.layout
+        head_bytes = ours.block_bytes // (ours.block_size * ours.heads_per_rank)
+        local_rows, remote_rows = [], []
+        for slices in sender.head_map(ours):
+            for piece in slices:
+                whole = piece.count == sender.heads_per_rank == ours.heads_per_rank
+                for half in range(2):
+                    local_base = self._bases[piece.dst_rank, layer, half]
+                    remote_base = np.uint64(offer.bases[(piece.src_rank * sender.num_layers + layer) * 2 + half])
+                    if whole:
+                        rows = _block_runs(local_base, remote_base, src, dst, ours.block_bytes)
+                    else:
+                        rows = _token_rows(local_base + np.uint64(piece.dst_head * head_bytes),
+                                           remote_base + np.uint64(piece.src_head * head_bytes), src, dst,
+                                           ours, sender, piece.count * head_bytes)
+                    local_rows.append(rows[0])
+                    remote_rows.append(rows[1])
+        local, remote = np.concatenate(local_rows), np.concatenate(remote_rows)
         local[:, 2], remote[:, 2] = self._device, offer.device
         return local, remote
 
@@ -235,6 +251,36 @@ class NixlReceiveSide:
         for agent, registration in zip(self.agents, self._registrations):
             agent.deregister(registration)
             agent.close()
+
+
+def _block_runs(local_base, remote_base, src: np.ndarray, dst: np.ndarray, block_bytes: int):
+    """(local, remote) [runs, 3] rows: one per run of blocks consecutive on both sides."""
+    breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
+    starts = np.concatenate([[0], breaks])
+    lengths = np.diff(np.concatenate([starts, [src.size]])).astype(np.uint64)
+    bb = np.uint64(block_bytes)
+    local = np.zeros((len(starts), 3), dtype=np.uint64)
+    remote = np.zeros_like(local)
+    local[:, 0] = local_base + dst[starts].astype(np.uint64) * bb
+    remote[:, 0] = remote_base + src[starts].astype(np.uint64) * bb
+    local[:, 1] = remote[:, 1] = lengths * bb
+    return local, remote
+
+
+def _token_rows(local_base, remote_base, src: np.ndarray, dst: np.ndarray, ours: KVLayout, sender: KVLayout,
+                length: int):
+    """(local, remote) [blocks * block_size, 3] rows: one per token of each block pair, `length`
+    bytes from each base (the bases already point at the first head moved)."""
+    tokens = np.arange(ours.block_size, dtype=np.uint64)
+    local_row, remote_row = ours.block_bytes // ours.block_size, sender.block_bytes // sender.block_size
+    local = np.zeros((src.size * ours.block_size, 3), dtype=np.uint64)
+    remote = np.zeros_like(local)
+    local[:, 0] = (local_base + dst.astype(np.uint64)[:, None] * np.uint64(ours.block_bytes)
+                   + tokens[None, :] * np.uint64(local_row)).reshape(-1)
+    remote[:, 0] = (remote_base + src.astype(np.uint64)[:, None] * np.uint64(sender.block_bytes)
+                    + tokens[None, :] * np.uint64(remote_row)).reshape(-1)
+    local[:, 1] = remote[:, 1] = length
+    return local, remote
 
 
 def _split_by_bytes(sizes: np.ndarray, lanes: int) -> list[slice]:

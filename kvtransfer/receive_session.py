@@ -44,6 +44,7 @@ class ReceiveSession:
         self.nixl = nixl
         self.require_nixl = require_nixl
         self._offer: NixlOffer | None = None  # set when this transfer's K/V move by NIXL READs
+        self._sender_layout: KVLayout | None = None
         self._nixl_peer: str | None = None
         self._read_failed = False
         self.ssl_context = ssl_context
@@ -108,7 +109,9 @@ class ReceiveSession:
         self.layout.check_compatible(hello.layout, "receiver", "sender")
         data_path = self._choose_data_path(hello)
         res = self.table.bind(hello, self, data_path)
-        self._send(wire.encode_json_frame(wire.HELLO_OK, {"num_blocks": res.num_blocks, "data_path": data_path}))
+        self._send(wire.encode_json_frame(wire.HELLO_OK, {"num_blocks": res.num_blocks, "data_path": data_path,
+                                                          "layout": self.layout.to_dict()}))
+        self._sender_layout = hello.layout
         return res
 
     def _choose_data_path(self, hello: wire.Hello) -> str:
@@ -168,7 +171,8 @@ class ReceiveSession:
         if not self.table.begin_write(res):
             raise _Cancelled()
         try:  # not interrupted by abort(): the READ runs to its end (or its timeout) before end_write
-            self.nixl.read_layer(self._nixl_peer, self._offer, layer, src, list(res.dst_block_ids[first:first + count]))
+            self.nixl.read_layer(self._nixl_peer, self._offer, self._sender_layout, layer, src,
+                                 list(res.dst_block_ids[first:first + count]))
         except KVTransferError:
             self._read_failed = True
             raise
@@ -177,11 +181,11 @@ class ReceiveSession:
         if self._aborted:
             raise _Cancelled()
         res.received[layer, first:first + count] = True
-        res.bytes_received += 2 * count * self.layout.block_bytes
+        res.bytes_received += 2 * count * self.layout.server_block_bytes
 
     def _receive_layer(self, res: ExpectedTransfer, size: int) -> None:
         layer, first, count = self._layer_header(res, size, "LAYER")
-        expected = wire.LAYER_HEADER.size + 2 * count * self.layout.block_bytes
+        expected = wire.LAYER_HEADER.size + 2 * count * self.layout.server_block_bytes
         if size != expected:
             raise KVProtocolError(f"LAYER {layer} payload is {size} bytes, {count} blocks of K and V "
                                   f"need {expected}")

@@ -7,11 +7,9 @@ import socket
 import ssl
 import threading
 
-import torch
-
 from pdserve.kvtransfer import wire
 from pdserve.kvtransfer.backend import KVReceiverBackend, TransferObserver
-from pdserve.kvtransfer.block_io import CacheBlocks
+from pdserve.kvtransfer.block_io import CacheBlocks, as_rank_caches
 from pdserve.kvtransfer.layout import KVLayout
 from pdserve.kvtransfer.nixl_data import NixlReceiveSide
 from pdserve.kvtransfer.receive_session import ReceiveSession
@@ -25,7 +23,9 @@ class TCPKVReceiver(KVReceiverBackend):
     """Listens on (host, port) and fills reservations registered with `expect`.
 
     kv_caches: per layer (K, V), each [num_blocks, block_size, num_kv_heads, head_dim], the decode
-    engine's cache (written in place). One thread accepts, one thread serves each connection; the
+    engine's cache (written in place); for a tensor-parallel server, such a list per rank (rank 0
+    first) and its layout (KVLayout.of_ranks): each rank's cache receives exactly its own heads.
+    One thread accepts, one thread serves each connection; the
     on_complete callbacks run on those threads (an asyncio caller hops into its loop with
     loop.call_soon_threadsafe). ssl_context: a server-side context to speak TLS (mTLS if it requires
     client certificates); auth_token: a shared secret every sender must present in its handshake;
@@ -35,7 +35,7 @@ class TCPKVReceiver(KVReceiverBackend):
     stop() closes it.
     """
 
-    def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], layout: KVLayout | None = None,
+    def __init__(self, kv_caches: list, layout: KVLayout | None = None,
                  host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None,
                  auth_token: str | None = None, max_connections: int = 256,
                  handshake_timeout_s: float = 10.0, idle_timeout_s: float | None = None,
@@ -46,9 +46,9 @@ class TCPKVReceiver(KVReceiverBackend):
             raise ValueError("require_nixl needs a NIXL side")
         self.nixl = nixl
         self.require_nixl = require_nixl
-        self.layout = layout or KVLayout.from_kv_caches(kv_caches)
-        num_blocks = self.layout.check_kv_caches(kv_caches)
-        self.kv_caches = kv_caches
+        self.rank_kv_caches = as_rank_caches(kv_caches)
+        self.layout = layout or KVLayout.from_kv_caches(self.rank_kv_caches[0])
+        num_blocks = self.layout.check_rank_caches(self.rank_kv_caches)
         self.host, self.port = host, port
         self.ssl_context = ssl_context
         self.auth_token = auth_token
@@ -150,7 +150,7 @@ class TCPKVReceiver(KVReceiverBackend):
                 return
             configure_socket(conn, self.socket_buffer_bytes)
             session = ReceiveSession(conn, f"{addr[0]}:{addr[1]}", self.layout, self.reservations,
-                                     CacheBlocks(self.kv_caches, self.layout.block_bytes, self.zero_copy),
+                                     CacheBlocks(self.rank_kv_caches, self.layout.block_bytes, self.zero_copy),
                                      self.auth_token, self.handshake_timeout_s, self.idle_timeout_s,
                                      self.ssl_context, self.nixl, self.require_nixl)
             thread = threading.Thread(target=session.run, name=f"kv-recv-{addr[1]}", daemon=True)

@@ -16,7 +16,7 @@ from pdserve.kvtransfer import wire
 from pdserve.kvtransfer.backend import KVSenderBackend, KVTransfer, TransferStats
 from pdserve.kvtransfer.block_io import block_views, gather_blocks, tensor_bytes
 from pdserve.kvtransfer.errors import KVProtocolError, KVTransferCancelled, KVTransferError, error_from_code
-from pdserve.kvtransfer.layout import KVLayout
+from pdserve.kvtransfer.layout import HeadSlice, KVLayout
 from pdserve.kvtransfer.nixl_data import NixlSendSide
 from pdserve.kvtransfer.sockio import configure_socket, readable, recv_exact, send_views
 
@@ -31,6 +31,27 @@ def _cuda_event(tensor: torch.Tensor):
     event = torch.cuda.Event()
     event.record()
     return event
+
+
+def map_heads(rank_caches: Sequence[tuple[torch.Tensor, torch.Tensor]], block_ids: list[int],
+              head_map: tuple[tuple[HeadSlice, ...], ...], receiver: KVLayout) -> torch.Tensor:
+    """The blocks block_ids of one layer in the receiver's layout: [receiver ranks, 2 (K, V), blocks,
+    block_size, heads_per_rank, head_dim], each destination rank's heads copied from the rank of this
+    server that holds them (rank_caches: this server's (K, V) per rank, [num_blocks, block_size,
+    heads_per_rank, head_dim] each)."""
+    key = rank_caches[0][0]
+    index = torch.tensor(block_ids, dtype=torch.int64, device=key.device)
+    out = torch.empty(receiver.tensor_parallel_size, 2, len(block_ids), receiver.block_size,
+                      receiver.heads_per_rank, receiver.head_dim, dtype=key.dtype, device=key.device)
+    gathered: dict[int, list[torch.Tensor]] = {}
+    for slices in head_map:
+        for piece in slices:
+            if piece.src_rank not in gathered:
+                gathered[piece.src_rank] = [cache.index_select(0, index) for cache in rank_caches[piece.src_rank]]
+            for half, blocks in enumerate(gathered[piece.src_rank]):
+                out[piece.dst_rank, half, :, :, piece.dst_head:piece.dst_head + piece.count] = \
+                    blocks[:, :, piece.src_head:piece.src_head + piece.count]
+    return out
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
@@ -105,18 +126,29 @@ class TCPKVSender(KVSenderBackend):
             if frame_type != wire.HELLO_OK or reply.get("num_blocks") != self.layout.num_blocks_for(num_tokens):
                 raise KVProtocolError(f"bad handshake reply {wire.FRAME_NAMES[frame_type]} {reply}")
             data_path = self._agreed_data_path(endpoint, reply.get("data_path", "tcp"))
+            receiver_layout = self._receiver_layout(endpoint, reply.get("layout"))
             sock.settimeout(None)
         except BaseException:
             if sock is not None:
                 sock.close()
             raise
         return TCPKVTransfer(sock, self.layout, endpoint, reservation_id, reply["num_blocks"], started,
-                             self.keepalive_s, self.nixl if data_path == "nixl" else None, held_blocks)
+                             self.keepalive_s, self.nixl if data_path == "nixl" else None, held_blocks,
+                             receiver_layout)
 
     def close(self) -> None:
         """Release the NIXL side (its cache registration and agent), if any; transfers must have ended."""
         if self.nixl is not None:
             self.nixl.close()
+
+    def _receiver_layout(self, endpoint: str, data) -> KVLayout:
+        """The receiver's layout from HELLO_OK, which this server's heads must map onto."""
+        try:
+            layout = KVLayout.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise KVProtocolError(f"the KV receiver {endpoint} stated no valid layout: {exc}") from None
+        self.layout.head_map(layout)  # KVLayoutMismatch (the receiver should have refused already)
+        return layout
 
     def _agreed_data_path(self, endpoint: str, data_path) -> str:
         """The data path HELLO_OK chose, checked against what was offered and required."""
@@ -141,17 +173,22 @@ class TCPKVTransfer(KVTransfer):
     """A handshaken connection and its sending thread (see KVTransfer for the contract). With the
     `nixl` side the blocks are announced in READY frames and the receiver READs them from the
     cache in place (send_layer then takes no snapshot: the caller keeps the blocks unchanged until
-    the transfer ends); without, they travel in LAYER frames. The first held_blocks logical blocks
-    the receiver holds already: send_layer leaves them out."""
+    the transfer ends); without, they travel in LAYER frames, in the receiver's layout
+    (receiver_layout, by default this server's): when the tensor-parallel sizes differ, each LAYER
+    frame is assembled from the ranks holding each destination rank's heads (a copy). The first
+    held_blocks logical blocks the receiver holds already: send_layer leaves them out."""
 
     def __init__(self, sock: socket.socket, layout: KVLayout, endpoint: str, reservation_id: str,
                  num_blocks: int, started: float, keepalive_s: float = wire.SENDER_KEEPALIVE_S,
-                 nixl: NixlSendSide | None = None, held_blocks: int = 0):
+                 nixl: NixlSendSide | None = None, held_blocks: int = 0, receiver_layout: KVLayout | None = None):
         self.nixl = nixl
         self.data_path = "nixl" if nixl is not None else "tcp"
         if nixl is not None:
             nixl.transfer_opened()
         self.layout = layout
+        self.receiver_layout = receiver_layout or layout
+        self.head_map = (None if self.receiver_layout.tensor_parallel_size == layout.tensor_parallel_size
+                         else layout.head_map(self.receiver_layout))  # None: rank r's blocks go to rank r
         self.keepalive_s = keepalive_s
         self.endpoint = endpoint
         self.reservation_id = reservation_id
@@ -168,16 +205,21 @@ class TCPKVTransfer(KVTransfer):
         self._thread = threading.Thread(target=self._run, name=f"kv-send-{reservation_id}", daemon=True)
         self._thread.start()
 
-    def send_layer(self, layer: int, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                   src_block_ids: Sequence[int], first_block: int = 0, snapshot: bool = False) -> None:
-        """Queue one layer's blocks (see KVTransfer.send_layer)."""
+    def send_layer_ranks(self, layer: int, rank_caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                         src_block_ids: Sequence[int], first_block: int = 0, snapshot: bool = False) -> None:
+        """Queue one layer's blocks of every rank (see KVTransfer.send_layer_ranks)."""
         if self._error is not None:
             raise self._error
         if self._ended:
             raise KVTransferError(f"transfer {self.reservation_id!r} is already finished or cancelled")
         ids = (src_block_ids.tolist() if isinstance(src_block_ids, torch.Tensor)
                else [int(b) for b in src_block_ids])
-        self._check_layer(layer, key_cache, value_cache, ids, first_block)
+        if len(rank_caches) != self.layout.tensor_parallel_size:
+            raise ValueError(f"layer {layer}: caches of {len(rank_caches)} ranks, this server's layout has "
+                             f"{self.layout.tensor_parallel_size}")
+        for key_cache, value_cache in rank_caches:
+            self._check_layer(layer, key_cache, value_cache, ids, first_block)
+        key_cache = rank_caches[0][0]
         if first_block < self.held_blocks:  # the receiver has those already
             skipped = min(self.held_blocks - first_block, len(ids))
             ids, first_block = ids[skipped:], first_block + skipped
@@ -188,11 +230,14 @@ class TCPKVTransfer(KVTransfer):
                 raise ValueError("the nixl data path reads the blocks in place and takes no snapshot: keep them "
                                  "unchanged until the transfer ends")
             self._queue.put((layer, first_block, len(ids), _Ready(_cuda_event(key_cache)), ids))
+        elif self.head_map is not None:
+            copy = map_heads(rank_caches, ids, self.head_map, self.receiver_layout)
+            self._queue.put((layer, first_block, len(ids), (copy, _cuda_event(copy)), None))
         elif snapshot or key_cache.device.type != "cpu":
-            copy = gather_blocks(key_cache, value_cache, ids)
+            copy = torch.stack([gather_blocks(k, v, ids) for k, v in rank_caches])
             self._queue.put((layer, first_block, len(ids), (copy, _cuda_event(copy)), None))
         else:
-            self._queue.put((layer, first_block, len(ids), (key_cache, value_cache), ids))
+            self._queue.put((layer, first_block, len(ids), list(rank_caches), ids))
 
     def finish(self, timeout: float | None = None) -> TransferStats:
         """Wait for the receiver's confirmation (see KVTransfer.finish)."""
@@ -267,21 +312,22 @@ class TCPKVTransfer(KVTransfer):
                 self.nixl.transfer_closed()
 
     def _send_item(self, layer: int, first: int, count: int, data, ids: list[int] | None) -> None:
-        bb = self.layout.block_bytes
         if isinstance(data, _Ready):
             if data.computed is not None:
                 data.computed.synchronize()
             self._sock.sendall(wire.encode_ready(layer, first, ids))
-            self._bytes += 2 * count * bb
+            self._bytes += 2 * count * self.layout.server_block_bytes
             self._frames += 1
             return
-        if ids is None:  # a snapshot [2, count, words] and its CUDA event, maybe on a GPU
+        if ids is None:  # a copy [ranks, 2, count, ...] in the receiver's layout and its CUDA event
             copy, ready = data
             if ready is not None:
                 ready.synchronize()
             views = [tensor_bytes(copy.cpu())]
-        else:
-            views = block_views(tensor_bytes(data[0]), ids, bb) + block_views(tensor_bytes(data[1]), ids, bb)
+        else:  # every rank's blocks in place, rank by rank: K then V
+            bb = self.layout.block_bytes
+            views = [view for pair in data for cache in pair for view in block_views(tensor_bytes(cache), ids, bb)]
+        bb = self.receiver_layout.server_block_bytes
         send_views(self._sock, [wire.encode_layer_header(layer, first, count, bb)] + views)
         self._bytes += 2 * count * bb
         self._frames += 1

@@ -9,11 +9,15 @@ Frame types and payloads:
                                    dst_block_ids (or null), auth_token (or null), metadata {str: str},
                                    nixl (or null): {agent, metadata (base64), memory, device, num_blocks,
                                    bases}, the sender's offer to let the receiver READ its KV cache
-    HELLO_OK  receiver -> sender   JSON: {"num_blocks": n, "data_path": "tcp" | "nixl"} (blocks per
-                                   layer this transfer fills; how the K/V bytes will move)
+    HELLO_OK  receiver -> sender   JSON: {"num_blocks": n, "data_path": "tcp" | "nixl", "layout": {...}}
+                                   (blocks per layer this transfer fills; how the K/V bytes will
+                                   move; the receiver's layout, which may differ from the sender's
+                                   in its tensor-parallel size only)
     LAYER     sender -> receiver   12-byte sub-header (layer u32, first_block u32, num_blocks u32),
-                                   then num_blocks * block_bytes raw bytes of K, then the same of V;
-                                   blocks are logical (0 = the reservation's first block)
+                                   then, for each of the receiver's tensor-parallel ranks in order,
+                                   num_blocks * block_bytes raw bytes of that rank's K heads, then the
+                                   same of V (the receiver's layout); blocks are logical (0 = the
+                                   reservation's first block)
     FINISH    sender -> receiver   empty: everything is sent
     COMPLETE  receiver -> sender   JSON: {"bytes": n}: the whole KV is in the reserved blocks
     CANCEL    sender -> receiver   empty: the sender gives up
@@ -113,7 +117,9 @@ def encode_ready(layer: int, first_block: int, src_block_ids: list[int]) -> byte
 class NixlOffer:
     """What a sender's HELLO says to let the receiver READ its KV cache in place: its NIXL agent's
     name and metadata, the NIXL memory type and device id of its cache, its number of blocks, and
-    the address of every cache tensor, in the order K of layer 0, V of layer 0, K of layer 1, ..."""
+    the address of every cache tensor, in the order K of layer 0, V of layer 0, K of layer 1, ... of
+    rank 0, then the same of rank 1, ... (a tensor-parallel server's ranks share their caches with the
+    process that talks to the receiver)."""
 
     agent: str
     metadata: bytes
@@ -128,9 +134,9 @@ class NixlOffer:
                 "device": self.device, "num_blocks": self.num_blocks, "bases": list(self.bases)}
 
     @classmethod
-    def from_dict(cls, data: Any, num_layers: int) -> NixlOffer:
-        """Parse and bound a HELLO's `nixl` object for a cache of num_layers layers;
-        KVProtocolError names the bad field."""
+    def from_dict(cls, data: Any, num_layers: int, num_ranks: int = 1) -> NixlOffer:
+        """Parse and bound a HELLO's `nixl` object for a cache of num_layers layers on each of
+        num_ranks ranks; KVProtocolError names the bad field."""
         if not isinstance(data, dict):
             raise KVProtocolError("HELLO nixl must be null or an object")
         agent, encoded = data.get("agent"), data.get("metadata")
@@ -149,10 +155,10 @@ class NixlOffer:
             raise KVProtocolError("HELLO nixl.device must be an int in [0, 1024)")
         if not _is_int(num_blocks) or not 0 < num_blocks < 1 << 32:
             raise KVProtocolError("HELLO nixl.num_blocks must be a positive 32-bit int")
-        if (not isinstance(bases, list) or len(bases) != 2 * num_layers
+        if (not isinstance(bases, list) or len(bases) != 2 * num_layers * num_ranks
                 or not all(_is_int(b) and 0 < b < 1 << 64 for b in bases)):
-            raise KVProtocolError(f"HELLO nixl.bases must list {2 * num_layers} positive 64-bit addresses "
-                                  f"(K and V of each layer)")
+            raise KVProtocolError(f"HELLO nixl.bases must list {2 * num_layers * num_ranks} positive 64-bit addresses "
+                                  f"(K and V of each layer of each rank)")
         return cls(agent, metadata, memory, device, num_blocks, tuple(bases))
 
 
@@ -213,7 +219,8 @@ class Hello:
         if not _is_int(held) or not 0 <= held <= layout.num_blocks_for(num_tokens):
             raise KVProtocolError(f"HELLO held_blocks must be an int in [0, the prompt's blocks], got {held!r}")
         return cls(layout, rid, num_tokens, None if ids is None else tuple(ids), token, metadata,
-                   None if nixl is None else NixlOffer.from_dict(nixl, layout.num_layers), held)
+                   None if nixl is None else NixlOffer.from_dict(nixl, layout.num_layers, layout.tensor_parallel_size),
+                   held)
 
 
 def _is_int(value: Any) -> bool:

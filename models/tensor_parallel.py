@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pdserve.kvtransfer.layout import kv_heads_of_rank as layout_kv_heads_of_rank
 from pdserve.models.config import ModelConfig
 from pdserve.models.llama import LlamaForCausalLM
 
@@ -100,13 +101,9 @@ def local_config(config: ModelConfig, size: int) -> ModelConfig:
 
 
 def kv_heads_of_rank(config: ModelConfig, rank: int, size: int) -> range:
-    """The model's KV heads that rank holds (a replicated head when there are fewer than ranks)."""
-    kv = config.num_kv_heads
-    if kv >= size:
-        per_rank = kv // size
-        return range(rank * per_rank, (rank + 1) * per_rank)
-    head = rank // (size // kv)
-    return range(head, head + 1)
+    """The model's KV heads that rank holds (a replicated head when there are fewer than ranks); the
+    KV transfer maps heads between servers by the same rule (pdserve.kvtransfer.layout)."""
+    return layout_kv_heads_of_rank(config.num_kv_heads, rank, size)
 
 
 class VocabParallelEmbedding(nn.Module):

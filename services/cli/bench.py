@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_simulate(bench)
     _register_peer(bench)
     _register_routing(bench)
+    _register_tensor_parallel(bench)
 
 
 def _register_serve(bench: argparse._SubParsersAction) -> None:
@@ -106,6 +107,26 @@ def _register_routing(bench: argparse._SubParsersAction) -> None:
                          description=routing_compare.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     routing_compare.add_flags(p)
     p.set_defaults(run=lambda ns: routing_compare.run(ns))
+
+
+def _register_tensor_parallel(bench: argparse._SubParsersAction) -> None:
+    p = bench.add_parser("tensor-parallel", help="tensor parallelism's control overhead and the KV transfer time "
+                                                 "with head mapping (prefill and decode of different sizes)",
+                         description="1. control: rank 0's time sending each step to the other ranks, as a fraction "
+                                     "of the step, and tokens vs one process; 2. transfer: one prompt's KV from 2 "
+                                     "ranks into 1, 2 and 4 ranks over TCP and NIXL, mapped vs unmapped "
+                                     "(services/bench/tensor_parallel_bench.py)")
+    p.add_argument("--part", choices=("all", "control", "transfer"), default="all")
+    p.add_argument("--size", default="small", help="make-tiny-model size of the control part's model")
+    p.add_argument("--train-steps", type=int, default=0, help="train that model this many steps first")
+    p.add_argument("--tensor-parallel-size", type=int, default=2)
+    p.add_argument("--requests", type=int, default=16, help="requests of the control part")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--payload-mb", type=int, default=64, help="KV bytes of the transfer part's prompt")
+    p.add_argument("--repeats", type=int, default=7, help="timed transfers per configuration")
+    p.add_argument("--out", default=None, help="write tensor_parallel.json into this folder")
+    p.set_defaults(run=lambda ns: _lazy("pdserve.bench.tensor_parallel_bench").run(ns))
 
 
 def _lazy(module: str):

@@ -74,8 +74,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
              "CPU and a C++ compiler allow it, else onednn); the other native CPU kernels (attention, norms) "
              "follow PDSERVE_CPU_NATIVE=auto|off", choices=CPU_LINEAR_BACKENDS)
     add_flag(parser, "--tensor-parallel-size", 1, int,
-             "split the model over this many rank processes (heads, MLP and vocabulary; gloo on CPUs); "
-             "colocated servers and `pdserve generate` only so far")
+             "split the model over this many rank processes (heads, MLP and vocabulary; gloo on CPUs); a prefill "
+             "and a decode server may use different sizes (the KV transfer maps heads between them)")
     add_flag(parser, "--kv-cache-dtype", "auto", str,
              "KV cache dtype: auto (the model's) | int8 | fp8 (e4m3), with per-block scales",
              choices=KV_CACHE_DTYPES)

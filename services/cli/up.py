@@ -26,7 +26,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_flag(p, "--api-key", None, str, "API keys the OpenAI API requires, comma-separated (default: open)")
     add_flag(p, "--kv-transfer", "auto", str, "how KV moves from prefill to decode servers: tcp, nixl or auto "
              "(nixl when NIXL loads, else tcp)", choices=("auto", "tcp", "nixl"))
+    add_flag(p, "--tensor-parallel-size", 1, int, "rank processes each worker's model is split over (gloo on CPUs)")
+    add_flag(p, "--prefill-tensor-parallel-size", None, int, "the prefill servers' (default: --tensor-parallel-size); "
+             "prefill and decode sizes may differ: the KV transfer maps heads between them")
+    add_flag(p, "--decode-tensor-parallel-size", None, int, "the decode servers' (default: --tensor-parallel-size)")
     p.set_defaults(run=run)
+
+
+def _role_env(ns: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """Each worker role's tensor-parallel size, and the OpenAI API's keys (not on command lines)."""
+    sizes = {"prefill": ns.prefill_tensor_parallel_size or ns.tensor_parallel_size,
+             "decode": ns.decode_tensor_parallel_size or ns.tensor_parallel_size,
+             "colocated": ns.tensor_parallel_size}
+    for role, size in sizes.items():
+        if size < 1:
+            raise ValueError(f"the {role} servers' tensor-parallel size must be >= 1, got {size}")
+    env = {role: {"PDSERVE_TENSOR_PARALLEL_SIZE": str(size)} for role, size in sizes.items()}
+    if ns.api_key:  # the OpenAI API's keys only (the router's would be its --api-key)
+        env["openai"] = {"PDSERVE_API_KEY": ns.api_key}
+    return env
 
 
 def start_cluster(ns: argparse.Namespace):
@@ -45,9 +63,7 @@ def start_cluster(ns: argparse.Namespace):
                            router_port=ns.port, redis_url=ns.redis_url,
                            threads_per_worker=ns.threads_per_worker, openai=ns.openai_port > 0,
                            openai_port=ns.openai_port, served_model_name=ns.served_model_name,
-                           env={"PDSERVE_KV_TRANSFER": ns.kv_transfer},
-                           # the OpenAI API's keys only (the router's would be its --api-key), not on command lines
-                           role_env={"openai": {"PDSERVE_API_KEY": ns.api_key}} if ns.api_key else {})
+                           env={"PDSERVE_KV_TRANSFER": ns.kv_transfer}, role_env=_role_env(ns))
     return cluster.start()
 
 

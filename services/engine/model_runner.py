@@ -110,6 +110,11 @@ class ModelRunner:
         max_blocks = -(-self.config.max_position_embeddings // self.block_size)
         return DecodeGraphs(self.model, self.kv_data, self.kv_scales, max_blocks, self.device)
 
+    @property
+    def rank_kv_caches(self) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The KV cache of every tensor-parallel rank (here one): what a KV transfer moves."""
+        return [self.kv_caches]
+
     def kv_cache_bytes(self) -> int:
         """Bytes the KV cache holds: K and V of every layer (scales included when quantized)."""
         return sum(t.numel() * t.element_size() for pair in self.kv_caches for t in pair)

@@ -8,8 +8,12 @@ block tables), so the block tables stay rank 0's and the ranks need no scheduler
 breaks the next collective on the others (gloo reports the lost peer; the group's timeout bounds any
 wait), and a rank whose pipe closes (rank 0 gone) exits.
 
-Not yet: mid-step narrowing (a request that leaves during a step's layers finishes the step), KV
-transfer between servers of different layouts, NCCL/CUDA graphs on GPUs (issue 19).
+Each rank's KV cache is shared with rank 0 (shared memory on CPUs; torch.multiprocessing would share
+CUDA memory by IPC handles), so rank 0's KV transfer reads and writes every rank's heads in place
+(`rank_kv_caches`) while the ranks compute with them.
+
+Not yet: NCCL/CUDA graphs on GPUs; a step is not cut short mid-layer under tensor parallelism (a
+request that leaves during a step has its results dropped after the step instead).
 """
 
 from __future__ import annotations
@@ -74,7 +78,10 @@ def _rank_main(rank: int, settings: TensorParallelSettings, init_method: str, mo
     try:
         model, local, kv_dtype = _load_shard(model_dir, dtype, tp, kv_cache_dtype)
         runner = ModelRunner(model, local, num_blocks, block_size, kv_dtype, **runner_options)
-        conn.send(READY)
+        for pair in runner.kv_caches:  # before any step: the views the model computes with follow
+            for cache in pair:
+                cache.share_memory_()
+        conn.send((READY, runner.kv_caches))
         while True:
             try:
                 command, payload = conn.recv()
@@ -98,6 +105,7 @@ class RankProcesses:
         self.settings = settings
         self.processes: list = []
         self.pipes: list = []
+        self.kv_caches: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # ranks 1..N-1's, shared with us
 
     def start(self, model_dir: str, dtype: torch.dtype, num_blocks: int, block_size: int,
               threads: int = 1, kv_cache_dtype: str = "auto", runner_options: dict | None = None,
@@ -128,8 +136,10 @@ class RankProcesses:
                                            "while loading its shard")
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"tensor parallel rank {rank} did not load its shard in {load_timeout_s:.0f} s")
-                if pipe.recv() != READY:
+                message = pipe.recv()
+                if not (isinstance(message, tuple) and message[0] == READY):
                     raise RuntimeError(f"tensor parallel rank {rank} did not load its shard")
+                self.kv_caches.append(message[1])
         except BaseException:
             self.stop(before_join=(lambda: tp.leave(synchronize=False)) if tp is not None else None)
             raise
@@ -157,19 +167,26 @@ class RankProcesses:
                 logger.warning("tensor parallel rank process %d did not stop; killing it", process.pid)
                 process.kill()
                 process.join()
-        self.processes, self.pipes = [], []
+        self.processes, self.pipes, self.kv_caches = [], [], []
 
 
 class TensorParallelRunner(ModelRunner):
     """Rank 0's ModelRunner: each call goes to the other ranks first, then runs here on rank 0's shard
     (its logits are the whole vocabulary's: the output head gathers them). Under tensor parallelism a
-    step is not narrowed mid-way: layer_done is ignored (a request that leaves finishes the step)."""
+    step is not narrowed mid-way: layer_done runs for every layer once the whole step is computed (every
+    rank's K/V are then in its cache: each rank wrote them before joining the step's collectives), and
+    the chunks it drops lose their logits rows as a narrowed step would have."""
 
     def __init__(self, model, local_config, num_blocks: int, block_size: int, ranks: RankProcesses, **kwargs):
         super().__init__(model, local_config, num_blocks, block_size, **kwargs)
         self.ranks = ranks
         self.control_seconds = 0.0  # spent sending steps to the other ranks (the control overhead)
         self.step_seconds = 0.0  # spent in execute, sending included
+
+    @property
+    def rank_kv_caches(self) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Every rank's KV cache, rank 0's first: per layer (K, V), each [NB, BS, heads_per_rank, D]."""
+        return [self.kv_caches, *self.ranks.kv_caches]
 
     def execute(self, chunks: list[ScheduledChunk], layer_done=None) -> torch.Tensor:
         """Run one step on every rank; returns logits [N, vocab] float32 (see ModelRunner.execute)."""
@@ -179,7 +196,15 @@ class TensorParallelRunner(ModelRunner):
         logits = super().execute(chunks)
         self.control_seconds += sent - start
         self.step_seconds += time.perf_counter() - start
-        return logits
+        if layer_done is None:
+            return logits
+        dropped: set[int] = set()
+        for layer in range(self.config.num_layers):
+            dropped |= layer_done(layer) or set()
+        if not dropped:
+            return logits
+        sampled = [j for j, chunk in enumerate(chunks) if chunk.needs_logits]
+        return logits[[row for row, j in enumerate(sampled) if j not in dropped]]
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write on every rank's shard of the KV cache."""

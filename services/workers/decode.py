@@ -262,7 +262,8 @@ def _resolve(future: asyncio.Future, error: Exception | None) -> None:
 
 async def setup(ctx: WorkerContext, settings: DecodeSettings):
     """Start the KV receiver and the lease sweeper; return (register, service names)."""
-    receiver = kv_receiver(settings, ctx.worker_id, ctx.engine.runner.kv_caches,
+    runner = ctx.engine.runner
+    receiver = kv_receiver(settings, ctx.worker_id, runner.rank_kv_caches, runner.model.config.num_kv_heads,
                            lambda report: observe_received(ctx.metrics, report), ctx.telemetry.registry)
     receiver.start()
     host = settings.server.advertised_host()

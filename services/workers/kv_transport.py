@@ -42,12 +42,21 @@ def _gauges(counts: NixlCounts, agents: int, pinned: int) -> tuple[int, int, int
     return agents, counts.registrations, counts.transfers_in_flight, counts.remote_agents, pinned
 
 
-def kv_sender(settings: PrefillSettings, worker_id: str, kv_caches, registry=None,
+def kv_layout(rank_kv_caches, num_kv_heads: int) -> KVLayout:
+    """The layout of a server's KV cache (rank_kv_caches: per tensor-parallel rank, per layer (K, V);
+    num_kv_heads: the model's). One rank's is read off its tensors (a quantized cache's packed rows
+    too); a tensor-parallel server's states the model's heads, which the transfer maps between ranks."""
+    if len(rank_kv_caches) == 1:
+        return KVLayout.from_kv_caches(rank_kv_caches[0])
+    return KVLayout.of_ranks(rank_kv_caches, num_kv_heads)
+
+
+def kv_sender(settings: PrefillSettings, worker_id: str, kv_caches, num_kv_heads: int, registry=None,
               pinned_blocks: Callable[[], int] = lambda: 0) -> TCPKVSender:
-    """The prefill server's sender, per settings.kv_transfer (kv_caches: the engine's, per layer (K, V));
-    its NIXL counts (and pinned_blocks(), the blocks held for transfers) go to the Prometheus
-    `registry`, if given."""
-    layout = KVLayout.from_kv_caches(kv_caches)
+    """The prefill server's sender, per settings.kv_transfer (kv_caches: the engine's, per tensor-parallel
+    rank, per layer (K, V); num_kv_heads: the model's); its NIXL counts (and pinned_blocks(), the blocks
+    held for transfers) go to the Prometheus `registry`, if given."""
+    layout = kv_layout(kv_caches, num_kv_heads)
     options = kv_sender_options(settings.server.tls, settings.kv_auth_token)
     agents = _agents(settings.kv_transfer, worker_id)
     if not agents:
@@ -62,19 +71,21 @@ def kv_sender(settings: PrefillSettings, worker_id: str, kv_caches, registry=Non
     return TCPKVSender(layout, **options, nixl=nixl, require_nixl=settings.kv_transfer == "nixl")
 
 
-def kv_receiver(settings: DecodeSettings, worker_id: str, kv_caches, observer: TransferObserver,
+def kv_receiver(settings: DecodeSettings, worker_id: str, kv_caches, num_kv_heads: int, observer: TransferObserver,
                 registry=None) -> TCPKVReceiver:
-    """The decode server's receiver (not started), per settings.kv_transfer; its NIXL counts go to
-    the Prometheus `registry`, if given."""
+    """The decode server's receiver (not started), per settings.kv_transfer (kv_caches: per tensor-parallel
+    rank, per layer (K, V); num_kv_heads: the model's); its NIXL counts go to the Prometheus `registry`,
+    if given."""
     options = kv_receiver_options(settings.server.tls, settings.kv_auth_token)
+    layout = kv_layout(kv_caches, num_kv_heads)
     agents = _agents(settings.kv_transfer, worker_id, READ_LANES)
     nixl = None
     if agents:
-        nixl = NixlReceiveSide(agents, KVLayout.from_kv_caches(kv_caches), kv_caches)
+        nixl = NixlReceiveSide(agents, layout, kv_caches)
         if registry is not None:
             registry.register(NixlCollector(lambda: _gauges(nixl.counts(), len(agents), 0)))
         logger.info("KV transfer: %s; NIXL agents %s (%d read lanes), KV cache registered (%s)",
                     "nixl" if settings.kv_transfer == "nixl" else "auto (nixl where the prefill server offers it)",
                     agents[0].name.rsplit("-", 1)[0], len(agents), nixl.memory)
-    return TCPKVReceiver(kv_caches, host=settings.server.host, port=settings.kv_port, observer=observer,
+    return TCPKVReceiver(kv_caches, layout, host=settings.server.host, port=settings.kv_port, observer=observer,
                          nixl=nixl, require_nixl=settings.kv_transfer == "nixl", **options)

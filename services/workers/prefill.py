@@ -41,15 +41,15 @@ class LayerStreamer:
     request's blocks are pinned in the block pool (one more reference) from the step that computes
     them until `release` (after the transfer ended), which runs between steps too."""
 
-    def __init__(self, kv_caches, pool: BlockPool):
-        self.kv_caches = kv_caches
+    def __init__(self, rank_kv_caches, pool: BlockPool):
+        self.rank_kv_caches = rank_kv_caches  # per tensor-parallel rank, per layer (K, V)
         self.pool = pool
         self.transfers: dict[str, KVTransfer] = {}
         self.pins: dict[str, dict[int, None]] = {}  # request id -> its pinned block ids (engine thread only)
         self.num_pinned = 0
 
     def __call__(self, layer: int, infos: list[ChunkInfo]) -> None:
-        key_cache, value_cache = self.kv_caches[layer]
+        caches = [rank[layer] for rank in self.rank_kv_caches]
         for info in infos:
             transfer = self.transfers.get(info.request_id)
             if transfer is None or info.start >= info.num_prompt_tokens:
@@ -59,10 +59,9 @@ class LayerStreamer:
                 if in_place and layer == 0:
                     self._pin(info.request_id, info.cached_block_ids + info.block_ids)
                 if info.cached_block_ids:  # prefix-cache hit: those blocks' KV was computed earlier
-                    transfer.send_layer(layer, key_cache, value_cache, list(info.cached_block_ids), 0,
-                                        snapshot=not in_place)
-                transfer.send_layer(layer, key_cache, value_cache, list(info.block_ids),
-                                    info.first_block_index, snapshot=not in_place)
+                    transfer.send_layer_ranks(layer, caches, list(info.cached_block_ids), 0, snapshot=not in_place)
+                transfer.send_layer_ranks(layer, caches, list(info.block_ids), info.first_block_index,
+                                          snapshot=not in_place)
             except Exception as exc:  # a broken transfer must not stop the engine's step
                 logger.warning("KV transfer for %s failed: %s", info.request_id, exc)
                 self.transfers.pop(info.request_id, None)
@@ -243,11 +242,12 @@ def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
 
 async def setup(ctx: WorkerContext, settings: PrefillSettings):
     """Install the layer hook on the engine, and return (register, service names)."""
-    kv_caches = ctx.engine.runner.kv_caches
+    kv_caches = ctx.engine.runner.rank_kv_caches
     streamer = LayerStreamer(kv_caches, ctx.engine.pool)
     ctx.async_engine = AsyncEngine(ctx.engine, layer_hook=streamer)
     ctx.abort_hooks = [ctx.async_engine.abort]
-    sender = kv_sender(settings, ctx.worker_id, kv_caches, ctx.telemetry.registry, lambda: streamer.num_pinned)
+    sender = kv_sender(settings, ctx.worker_id, kv_caches, ctx.engine.runner.model.config.num_kv_heads,
+                       ctx.telemetry.registry, lambda: streamer.num_pinned)
     servicer = PrefillServicer(ctx, streamer, sender,
                                settings.queue_bound("prefill queue"), settings.kv_connect_timeout_s)
     ctx.abort_hooks.append(servicer.abort_transfer)

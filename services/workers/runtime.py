@@ -40,9 +40,11 @@ class WorkerContext:
         self.telemetry = ProcessTelemetry.start(settings.server.telemetry, self.role)
         self.metrics = WorkerMetrics(self.telemetry.registry)
         self.lifecycle = Lifecycle()
-        if settings.engine.tensor_parallel_size > 1 and self.role != "colocated":
-            raise ValueError(f"--tensor-parallel-size > 1 is available on colocated servers only so far (a {self.role} "
-                             "server would need KV transfer between sharded servers)")
+        if (settings.engine.tensor_parallel_size > 1 and self.role != "colocated"
+                and settings.engine.kv_cache_dtype != "auto"):
+            raise ValueError(f"--tensor-parallel-size > 1 with --kv-cache-dtype {settings.engine.kv_cache_dtype} on a "
+                             f"{self.role} server: the KV transfer cannot yet map the heads of a quantized cache between "
+                             "ranks (its blocks pack every head's values with their scales)")
         self.engine, self.tokenizer = build_engine(settings.engine)
         self.async_engine = AsyncEngine(self.engine)
         self.kv_endpoint = ""

@@ -1,6 +1,7 @@
-"""Colocated servers split over 2 rank processes each (--tensor-parallel-size 2, gloo): exact tokens through
-the router, and a rank killed mid-stream takes its whole server down while the router's failover finishes
-every stream on the other server, token for token."""
+"""Servers split over 2 rank processes each (--tensor-parallel-size 2, gloo): exact tokens through the router
+for colocated servers and for every pairing of prefill and decode sizes (the KV transfer maps heads between
+the two layouts), and a rank killed mid-stream takes its whole server down while the router's failover
+finishes every stream on another server, token for token."""
 
 from __future__ import annotations
 
@@ -49,6 +50,42 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _tensor_parallel_env(prefill_size: int, decode_size: int, kv_transfer: str) -> dict[str, dict[str, str]]:
+    return {role: {"PDSERVE_TENSOR_PARALLEL_SIZE": str(size), "PDSERVE_KV_TRANSFER": kv_transfer}
+            for role, size in (("prefill", prefill_size), ("decode", decode_size))}
+
+
+def _kill_a_rank_mid_stream(cluster: LocalCluster, victim, prompts: list[list[int]]):
+    """Stream every prompt, SIGKILL the victim server's rank 1 once a quarter of the tokens are out;
+    returns (the streams' results, the killed rank's pid)."""
+    rank = _rank_process(victim.process.pid)
+
+    async def run():
+        watch = ProgressWatch()
+        async with cluster.aio_channel(cluster.router_address) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            streams = asyncio.gather(*(stream_one(stub, greedy_request(p, MAX_TOKENS), watch) for p in prompts))
+            await watch.reached("tokens", len(prompts) * MAX_TOKENS // 4)
+            os.kill(rank, signal.SIGKILL)
+            return await streams
+
+    return asyncio.run(run()), rank
+
+
+def _assert_gone(cluster: LocalCluster, victim, rank: int) -> None:
+    """The server whose rank died stopped on its own (nonzero), none of its processes is left, and the
+    router failed its streams over."""
+    victim.process.wait(timeout=60)
+    assert victim.process.returncode != 0
+    deadline = time.monotonic() + 30
+    while _alive(rank) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(rank)
+    assert "the engine failed" in victim.log_path.read_text()
+    assert "retrying" in cluster.servers("router")[0].log_path.read_text()
+    cluster.processes.remove(victim)  # it is gone: the cluster no longer has it to stop or to ask
+
+
 def test_split_servers_give_the_tokens_of_whole_ones_and_a_dead_rank_fails_over(trained):
     prompts = make_prompts(16, seed=31)
     with LocalCluster(str(trained), prefill=0, decode=0, colocated=1) as whole:
@@ -60,31 +97,51 @@ def test_split_servers_give_the_tokens_of_whole_ones_and_a_dead_rank_fails_over(
         assert got == want
 
         victim = cluster.servers("colocated")[0]
-        rank = _rank_process(victim.process.pid)
-
-        async def kill_a_rank_mid_stream():
-            watch = ProgressWatch()
-            async with cluster.aio_channel(cluster.router_address) as channel:
-                stub = router_pb2_grpc.RouterStub(channel)
-                streams = asyncio.gather(*(stream_one(stub, greedy_request(p, MAX_TOKENS), watch) for p in prompts))
-                await watch.reached("tokens", len(prompts) * MAX_TOKENS // 4)
-                os.kill(rank, signal.SIGKILL)
-                return await streams
-
-        results = asyncio.run(kill_a_rank_mid_stream())
+        results, rank = _kill_a_rank_mid_stream(cluster, victim, prompts)
         assert [r.error for r in results if r.error] == []
         assert [r.tokens for r in results] == want
-        # The server whose rank died stopped on its own (nonzero), and none of its processes is left.
-        victim.process.wait(timeout=60)
-        assert victim.process.returncode != 0
-        deadline = time.monotonic() + 30
-        while _alive(rank) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _alive(rank)
-        assert "the engine failed" in victim.log_path.read_text()
-        assert "retrying" in cluster.servers("router")[0].log_path.read_text()  # streams really failed over
-        cluster.processes.remove(victim)  # it is gone: the cluster no longer has it to stop or to ask
+        _assert_gone(cluster, victim, rank)
         (survivor,) = cluster.servers("colocated")
         assert survivor.process.poll() is None
+        loads = asyncio.run(wait_all_blocks_free(cluster))
+        assert all(load.num_blocks_free == load.num_blocks_total for load in loads.values()), loads
+
+
+@pytest.fixture(scope="module")
+def disaggregated_tokens(trained):
+    """32 prompts and their greedy tokens through prefill TP=1 -> decode TP=1 (the reference)."""
+    prompts = make_prompts(32, seed=47)
+    with LocalCluster(str(trained), prefill=1, decode=1) as cluster:
+        want = [r.tokens for r in asyncio.run(run_streams(cluster, prompts, MAX_TOKENS))]
+    assert all(len(tokens) == MAX_TOKENS for tokens in want)
+    return prompts, want
+
+
+@pytest.mark.parametrize("prefill_size,decode_size,kv_transfer", [(2, 1, "tcp"), (1, 2, "tcp"), (2, 1, "nixl"),
+                                                                  (1, 2, "nixl")])
+def test_prefill_and_decode_of_different_sizes_give_the_tokens_of_whole_servers(
+        trained, disaggregated_tokens, prefill_size, decode_size, kv_transfer):
+    prompts, want = disaggregated_tokens
+    with LocalCluster(str(trained), prefill=1, decode=1,
+                      role_env=_tensor_parallel_env(prefill_size, decode_size, kv_transfer)) as cluster:
+        got = [r.tokens for r in asyncio.run(run_streams(cluster, prompts, MAX_TOKENS))]
+        assert got == want
+        loads = asyncio.run(wait_all_blocks_free(cluster))
+        assert all(load.num_blocks_free == load.num_blocks_total for load in loads.values()), loads
+
+
+@pytest.mark.parametrize("kv_transfer", ["tcp", "nixl"])
+def test_split_prefill_and_decode_and_a_dead_decode_rank(trained, disaggregated_tokens, kv_transfer):
+    """TP=2 -> TP=2 gives the reference tokens; a decode server's rank SIGKILLed during 32 streams: every
+    stream completes exactly on the other decode server, and nothing of the dead server is left."""
+    prompts, want = disaggregated_tokens
+    with LocalCluster(str(trained), prefill=1, decode=2, role_env=_tensor_parallel_env(2, 2, kv_transfer)) as cluster:
+        got = [r.tokens for r in asyncio.run(run_streams(cluster, prompts, MAX_TOKENS))]
+        assert got == want
+        victim = cluster.servers("decode")[0]
+        results, rank = _kill_a_rank_mid_stream(cluster, victim, prompts)
+        assert [r.error for r in results if r.error] == []
+        assert [r.tokens for r in results] == want
+        _assert_gone(cluster, victim, rank)
         loads = asyncio.run(wait_all_blocks_free(cluster))
         assert all(load.num_blocks_free == load.num_blocks_total for load in loads.values()), loads
