@@ -40,14 +40,15 @@ def map_heads(rank_caches: Sequence[tuple[torch.Tensor, torch.Tensor]], block_id
     server that holds them (rank_caches: this server's (K, V) per rank, [num_blocks, block_size,
     heads_per_rank, head_dim] each)."""
     key = rank_caches[0][0]
-    index = torch.tensor(block_ids, dtype=torch.int64, device=key.device)
     out = torch.empty(receiver.tensor_parallel_size, 2, len(block_ids), receiver.block_size,
                       receiver.heads_per_rank, receiver.head_dim, dtype=key.dtype, device=key.device)
     gathered: dict[int, list[torch.Tensor]] = {}
     for slices in head_map:
         for piece in slices:
-            if piece.src_rank not in gathered:
-                gathered[piece.src_rank] = [cache.index_select(0, index) for cache in rank_caches[piece.src_rank]]
+            if piece.src_rank not in gathered:  # each rank's cache on its own device (GPU ranks)
+                caches = rank_caches[piece.src_rank]
+                index = torch.tensor(block_ids, dtype=torch.int64, device=caches[0].device)
+                gathered[piece.src_rank] = [cache.index_select(0, index) for cache in caches]
             for half, blocks in enumerate(gathered[piece.src_rank]):
                 out[piece.dst_rank, half, :, :, piece.dst_head:piece.dst_head + piece.count] = \
                     blocks[:, :, piece.src_head:piece.src_head + piece.count]
@@ -234,7 +235,7 @@ class TCPKVTransfer(KVTransfer):
             copy = map_heads(rank_caches, ids, self.head_map, self.receiver_layout)
             self._queue.put((layer, first_block, len(ids), (copy, _cuda_event(copy)), None))
         elif snapshot or key_cache.device.type != "cpu":
-            copy = torch.stack([gather_blocks(k, v, ids) for k, v in rank_caches])
+            copy = torch.stack([gather_blocks(k, v, ids).to(key_cache.device) for k, v in rank_caches])
             self._queue.put((layer, first_block, len(ids), (copy, _cuda_event(copy)), None))
         else:
             self._queue.put((layer, first_block, len(ids), list(rank_caches), ids))

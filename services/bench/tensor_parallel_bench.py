@@ -2,7 +2,8 @@
 
     pdserve bench tensor-parallel [--size small] [--requests 16] [--payload-mb 64] [--repeats 7] [--out DIR]
 
-1. control: an engine whose model is split over --tensor-parallel-size ranks (gloo) serves a batch of
+1. control: an engine whose model is split over --tensor-parallel-size ranks (gloo; nccl with --device cuda,
+   one GPU per rank: TP=2 needs two GPUs, and is refused on one) serves a batch of
    requests; the control overhead is the time rank 0 spends sending each step's description to the other
    ranks as a fraction of the step (TensorParallelRunner.control_seconds / step_seconds). The same requests
    on one process give the tokens the split engine must match and the step time it is compared with (on a
@@ -12,7 +13,9 @@
    from a prefill server of 2 ranks into a decode server of 1, 2 and 4 ranks (another process), over TCP and,
    where NIXL loads, NIXL: 2 -> 2 moves each rank's blocks as they are (no mapping); 2 -> 1 and 2 -> 4 map
    heads (TCP: the sender assembles each LAYER frame in the receiver's layout; NIXL: the receiver READs the
-   heads of each token). Reported: the median seconds of each and the ratio mapped / unmapped.
+   heads of each token). Sent as a prefill server sends: over TCP each layer's blocks are copied when they
+   are queued (unmapped: as they are; mapped: into the receiver's layout), over NIXL read in place.
+   Reported: the median seconds of each and the ratio mapped / unmapped.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def bench_control(ns: argparse.Namespace) -> dict:
     model_dir = str(make_tiny_model(Path(tempfile.mkdtemp(prefix="pdserve-tpbench-")) / "model", size=ns.size,
                                     train_steps=ns.train_steps))
     generator = torch.Generator().manual_seed(0)
-    model, config = load_model(model_dir, dtype="float32")
+    model, config = load_model(model_dir, dtype="float32", device=ns.device)
     prompts = [torch.randint(3, config.vocab_size, (ns.prompt_tokens,), generator=generator).tolist()
                for _ in range(ns.requests)]
     blocks = ns.requests * -(-(ns.prompt_tokens + ns.max_tokens) // 16) + 16
@@ -70,7 +73,7 @@ def bench_control(ns: argparse.Namespace) -> dict:
 
     whole_tokens, whole_s, steps = serve(ModelRunner(model, config, blocks, 16, cpu_linear="none"))
     del model
-    settings = TensorParallelSettings(size=ns.tensor_parallel_size)
+    settings = TensorParallelSettings(size=ns.tensor_parallel_size, backend="nccl" if ns.device == "cuda" else "gloo")
     per_block = kv_cache_bytes_per_block(local_config(config, settings.size), 16, torch.float32)
     runner = tensor_parallel_runner(model_dir, settings, blocks, 16, torch.float32, cpu_linear="none")
     try:
@@ -78,7 +81,8 @@ def bench_control(ns: argparse.Namespace) -> dict:
         control, step = runner.control_seconds, runner.step_seconds
     finally:
         runner.close()
-    return {"model": f"make-tiny-model {ns.size}", "tensor_parallel_size": settings.size, "requests": len(prompts),
+    return {"model": f"make-tiny-model {ns.size}", "device": ns.device, "backend": settings.backend,
+            "tensor_parallel_size": settings.size, "requests": len(prompts),
             "steps": steps, "control_fraction": control / step, "control_ms_per_step": 1e3 * control / steps,
             "step_ms_split": 1e3 * step / steps, "wall_s_whole": whole_s, "wall_s_split": split_s,
             "split_over_whole": split_s / whole_s, "tokens_identical": split_tokens == whole_tokens,
@@ -169,8 +173,8 @@ def _time_transfer(pipe, endpoint: str, sender: TCPKVSender, src, ids: list[int]
     pipe.recv()
     start = time.perf_counter()
     transfer = sender.open(endpoint, rid, tokens)
-    for layer in range(sender.layout.num_layers):
-        transfer.send_layer_ranks(layer, [rank[layer] for rank in src], ids)
+    for layer in range(sender.layout.num_layers):  # as a prefill server sends: TCP copies the blocks at once
+        transfer.send_layer_ranks(layer, [rank[layer] for rank in src], ids, snapshot=sender.nixl is None)
     transfer.finish(timeout=300)
     return time.perf_counter() - start
 

@@ -120,6 +120,8 @@ def _register_tensor_parallel(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--size", default="small", help="make-tiny-model size of the control part's model")
     p.add_argument("--train-steps", type=int, default=0, help="train that model this many steps first")
     p.add_argument("--tensor-parallel-size", type=int, default=2)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="control part: cuda splits over one GPU per rank (nccl); refused with fewer GPUs")
     p.add_argument("--requests", type=int, default=16, help="requests of the control part")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=32)

@@ -66,6 +66,8 @@ class ModelRunner:
     ("auto": the native one where it runs, else oneDNN; "none" leaves them; models/cpu_packed_linear.py);
     packed_linears: how many of the model's layers are packed (a model shared by several runners is
     packed once).
+    cuda_graphs: capture decode steps in CUDA graphs on a GPU (tensor-parallel ranks run without: a
+    capture would have to meet the other ranks' in every collective, which is not built yet).
     single_thread_step_tokens: on the CPU, a step of fewer tokens runs on one torch thread and a
     larger one on the threads torch had when the runner was built. A small decode step is a row of
     matrix-vector products that a second thread barely speeds up, and on a machine whose other
@@ -76,7 +78,7 @@ class ModelRunner:
 
     def __init__(self, model: LlamaForCausalLM, config: ModelConfig, num_blocks: int,
                  block_size: int = 16, kv_dtype: torch.dtype | None = None, cpu_linear: str = "auto",
-                 single_thread_step_tokens: int = 0):
+                 single_thread_step_tokens: int = 0, cuda_graphs: bool = True):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be >= 1")
         if single_thread_step_tokens < 0:
@@ -97,7 +99,7 @@ class ModelRunner:
         self.kv_caches = [(k.storage, v.storage) for k, v in layers]
         self.kv_data = [(k.data, v.data) for k, v in layers]
         self.kv_scales = [(k.scales, v.scales) for k, v in layers] if layers[0][0].scales is not None else None
-        self.decode_graphs = self._decode_graphs()
+        self.decode_graphs = self._decode_graphs() if cuda_graphs else None
 
     def _decode_graphs(self):
         """CUDA graphs for decode steps on a GPU (services/engine/cuda_graphs.py), else None."""

@@ -48,13 +48,14 @@ def build_engine(args: EngineArgs) -> tuple[LLMEngine, Tokenizer]:
 def _tensor_parallel_runner(args: EngineArgs, source):
     """Rank 0's runner over args.tensor_parallel_size ranks; each rank's KV cache gets kv_cache_mb for
     its own heads (so the server holds tensor_parallel_size times as many tokens' KV per MiB and rank)."""
-    from pdserve.engine.tensor_parallel import TensorParallelSettings, tensor_parallel_runner
+    from pdserve.engine.tensor_parallel import TensorParallelSettings, check_devices, tensor_parallel_runner
     from pdserve.models.config import DTYPES
     from pdserve.models.tensor_parallel import local_config
 
-    if args.device != "cpu":
-        raise ValueError("--tensor-parallel-size > 1 runs on CPUs (gloo) so far; the NCCL path is not built")
-    settings = TensorParallelSettings(size=args.tensor_parallel_size)
+    if args.device not in ("cpu", "cuda"):
+        raise ValueError(f"--tensor-parallel-size > 1 runs on CPUs (gloo) or CUDA GPUs (nccl), not {args.device!r}")
+    settings = TensorParallelSettings(size=args.tensor_parallel_size, backend="nccl" if args.device == "cuda" else "gloo")
+    check_devices(settings)  # before loading anything: one GPU per rank
     config = source.model_config()
     local = local_config(config, settings.size)  # a ValueError naming what does not divide
     dtype = DTYPES[args.dtype] if args.dtype else config.dtype

@@ -12,8 +12,11 @@ Each rank's KV cache is shared with rank 0 (shared memory on CPUs; torch.multipr
 CUDA memory by IPC handles), so rank 0's KV transfer reads and writes every rank's heads in place
 (`rank_kv_caches`) while the ranks compute with them.
 
-Not yet: NCCL/CUDA graphs on GPUs; a step is not cut short mid-layer under tensor parallelism (a
-request that leaves during a step has its results dropped after the step instead).
+On GPUs (backend nccl) rank r runs on cuda:r: a server of N ranks needs N GPUs, and asking for more ranks
+than the machine has GPUs is refused (two ranks on one GPU would only be slower). Written for the first
+session with GPUs and not yet run on one; CUDA graphs are off under tensor parallelism (a capture would
+have to meet the other ranks in each collective), and a step is not cut short mid-layer (a request that
+leaves during a step has its results dropped after the step instead).
 """
 
 from __future__ import annotations
@@ -57,10 +60,28 @@ class TensorParallelSettings:
             raise ValueError(f"tensor parallel timeout must be > 0, got {self.timeout_s}")
 
 
-def _load_shard(model_dir: str, dtype: torch.dtype, tp: TensorParallelGroup, kv_cache_dtype: str):
+def rank_device(settings: TensorParallelSettings, rank: int) -> torch.device:
+    """Where rank `rank` computes: the CPU under gloo, cuda:rank under nccl."""
+    return torch.device("cuda", rank) if settings.backend == "nccl" else torch.device("cpu")
+
+
+def check_devices(settings: TensorParallelSettings) -> None:
+    """ValueError unless this machine has a GPU for every rank (nccl)."""
+    if settings.backend != "nccl":
+        return
+    count = torch.cuda.device_count()
+    if count < settings.size:
+        raise ValueError(f"--tensor-parallel-size {settings.size} on GPUs needs {settings.size} GPUs (one per rank); "
+                         f"this machine has {count}")
+
+
+def _load_shard(model_dir: str, dtype: torch.dtype, tp: TensorParallelGroup, kv_cache_dtype: str,
+                device: torch.device):
     """(this rank's shard of the model, its local config, its KV cache dtype): what every rank builds its
     ModelRunner from."""
-    model, _ = load_model(model_dir, dtype=dtype)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model, _ = load_model(model_dir, dtype=dtype, device=device)
     kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, model.embed_tokens.weight.dtype)
     return model, shard_model(model, tp), kv_dtype
 
@@ -73,13 +94,16 @@ def _rank_main(rank: int, settings: TensorParallelSettings, init_method: str, mo
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(threads)
+    device = rank_device(settings, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before the group forms: NCCL binds each rank to its current device
     tp = TensorParallelGroup.join(rank, settings.size, init_method, settings.backend, settings.timeout_s)
     told_to_stop = False
     try:
-        model, local, kv_dtype = _load_shard(model_dir, dtype, tp, kv_cache_dtype)
-        runner = ModelRunner(model, local, num_blocks, block_size, kv_dtype, **runner_options)
-        for pair in runner.kv_caches:  # before any step: the views the model computes with follow
-            for cache in pair:
+        model, local, kv_dtype = _load_shard(model_dir, dtype, tp, kv_cache_dtype, device)
+        runner = ModelRunner(model, local, num_blocks, block_size, kv_dtype, cuda_graphs=False, **runner_options)
+        for pair in runner.kv_caches:  # before any step: the views the model computes with follow (CPU only:
+            for cache in pair:  # CUDA memory goes to rank 0 as an IPC handle)
                 cache.share_memory_()
         conn.send((READY, runner.kv_caches))
         while True:
@@ -113,6 +137,7 @@ class RankProcesses:
         """Start ranks 1..N-1 and join the group as rank 0 (the model loads on every rank meanwhile);
         returns rank 0's group once every rank holds its shard (RuntimeError when one exits first or
         takes longer than load_timeout_s). runner_options: ModelRunner keywords, the same on every rank."""
+        check_devices(self.settings)
         init_method = f"tcp://127.0.0.1:{free_port()}"
         context = mp.get_context("spawn")
         for rank in range(1, self.settings.size):
@@ -126,6 +151,8 @@ class RankProcesses:
             self.pipes.append(ours)
         tp = None
         try:
+            if self.settings.backend == "nccl":
+                torch.cuda.set_device(rank_device(self.settings, 0))
             tp = TensorParallelGroup.join(0, self.settings.size, init_method, self.settings.backend,
                                           self.settings.timeout_s)
             deadline = time.monotonic() + load_timeout_s
@@ -228,8 +255,9 @@ def tensor_parallel_runner(model_dir: str, settings: TensorParallelSettings, num
     ranks = RankProcesses(settings)
     tp = ranks.start(model_dir, dtype, num_blocks, block_size, threads, kv_cache_dtype, runner_options)
     try:
-        model, local, kv_dtype = _load_shard(model_dir, dtype, tp, kv_cache_dtype)
-        return TensorParallelRunner(model, local, num_blocks, block_size, ranks, kv_dtype=kv_dtype, **runner_options)
+        model, local, kv_dtype = _load_shard(model_dir, dtype, tp, kv_cache_dtype, rank_device(settings, 0))
+        return TensorParallelRunner(model, local, num_blocks, block_size, ranks, kv_dtype=kv_dtype, cuda_graphs=False,
+                                    **runner_options)
     except BaseException:
         ranks.stop(before_join=lambda: tp.leave(synchronize=False))
         raise
