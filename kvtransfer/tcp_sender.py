@@ -113,7 +113,7 @@ class TCPKVSender(KVSenderBackend):
         offer = self.nixl.offer if self.nixl is not None else None
         hello = wire.Hello(self.layout, reservation_id, num_tokens,
                            None if dst_block_ids is None else tuple(int(b) for b in dst_block_ids),
-                           self.auth_token, dict(metadata or {}), offer, held_blocks)
+                           self.auth_token, dict(metadata or {}), offer, held_blocks, self.require_nixl)
         sock = None
         try:
             frame = hello.encode()  # validates nothing yet: the receiver is the judge

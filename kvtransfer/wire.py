@@ -8,7 +8,8 @@ Frame types and payloads:
     HELLO     sender -> receiver   UTF-8 JSON: protocol, layout, reservation_id, num_tokens,
                                    dst_block_ids (or null), auth_token (or null), metadata {str: str},
                                    nixl (or null): {agent, metadata (base64), memory, device, num_blocks,
-                                   bases}, the sender's offer to let the receiver READ its KV cache
+                                   bases}, the sender's offer to let the receiver READ its KV cache;
+                                   nixl_required: true when the sender takes no other data path
     HELLO_OK  receiver -> sender   JSON: {"num_blocks": n, "data_path": "tcp" | "nixl", "layout": {...}}
                                    (blocks per layer this transfer fills; how the K/V bytes will
                                    move; the receiver's layout, which may differ from the sender's
@@ -179,6 +180,7 @@ class Hello:
     metadata: dict[str, str] | None = None
     nixl: NixlOffer | None = None
     held_blocks: int = 0  # leading blocks the receiver holds already; not sent
+    nixl_required: bool = False  # the sender takes no other data path (its --kv-transfer nixl)
 
     def encode(self) -> bytes:
         """The HELLO frame."""
@@ -188,6 +190,7 @@ class Hello:
             "dst_block_ids": None if self.dst_block_ids is None else list(self.dst_block_ids),
             "auth_token": self.auth_token, "metadata": self.metadata or {},
             "nixl": None if self.nixl is None else self.nixl.to_dict(), "held_blocks": self.held_blocks,
+            "nixl_required": self.nixl_required,
         })
 
     @classmethod
@@ -215,12 +218,15 @@ class Hello:
                 isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise KVProtocolError("HELLO metadata must be an object of string to string")
         nixl = msg.get("nixl")
+        required = msg.get("nixl_required", False)
+        if not isinstance(required, bool):
+            raise KVProtocolError("HELLO nixl_required must be a boolean")
         held = msg.get("held_blocks", 0)
         if not _is_int(held) or not 0 <= held <= layout.num_blocks_for(num_tokens):
             raise KVProtocolError(f"HELLO held_blocks must be an int in [0, the prompt's blocks], got {held!r}")
         return cls(layout, rid, num_tokens, None if ids is None else tuple(ids), token, metadata,
                    None if nixl is None else NixlOffer.from_dict(nixl, layout.num_layers, layout.tensor_parallel_size),
-                   held)
+                   held, required and nixl is not None)
 
 
 def _is_int(value: Any) -> bool:

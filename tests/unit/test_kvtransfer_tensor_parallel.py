@@ -53,17 +53,18 @@ def assert_ranks_hold(dst_ranks, dst_layout: KVLayout, dst_ids, whole_caches, sr
 
 
 def move(src_layout, src_ranks, dst_layout, dst_ranks, src_ids, dst_ids, nixl: bool, snapshot: bool = False,
-         held_blocks: int = 0):
-    """One transfer from src_ranks into dst_ranks; returns the sender's TransferStats."""
+         held_blocks: int = 0, required: bool = True):
+    """One transfer from src_ranks into dst_ranks, over NIXL (where both sides require it, unless not
+    `required`) or TCP; returns the sender's TransferStats."""
     send = NixlSendSide(NixlAgent(f"tp-send-{uuid.uuid4().hex[:8]}"), src_ranks) if nixl else None
     recv = (NixlReceiveSide(NixlAgent(f"tp-recv-{uuid.uuid4().hex[:8]}"), dst_layout, dst_ranks)
             if nixl else None)
-    rx = TCPKVReceiver(dst_ranks, dst_layout, nixl=recv, require_nixl=nixl)
+    rx = TCPKVReceiver(dst_ranks, dst_layout, nixl=recv, require_nixl=nixl and required)
     rx.start()
     try:
         outcomes, num_tokens = Outcomes(), len(dst_ids) * dst_layout.block_size
         rx.expect("tp", dst_ids, num_tokens, outcomes, held_blocks)
-        sender = TCPKVSender(src_layout, nixl=send, require_nixl=nixl)
+        sender = TCPKVSender(src_layout, nixl=send, require_nixl=nixl and required)
         transfer = sender.open(rx.endpoint, "tp", num_tokens, held_blocks=held_blocks)
         for layer in range(src_layout.num_layers):
             transfer.send_layer_ranks(layer, [caches[layer] for caches in src_ranks], src_ids, snapshot=snapshot)
@@ -127,3 +128,15 @@ def test_snapshots_and_held_blocks_map_the_same_way():
     assert stats.blocks == 2
     assert_ranks_hold(dst_ranks, dst_layout, [6, 9], whole_caches, [2, 3])
     assert not any(raw_bytes(pair[half][[5]]).any() for caches in dst_ranks for pair in caches for half in (0, 1))
+
+
+@pytest.mark.parametrize("dst_size,path", [(2, "nixl"), (1, "tcp"), (4, "tcp")])
+def test_where_nixl_is_optional_heads_cut_out_of_blocks_move_over_tcp(dst_size, path):
+    whole = whole_layout(4)
+    whole_caches = random_caches(whole, NUM_BLOCKS, seed=dst_size)
+    dst_layout = rank_layout(whole, dst_size)
+    dst_ranks = zero_rank_caches(dst_layout)
+    stats = move(rank_layout(whole, 2), shard_caches(whole_caches, 4, 2), dst_layout, dst_ranks, [2, 3], [4, 5],
+                 nixl=True, required=False)
+    assert stats.data_path == path
+    assert_ranks_hold(dst_ranks, dst_layout, [4, 5], whole_caches, [2, 3])
