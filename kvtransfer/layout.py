@@ -22,7 +22,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-MAX_TENSOR_PARALLEL_SIZE = 1024
+MAX_TENSOR_PARALLEL_SIZE = 128  # bounds what a peer's layout makes this side allocate (replicated heads)
 
 
 def kv_heads_of_rank(num_kv_heads: int, rank: int, size: int) -> range:

@@ -17,7 +17,13 @@ import time
 
 from pdserve.kvtransfer import wire
 from pdserve.kvtransfer.block_io import CacheBlocks
-from pdserve.kvtransfer.errors import KVAuthError, KVProtocolError, KVTransferCancelled, KVTransferError
+from pdserve.kvtransfer.errors import (
+    KVAuthError,
+    KVLayoutMismatch,
+    KVProtocolError,
+    KVTransferCancelled,
+    KVTransferError,
+)
 from pdserve.kvtransfer.layout import KVLayout
 from pdserve.kvtransfer.nixl_data import NixlReceiveSide
 from pdserve.kvtransfer.reservations import ExpectedTransfer, ReservationTable
@@ -107,6 +113,10 @@ class ReceiveSession:
                 (hello.auth_token or "").encode(), self.auth_token.encode()):
             raise KVAuthError("the KV transfer auth token is missing or wrong")
         self.layout.check_compatible(hello.layout, "receiver", "sender")
+        if not hello.states_ranks and self.layout.tensor_parallel_size > 1:
+            raise KVLayoutMismatch(f"this decode server's cache is split over {self.layout.tensor_parallel_size} "
+                                   "tensor-parallel ranks and the sender (a release before tensor parallelism) cannot "
+                                   "send it in that layout: upgrade the prefill server")
         data_path = self._choose_data_path(hello)
         res = self.table.bind(hello, self, data_path)
         self._send(wire.encode_json_frame(wire.HELLO_OK, {"num_blocks": res.num_blocks, "data_path": data_path,
@@ -124,6 +134,9 @@ class ReceiveSession:
                 and not hello.layout.maps_whole_blocks(self.layout)):
             return "tcp"
         if hello.nixl is None or self.nixl is None:
+            if hello.nixl_required and self.nixl is None:
+                raise KVTransferError("the sender takes KV over NIXL only (--kv-transfer nixl) and this decode server "
+                                      "has no NIXL", code="data_path_mismatch")
             if self.require_nixl:
                 raise KVTransferError("this decode server takes KV over NIXL only (--kv-transfer nixl) and "
                                       "the sender did not offer it", code="data_path_mismatch")

@@ -3,6 +3,7 @@ a background thread so that sending layer i overlaps computing layer i + 1."""
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import socket
 import ssl
@@ -143,7 +144,10 @@ class TCPKVSender(KVSenderBackend):
             self.nixl.close()
 
     def _receiver_layout(self, endpoint: str, data) -> KVLayout:
-        """The receiver's layout from HELLO_OK, which this server's heads must map onto."""
+        """The receiver's layout from HELLO_OK, which this server's heads must map onto (a receiver from
+        before tensor parallelism states none: it holds every head in one cache)."""
+        if data is None:
+            return dataclasses.replace(self.layout, tensor_parallel_size=1)
         try:
             layout = KVLayout.from_dict(data)
         except (TypeError, ValueError) as exc:
@@ -235,7 +239,8 @@ class TCPKVTransfer(KVTransfer):
             copy = map_heads(rank_caches, ids, self.head_map, self.receiver_layout)
             self._queue.put((layer, first_block, len(ids), (copy, _cuda_event(copy)), None))
         elif snapshot or key_cache.device.type != "cpu":
-            copy = torch.stack([gather_blocks(k, v, ids).to(key_cache.device) for k, v in rank_caches])
+            copy = (gather_blocks(key_cache, rank_caches[0][1], ids).unsqueeze(0) if len(rank_caches) == 1
+                    else torch.stack([gather_blocks(k, v, ids).to(key_cache.device) for k, v in rank_caches]))
             self._queue.put((layer, first_block, len(ids), (copy, _cuda_event(copy)), None))
         else:
             self._queue.put((layer, first_block, len(ids), list(rank_caches), ids))
@@ -317,7 +322,7 @@ class TCPKVTransfer(KVTransfer):
             if data.computed is not None:
                 data.computed.synchronize()
             self._sock.sendall(wire.encode_ready(layer, first, ids))
-            self._bytes += 2 * count * self.layout.server_block_bytes
+            self._bytes += 2 * count * self.receiver_layout.server_block_bytes  # what the receiver READs
             self._frames += 1
             return
         if ids is None:  # a copy [ranks, 2, count, ...] in the receiver's layout and its CUDA event

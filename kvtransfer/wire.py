@@ -181,6 +181,7 @@ class Hello:
     nixl: NixlOffer | None = None
     held_blocks: int = 0  # leading blocks the receiver holds already; not sent
     nixl_required: bool = False  # the sender takes no other data path (its --kv-transfer nixl)
+    states_ranks: bool = True  # the layout names its tensor-parallel size (releases before TP did not)
 
     def encode(self) -> bytes:
         """The HELLO frame."""
@@ -226,7 +227,7 @@ class Hello:
             raise KVProtocolError(f"HELLO held_blocks must be an int in [0, the prompt's blocks], got {held!r}")
         return cls(layout, rid, num_tokens, None if ids is None else tuple(ids), token, metadata,
                    None if nixl is None else NixlOffer.from_dict(nixl, layout.num_layers, layout.tensor_parallel_size),
-                   held, required and nixl is not None)
+                   held, required and nixl is not None, "tensor_parallel_size" in msg["layout"])
 
 
 def _is_int(value: Any) -> bool:

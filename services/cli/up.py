@@ -35,8 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _role_env(ns: argparse.Namespace) -> dict[str, dict[str, str]]:
     """Each worker role's tensor-parallel size, and the OpenAI API's keys (not on command lines)."""
-    sizes = {"prefill": ns.prefill_tensor_parallel_size or ns.tensor_parallel_size,
-             "decode": ns.decode_tensor_parallel_size or ns.tensor_parallel_size,
+    def size_of(role_size):
+        return ns.tensor_parallel_size if role_size is None else role_size
+
+    sizes = {"prefill": size_of(ns.prefill_tensor_parallel_size), "decode": size_of(ns.decode_tensor_parallel_size),
              "colocated": ns.tensor_parallel_size}
     for role, size in sizes.items():
         if size < 1:

@@ -79,11 +79,10 @@ def _load_shard(model_dir: str, dtype: torch.dtype, tp: TensorParallelGroup, kv_
                 device: torch.device):
     """(this rank's shard of the model, its local config, its KV cache dtype): what every rank builds its
     ModelRunner from."""
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    model, _ = load_model(model_dir, dtype=dtype, device=device)
+    model, _ = load_model(model_dir, dtype=dtype)  # on the CPU: a GPU holds only its shard
     kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, model.embed_tokens.weight.dtype)
-    return model, shard_model(model, tp), kv_dtype
+    local = shard_model(model, tp)
+    return model.to(device), local, kv_dtype
 
 
 def _rank_main(rank: int, settings: TensorParallelSettings, init_method: str, model_dir: str,
@@ -225,6 +224,8 @@ class TensorParallelRunner(ModelRunner):
         self.step_seconds += time.perf_counter() - start
         if layer_done is None:
             return logits
+        if self.device.type == "cuda":  # the hook reads every rank's KV: rank 0's last collective follows their writes
+            torch.cuda.current_stream(self.device).synchronize()
         dropped: set[int] = set()
         for layer in range(self.config.num_layers):
             dropped |= layer_done(layer) or set()

@@ -20,9 +20,17 @@ from pdserve.telemetry.engine_collector import NixlCollector
 logger = logging.getLogger("pdserve.kv_transport")
 
 
-def _agents(mode: str, worker_id: str, count: int = 1) -> list[NixlAgent]:
-    """`count` NIXL agents unless mode is tcp; under auto, none (and one log line) when NIXL cannot start."""
+def _agents(mode: str, worker_id: str, kv_caches, count: int = 1) -> list[NixlAgent]:
+    """`count` NIXL agents unless mode is tcp; under auto, none (and one log line) when NIXL cannot start or
+    the ranks' caches lie on several GPUs (a NIXL offer names one device; not built yet)."""
     if mode == "tcp":
+        return []
+    devices = {tensor.device for caches in kv_caches for pair in caches for tensor in pair}
+    if len(devices) > 1:
+        reason = f"the tensor-parallel ranks' KV caches are on {len(devices)} devices, NIXL offers one"
+        if mode == "nixl":
+            raise RuntimeError(f"--kv-transfer nixl: {reason} (not built yet; use tcp or auto)")
+        logger.info("KV transfer: tcp (%s)", reason)
         return []
     agents: list[NixlAgent] = []
     try:  # names unique per process: a restarted server is a new agent to its peers
@@ -58,7 +66,7 @@ def kv_sender(settings: PrefillSettings, worker_id: str, kv_caches, num_kv_heads
     held for transfers) go to the Prometheus `registry`, if given."""
     layout = kv_layout(kv_caches, num_kv_heads)
     options = kv_sender_options(settings.server.tls, settings.kv_auth_token)
-    agents = _agents(settings.kv_transfer, worker_id)
+    agents = _agents(settings.kv_transfer, worker_id, kv_caches)
     if not agents:
         return TCPKVSender(layout, **options)
     agent = agents[0]
@@ -78,7 +86,7 @@ def kv_receiver(settings: DecodeSettings, worker_id: str, kv_caches, num_kv_head
     if given."""
     options = kv_receiver_options(settings.server.tls, settings.kv_auth_token)
     layout = kv_layout(kv_caches, num_kv_heads)
-    agents = _agents(settings.kv_transfer, worker_id, READ_LANES)
+    agents = _agents(settings.kv_transfer, worker_id, kv_caches, READ_LANES)
     nixl = None
     if agents:
         nixl = NixlReceiveSide(agents, layout, kv_caches)

@@ -50,9 +50,9 @@ class WorkerContext:
         self.kv_endpoint = ""
         self.abort_hooks: list[Callable[[str], Awaitable[bool]]] = [self.async_engine.abort]
         self.close_hooks: list[Callable[[], None]] = []  # run at exit, after the engine stopped
-        close_runner = getattr(self.engine.runner, "close", None)  # a tensor-parallel runner's rank processes
-        if close_runner is not None:
-            self.close_hooks.append(close_runner)
+        # A tensor-parallel runner's rank processes stop after every other hook: the KV transfer reads and
+        # writes their caches until its own hook stopped it.
+        self.close_runner: Callable[[], None] = getattr(self.engine.runner, "close", lambda: None)
 
     async def abort(self, request_id: str) -> bool:
         """Abort the request everywhere this worker holds it (engine, reservations, transfers)."""
@@ -168,7 +168,7 @@ async def serve_worker(settings: WorkerSettings, ctx: WorkerContext,
             await leave()
         await running.server.stop(grace=0)
         ctx.async_engine.shutdown()
-        for close in ctx.close_hooks:
+        for close in [*ctx.close_hooks, ctx.close_runner]:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(close)
         await redis.aclose()

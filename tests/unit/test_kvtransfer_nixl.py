@@ -175,10 +175,15 @@ def test_a_receiver_without_nixl_gets_layer_frames_and_a_strict_sender_refuses_i
         assert_blocks_equal(dst, [1, 2], src, [5, 6])
 
         rx.expect("strict", [3, 4], 8, outcomes)
-        with pytest.raises(KVTransferError, match="does not take NIXL") as info:
+        with pytest.raises(KVTransferError, match="NIXL only .* has no NIXL") as info:
             TCPKVSender(LAYOUT, nixl=send_side, require_nixl=True).open(rx.endpoint, "strict", 8)
         assert info.value.code == "data_path_mismatch"
         assert send_side.open_transfers == 0
+        # Refused before the reservation was bound: another sender may still fill it.
+        transfer = TCPKVSender(LAYOUT, nixl=send_side).open(rx.endpoint, "strict", 8)
+        send_all(transfer, src, [7, 8])
+        transfer.finish(timeout=10)
+        assert outcomes.wait("strict") is None
     finally:
         rx.stop()
 

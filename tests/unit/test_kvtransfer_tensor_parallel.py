@@ -8,16 +8,19 @@ transfer is right when every destination rank's blocks equal the whole cache's b
 
 from __future__ import annotations
 
+import json
+import socket
 import uuid
 
 import pytest
 import torch
 
 from helpers.kv_testing import Outcomes, random_caches, raw_bytes
-from pdserve.kvtransfer import KVLayout, KVLayoutMismatch, TCPKVReceiver, TCPKVSender
+from pdserve.kvtransfer import KVLayout, KVLayoutMismatch, TCPKVReceiver, TCPKVSender, wire
 from pdserve.kvtransfer.layout import HeadSlice, kv_heads_of_rank
 from pdserve.kvtransfer.nixl_agent import NixlAgent
 from pdserve.kvtransfer.nixl_data import NixlReceiveSide, NixlSendSide
+from pdserve.kvtransfer.tcp_sender import parse_endpoint, read_control_frame
 
 NUM_BLOCKS = 24
 
@@ -140,3 +143,24 @@ def test_where_nixl_is_optional_heads_cut_out_of_blocks_move_over_tcp(dst_size, 
                  nixl=True, required=False)
     assert stats.data_path == path
     assert_ranks_hold(dst_ranks, dst_layout, [4, 5], whole_caches, [2, 3])
+
+
+def test_a_sender_that_does_not_state_its_ranks_is_refused_by_a_split_receiver():
+    """A HELLO from a release before tensor parallelism (no tensor_parallel_size) would send whole heads a
+    split receiver would scatter wrongly: refused, and the reservation stays open for another sender."""
+    whole = whole_layout(4)
+    dst_layout = rank_layout(whole, 2)
+    rx = TCPKVReceiver(zero_rank_caches(dst_layout), dst_layout)
+    rx.start()
+    try:
+        rx.expect("old", [1, 2], 8, Outcomes())
+        message = json.loads(wire.Hello(whole, "old", 8).encode()[wire.HEADER.size:])
+        del message["layout"]["tensor_parallel_size"]
+        with socket.create_connection(parse_endpoint(rx.endpoint)) as sock:
+            sock.sendall(wire.encode_json_frame(wire.HELLO, message))
+            frame_type, reply = read_control_frame(sock)
+        assert frame_type == wire.ERROR and reply["code"] == "layout_mismatch", reply
+        assert "upgrade the prefill server" in reply["message"]
+        assert not rx.has_sender("old")
+    finally:
+        rx.stop()
