@@ -43,6 +43,7 @@ class SamplingParams:
     n: int = 1
     logprobs: int | None = None
     min_tokens: int = 0
+    speculative: bool = True  # False: this request's decode steps take no speculative proposals
 
     def __post_init__(self) -> None:
         self._check_sizes()  # before copying the lists: a huge one costs nothing to refuse

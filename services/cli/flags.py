@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")  # pdserve.kernels.kv_quant.KV_CACHE_DTYPES (checked by a test)
 CPU_LINEAR_BACKENDS = ("auto", "native", "onednn", "none")  # pdserve.models.cpu_packed_linear's (tested)
+SPECULATIVE_METHODS = ("none", "ngram")  # pdserve.engine.speculation.SPECULATIVE_METHODS (tested)
 
 
 def env_default(flag: str, default=None, kind=str):
@@ -76,6 +77,13 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--tensor-parallel-size", 1, int,
              "split the model over this many rank processes (heads, MLP and vocabulary; gloo on CPUs); a prefill "
              "and a decode server may use different sizes (the KV transfer maps heads between them)")
+    add_flag(parser, "--speculative", "none", str,
+             "speculative decoding on decode steps: none | ngram (prompt lookup: propose what followed the last "
+             "tokens' earlier occurrence, verified in one forward; every token stays the one the model would draw)",
+             choices=SPECULATIVE_METHODS)
+    add_flag(parser, "--num-speculative-tokens", 4, int, "tokens proposed per sample and decode step, in [1, 16]")
+    add_flag(parser, "--speculative-max-batch", 8, int,
+             "speculate only in steps with at most this many running samples (larger batches are compute-bound)")
     add_flag(parser, "--kv-cache-dtype", "auto", str,
              "KV cache dtype: auto (the model's) | int8 | fp8 (e4m3), with per-block scales",
              choices=KV_CACHE_DTYPES)
@@ -92,6 +100,8 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         raise FileNotFoundError(f"--model {ns.model}: no such file or directory (and not a Hub id ORG/NAME[@REVISION])")
     if ns.kv_cache_dtype not in KV_CACHE_DTYPES:  # an invalid PDSERVE_KV_CACHE_DTYPE skips argparse
         raise ValueError(f"--kv-cache-dtype {ns.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
+    if ns.speculative not in SPECULATIVE_METHODS:  # likewise PDSERVE_SPECULATIVE
+        raise ValueError(f"--speculative {ns.speculative!r} is not one of {', '.join(SPECULATIVE_METHODS)}")
     if ns.cpu_linear not in CPU_LINEAR_BACKENDS:  # likewise PDSERVE_CPU_LINEAR
         raise ValueError(f"--cpu-linear {ns.cpu_linear!r} is not one of {', '.join(CPU_LINEAR_BACKENDS)}")
     return EngineArgs(model=ns.model, dtype=ns.dtype, device=ns.device or default_device(),
@@ -99,7 +109,9 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
                       max_num_batched_tokens=ns.max_num_batched_tokens, max_model_len=ns.max_model_len,
                       enable_prefix_caching=not ns.no_prefix_caching, threads=ns.threads,
                       kv_cache_dtype=ns.kv_cache_dtype, single_thread_step_tokens=ns.single_thread_step_tokens,
-                      cpu_linear=ns.cpu_linear, tensor_parallel_size=ns.tensor_parallel_size)
+                      cpu_linear=ns.cpu_linear, tensor_parallel_size=ns.tensor_parallel_size,
+                      speculative=ns.speculative, num_speculative_tokens=ns.num_speculative_tokens,
+                      speculative_max_batch=ns.speculative_max_batch)
 
 
 # --- TLS, API keys, secrets -------------------------------------------------------------------

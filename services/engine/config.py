@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pdserve.engine.speculation import SpeculativeConfig
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -17,6 +19,7 @@ class EngineConfig:
         max_position_embeddings, or the pool's capacity when the runner does not say).
     static_batch_size: None for continuous batching; k for the static baseline, which admits
         up to k waiting requests only when the previous batch has fully finished.
+    speculative: speculative decoding's settings (None: off); see pdserve.engine.speculation.
     """
 
     block_size: int = 16
@@ -26,6 +29,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_model_len: int | None = None
     static_batch_size: int | None = None
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -63,3 +67,12 @@ class EngineArgs:
     single_thread_step_tokens: int = 32  # CPU steps of fewer tokens run on one torch thread (0: never)
     cpu_linear: str = "auto"  # bfloat16 CPU linear layers: auto | native | onednn | none (cpu_packed_linear.py)
     tensor_parallel_size: int = 1  # rank processes the model is split over (pdserve.engine.tensor_parallel)
+    speculative: str = "none"  # none | ngram (pdserve.engine.speculation)
+    num_speculative_tokens: int = 4
+    speculative_max_batch: int = 8  # speculate only in steps with at most this many running samples
+
+    def speculative_config(self) -> SpeculativeConfig | None:
+        """The engine's speculative decoding settings (None when --speculative none)."""
+        if self.speculative == "none":
+            return None
+        return SpeculativeConfig(self.speculative, self.num_speculative_tokens, self.speculative_max_batch)

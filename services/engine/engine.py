@@ -16,8 +16,9 @@ from pdserve.engine.outputs import GenerationResult, RequestOutput, SampleOutput
 from pdserve.engine.prefilled import attach_prompt_kv, check_progress, prime_samples
 from pdserve.engine.request import Request, Sample
 from pdserve.engine.reservations import BlockReservation, ReservationBook
-from pdserve.engine.sample_processor import SampleProcessor, make_stop_checker
+from pdserve.engine.sample_processor import SampleProcessor, SamplingTarget, Verification, make_stop_checker
 from pdserve.engine.scheduler import ScheduledSample, Scheduler, SchedulerOutput
+from pdserve.engine.speculation import NgramProposer
 from pdserve.engine.stats import EngineCounters, EngineStats
 from pdserve.engine.validation import RequestRejectedError, validate_request
 from pdserve.models.sampler import Sampler
@@ -64,6 +65,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.kv)
         self.reservations = ReservationBook(self.pool, config.block_size, self.max_model_len)
         self.processor = SampleProcessor(self.sampler)
+        self.proposer = NgramProposer(config.speculative) if config.speculative is not None else None
         self.counters = EngineCounters()
         self.requests: dict[str, Request] = {}
         self._pending_outputs: list[RequestOutput] = []
@@ -207,6 +209,9 @@ class LLMEngine:
         computing a prompt whose client left within a layer, whoever it shares the step with.
         """
         outputs, self._pending_outputs = self._pending_outputs, []
+        speculate = (self.proposer is not None
+                     and self.scheduler.num_batch_seqs <= self.config.speculative.max_batch_seqs)
+        self.scheduler.propose = self._propose if speculate else None
         sched = self.scheduler.schedule()
         self.counters.num_preemptions = self.scheduler.num_preemptions
         if not sched.scheduled:
@@ -246,20 +251,51 @@ class LLMEngine:
                                                          if s.request.request_id in computing]
         self.counters.num_dropped_chunks += len(sched.scheduled) - len(kept)
         self._advance(sched, kept)
-        targets = [self._sampling_targets(s) for s in kept if s.needs_logits]
-        deltas = self.processor.sample(logits, targets)
-        self.counters.num_generated_tokens += len(deltas)
+        targets = [self._sampling_target(s) for s in kept if s.needs_logits]
+        deltas, verifications = self.processor.sample(logits, targets)
+        self.counters.num_generated_tokens += sum(len(delta.token_ids) for _, _, delta in deltas)
+        self._settle_speculation(verifications)
         outputs.extend(self._collect_outputs(deltas))
         return outputs
+
+    def _propose(self, request: Request, sample: Sample, max_tokens: int) -> list[int]:
+        """Speculative proposals for a sample about to decode one token (the scheduler asks): at most
+        num_speculative_tokens, max_tokens (the step's budget left), and what its max_tokens and the
+        model length leave after the token the step draws anyway."""
+        limit = min(self.config.speculative.num_speculative_tokens, max_tokens,
+                    request.params.max_tokens - len(sample.output_token_ids) - 1,
+                    self.max_model_len - sample.num_tokens - 1)
+        if limit <= 0 or not request.params.speculative:
+            return []
+        return self.proposer.propose(sample.prompt_token_ids + sample.output_token_ids, limit)
+
+    def _settle_speculation(self, verifications: list[Verification]) -> None:
+        """The accepted proposals' KV is the sample's now; blocks taken only for rejected ones go back."""
+        c = self.counters
+        for v in verifications:
+            c.num_speculative_chunks += 1
+            c.num_speculative_proposed_tokens += v.num_proposed
+            c.num_speculative_accepted_tokens += v.num_accepted
+            by_position = c.speculative_accepted_by_position
+            by_position.extend([0] * (v.num_proposed - len(by_position)))
+            for i in range(v.num_accepted):
+                by_position[i] += 1
+            sample = v.sample
+            if sample.is_finished:  # its blocks are freed with it
+                continue
+            sample.num_computed_tokens += v.num_accepted
+            self.kv.trim(sample, sample.num_tokens)
+            self.kv.cache_full_blocks(sample)
 
     def _chunk(self, s: ScheduledSample) -> ScheduledChunk:
         sample = s.sample
         return ScheduledChunk(
             seq_id=sample.seq_id,
-            token_ids=sample.token_slice(s.start, s.start + s.num_tokens),
+            token_ids=sample.token_slice(s.start, s.start + s.num_sample_tokens) + s.proposed_token_ids,
             start_position=s.start,
             block_table=[b.block_id for b in sample.block_table],
             needs_logits=s.needs_logits,
+            num_logits=1 + len(s.proposed_token_ids),
         )
 
     def _advance(self, sched: SchedulerOutput, computed: Sequence[ScheduledSample]) -> None:
@@ -270,19 +306,21 @@ class LLMEngine:
         for s in computed:
             sample = s.sample
             # A decode feeds back just the last sampled token; anything else is (re)computed prompt.
-            if s.num_tokens == 1 and sample.output_token_ids and s.start == sample.num_tokens - 1:
+            # Speculative proposals count once verified (_settle_speculation), not here.
+            if s.num_sample_tokens == 1 and sample.output_token_ids and s.start == sample.num_tokens - 1:
                 c.num_decode_tokens_computed += 1
             else:
-                c.num_prefill_tokens_computed += s.num_tokens
-            sample.num_computed_tokens += s.num_tokens
+                c.num_prefill_tokens_computed += s.num_sample_tokens
+            sample.num_computed_tokens += s.num_sample_tokens
             self.kv.cache_full_blocks(sample)
             if s.fork:
                 self.kv.fork(sample, [x for x in s.request.live_samples if x is not sample])
                 s.request.forked = True
 
-    def _sampling_targets(self, s: ScheduledSample) -> tuple[Request, list[Sample]]:
-        """The samples that draw from this chunk's logits row: all live ones at a fork."""
-        return s.request, (s.request.live_samples if s.fork else [s.sample])
+    def _sampling_target(self, s: ScheduledSample) -> SamplingTarget:
+        """The samples that draw from this chunk's logits row (all live ones at a fork), or the one
+        sample that verifies the chunk's proposals."""
+        return SamplingTarget(s.request, s.request.live_samples if s.fork else [s.sample], s.proposed_token_ids)
 
     def _collect_outputs(self, deltas: list[tuple[Request, Sample, SampleOutput]]) -> list[RequestOutput]:
         """Group sample deltas per request; release finished samples and requests."""
@@ -317,7 +355,8 @@ class LLMEngine:
             num_waiting_requests=len(sched.waiting) + len(sched.ready),
             num_waiting_prompt_tokens=sum(r.num_prompt_tokens for r in sched.waiting),
             num_prompt_tokens_to_compute=sched.num_prompt_tokens_to_compute,
-            counters=EngineCounters(**vars(self.counters)),
+            counters=EngineCounters(**{**vars(self.counters), "speculative_accepted_by_position":
+                                       list(self.counters.speculative_accepted_by_position)}),
             num_reservations=len(self.reservations),
             num_blocks_reserved=self.reservations.num_blocks,
         )

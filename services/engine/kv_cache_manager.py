@@ -142,6 +142,15 @@ class KVCacheManager:
             seq.block_hashes.append(key)
             seq.prefix_uids.append(uid)
 
+    def trim(self, seq: Sample, num_tokens: int) -> None:
+        """Give back the blocks past the first blocks_for(num_tokens) of seq's table (taken for
+        speculative tokens that were rejected; they hold no cached KV)."""
+        keep = self.blocks_for(num_tokens)
+        if len(seq.block_table) > keep:
+            extra = seq.block_table[keep:]
+            del seq.block_table[keep:]
+            self.pool.free(reversed(extra))
+
     def free(self, seq: Sample) -> None:
         """Release all of a sequence's blocks (tail first) and forget its KV state."""
         self.pool.free(reversed(seq.block_table))

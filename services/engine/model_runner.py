@@ -21,10 +21,12 @@ from pdserve.models.loader import load_model
 class ScheduledChunk:
     """One sequence's share of a step.
 
-    token_ids: tokens to compute now (a prompt chunk, or the last sampled token);
+    token_ids: tokens to compute now (a prompt chunk, or the last sampled token, maybe followed by
+    speculative proposals);
     start_position: tokens of this sequence already in the KV cache (position of token_ids[0]);
     block_table: physical blocks covering at least start_position + len(token_ids) positions;
-    needs_logits: a token is sampled after this chunk's last token.
+    needs_logits: a token is sampled after this chunk's last token;
+    num_logits: logits rows of the chunk's last num_logits tokens (1 + proposals, when speculating).
     """
 
     seq_id: int
@@ -32,6 +34,7 @@ class ScheduledChunk:
     start_position: int
     block_table: list[int]
     needs_logits: bool
+    num_logits: int = 1
 
 
 @dataclass
@@ -157,7 +160,7 @@ class ModelRunner:
             query_start.append(query_start[-1] + n)
             seq_lens.append(end)
             if chunk.needs_logits:
-                logits_indices.append(query_start[-1] - 1)
+                logits_indices.extend(range(query_start[-1] - chunk.num_logits, query_start[-1]))
             max_blocks = max(max_blocks, (end + bs - 1) // bs)
         tables = torch.zeros(len(chunks), max_blocks, dtype=torch.int32)
         for row, chunk in enumerate(chunks):
@@ -181,7 +184,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk], layer_done=None) -> torch.Tensor:
-        """Run one step; returns logits [N, vocab] float32 for the chunks with needs_logits, in order.
+        """Run one step; returns logits [N, vocab] float32 for the chunks with needs_logits, in order
+        (num_logits rows each).
 
         layer_done(i), if given, is called once layer i's K/V are in the cache. It may return
         indices into `chunks` to drop from the rest of the step (never all of the chunks still in

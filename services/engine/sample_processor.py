@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,54 +39,116 @@ def make_stop_checker(tokenizer: Any, prompt_token_ids: list[int], params: Sampl
     return StopChecker(detokenizer, params, eos_token_ids)
 
 
+@dataclass
+class SamplingTarget:
+    """What one chunk's logits rows are sampled for: every sample in `samples` draws from the chunk's
+    (single) row (n samples of a fresh fork share it), or, with proposed_token_ids, the one sample draws
+    its next 1 + len(proposed_token_ids) tokens from as many rows, verifying the proposals."""
+
+    request: Request
+    samples: list[Sample]
+    proposed_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Verification:
+    """The outcome of one speculative chunk: proposals made, and how many led the tokens drawn."""
+
+    sample: Sample
+    num_proposed: int
+    num_accepted: int
+
+
 class SampleProcessor:
-    """Samples one token per target sample and applies its stop conditions."""
+    """Samples each target's tokens (verifying speculative proposals) and applies stop conditions."""
 
     def __init__(self, sampler: Sampler) -> None:
         self.sampler = sampler
 
-    def sample(self, logits: torch.Tensor, targets: Sequence[tuple[Request, list[Sample]]]
-               ) -> list[tuple[Request, Sample, SampleOutput]]:
-        """logits: [len(targets), V], row i for targets[i]; every sample of targets[i] draws a
-        token from row i (n samples of a fresh fork share one row). Appends the tokens to the
-        samples and returns each sample's delta (finish_reason set when it stopped)."""
+    def sample(self, logits: torch.Tensor, targets: Sequence[SamplingTarget]
+               ) -> tuple[list[tuple[Request, Sample, SampleOutput]], list[Verification]]:
+        """logits: one row per target, or 1 + len(proposed_token_ids) rows for a speculative one, in
+        target order. Appends the drawn tokens to the samples and returns each sample's delta
+        (finish_reason set when it stopped) and each speculative chunk's verification.
+
+        Row i of a speculative chunk is sampled as the sample's output position len(output) + i with the
+        proposals before it as history, exactly as a step without speculation would have sampled it
+        once those tokens were out; proposal i is accepted when it equals draw i and every proposal
+        before it was accepted. The sample gets the accepted proposals and the first draw after them."""
         if not targets:
-            return []
-        if logits.shape[0] != len(targets):
-            raise RuntimeError(f"runner returned {logits.shape[0]} logits rows for {len(targets)} chunks")
+            return [], []
+        expected = sum(1 + len(t.proposed_token_ids) for t in targets)
+        if logits.shape[0] != expected:
+            raise RuntimeError(f"runner returned {logits.shape[0]} logits rows, the targets need {expected}")
         row_of: list[int] = []
         rows: list[SamplingRow] = []
-        owners: list[tuple[Request, Sample]] = []
-        for i, (request, samples) in enumerate(targets):
-            for sample in samples:
-                row_of.append(i)
+        first_row: list[int] = []  # per target, its first sampling row
+        next_logits_row = 0
+        for target in targets:
+            request, proposed = target.request, target.proposed_token_ids
+            first_row.append(len(rows))
+            if proposed:
+                (sample,) = target.samples
+                position = len(sample.output_token_ids)
+                for i in range(len(proposed) + 1):
+                    row_of.append(next_logits_row + i)
+                    rows.append(SamplingRow(request.params, request.seed, sample.sample_index, position + i,
+                                            request.prompt_token_ids, sample.output_token_ids + proposed[:i]))
+                next_logits_row += len(proposed) + 1
+                continue
+            for sample in target.samples:
+                row_of.append(next_logits_row)
                 rows.append(SamplingRow(request.params, request.seed, sample.sample_index,
                                         len(sample.output_token_ids), request.prompt_token_ids,
                                         sample.output_token_ids))
-                owners.append((request, sample))
-        if len(row_of) != len(targets):
+            next_logits_row += 1
+        if row_of != list(range(logits.shape[0])):
             logits = logits[torch.tensor(row_of, dtype=torch.int64, device=logits.device)]
         out = self.sampler(logits, rows)
-        token_ids = out.token_ids.tolist()
-        logprobs = out.logprobs.tolist()
-        top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
-        top_values = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-        results = []
-        for j, (request, sample) in enumerate(owners):
-            delta = self._apply(sample, token_ids[j], request.params)
-            if request.params.logprobs is not None:
-                k = request.params.logprobs
-                delta.logprobs = [logprobs[j]]
-                top = list(zip(top_ids[j][:k], top_values[j][:k])) if k and top_ids is not None else []
-                delta.top_logprobs = [top]
-            results.append((request, sample, delta))
-        return results
+        drawn = _Draws(out)
+        results, verifications = [], []
+        for target, start in zip(targets, first_row):
+            request, proposed = target.request, target.proposed_token_ids
+            if not proposed:
+                for j, sample in enumerate(target.samples):
+                    results.append((request, sample, self._emit(sample, request.params, drawn, [start + j])))
+                continue
+            (sample,) = target.samples
+            accepted = 0
+            while accepted < len(proposed) and proposed[accepted] == drawn.token_ids[start + accepted]:
+                accepted += 1
+            verifications.append(Verification(sample, len(proposed), accepted))
+            results.append((request, sample, self._emit(sample, request.params, drawn,
+                                                        list(range(start, start + accepted + 1)))))
+        return results, verifications
 
-    @staticmethod
-    def _apply(sample: Sample, token_id: int, params: SamplingParams) -> SampleOutput:
-        sample.output_token_ids.append(token_id)
-        check = sample.stop_checker.append(token_id)
-        if check.finish_reason is not None:
-            sample.finish_reason = check.finish_reason
-        text, sample.pending_text = sample.pending_text + check.text_delta, ""
-        return SampleOutput(sample.sample_index, [token_id], text, finish_reason=check.finish_reason)
+    def _emit(self, sample: Sample, params: SamplingParams, drawn: _Draws, rows: list[int]) -> SampleOutput:
+        """Append the tokens of the given sampling rows to the sample, in order, until one stops it."""
+        delta = SampleOutput(sample.sample_index)
+        for row in rows:
+            token_id = drawn.token_ids[row]
+            sample.output_token_ids.append(token_id)
+            check = sample.stop_checker.append(token_id)
+            delta.token_ids.append(token_id)
+            delta.text += sample.pending_text + check.text_delta
+            sample.pending_text = ""
+            if params.logprobs is not None:
+                k = params.logprobs
+                delta.logprobs = (delta.logprobs or []) + [drawn.logprobs[row]]
+                top = (list(zip(drawn.top_ids[row][:k], drawn.top_values[row][:k]))
+                       if k and drawn.top_ids is not None else [])
+                delta.top_logprobs = (delta.top_logprobs or []) + [top]
+            if check.finish_reason is not None:
+                sample.finish_reason = delta.finish_reason = check.finish_reason
+                break
+        return delta
+
+
+class _Draws:
+    """A SamplerOutput as Python lists (one .tolist() per tensor)."""
+
+    def __init__(self, out) -> None:
+        self.token_ids = out.token_ids.tolist()
+        self.logprobs = out.logprobs.tolist()
+        self.top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
+        self.top_values = out.top_logprobs.tolist() if out.top_logprobs is not None else None

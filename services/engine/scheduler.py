@@ -12,7 +12,7 @@ it goes back to the front of the waiting queue, and later recomputes prompt + ge
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pdserve.engine.config import EngineConfig
@@ -27,6 +27,8 @@ class ScheduledSample:
     needs_logits: the chunk reaches the end of the sample's tokens, so a token is sampled.
     fork: the chunk completes the shared prompt of a request whose other samples fork from it.
     admitted: the request was admitted this step (start is then its prefix-cache hit length).
+    proposed_token_ids: speculative proposals computed after the sample's last token (the chunk's
+    last len(proposed_token_ids) tokens; num_tokens counts them); see pdserve.engine.speculation.
     """
 
     request: Request
@@ -36,6 +38,12 @@ class ScheduledSample:
     needs_logits: bool
     fork: bool
     admitted: bool = False
+    proposed_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_sample_tokens(self) -> int:
+        """Tokens of the sample itself in the chunk (the proposals excluded)."""
+        return self.num_tokens - len(self.proposed_token_ids)
 
 
 @dataclass
@@ -65,11 +73,20 @@ class Scheduler:
         self.ready: deque[Request] = deque()  # requests holding their KV, waiting for a slot
         self.num_preemptions = 0
         self._static_batch: set[str] = set()  # request ids of the current static batch
+        # Set by the engine for the steps that speculate: (sample, max tokens) -> proposed tokens.
+        self.propose: Callable[[Request, Sample, int], list[int]] | None = None
 
     @property
     def num_running_seqs(self) -> int:
         """Unfinished samples of running requests (what max_num_seqs limits)."""
         return sum(len(r.live_samples) for r in self.running)
+
+    @property
+    def num_batch_seqs(self) -> int:
+        """Samples this step's batch may hold: the running ones and those queued to join (at most
+        max_num_seqs); what decides whether a step speculates."""
+        queued = sum(len(r.live_samples) for queue in (self.ready, self.waiting) for r in queue)
+        return min(self.num_running_seqs + queued, self.config.max_num_seqs)
 
     @property
     def num_prompt_tokens_to_compute(self) -> int:
@@ -132,14 +149,15 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             plan = self._plan(request, budget)
-            copies = self.kv.allocate(plan)
+            needs = [(sample, num_new) for sample, num_new, _ in plan]
+            copies = self.kv.allocate(needs)
             while copies is None:
                 victim = self.running[-1]
                 self.preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
                     return budget
-                copies = self.kv.allocate(plan)
+                copies = self.kv.allocate(needs)
             out.copy_pairs.extend(copies)
             budget -= self._record(request, plan, out)
             index += 1
@@ -169,7 +187,7 @@ class Scheduler:
                 request.num_cached_tokens = num_cached
             out.num_cache_hit_tokens += num_cached
             out.num_cache_query_tokens += target
-            budget -= self._record(request, [(lead_sample, num_new)], out, admitted=True)
+            budget -= self._record(request, [(lead_sample, num_new, [])], out, admitted=True)
 
     def _maybe_open_static_batch(self) -> None:
         """Static mode: once the previous batch is done, the next k waiting requests form one."""
@@ -178,29 +196,35 @@ class Scheduler:
             return
         self._static_batch = {r.request_id for r in list(self.waiting)[:size]}
 
-    def _plan(self, request: Request, budget: int) -> list[tuple[Sample, int]]:
-        """(sample, new tokens) for a running request's active samples within the budget."""
+    def _plan(self, request: Request, budget: int) -> list[tuple[Sample, int, list[int]]]:
+        """(sample, new tokens, proposed tokens among them) for a running request's active samples
+        within the budget; a sample decoding one token may add speculative proposals."""
         plan = []
         for sample in request.active_samples():
             if budget <= 0:
                 break
             num_new = min(request.target_length(sample) - sample.num_computed_tokens, budget)
+            proposed: list[int] = []
+            if (num_new == 1 and self.propose is not None and not request.fork_pending
+                    and sample.num_computed_tokens == sample.num_tokens - 1):
+                proposed = self.propose(request, sample, budget - 1)
+                num_new += len(proposed)
             if num_new > 0:
-                plan.append((sample, num_new))
+                plan.append((sample, num_new, proposed))
                 budget -= num_new
         return plan
 
-    def _record(self, request: Request, plan: Iterable[tuple[Sample, int]], out: SchedulerOutput,
+    def _record(self, request: Request, plan: Iterable[tuple[Sample, int, list[int]]], out: SchedulerOutput,
                 admitted: bool = False) -> int:
         """Append the plan's chunks to the output; returns the tokens they use."""
         used = 0
-        for sample, num_new in plan:
+        for sample, num_new, proposed in plan:
             start = sample.num_computed_tokens
-            end = start + num_new
+            end = start + num_new - len(proposed)
             fork = request.fork_pending and end == request.num_prompt_tokens
             out.scheduled.append(ScheduledSample(
                 request, sample, start, num_new, needs_logits=end == sample.num_tokens, fork=fork,
-                admitted=admitted))
+                admitted=admitted, proposed_token_ids=proposed))
             used += num_new
         return used
 

@@ -41,7 +41,8 @@ def build_engine(args: EngineArgs) -> tuple[LLMEngine, Tokenizer]:
                         model_config.max_position_embeddings)
     config = EngineConfig(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens,
-                          enable_prefix_caching=args.enable_prefix_caching, max_model_len=max_model_len)
+                          enable_prefix_caching=args.enable_prefix_caching, max_model_len=max_model_len,
+                          speculative=args.speculative_config())
     return LLMEngine(runner, tokenizer, config), tokenizer
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -20,6 +20,23 @@ class EngineCounters:
     num_aborted_requests: int = 0
     num_interrupted_steps: int = 0  # steps abandoned after a layer: every request in them was aborted
     num_dropped_chunks: int = 0  # chunks that left a step after a layer, their request being aborted
+    num_speculative_chunks: int = 0  # decode chunks that carried speculative proposals
+    num_speculative_proposed_tokens: int = 0
+    num_speculative_accepted_tokens: int = 0
+    # speculative_accepted_by_position[i]: chunks whose proposal i was accepted (i = 0 first)
+    speculative_accepted_by_position: list[int] = field(default_factory=list)
+
+    @property
+    def speculative_acceptance_rate(self) -> float:
+        """Accepted / proposed speculative tokens (0 before any proposal)."""
+        proposed = self.num_speculative_proposed_tokens
+        return self.num_speculative_accepted_tokens / proposed if proposed else 0.0
+
+    @property
+    def mean_speculative_accepted_length(self) -> float:
+        """Proposals accepted per speculative chunk (each chunk also yields one drawn token)."""
+        chunks = self.num_speculative_chunks
+        return self.num_speculative_accepted_tokens / chunks if chunks else 0.0
 
 
 @dataclass(frozen=True)

@@ -231,8 +231,8 @@ class TensorParallelRunner(ModelRunner):
             dropped |= layer_done(layer) or set()
         if not dropped:
             return logits
-        sampled = [j for j, chunk in enumerate(chunks) if chunk.needs_logits]
-        return logits[[row for row, j in enumerate(sampled) if j not in dropped]]
+        rows_of = [j for j, chunk in enumerate(chunks) if chunk.needs_logits for _ in range(chunk.num_logits)]
+        return logits[[row for row, j in enumerate(rows_of) if j not in dropped]]
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write on every rank's shard of the KV cache."""

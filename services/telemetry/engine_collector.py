@@ -65,9 +65,19 @@ class EngineStatsCollector(Collector):
                                          "cancelled.", c.num_interrupted_steps),
             "engine_chunks_dropped": ("Chunks whose request was cancelled while a step computed them: the "
                                       "step's later layers skipped them.", c.num_dropped_chunks),
+            "speculative_chunks": ("Decode chunks that carried speculative proposals.", c.num_speculative_chunks),
+            "speculative_proposed_tokens": ("Speculative tokens proposed.", c.num_speculative_proposed_tokens),
+            "speculative_accepted_tokens": ("Speculative tokens accepted (equal to what the model drew).",
+                                            c.num_speculative_accepted_tokens),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"pdserve:{name}", doc, value=value)
+        by_position = CounterMetricFamily("pdserve:speculative_accepted_by_position",
+                                          "Speculative chunks whose proposal at this position (0 = first) was accepted.",
+                                          labels=["position"])
+        for position, count in enumerate(c.speculative_accepted_by_position):
+            by_position.add_metric([str(position)], count)
+        yield by_position
 
 
 class PrefixIndexCollector(Collector):

@@ -46,6 +46,10 @@ class WorkerContext:
                              f"{self.role} server: the KV transfer cannot yet map the heads of a quantized cache between "
                              "ranks (its blocks pack every head's values with their scales)")
         self.engine, self.tokenizer = build_engine(settings.engine)
+        speculative = self.engine.config.speculative
+        if speculative is not None:
+            logger.info("speculative decoding: %s, %d tokens per step, in steps of at most %d running samples",
+                        speculative.method, speculative.num_speculative_tokens, speculative.max_batch_seqs)
         self.async_engine = AsyncEngine(self.engine)
         self.kv_endpoint = ""
         self.abort_hooks: list[Callable[[str], Awaitable[bool]]] = [self.async_engine.abort]

@@ -1,0 +1,78 @@
+"""Speculative decoding: cheap proposals of a sample's next tokens, verified in one forward.
+
+A decode step normally computes one token per sample. With speculation the step computes the sample's last
+token and K proposed tokens as one chunk (the packed varlen path prompts use), and the K + 1 logits rows are
+sampled as the samples would have been one step at a time: row i draws token i with the sampler's seeded
+Gumbel noise of (seed, sample, output position), penalties seeing proposals 0..i-1 as history. Proposals are
+accepted while they equal what was drawn; the first that differs is replaced by the drawn token (or, when all
+K are accepted, the draw after them is the bonus token). Every emitted token is therefore exactly the token
+the sample would have had without speculation, at any temperature: greedy tokens are the target's, the
+distribution is the target's, and failover or resume on a server with or without speculation continues with
+the same tokens. (For a deterministic proposal this accepts with probability p(proposal), as rejection
+sampling does.) The KV of rejected proposals stays in slots beyond the sample's computed tokens, to be
+overwritten; blocks allocated only for them go back to the pool, and only blocks of accepted tokens enter the
+prefix cache.
+
+Proposers: n-gram prompt lookup (match the last n tokens earlier in the prompt and output, propose what
+followed). Speculation is off in a step whose batch has more than max_batch_seqs running samples: a large
+batch is compute-bound, and verifying K tokens per sample then costs more than the steps it saves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SPECULATIVE_METHODS = ("none", "ngram")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """method: "ngram" (prompt lookup); num_speculative_tokens: K proposed per sample and step;
+    max_batch_seqs: speculate only in steps with at most this many running samples;
+    ngram_max / ngram_min: the longest and shortest suffix matched (the longest that occurs wins)."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    max_batch_seqs: int = 8
+    ngram_max: int = 4
+    ngram_min: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS[1:]:
+            raise ValueError(f"speculative method must be one of {SPECULATIVE_METHODS[1:]}, got {self.method!r}")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"--num-speculative-tokens must be in [1, 16], got {self.num_speculative_tokens}")
+        if self.max_batch_seqs < 1:
+            raise ValueError(f"--speculative-max-batch must be >= 1, got {self.max_batch_seqs}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"n-gram sizes must satisfy 1 <= min <= max, got {self.ngram_min}, {self.ngram_max}")
+
+
+class NgramProposer:
+    """Prompt lookup: the tokens that followed the most recent earlier occurrence of the sequence's last n
+    tokens, for the largest n in [ngram_min, ngram_max] that occurs."""
+
+    def __init__(self, config: SpeculativeConfig) -> None:
+        self.config = config
+
+    def propose(self, token_ids: list[int], max_tokens: int) -> list[int]:
+        """Up to max_tokens proposed continuations of token_ids (prompt + output so far); [] when no
+        suffix of it occurs earlier."""
+        if max_tokens <= 0 or len(token_ids) < 2:
+            return []
+        tokens = np.asarray(token_ids, dtype=np.int64)
+        length = len(tokens)
+        for n in range(min(self.config.ngram_max, length - 1), self.config.ngram_min - 1, -1):
+            suffix = tokens[length - n:]
+            # Start positions i < length - n where tokens[i:i + n] == suffix (the suffix itself excluded).
+            candidates = np.flatnonzero(tokens[:length - n] == suffix[0])
+            for offset in range(1, n):
+                candidates = candidates[tokens[candidates + offset] == suffix[offset]]
+                if candidates.size == 0:
+                    break
+            if candidates.size:
+                start = int(candidates[-1]) + n
+                return tokens[start:start + max_tokens].tolist()
+        return []

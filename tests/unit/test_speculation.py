@@ -1,0 +1,149 @@
+"""Speculative decoding (n-gram prompt lookup) in the engine: the same tokens as without it, greedy and
+sampled, through random arrivals, chunked prefill, prefix caching and n > 1; rejected proposals leave no
+block behind; and the distribution test that shows it would catch a broken verification step."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from helpers.engine_testing import BLOCK_SIZE, assert_no_leaks, greedy, random_prompt, run_with_arrivals
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.sample_processor import SampleProcessor
+from pdserve.engine.speculation import NgramProposer, SpeculativeConfig
+from pdserve.models.loader import load_model
+from pdserve.models.sampling_params import SamplingParams
+from pdserve.models.tiny_model import make_tiny_model
+from pdserve.models.tokenizer import Tokenizer
+
+NUM_BLOCKS = 512
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    path = make_tiny_model(tmp_path_factory.mktemp("trained_spec"), size="tiny", train_steps=600)
+    model, config = load_model(path, dtype=torch.float32)
+    return model, config, Tokenizer.from_dir(path)
+
+
+def _engine(trained, speculative: SpeculativeConfig | None, **config) -> LLMEngine:
+    model, model_config, tokenizer = trained
+    config.setdefault("max_num_batched_tokens", 96)
+    return LLMEngine(ModelRunner(model, model_config, NUM_BLOCKS, BLOCK_SIZE), tokenizer,
+                     EngineConfig(block_size=BLOCK_SIZE, speculative=speculative, **config))
+
+
+def _repetitive_prompt(rng: random.Random) -> list[int]:
+    """A random phrase said three times around random filler: what prompt lookup is for (code edits,
+    summaries quoting their source)."""
+    phrase = random_prompt(rng, rng.randint(6, 16))
+    return random_prompt(rng, rng.randint(1, 20)) + phrase + random_prompt(rng, 5) + phrase + phrase[:3]
+
+
+def test_ngram_proposer_continues_the_longest_earlier_match():
+    proposer = NgramProposer(SpeculativeConfig(ngram_max=3))
+    assert proposer.propose([1, 2, 3, 4, 5, 9, 2, 3], 2) == [4, 5]  # "2 3" occurred before: "4 5" followed
+    assert proposer.propose([7, 1, 2, 8, 5, 1, 2, 9, 1, 2], 3) == [9, 1, 2]  # the most recent occurrence
+    assert proposer.propose([4, 5, 6, 1, 5, 6, 2, 4, 5, 6], 1) == [1]  # "4 5 6" beats the later "5 6"
+    assert proposer.propose([1, 2, 3], 4) == []  # nothing repeats
+    assert proposer.propose([3, 3, 3, 3], 4) == [3]  # a run proposes what the matched occurrence has after it
+
+
+def test_greedy_tokens_are_the_same_with_and_without_speculation(trained):
+    rng = random.Random(11)
+    work = [(rng.randrange(12), _repetitive_prompt(rng), greedy(rng.randint(8, 48))) for _ in range(20)]
+    work += [(3, random_prompt(rng, 30), greedy(40)),  # no repetition: proposals come from the output only
+             (6, _repetitive_prompt(rng), greedy(24, n=2)),  # forked samples speculate on their own
+             (8, work[0][1], greedy(32)),  # a prefix-cache hit on an earlier prompt
+             (9, _repetitive_prompt(rng), greedy(32, speculative=False))]  # opted out
+    reference = run_with_arrivals(_engine(trained, None), work)
+    engine = _engine(trained, SpeculativeConfig(num_speculative_tokens=4, max_batch_seqs=64))
+    results = run_with_arrivals(engine, work)
+    for request_id, want in reference.items():
+        assert [s.token_ids for s in results[request_id].samples] == [s.token_ids for s in want.samples], request_id
+    counters = engine.stats().counters
+    assert counters.num_speculative_accepted_tokens > 0, "no proposal was ever accepted: the path went untested"
+    assert counters.num_speculative_accepted_tokens < counters.num_speculative_proposed_tokens  # rejections too
+    assert counters.num_steps < _engine_steps(trained, work)  # accepted proposals saved steps
+    assert_no_leaks(engine)
+
+
+def _engine_steps(trained, work) -> int:
+    engine = _engine(trained, None)
+    run_with_arrivals(engine, work)
+    return engine.stats().counters.num_steps
+
+
+def test_a_large_batch_does_not_speculate(trained):
+    rng = random.Random(12)
+    prompts = [_repetitive_prompt(rng) for _ in range(6)]
+    engine = _engine(trained, SpeculativeConfig(max_batch_seqs=4))
+    engine.generate(prompts, greedy(4))  # 6 running samples > 4 all along
+    assert engine.stats().counters.num_speculative_chunks == 0
+    engine.generate(prompts[:2], greedy(16))
+    assert engine.stats().counters.num_speculative_chunks > 0
+
+
+def _next_tokens(engine: LLMEngine, prompt: list[int], num_samples: int) -> list[tuple[int, ...]]:
+    """The first 4 tokens of num_samples seeded samples (seeds 0..num_samples-1) at temperature 1."""
+    params = [SamplingParams(max_tokens=4, temperature=1.0, seed=seed, ignore_eos=True) for seed in range(num_samples)]
+    return [tuple(r.samples[0].token_ids[:4]) for r in engine.generate([prompt] * num_samples, params)]
+
+
+class _RepeatProposer:
+    """Proposes at every step (the tokens that end the sequence, again): at temperature 1 n-gram lookup
+    rarely matches, and the verification step is what this test is about."""
+
+    def propose(self, token_ids: list[int], max_tokens: int) -> list[int]:
+        return token_ids[-max_tokens:]
+
+
+def _total_variation(a: list[tuple[int, ...]], b: list[tuple[int, ...]]) -> float:
+    ca, cb = Counter(a), Counter(b)
+    return 0.5 * sum(abs(ca[k] / len(a) - cb[k] / len(b)) for k in set(ca) | set(cb))
+
+
+class _AcceptEverything(SampleProcessor):
+    """A broken verification step: every proposal is taken as if the model had drawn it."""
+
+    def sample(self, logits, targets):
+        results, verifications = super().sample(logits, targets)
+        for (_, sample, delta), target in zip(results, targets):
+            proposed = target.proposed_token_ids
+            if proposed and not sample.is_finished:
+                kept = len(sample.output_token_ids) - len(delta.token_ids)
+                del sample.output_token_ids[kept:]
+                sample.output_token_ids.extend(proposed)
+                delta.token_ids = list(proposed)
+        for v in verifications:
+            v.num_accepted = v.num_proposed - 1  # the last proposal's KV is never written: keep it uncomputed
+        return results, verifications
+
+
+def test_sampled_continuations_keep_the_model_distribution(trained):
+    """2,000 seeded samples of the next 4 tokens: with speculation each seed gives exactly the tokens it gives
+    without, so their distributions match (total variation 0, threshold 0.05); an engine whose verification
+    accepts every proposal moves the distribution far past the threshold."""
+    threshold = 0.05
+    rng = random.Random(13)
+    phrase = random_prompt(rng, 8)
+    prompt = phrase + random_prompt(rng, 4) + phrase + phrase + phrase[:2]  # proposals at every step
+    speculative = SpeculativeConfig(num_speculative_tokens=3, max_batch_seqs=64)
+    without = _next_tokens(_engine(trained, None, max_num_seqs=64), prompt, 2000)
+    engine = _engine(trained, speculative, max_num_seqs=64)
+    engine.proposer = _RepeatProposer()
+    spec = _next_tokens(engine, prompt, 2000)
+    assert engine.stats().counters.num_speculative_proposed_tokens > 1000
+    assert spec == without  # per seed
+    assert _total_variation(spec, without) <= threshold
+    broken = _engine(trained, speculative, max_num_seqs=64)
+    broken.proposer = _RepeatProposer()
+    broken.processor = _AcceptEverything(broken.sampler)
+    distance = _total_variation(_next_tokens(broken, prompt, 2000), without)
+    print(f"total variation: speculation {_total_variation(spec, without):.3f}, broken verifier {distance:.3f}")
+    assert distance > threshold
