@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_peer(bench)
     _register_routing(bench)
     _register_tensor_parallel(bench)
+    _register_speculative(bench)
 
 
 def _register_serve(bench: argparse._SubParsersAction) -> None:
@@ -129,6 +130,22 @@ def _register_tensor_parallel(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=7, help="timed transfers per configuration")
     p.add_argument("--out", default=None, help="write tensor_parallel.json into this folder")
     p.set_defaults(run=lambda ns: _lazy("pdserve.bench.tensor_parallel_bench").run(ns))
+
+
+def _register_speculative(bench: argparse._SubParsersAction) -> None:
+    p = bench.add_parser("speculative", help="n-gram speculative decoding against plain decoding: batch 1 and 32, "
+                                             "an edit-like and a random workload, one run",
+                         description="Greedy decoding with --speculative ngram and without on one engine "
+                                     "(services/bench/speculative_bench.py): tokens/s ratio, acceptance, identical tokens")
+    p.add_argument("--size", default="small", help="make-tiny-model size")
+    p.add_argument("--train-steps", type=int, default=600, help="train the model this many steps (it then continues "
+                   "its training text, which the edit workload quotes)")
+    p.add_argument("--tokens", type=int, default=56, help="output tokens per request (the edit workload's passage: 64)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--speculative-max-batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--out", default=None, help="write speculative.json into this folder")
+    p.set_defaults(run=lambda ns: _lazy("pdserve.bench.speculative_bench").run(ns))
 
 
 def _lazy(module: str):

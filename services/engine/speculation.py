@@ -37,7 +37,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 4
     max_batch_seqs: int = 8
     ngram_max: int = 4
-    ngram_min: int = 1
+    ngram_min: int = 2
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATIVE_METHODS[1:]:

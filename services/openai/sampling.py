@@ -3,7 +3,7 @@
 OpenAI names map one to one (max_tokens, temperature, top_p, n, stop, seed, presence_penalty,
 frequency_penalty); chat's max_completion_tokens is max_tokens and its logprobs/top_logprobs
 become the router's `logprobs` count. vLLM's extensions top_k, min_p, repetition_penalty,
-ignore_eos, min_tokens and stop_token_ids pass through. Ranges are the router's (see
+ignore_eos, min_tokens, stop_token_ids and pdserve's no_speculation pass through. Ranges are the router's (see
 models/sampling_params.py), within the protobuf field types (protos/pdserve/v1/router.proto).
 """
 
@@ -52,6 +52,7 @@ def read_sampling(body: dict[str, Any], limits: Limits, chat: bool) -> dict[str,
     fields["stop"] = str_list(body, "stop", MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS)
     fields["stop_token_ids"] = int_list(body, "stop_token_ids", 0, limits.vocab_size - 1, MAX_STOP_TOKEN_IDS)
     fields["ignore_eos"] = bool(opt_bool(body, "ignore_eos"))
+    fields["no_speculation"] = bool(opt_bool(body, "no_speculation"))  # pdserve's extension, like ignore_eos
     # (Without max_tokens the caller's default applies, and to_proto checks min_tokens against it.)
     if "min_tokens" in fields and "max_tokens" in fields and fields["min_tokens"] > fields["max_tokens"]:
         raise invalid("min_tokens must not exceed max_tokens", "min_tokens")

@@ -19,7 +19,7 @@ def sampling_params_to_proto(params: SamplingParams) -> router_pb2.SamplingParam
         top_k=params.top_k, min_p=params.min_p, repetition_penalty=params.repetition_penalty,
         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
         stop=params.stop, stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
-        n=params.n, min_tokens=params.min_tokens)
+        n=params.n, min_tokens=params.min_tokens, no_speculation=not params.speculative)
     if params.seed is not None:
         msg.seed = params.seed
     if params.logprobs is not None:

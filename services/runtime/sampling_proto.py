@@ -37,7 +37,7 @@ def sampling_params_from_proto(message: router_pb2.SamplingParams | None) -> Sam
                   if message.HasField(name))
     # The repeated fields go in as they are: SamplingParams checks their lengths before copying.
     return SamplingParams(stop=message.stop, stop_token_ids=message.stop_token_ids,
-                          ignore_eos=message.ignore_eos, **fields)
+                          ignore_eos=message.ignore_eos, speculative=not message.no_speculation, **fields)
 
 
 def with_resolved_seed(params: SamplingParams) -> SamplingParams:
@@ -58,7 +58,7 @@ def engine_sampling_params_to_proto(params: SamplingParams) -> worker_pb2.Engine
         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
         seed=params.seed, stop=params.stop, stop_token_ids=params.stop_token_ids,
         ignore_eos=params.ignore_eos, n=params.n, return_logprobs=params.logprobs is not None,
-        min_tokens=params.min_tokens, top_logprobs=params.logprobs or 0)
+        min_tokens=params.min_tokens, top_logprobs=params.logprobs or 0, no_speculation=not params.speculative)
 
 
 def sampling_params_from_engine_proto(message: worker_pb2.EngineSamplingParams) -> SamplingParams:
@@ -73,7 +73,7 @@ def sampling_params_from_engine_proto(message: worker_pb2.EngineSamplingParams) 
         presence_penalty=message.presence_penalty, frequency_penalty=message.frequency_penalty,
         seed=message.seed, stop=message.stop, stop_token_ids=message.stop_token_ids,
         ignore_eos=message.ignore_eos, n=message.n, min_tokens=message.min_tokens,
-        logprobs=message.top_logprobs if message.return_logprobs else None)
+        logprobs=message.top_logprobs if message.return_logprobs else None, speculative=not message.no_speculation)
 
 
 def _from_float32(value: float) -> float:

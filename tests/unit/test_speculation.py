@@ -46,7 +46,7 @@ def _repetitive_prompt(rng: random.Random) -> list[int]:
 
 
 def test_ngram_proposer_continues_the_longest_earlier_match():
-    proposer = NgramProposer(SpeculativeConfig(ngram_max=3))
+    proposer = NgramProposer(SpeculativeConfig(ngram_max=3, ngram_min=1))
     assert proposer.propose([1, 2, 3, 4, 5, 9, 2, 3], 2) == [4, 5]  # "2 3" occurred before: "4 5" followed
     assert proposer.propose([7, 1, 2, 8, 5, 1, 2, 9, 1, 2], 3) == [9, 1, 2]  # the most recent occurrence
     assert proposer.propose([4, 5, 6, 1, 5, 6, 2, 4, 5, 6], 1) == [1]  # "4 5 6" beats the later "5 6"
@@ -147,3 +147,19 @@ def test_sampled_continuations_keep_the_model_distribution(trained):
     distance = _total_variation(_next_tokens(broken, prompt, 2000), without)
     print(f"total variation: speculation {_total_variation(spec, without):.3f}, broken verifier {distance:.3f}")
     assert distance > threshold
+
+
+def test_the_opt_out_travels_from_the_public_api_to_the_engine():
+    from pdserve.router.client import sampling_params_to_proto
+    from pdserve.runtime.sampling_proto import (
+        engine_sampling_params_to_proto,
+        sampling_params_from_engine_proto,
+        sampling_params_from_proto,
+    )
+    from pdserve.v1 import router_pb2
+
+    for opted_out in (False, True):
+        public = sampling_params_from_proto(router_pb2.SamplingParams(no_speculation=opted_out, seed=1))
+        assert public.speculative is not opted_out
+        assert sampling_params_from_engine_proto(engine_sampling_params_to_proto(public)) == public
+        assert sampling_params_to_proto(public).no_speculation is opted_out
