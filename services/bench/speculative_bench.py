@@ -7,7 +7,8 @@ the text the model was trained on, a separator, and the passage's first words ag
 passage, and prompt lookup proposes it from the prompt. Workload "random" (random prompt ids, for contrast). Each
 is decoded greedily at batch 1 (prompts one after another) and at batch 32 (all at once), with --speculative
 ngram and without, on the same engine settings; the tokens must be identical. Reported: output tokens per second
-of each and the ratio, the acceptance rate, accepted tokens per speculative chunk, and acceptance by position.
+of each (the median of --repeats alternated runs) and the ratio, the acceptance rate, accepted tokens per
+speculative chunk, and acceptance by position.
 At batch 32 the default policy (--speculative-max-batch 8) turns speculation off; the row shows what that costs.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import tempfile
 import time
@@ -48,6 +50,7 @@ def _decode(model, config, tokenizer, prompts: list[list[int]], batch: int, toke
     from pdserve.engine.config import EngineConfig
     from pdserve.engine.engine import LLMEngine
     from pdserve.engine.model_runner import ModelRunner
+    from pdserve.engine.stats import EngineCounters
     from pdserve.models.sampling_params import SamplingParams
 
     blocks = batch * -(-(PASSAGE_TOKENS + PROMPT_CUE_TOKENS + tokens + 32) // 16) + 64
@@ -56,6 +59,7 @@ def _decode(model, config, tokenizer, prompts: list[list[int]], batch: int, toke
                                     enable_prefix_caching=False, speculative=speculative))
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     engine.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm up
+    engine.counters = EngineCounters()  # count the timed runs only
     out: list[list[int]] = []
     decode_s = 0.0
     for first in range(0, len(prompts), batch):
@@ -92,8 +96,13 @@ def run(ns: argparse.Namespace) -> int:
     for name, prompts in _workloads(tokenizer, config.vocab_size, max(BATCH_SIZES)).items():
         for batch in BATCH_SIZES:
             chosen = prompts[:8] if batch == 1 else prompts
-            plain_tokens, plain_tps, _ = _decode(model, config, tokenizer, chosen, batch, ns.tokens, None)
-            spec_tokens, spec_tps, c = _decode(model, config, tokenizer, chosen, batch, ns.tokens, speculative)
+            plain_runs, spec_runs = [], []
+            for _ in range(ns.repeats):  # alternated, so that drifting load hits both alike
+                plain_tokens, tps, _ = _decode(model, config, tokenizer, chosen, batch, ns.tokens, None)
+                plain_runs.append(tps)
+                spec_tokens, tps, c = _decode(model, config, tokenizer, chosen, batch, ns.tokens, speculative)
+                spec_runs.append(tps)
+            plain_tps, spec_tps = statistics.median(plain_runs), statistics.median(spec_runs)
             row = {"workload": name, "batch": batch, "prompts": len(chosen), "plain_tokens_per_s": plain_tps,
                    "speculative_tokens_per_s": spec_tps, "ratio": spec_tps / plain_tps,
                    "identical": spec_tokens == plain_tokens, "acceptance_rate": c.speculative_acceptance_rate,
