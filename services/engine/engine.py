@@ -218,7 +218,7 @@ class LLMEngine:
             return outputs
         self.counters.num_steps += 1
         self.runner.copy_blocks(sched.copy_pairs)
-        if aborting is not None and not any(s.num_tokens > 1 for s in sched.scheduled):
+        if aborting is not None and not any(s.num_sample_tokens > 1 for s in sched.scheduled):
             aborting = None  # a decode-only step is short (and keeps its CUDA graphs)
         infos = chunk_infos(sched.scheduled, self.config.block_size) if layer_hook is not None else None
         # The requests that have not left the step (built only for a step that may be left).
@@ -276,6 +276,7 @@ class LLMEngine:
             c.num_speculative_chunks += 1
             c.num_speculative_proposed_tokens += v.num_proposed
             c.num_speculative_accepted_tokens += v.num_accepted
+            c.num_decode_tokens_computed += v.num_proposed  # run through the model, accepted or not
             by_position = c.speculative_accepted_by_position
             by_position.extend([0] * (v.num_proposed - len(by_position)))
             for i in range(v.num_accepted):
@@ -306,7 +307,7 @@ class LLMEngine:
         for s in computed:
             sample = s.sample
             # A decode feeds back just the last sampled token; anything else is (re)computed prompt.
-            # Speculative proposals count once verified (_settle_speculation), not here.
+            # Speculative proposals are counted once verified (_settle_speculation), not here.
             if s.num_sample_tokens == 1 and sample.output_token_ids and s.start == sample.num_tokens - 1:
                 c.num_decode_tokens_computed += 1
             else:

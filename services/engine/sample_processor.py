@@ -117,9 +117,10 @@ class SampleProcessor:
             accepted = 0
             while accepted < len(proposed) and proposed[accepted] == drawn.token_ids[start + accepted]:
                 accepted += 1
-            verifications.append(Verification(sample, len(proposed), accepted))
-            results.append((request, sample, self._emit(sample, request.params, drawn,
-                                                        list(range(start, start + accepted + 1)))))
+            delta = self._emit(sample, request.params, drawn, list(range(start, start + accepted + 1)))
+            # A stop among the accepted tokens ends the sample there: proposals after it were never emitted.
+            verifications.append(Verification(sample, len(proposed), min(accepted, len(delta.token_ids))))
+            results.append((request, sample, delta))
         return results, verifications
 
     def _emit(self, sample: Sample, params: SamplingParams, drawn: _Draws, rows: list[int]) -> SampleOutput:

@@ -148,9 +148,12 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            plan = self._plan(request, budget)
+            plan = self._plan(request, budget, reserve=self._samples_after(index))
+            copies = self.kv.allocate([(sample, num_new) for sample, num_new, _ in plan])
+            if copies is None and any(proposed for _, _, proposed in plan):  # guesses never cost another's blocks
+                plan = [(sample, num_new - len(proposed), []) for sample, num_new, proposed in plan]
+                copies = self.kv.allocate([(sample, num_new) for sample, num_new, _ in plan])
             needs = [(sample, num_new) for sample, num_new, _ in plan]
-            copies = self.kv.allocate(needs)
             while copies is None:
                 victim = self.running[-1]
                 self.preempt(victim)
@@ -196,18 +199,26 @@ class Scheduler:
             return
         self._static_batch = {r.request_id for r in list(self.waiting)[:size]}
 
-    def _plan(self, request: Request, budget: int) -> list[tuple[Sample, int, list[int]]]:
+    def _samples_after(self, index: int) -> int:
+        """Active samples of the running requests after running[index] (each is owed a token of the budget
+        before any sample gets speculative proposals)."""
+        return sum(len(r.active_samples()) for r in self.running[index + 1:]) if self.propose is not None else 0
+
+    def _plan(self, request: Request, budget: int, reserve: int = 0) -> list[tuple[Sample, int, list[int]]]:
         """(sample, new tokens, proposed tokens among them) for a running request's active samples
-        within the budget; a sample decoding one token may add speculative proposals."""
+        within the budget; a sample decoding one token may add speculative proposals from what the budget
+        has left once every active sample still to plan (here and the `reserve` after) has one token."""
         plan = []
-        for sample in request.active_samples():
+        samples = request.active_samples()
+        for position, sample in enumerate(samples):
             if budget <= 0:
                 break
             num_new = min(request.target_length(sample) - sample.num_computed_tokens, budget)
             proposed: list[int] = []
-            if (num_new == 1 and self.propose is not None and not request.fork_pending
+            spare = budget - 1 - reserve - (len(samples) - position - 1)
+            if (num_new == 1 and self.propose is not None and spare > 0 and not request.fork_pending
                     and sample.num_computed_tokens == sample.num_tokens - 1):
-                proposed = self.propose(request, sample, budget - 1)
+                proposed = self.propose(request, sample, spare)
                 num_new += len(proposed)
             if num_new > 0:
                 plan.append((sample, num_new, proposed))

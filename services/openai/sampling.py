@@ -74,8 +74,9 @@ def _read_logprobs(body: dict[str, Any], limits: Limits, chat: bool) -> int | No
 def to_proto(fields: dict[str, Any]) -> router_pb2.SamplingParams:
     """The router message for fields from read_sampling (after a final cross-field check by the
     SamplingParams dataclass itself)."""
+    checked = {name: value for name, value in fields.items() if name != "no_speculation"}
     try:
-        SamplingParams(**fields)
+        SamplingParams(**checked, speculative=not fields.get("no_speculation", False))
     except SamplingParamsError as exc:
         raise invalid(str(exc), str(exc).split(" ", 1)[0]) from exc
     return router_pb2.SamplingParams(**fields)

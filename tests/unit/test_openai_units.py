@@ -113,6 +113,8 @@ def test_sampling_fields_map_to_the_router_message():
     assert (msg.max_tokens, msg.top_k, msg.n, msg.logprobs, msg.min_tokens) == (7, 5, 3, 4, 2)
     assert msg.seed == 2**64 - 1 and list(msg.stop) == ["END"] and list(msg.stop_token_ids) == [2]
     assert msg.ignore_eos and abs(msg.temperature - 0.5) < 1e-6
+    assert not msg.no_speculation
+    assert to_proto(read_sampling({"no_speculation": True}, LIMITS, chat=False)).no_speculation
     assert to_proto(read_sampling({"logprobs": True}, LIMITS, chat=True)).logprobs == 0
     assert not to_proto(read_sampling({}, LIMITS, chat=False)).HasField("logprobs")
 

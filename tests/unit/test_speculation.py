@@ -83,10 +83,47 @@ def test_a_large_batch_does_not_speculate(trained):
     rng = random.Random(12)
     prompts = [_repetitive_prompt(rng) for _ in range(6)]
     engine = _engine(trained, SpeculativeConfig(max_batch_seqs=4))
-    engine.generate(prompts, greedy(4))  # 6 running samples > 4 all along
-    assert engine.stats().counters.num_speculative_chunks == 0
-    engine.generate(prompts[:2], greedy(16))
-    assert engine.stats().counters.num_speculative_chunks > 0
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"big{i}", prompt, greedy(16))
+    engine.step()
+    assert engine.scheduler.num_batch_seqs == 6 and engine.scheduler.propose is None
+    while engine.has_unfinished_requests():
+        engine.step()
+    for i, prompt in enumerate(prompts[:2]):
+        engine.add_request(f"small{i}", prompt, greedy(16))
+    engine.step()
+    assert engine.scheduler.propose is not None
+
+
+@pytest.mark.parametrize("num_blocks", [NUM_BLOCKS, 24], ids=["roomy", "preempting"])
+def test_stops_logprobs_and_preemption_under_speculation(trained, num_blocks):
+    """Stop ids and strings inside accepted proposals, min_tokens, per-token logprobs, and a cache small enough
+    that requests are preempted (and proposals then dropped rather than preempting): the same as without."""
+    rng = random.Random(14)
+    work = []
+    for i in range(16):
+        params = dict(max_tokens=rng.randint(16, 40), temperature=0.0, logprobs=2 if i % 3 == 0 else None,
+                      min_tokens=4 if i % 4 == 0 else 0)
+        if i % 2:
+            params["stop_token_ids"] = tuple(rng.sample(range(3, 512), 40))
+        work.append((rng.randrange(6), _repetitive_prompt(rng), SamplingParams(**params)))
+    reference = run_with_arrivals(_engine(trained, None), work)
+    engine = _engine(trained, SpeculativeConfig(max_batch_seqs=64, ngram_min=1), num_blocks=num_blocks)
+    results = run_with_arrivals(engine, work)
+    for request_id, want in reference.items():
+        got = results[request_id].samples[0]
+        assert (got.token_ids, got.finish_reason) == (want.samples[0].token_ids, want.samples[0].finish_reason)
+        if want.samples[0].logprobs is not None:
+            assert got.logprobs == pytest.approx(want.samples[0].logprobs, abs=1e-4)
+            assert [[t for t, _ in top] for top in got.top_logprobs] == [[t for t, _ in top]
+                                                                        for top in want.samples[0].top_logprobs]
+    counters = engine.stats().counters
+    if num_blocks == NUM_BLOCKS:
+        assert counters.num_speculative_accepted_tokens > 0
+    else:
+        assert counters.num_preemptions > 0 and counters.num_speculative_proposed_tokens > 0
+    assert sum(r.samples[0].finish_reason == "stop" for r in reference.values()) > 0  # stops were exercised
+    assert_no_leaks(engine)
 
 
 def _next_tokens(engine: LLMEngine, prompt: list[int], num_samples: int) -> list[tuple[int, ...]]:
