@@ -16,6 +16,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import grpc
@@ -115,6 +116,19 @@ async def run_streams(cluster: LocalCluster, prompts: list[list[int]], max_token
         stub = router_pb2_grpc.RouterStub(channel)
         return await asyncio.gather(*(stream_one(stub, greedy_request(p, max_tokens), watch, c)
                                       for p, c in zip(prompts, cancel_after)))
+
+
+async def streams_killed_midway(cluster: LocalCluster, prompts: list[list[int]], max_tokens: int,
+                                kill: Callable[[], None], share: int = 4) -> list[StreamResult]:
+    """Stream every prompt at once (greedy, max_tokens each) and call kill() once 1/share of all their tokens
+    have reached the client; returns the streams' results."""
+    watch = ProgressWatch()
+    async with cluster.aio_channel(cluster.router_address) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        streams = asyncio.gather(*(stream_one(stub, greedy_request(p, max_tokens), watch) for p in prompts))
+        await watch.reached("tokens", len(prompts) * max_tokens // share)
+        kill()
+        return await streams
 
 
 async def kill_round(cluster: LocalCluster, prompts: list[list[int]], max_tokens: int, reference: list[list[int]],

@@ -102,7 +102,7 @@ class SampleProcessor:
                                         len(sample.output_token_ids), request.prompt_token_ids,
                                         sample.output_token_ids))
             next_logits_row += 1
-        if row_of != list(range(logits.shape[0])):
+        if len(row_of) != logits.shape[0]:  # a fork's samples share a row
             logits = logits[torch.tensor(row_of, dtype=torch.int64, device=logits.device)]
         out = self.sampler(logits, rows)
         drawn = _Draws(out)

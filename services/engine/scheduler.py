@@ -84,9 +84,15 @@ class Scheduler:
     @property
     def num_batch_seqs(self) -> int:
         """Samples this step's batch may hold: the running ones and those queued to join (at most
-        max_num_seqs); what decides whether a step speculates."""
-        queued = sum(len(r.live_samples) for queue in (self.ready, self.waiting) for r in queue)
-        return min(self.num_running_seqs + queued, self.config.max_num_seqs)
+        max_num_seqs); what decides whether a step speculates. Stops counting at max_num_seqs (a long
+        queue is not walked every step)."""
+        count, limit = self.num_running_seqs, self.config.max_num_seqs
+        for queue in (self.ready, self.waiting):
+            for request in queue:
+                if count >= limit:
+                    return limit
+                count += len(request.live_samples)
+        return min(count, limit)
 
     @property
     def num_prompt_tokens_to_compute(self) -> int:

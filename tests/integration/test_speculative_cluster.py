@@ -9,11 +9,10 @@ import random
 
 import pytest
 
-from pdserve.bench.chaos import ProgressWatch, greedy_request, run_streams, stream_one, wait_all_blocks_free
+from pdserve.bench.chaos import run_streams, streams_killed_midway, wait_all_blocks_free
 from pdserve.cli.cluster import LocalCluster
 from pdserve.models.tiny_model import make_tiny_model
 from pdserve.telemetry.scrape import scrape_metrics
-from pdserve.v1 import router_pb2_grpc
 
 MAX_TOKENS = 48
 SPECULATIVE = {"PDSERVE_SPECULATIVE": "ngram", "PDSERVE_NUM_SPECULATIVE_TOKENS": "4",
@@ -48,16 +47,8 @@ def test_speculating_decode_servers_give_the_same_tokens_and_survive_a_kill(trai
                        for p in cluster.servers("decode"))
         assert accepted > 0  # the decode servers speculated, and proposals were accepted
 
-        async def kill_a_decode_server_mid_stream():
-            watch = ProgressWatch()
-            async with cluster.aio_channel(cluster.router_address) as channel:
-                stub = router_pb2_grpc.RouterStub(channel)
-                streams = asyncio.gather(*(stream_one(stub, greedy_request(p, MAX_TOKENS), watch) for p in prompts))
-                await watch.reached("tokens", len(prompts) * MAX_TOKENS // 4)
-                cluster.kill(cluster.servers("decode")[0])
-                return await streams
-
-        results = asyncio.run(kill_a_decode_server_mid_stream())
+        victim = cluster.servers("decode")[0]
+        results = asyncio.run(streams_killed_midway(cluster, prompts, MAX_TOKENS, lambda: cluster.kill(victim)))
         assert [r.error for r in results if r.error] == []
         assert [r.tokens for r in results] == want
         assert "retrying" in cluster.servers("router")[0].log_path.read_text()

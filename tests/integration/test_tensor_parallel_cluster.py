@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.bench.chaos import ProgressWatch, greedy_request, make_prompts, run_streams, stream_one, wait_all_blocks_free
+from pdserve.bench.chaos import make_prompts, run_streams, streams_killed_midway, wait_all_blocks_free
 from pdserve.cli.cluster import LocalCluster
 from pdserve.models.tiny_model import make_tiny_model
-from pdserve.v1 import router_pb2_grpc
 
 MAX_TOKENS = 32
 
@@ -59,17 +58,7 @@ def _kill_a_rank_mid_stream(cluster: LocalCluster, victim, prompts: list[list[in
     """Stream every prompt, SIGKILL the victim server's rank 1 once a quarter of the tokens are out;
     returns (the streams' results, the killed rank's pid)."""
     rank = _rank_process(victim.process.pid)
-
-    async def run():
-        watch = ProgressWatch()
-        async with cluster.aio_channel(cluster.router_address) as channel:
-            stub = router_pb2_grpc.RouterStub(channel)
-            streams = asyncio.gather(*(stream_one(stub, greedy_request(p, MAX_TOKENS), watch) for p in prompts))
-            await watch.reached("tokens", len(prompts) * MAX_TOKENS // 4)
-            os.kill(rank, signal.SIGKILL)
-            return await streams
-
-    return asyncio.run(run()), rank
+    return asyncio.run(streams_killed_midway(cluster, prompts, MAX_TOKENS, lambda: os.kill(rank, signal.SIGKILL))), rank
 
 
 def _assert_gone(cluster: LocalCluster, victim, rank: int) -> None:
