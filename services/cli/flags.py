@@ -79,8 +79,11 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
              "and a decode server may use different sizes (the KV transfer maps heads between them)")
     add_flag(parser, "--speculative", "none", str,
              "speculative decoding on decode steps: none | ngram (prompt lookup: propose what followed the last "
-             "tokens' earlier occurrence, verified in one forward; every token stays the one the model would draw)",
-             choices=SPECULATIVE_METHODS)
+             "tokens' earlier occurrence) | draft (a small model, --draft-model, proposes); proposals are verified "
+             "in one forward and every token stays the one the model would draw", choices=SPECULATIVE_METHODS)
+    add_flag(parser, "--draft-model", None, str,
+             "the draft checkpoint for --speculative draft (directory, .gguf file or Hub id; the model's tokenizer); "
+             "its KV cache has as many blocks as the model's")
     add_flag(parser, "--num-speculative-tokens", 4, int, "tokens proposed per sample and decode step, in [1, 16]")
     add_flag(parser, "--speculative-max-batch", 8, int,
              "speculate only in steps with at most this many running samples (larger batches are compute-bound)")
@@ -102,6 +105,8 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         raise ValueError(f"--kv-cache-dtype {ns.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
     if ns.speculative not in SPECULATIVE_METHODS:  # likewise PDSERVE_SPECULATIVE
         raise ValueError(f"--speculative {ns.speculative!r} is not one of {', '.join(SPECULATIVE_METHODS)}")
+    if ns.draft_model and not names_a_model(ns.draft_model):
+        raise FileNotFoundError(f"--draft-model {ns.draft_model}: no such file or directory (and not a Hub id)")
     if ns.cpu_linear not in CPU_LINEAR_BACKENDS:  # likewise PDSERVE_CPU_LINEAR
         raise ValueError(f"--cpu-linear {ns.cpu_linear!r} is not one of {', '.join(CPU_LINEAR_BACKENDS)}")
     return EngineArgs(model=ns.model, dtype=ns.dtype, device=ns.device or default_device(),
@@ -111,7 +116,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
                       kv_cache_dtype=ns.kv_cache_dtype, single_thread_step_tokens=ns.single_thread_step_tokens,
                       cpu_linear=ns.cpu_linear, tensor_parallel_size=ns.tensor_parallel_size,
                       speculative=ns.speculative, num_speculative_tokens=ns.num_speculative_tokens,
-                      speculative_max_batch=ns.speculative_max_batch)
+                      speculative_max_batch=ns.speculative_max_batch, draft_model=ns.draft_model)
 
 
 # --- TLS, API keys, secrets -------------------------------------------------------------------

@@ -67,12 +67,14 @@ class EngineArgs:
     single_thread_step_tokens: int = 32  # CPU steps of fewer tokens run on one torch thread (0: never)
     cpu_linear: str = "auto"  # bfloat16 CPU linear layers: auto | native | onednn | none (cpu_packed_linear.py)
     tensor_parallel_size: int = 1  # rank processes the model is split over (pdserve.engine.tensor_parallel)
-    speculative: str = "none"  # none | ngram (pdserve.engine.speculation)
+    speculative: str = "none"  # none | ngram | draft (pdserve.engine.speculation)
     num_speculative_tokens: int = 4
     speculative_max_batch: int = 8  # speculate only in steps with at most this many running samples
+    draft_model: str | None = None  # the draft checkpoint for --speculative draft
 
     def speculative_config(self) -> SpeculativeConfig | None:
         """The engine's speculative decoding settings (None when --speculative none)."""
         if self.speculative == "none":
             return None
-        return SpeculativeConfig(self.speculative, self.num_speculative_tokens, self.speculative_max_batch)
+        return SpeculativeConfig(self.speculative, self.num_speculative_tokens, self.speculative_max_batch,
+                                 draft_model=self.draft_model)

@@ -18,7 +18,7 @@ from pdserve.engine.request import Request, Sample
 from pdserve.engine.reservations import BlockReservation, ReservationBook
 from pdserve.engine.sample_processor import SampleProcessor, SamplingTarget, Verification, make_stop_checker
 from pdserve.engine.scheduler import ScheduledSample, Scheduler, SchedulerOutput
-from pdserve.engine.speculation import NgramProposer
+from pdserve.engine.speculation import NgramProposer, Proposer
 from pdserve.engine.stats import EngineCounters, EngineStats
 from pdserve.engine.validation import RequestRejectedError, validate_request
 from pdserve.models.sampler import Sampler
@@ -34,15 +34,16 @@ class LLMEngine:
 
     runner: has block_size, num_blocks, execute(chunks) -> logits [N, V], copy_blocks(pairs);
     tokenizer: has eos_token_ids (and decode, for the incremental detokenizer), or None for an
-    engine that returns token ids only (no text, no stop strings, no EOS). Not thread-safe:
-    one thread calls every method (AsyncEngine arranges that).
+    engine that returns token ids only (no text, no stop strings, no EOS); draft_runner: the draft
+    model's ModelRunner when config.speculative.method is "draft" (pdserve.engine.draft_proposer).
+    Not thread-safe: one thread calls every method (AsyncEngine arranges that).
 
     Disaggregation: a decode server reserve()s blocks for a prompt whose KV another server
     sends, then add_prefilled_request()s the request onto them; a prefill server passes a
     layer_hook to step() to stream each layer's KV while the next one computes.
     """
 
-    def __init__(self, runner: Any, tokenizer: Any, config: EngineConfig) -> None:
+    def __init__(self, runner: Any, tokenizer: Any, config: EngineConfig, draft_runner: Any = None) -> None:
         if config.block_size != runner.block_size:
             raise ValueError(f"EngineConfig.block_size {config.block_size} differs from the "
                              f"runner's KV cache block size {runner.block_size}")
@@ -65,13 +66,26 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.kv)
         self.reservations = ReservationBook(self.pool, config.block_size, self.max_model_len)
         self.processor = SampleProcessor(self.sampler)
-        self.proposer = NgramProposer(config.speculative) if config.speculative is not None else None
+        self.proposer = self._make_proposer(draft_runner)
         self.counters = EngineCounters()
         self.requests: dict[str, Request] = {}
         self._pending_outputs: list[RequestOutput] = []
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         self._generate_calls = itertools.count()
+
+    def _make_proposer(self, draft_runner: Any) -> Proposer | None:
+        speculative = self.config.speculative
+        if (draft_runner is not None) != (speculative is not None and speculative.method == "draft"):
+            raise ValueError("a draft runner is needed with speculative method 'draft', and only then")
+        if speculative is None:
+            return None
+        if speculative.method == "ngram":
+            return NgramProposer(speculative)
+        from pdserve.engine.draft_proposer import DraftProposer, check_draft_runner
+
+        check_draft_runner(draft_runner, self.num_blocks, self.config.block_size, self.vocab_size)
+        return DraftProposer(draft_runner, self.sampler, self.vocab_size)
 
     def validate_request(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         """Raise RequestRejectedError (a ValueError) if the request can never be served."""
@@ -218,6 +232,10 @@ class LLMEngine:
             return outputs
         self.counters.num_steps += 1
         self.runner.copy_blocks(sched.copy_pairs)
+        if self.proposer is not None:
+            self.proposer.copy_blocks(sched.copy_pairs)
+            if speculate:
+                self.proposer.complete(sched.scheduled)
         if aborting is not None and not any(s.num_sample_tokens > 1 for s in sched.scheduled):
             aborting = None  # a decode-only step is short (and keeps its CUDA graphs)
         infos = chunk_infos(sched.scheduled, self.config.block_size) if layer_hook is not None else None
@@ -285,6 +303,8 @@ class LLMEngine:
             if sample.is_finished:  # its blocks are freed with it
                 continue
             sample.num_computed_tokens += v.num_accepted
+            # A draft model's KV stays valid up to the first token it was not shown (see draft_proposer).
+            sample.num_draft_tokens = min(sample.num_draft_tokens, sample.num_tokens - 1)
             self.kv.trim(sample, sample.num_tokens)
             self.kv.cache_full_blocks(sample)
 

@@ -30,6 +30,8 @@ class Sample:
     The sequence's tokens are prompt_token_ids + output_token_ids; the first num_computed_tokens
     of them have KV in block_table (position p lives in block_table[p // block_size]).
     block_hashes / prefix_uids describe the full blocks registered (or matched) in the prefix cache.
+    num_draft_tokens: with a draft model speculating, how many of the sequence's first tokens have the draft's KV
+    in the draft cache (the same block_table, the draft model's own cache tensors).
     pending_text: text of tokens generated elsewhere (before this engine continued the sample),
     handed out with the sample's next output.
     """
@@ -40,6 +42,7 @@ class Sample:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_table: list[KVBlock] = field(default_factory=list)
+    num_draft_tokens: int = 0
     block_hashes: list[int] = field(default_factory=list)
     prefix_uids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -68,6 +71,7 @@ class Sample:
     def reset_kv_state(self) -> None:
         """Forget everything about the KV cache (after its blocks were freed)."""
         self.num_computed_tokens = 0
+        self.num_draft_tokens = 0
         self.block_table = []
         self.block_hashes = []
         self.prefix_uids = []

@@ -39,11 +39,25 @@ def build_engine(args: EngineArgs) -> tuple[LLMEngine, Tokenizer]:
                              single_thread_step_tokens=args.single_thread_step_tokens, cpu_linear=args.cpu_linear)
     max_model_len = min(args.max_model_len or model_config.max_position_embeddings,
                         model_config.max_position_embeddings)
+    speculative = args.speculative_config()
     config = EngineConfig(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           enable_prefix_caching=args.enable_prefix_caching, max_model_len=max_model_len,
-                          speculative=args.speculative_config())
-    return LLMEngine(runner, tokenizer, config), tokenizer
+                          speculative=speculative)
+    draft_runner = _draft_runner(args, tokenizer, runner.num_blocks) if args.draft_model else None
+    return LLMEngine(runner, tokenizer, config, draft_runner), tokenizer
+
+
+def _draft_runner(args: EngineArgs, tokenizer: Tokenizer, num_blocks: int) -> ModelRunner:
+    """The draft model's runner for --speculative draft: its own KV cache of num_blocks blocks (the target's
+    count, addressed by the target's block tables), in the draft model's dtype, on rank 0's device."""
+    source = resolve_model(args.draft_model)
+    if source.tokenizer().backend.get_vocab(with_added_tokens=True) != tokenizer.backend.get_vocab(with_added_tokens=True):
+        raise ValueError(f"--draft-model {args.draft_model}: its tokenizer differs from --model's (a draft must "
+                         "propose in the model's token ids)")
+    model, model_config = load_model(source, dtype=args.dtype, device=args.device)
+    return ModelRunner(model, model_config, num_blocks, args.block_size,
+                       single_thread_step_tokens=args.single_thread_step_tokens, cpu_linear=args.cpu_linear)
 
 
 def _tensor_parallel_runner(args: EngineArgs, source):

@@ -14,30 +14,39 @@ overwritten; blocks allocated only for them go back to the pool, and only blocks
 prefix cache.
 
 Proposers: n-gram prompt lookup (match the last n tokens earlier in the prompt and output, propose what
-followed). Speculation is off in a step whose batch has more than max_batch_seqs running samples: a large
+followed), and a draft model (pdserve.engine.draft_proposer: a small checkpoint with the target's tokenizer, run
+K times per step over its own paged cache; its draws use the same seeded noise, so a draft close to the target
+proposes what the target draws at any temperature). Speculation is off in a step whose batch has more than max_batch_seqs running samples: a large
 batch is compute-bound, and verifying K tokens per sample then costs more than the steps it saves.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-SPECULATIVE_METHODS = ("none", "ngram")
+if TYPE_CHECKING:
+    from pdserve.engine.scheduler import ScheduledSample
+
+SPECULATIVE_METHODS = ("none", "ngram", "draft")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """method: "ngram" (prompt lookup); num_speculative_tokens: K proposed per sample and step;
-    max_batch_seqs: speculate only in steps with at most this many running samples;
-    ngram_max / ngram_min: the longest and shortest suffix matched (the longest that occurs wins)."""
+    """method: "ngram" (prompt lookup) or "draft" (a draft model); num_speculative_tokens: K proposed per sample
+    and step; max_batch_seqs: speculate only in steps with at most this many running samples;
+    ngram_max / ngram_min: the longest and shortest suffix matched (the longest that occurs wins);
+    draft_model: the draft checkpoint (directory, GGUF file or Hub id) for method "draft"."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
     max_batch_seqs: int = 8
     ngram_max: int = 4
     ngram_min: int = 2
+    draft_model: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATIVE_METHODS[1:]:
@@ -48,9 +57,28 @@ class SpeculativeConfig:
             raise ValueError(f"--speculative-max-batch must be >= 1, got {self.max_batch_seqs}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"n-gram sizes must satisfy 1 <= min <= max, got {self.ngram_min}, {self.ngram_max}")
+        if (self.method == "draft") != bool(self.draft_model):
+            raise ValueError("--speculative draft needs --draft-model (a checkpoint with the model's tokenizer), "
+                             "and --draft-model needs --speculative draft")
 
 
-class NgramProposer:
+class Proposer:
+    """What the engine asks for proposals. The scheduler calls propose() for each sample about to decode one
+    token (how many, and which when they are known then); once the step's blocks are allocated, complete()
+    may fill in proposals computed over them; copy_blocks() follows the step's copy-on-write copies."""
+
+    def propose(self, token_ids: list[int], max_tokens: int) -> list[int]:
+        """Up to max_tokens proposed continuations of token_ids (prompt + output so far)."""
+        raise NotImplementedError
+
+    def complete(self, scheduled: Sequence[ScheduledSample]) -> None:
+        """Fill in the step's proposals in place (their number fixed); nothing to do for most proposers."""
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy block src to dst in any cache the proposer keeps (copy-on-write, as the model's cache)."""
+
+
+class NgramProposer(Proposer):
     """Prompt lookup: the tokens that followed the most recent earlier occurrence of the sequence's last n
     tokens, for the largest n in [ngram_min, ngram_max] that occurs."""
 

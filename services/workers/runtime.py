@@ -48,8 +48,9 @@ class WorkerContext:
         self.engine, self.tokenizer = build_engine(settings.engine)
         speculative = self.engine.config.speculative
         if speculative is not None:
-            logger.info("speculative decoding: %s, %d tokens per step, in steps of at most %d running samples",
-                        speculative.method, speculative.num_speculative_tokens, speculative.max_batch_seqs)
+            logger.info("speculative decoding: %s%s, %d tokens per step, in steps of at most %d running samples",
+                        speculative.method, f" ({speculative.draft_model})" if speculative.draft_model else "",
+                        speculative.num_speculative_tokens, speculative.max_batch_seqs)
         self.async_engine = AsyncEngine(self.engine)
         self.kv_endpoint = ""
         self.abort_hooks: list[Callable[[str], Awaitable[bool]]] = [self.async_engine.abort]

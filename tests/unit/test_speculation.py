@@ -1,6 +1,7 @@
-"""Speculative decoding (n-gram prompt lookup) in the engine: the same tokens as without it, greedy and
-sampled, through random arrivals, chunked prefill, prefix caching and n > 1; rejected proposals leave no
-block behind; and the distribution test that shows it would catch a broken verification step."""
+"""Speculative decoding (n-gram prompt lookup and a draft model) in the engine: the same tokens as without it,
+greedy and sampled, through random arrivals, chunked prefill, prefix caching, preemption and n > 1; rejected
+proposals leave no block behind; a draft identical to the model has every proposal accepted (its own KV cache
+is kept right); and the distribution test that shows it would catch a broken verification step."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.sample_processor import SampleProcessor
-from pdserve.engine.speculation import NgramProposer, SpeculativeConfig
+from pdserve.engine.speculation import NgramProposer, Proposer, SpeculativeConfig
 from pdserve.models.loader import load_model
 from pdserve.models.sampling_params import SamplingParams
 from pdserve.models.tiny_model import make_tiny_model
@@ -31,11 +32,25 @@ def trained(tmp_path_factory):
     return model, config, Tokenizer.from_dir(path)
 
 
-def _engine(trained, speculative: SpeculativeConfig | None, **config) -> LLMEngine:
+@pytest.fixture(scope="module")
+def drafts(tmp_path_factory, trained):
+    """Draft models with the trained model's tokenizer: "self" (the model itself, every greedy proposal right)
+    and "other" (another seed, trained less: some proposals right)."""
+    path = make_tiny_model(tmp_path_factory.mktemp("draft_spec"), size="tiny", seed=1, train_steps=150)
+    other, other_config = load_model(path, dtype=torch.float32)
+    return {"self": trained[:2], "other": (other, other_config)}
+
+
+def _engine(trained, speculative: SpeculativeConfig | None, draft=None, **config) -> LLMEngine:
     model, model_config, tokenizer = trained
     config.setdefault("max_num_batched_tokens", 96)
+    draft_runner = ModelRunner(draft[0], draft[1], NUM_BLOCKS, BLOCK_SIZE) if draft is not None else None
     return LLMEngine(ModelRunner(model, model_config, NUM_BLOCKS, BLOCK_SIZE), tokenizer,
-                     EngineConfig(block_size=BLOCK_SIZE, speculative=speculative, **config))
+                     EngineConfig(block_size=BLOCK_SIZE, speculative=speculative, **config), draft_runner)
+
+
+def _draft_config(**kwargs) -> SpeculativeConfig:
+    return SpeculativeConfig(method="draft", draft_model="(in memory)", **kwargs)
 
 
 def _repetitive_prompt(rng: random.Random) -> list[int]:
@@ -132,7 +147,7 @@ def _next_tokens(engine: LLMEngine, prompt: list[int], num_samples: int) -> list
     return [tuple(r.samples[0].token_ids[:4]) for r in engine.generate([prompt] * num_samples, params)]
 
 
-class _RepeatProposer:
+class _RepeatProposer(Proposer):
     """Proposes at every step (the tokens that end the sequence, again): at temperature 1 n-gram lookup
     rarely matches, and the verification step is what this test is about."""
 
@@ -200,3 +215,67 @@ def test_the_opt_out_travels_from_the_public_api_to_the_engine():
         assert public.speculative is not opted_out
         assert sampling_params_from_engine_proto(engine_sampling_params_to_proto(public)) == public
         assert sampling_params_to_proto(public).no_speculation is opted_out
+
+
+@pytest.mark.parametrize("num_blocks", [NUM_BLOCKS, 12], ids=["roomy", "preempting"])
+@pytest.mark.parametrize("draft_name", ["self", "other"])
+def test_draft_model_speculation_gives_the_same_greedy_tokens(trained, drafts, draft_name, num_blocks):
+    """Random arrivals, chunked prefill, a prefix-cache hit, n = 2, an opt-out, and (preempting) a cache so small
+    that requests are preempted and recompute: the tokens of an engine without speculation. The model as its own
+    draft has all but a handful of proposals accepted, which holds only if the draft's KV cache follows the block
+    tables through all of that (a draft reading stale or foreign KV proposes wrong tokens)."""
+    rng = random.Random(21)
+    work = [(rng.randrange(12), random_prompt(rng, rng.randint(4, 40)), greedy(rng.randint(8, 40)))
+            for _ in range(16)]
+    work += [(6, _repetitive_prompt(rng), greedy(24, n=2)), (8, work[0][1], greedy(32)),
+             (9, random_prompt(rng, 20), greedy(32, speculative=False))]
+    reference = run_with_arrivals(_engine(trained, None), work)
+    engine = _engine(trained, _draft_config(num_speculative_tokens=3, max_batch_seqs=64), drafts[draft_name],
+                     num_blocks=num_blocks)
+    results = run_with_arrivals(engine, work)
+    for request_id, want in reference.items():
+        assert [s.token_ids for s in results[request_id].samples] == [s.token_ids for s in want.samples], request_id
+    counters = engine.stats().counters
+    assert counters.num_speculative_proposed_tokens > 200
+    if draft_name == "self":
+        assert counters.speculative_acceptance_rate > 0.97, counters
+    else:
+        assert 0 < counters.num_speculative_accepted_tokens < counters.num_speculative_proposed_tokens
+    if num_blocks < NUM_BLOCKS:
+        assert counters.num_preemptions > 0
+    assert_no_leaks(engine)
+
+
+def test_draft_model_sampling_keeps_the_model_distribution(trained, drafts):
+    """2,000 seeded samples at temperature 1: a draft model's proposals leave every seed's tokens as they are
+    without speculation; the model as its own draft, drawing with the same seeded noise, is accepted nearly
+    always (the coupling); a broken verification step with the other draft moves the distribution past 0.05."""
+    threshold = 0.05
+    rng = random.Random(23)
+    prompt = random_prompt(rng, 12)
+    without = _next_tokens(_engine(trained, None, max_num_seqs=64), prompt, 2000)
+    speculative = _draft_config(num_speculative_tokens=3, max_batch_seqs=64)
+    for name in ("self", "other"):
+        engine = _engine(trained, speculative, drafts[name], max_num_seqs=64)
+        assert _next_tokens(engine, prompt, 2000) == without, name
+        counters = engine.stats().counters
+        assert counters.num_speculative_proposed_tokens > 1000
+        if name == "self":
+            assert counters.speculative_acceptance_rate > 0.97, counters
+    broken = _engine(trained, speculative, drafts["other"], max_num_seqs=64)
+    broken.processor = _AcceptEverything(broken.sampler)
+    distance = _total_variation(_next_tokens(broken, prompt, 2000), without)
+    print(f"total variation with a broken verifier and the other draft: {distance:.3f}")
+    assert distance > threshold
+
+
+def test_a_draft_runner_must_fit_the_engine(trained, drafts):
+    model, config, tokenizer = trained
+    with pytest.raises(ValueError, match="draft runner"):
+        LLMEngine(ModelRunner(model, config, 64, BLOCK_SIZE), tokenizer,
+                  EngineConfig(block_size=BLOCK_SIZE, speculative=_draft_config()))
+    with pytest.raises(ValueError, match="must cover"):
+        LLMEngine(ModelRunner(model, config, 64, BLOCK_SIZE), tokenizer,
+                  EngineConfig(block_size=BLOCK_SIZE, speculative=_draft_config()), ModelRunner(model, config, 32, 16))
+    with pytest.raises(ValueError, match="--draft-model"):
+        SpeculativeConfig(method="draft")

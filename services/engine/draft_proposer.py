@@ -1,0 +1,105 @@
+"""Draft-model proposals: a small checkpoint with the target's tokenizer proposes each sample's next K tokens.
+
+The draft model has its own paged KV cache (a ModelRunner of as many blocks as the target's, same block size)
+addressed by the target's block tables: a sample's blocks hold the target's KV in the target cache and the
+draft's KV in the draft cache, so allocation, copy-on-write, trimming and freeing cover both, and no block
+of either cache can outlive its sample. Sample.num_draft_tokens says how many of the sample's first tokens
+have draft KV. Each speculating step, after the scheduler has allocated blocks for the sample's last token
+and K proposals, the draft runs K batched forwards: the first computes the tokens it has not seen (the prompt
+the prefill server computed, tokens decoded while speculation was off, the last token) and draws proposal 1,
+each later one feeds the previous proposal and draws the next. Draws use the target's sampler with the
+target's seeded noise of the same output position, so where the draft's distribution is close to the
+target's, the proposal is the token the target will draw (at temperature 0 and above). After verification
+the draft keeps the KV of the accepted proposals (the last proposal is never fed, so never more than K - 1).
+
+Preemption frees a sample's blocks and resets num_draft_tokens; a draft cache entry of a block reused by
+another sample is never read, since a sample reads only positions below its own num_draft_tokens. Draft
+KV only ever shapes proposals: verification makes every emitted token the target's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from pdserve.engine.model_runner import ModelRunner, ScheduledChunk
+from pdserve.engine.scheduler import ScheduledSample
+from pdserve.engine.speculation import Proposer
+from pdserve.models.sampler import Sampler, SamplingRow
+
+PLACEHOLDER_TOKEN_ID = 0  # stands for a proposal until the draft computes it (never reaches the target)
+
+
+class DraftProposer(Proposer):
+    """Proposals from a draft model over its own paged KV cache (see the module doc).
+
+    runner: the draft model's ModelRunner (num_blocks >= the engine's, the engine's block size, a vocabulary
+    no larger than the target's); sampler: the engine's sampler (the same seeded draws); vocab_size: the
+    target's vocabulary (a smaller draft vocabulary is padded with -inf logits).
+    """
+
+    def __init__(self, runner: ModelRunner, sampler: Sampler, vocab_size: int | None = None) -> None:
+        self.runner = runner
+        self.sampler = sampler
+        self.vocab_size = vocab_size
+        self.num_draft_forwards = 0  # draft model forwards run (each a batch of the step's speculating samples)
+
+    def propose(self, token_ids: list[int], max_tokens: int) -> list[int]:
+        """max_tokens placeholders: complete() computes the proposals once their blocks are allocated."""
+        return [PLACEHOLDER_TOKEN_ID] * max_tokens
+
+    def complete(self, scheduled: Sequence[ScheduledSample]) -> None:
+        """Replace the placeholder proposals of the step's speculating samples with the draft's draws."""
+        jobs = [s for s in scheduled if s.proposed_token_ids]
+        if not jobs:
+            return
+        tables = [[b.block_id for b in s.sample.block_table] for s in jobs]
+        drafted: list[list[int]] = [[] for _ in jobs]
+        chunks = []
+        for s, table in zip(jobs, tables):
+            sample = s.sample
+            start = min(sample.num_draft_tokens, sample.num_tokens - 1)
+            chunks.append(ScheduledChunk(sample.seq_id, sample.token_slice(start, sample.num_tokens), start, table,
+                                         needs_logits=True))
+        active = list(range(len(jobs)))
+        for k in range(max(len(s.proposed_token_ids) for s in jobs)):
+            if k > 0:
+                active = [i for i in active if len(jobs[i].proposed_token_ids) > k]
+                chunks = [ScheduledChunk(jobs[i].sample.seq_id, [drafted[i][-1]], jobs[i].sample.num_tokens + k - 1,
+                                         tables[i], needs_logits=True) for i in active]
+            logits = self.runner.execute(chunks)
+            if self.vocab_size is not None and logits.shape[1] < self.vocab_size:
+                logits = torch.nn.functional.pad(logits, (0, self.vocab_size - logits.shape[1]), value=float("-inf"))
+            self.num_draft_forwards += 1
+            rows = [self._row(jobs[i], drafted[i]) for i in active]
+            for i, token_id in zip(active, self.sampler(logits, rows).token_ids.tolist()):
+                drafted[i].append(token_id)
+        for s, tokens in zip(jobs, drafted):
+            s.proposed_token_ids[:] = tokens
+            # The draft computed every token but its last proposal.
+            s.sample.num_draft_tokens = s.sample.num_tokens + len(tokens) - 1
+
+    @staticmethod
+    def _row(s: ScheduledSample, drafted: list[int]) -> SamplingRow:
+        """The sampling row of the sample's next drafted token: the position the target will sample it at."""
+        request, sample = s.request, s.sample
+        return SamplingRow(request.params, request.seed, sample.sample_index,
+                           len(sample.output_token_ids) + len(drafted), request.prompt_token_ids,
+                           sample.output_token_ids + drafted)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """The target cache's copy-on-write copies, made in the draft cache too."""
+        self.runner.copy_blocks(pairs)
+
+
+def check_draft_runner(draft: ModelRunner, num_blocks: int, block_size: int, vocab_size: int | None) -> None:
+    """Raise ValueError when a draft runner cannot serve an engine of num_blocks blocks of block_size tokens
+    over a target vocabulary of vocab_size."""
+    if draft.block_size != block_size or draft.num_blocks < num_blocks:
+        raise ValueError(f"the draft model's KV cache ({draft.num_blocks} blocks of {draft.block_size} tokens) "
+                         f"must cover the engine's ({num_blocks} blocks of {block_size})")
+    draft_vocab = draft.config.vocab_size
+    if vocab_size is not None and draft_vocab > vocab_size:
+        raise ValueError(f"the draft model's vocabulary ({draft_vocab} tokens) is larger than the model's "
+                         f"({vocab_size}): a draft must share the model's tokenizer")
