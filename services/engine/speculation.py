@@ -16,8 +16,9 @@ prefix cache.
 Proposers: n-gram prompt lookup (match the last n tokens earlier in the prompt and output, propose what
 followed), and a draft model (pdserve.engine.draft_proposer: a small checkpoint with the target's tokenizer, run
 K times per step over its own paged cache; its draws use the same seeded noise, so a draft close to the target
-proposes what the target draws at any temperature). Speculation is off in a step whose batch has more than max_batch_seqs running samples: a large
-batch is compute-bound, and verifying K tokens per sample then costs more than the steps it saves.
+proposes what the target draws at any temperature). Speculation is off in a step whose batch has more than
+max_batch_seqs running samples: a large batch is compute-bound, and verifying K tokens per sample then costs
+more than the steps it saves.
 """
 
 from __future__ import annotations
