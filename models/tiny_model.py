@@ -170,8 +170,10 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _check_args(arch: str, seed: int, size: str, train_steps: int) -> None:
+def _check_args(arch: str, seed: int, size: str, train_steps: int, tokenizer_size: str | None) -> None:
     """Raise ValueError naming the bad argument."""
+    if tokenizer_size is not None and tokenizer_size not in SIZES:
+        raise ValueError(f"unknown tokenizer_size {tokenizer_size!r}; expected one of {list(SIZES)}")
     if isinstance(train_steps, bool) or not isinstance(train_steps, int) or train_steps < 0:
         raise ValueError(f"train_steps must be an int >= 0, got {train_steps!r}")
     if arch not in ARCHITECTURES:
@@ -183,7 +185,7 @@ def _check_args(arch: str, seed: int, size: str, train_steps: int) -> None:
 
 
 def make_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, size: str = "tiny",
-                    train_steps: int = 0) -> Path:
+                    train_steps: int = 0, tokenizer_size: str | None = None) -> Path:
     """Write a random-weight `arch` checkpoint of preset `size` into `out_dir` and return its path.
 
     arch: "llama" | "qwen2" | "mistral"; size: "tiny" (fast on CPU) | "small" | "base" (~100M params).
@@ -192,12 +194,14 @@ def make_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, siz
     model learns by heart; prompts of a dozen or more tokens from that text continue it with
     peaked distributions. Deterministic on a given machine and torch build (float rounding may
     differ elsewhere). tiny: 600 steps take ~20 s on one busy CPU core. 0 (default): random weights.
+    tokenizer_size: use that size's tokenizer instead of this size's own (e.g. "small" for a "tiny" draft
+    model of a "small" one: drafts must share the model's tokenizer).
     Existing files of the same names in `out_dir` are overwritten.
     """
-    _check_args(arch, seed, size, train_steps)
+    _check_args(arch, seed, size, train_steps, tokenizer_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer_json = train_tokenizer_json(VOCAB_SIZES[size])
+    tokenizer_json = train_tokenizer_json(VOCAB_SIZES[tokenizer_size or size])
     tokenizer = BackendTokenizer.from_str(tokenizer_json)
     bos_id, eos_id = tokenizer.token_to_id(BOS_TOKEN), tokenizer.token_to_id(EOS_TOKEN)
     config = build_config(arch, size, tokenizer.get_vocab_size(with_added_tokens=True), bos_id, eos_id)

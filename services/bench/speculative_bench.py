@@ -1,14 +1,16 @@
-"""Speculative decoding (n-gram prompt lookup) against plain decoding, on one engine, in one run.
+"""Speculative decoding (n-gram prompt lookup, a draft model) against plain decoding, on one engine, in one run.
 
-    pdserve bench speculative [--size small] [--train-steps 600] [--tokens 56] [--out DIR]
+    pdserve bench speculative [--size small] [--draft-size tiny] [--train-steps 600] [--tokens 56] [--out DIR]
 
-Workload "edit" (what prompt lookup is for: an edit or a summary repeats its source): each prompt is a passage of
-the text the model was trained on, a separator, and the passage's first words again; the model continues the
-passage, and prompt lookup proposes it from the prompt. Workload "random" (random prompt ids, for contrast). Each
-is decoded greedily at batch 1 (prompts one after another) and at batch 32 (all at once), with --speculative
-ngram and without, on the same engine settings; the tokens must be identical. Reported: output tokens per second
-of each (the median of --repeats alternated runs) and the ratio, the acceptance rate, accepted tokens per
-speculative chunk, and acceptance by position.
+The model: make-tiny-model --size trained --train-steps; the draft: --draft-size with the model's tokenizer,
+trained as long on the same text. Workload "edit" (what prompt lookup is for: an edit or a summary repeats its
+source): each prompt is a passage of the text the models were trained on, a separator, and the passage's first
+words again; the model continues the passage, prompt lookup proposes it from the prompt. Workload "continue"
+(what a draft model is for: text both models know): the passage's first words alone. Workload "random" (random
+prompt ids, for contrast). Each is decoded greedily at batch 1 (prompts one after another) and at batch 32 (all at
+once), without speculation, with --speculative ngram and with --speculative draft, on the same engine settings;
+the tokens must be identical. Reported: output tokens per second (the median of --repeats alternated runs) and
+the ratio to plain decoding, the acceptance rate, accepted tokens per speculative chunk, acceptance by position.
 At batch 32 the default policy (--speculative-max-batch 8) turns speculation off; the row shows what that costs.
 """
 
@@ -30,23 +32,27 @@ PROMPT_CUE_TOKENS = 8
 
 
 def _workloads(tokenizer, vocab_size: int, count: int) -> dict[str, list[list[int]]]:
-    """count "edit" prompts (a training-text passage, a separator, its first words) and count random ones."""
+    """count "edit" prompts (a training-text passage, a separator, its first words), count "continue" ones (the
+    first words of a passage) and count random ones."""
     from pdserve.models.tiny_model_train import training_tokens
 
     text = training_tokens(tokenizer.backend).tolist()
     generator = torch.Generator().manual_seed(0)
     separator = tokenizer.backend.encode("\n\n", add_special_tokens=False).ids
-    edit = []
+    edit, cont = [], []
     for i in range(count):
         start = (i * 97) % (len(text) - PASSAGE_TOKENS)
         passage = text[start:start + PASSAGE_TOKENS]
-        edit.append(passage + separator + passage[:PROMPT_CUE_TOKENS])
+        edit.append(text[start + PROMPT_CUE_TOKENS:start + PROMPT_CUE_TOKENS + PASSAGE_TOKENS] + separator
+                    + passage[:PROMPT_CUE_TOKENS])
+        cont.append(passage[:2 * PROMPT_CUE_TOKENS])
     random = [torch.randint(3, vocab_size, (PASSAGE_TOKENS,), generator=generator).tolist() for _ in range(count)]
-    return {"edit": edit, "random": random}
+    return {"edit": edit, "continue": cont, "random": random}
 
 
-def _decode(model, config, tokenizer, prompts: list[list[int]], batch: int, tokens: int, speculative):
-    """Greedy decode of prompts, batch at a time; (tokens per prompt, output tokens/s, counters)."""
+def _decode(model, config, tokenizer, prompts: list[list[int]], batch: int, tokens: int, speculative, draft=None):
+    """Greedy decode of prompts, batch at a time (draft: the draft's (model, config) for --speculative draft);
+    (tokens per prompt, output tokens/s, counters)."""
     from pdserve.engine.config import EngineConfig
     from pdserve.engine.engine import LLMEngine
     from pdserve.engine.model_runner import ModelRunner
@@ -54,9 +60,10 @@ def _decode(model, config, tokenizer, prompts: list[list[int]], batch: int, toke
     from pdserve.models.sampling_params import SamplingParams
 
     blocks = batch * -(-(PASSAGE_TOKENS + PROMPT_CUE_TOKENS + tokens + 32) // 16) + 64
+    draft_runner = ModelRunner(*draft, blocks, 16, cpu_linear="none") if draft is not None else None
     engine = LLMEngine(ModelRunner(model, config, blocks, 16, cpu_linear="none"), tokenizer,
                        EngineConfig(block_size=16, max_num_seqs=batch, max_num_batched_tokens=2048,
-                                    enable_prefix_caching=False, speculative=speculative))
+                                    enable_prefix_caching=False, speculative=speculative), draft_runner)
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     engine.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm up
     engine.counters = EngineCounters()  # count the timed runs only
@@ -81,40 +88,54 @@ def run(ns: argparse.Namespace) -> int:
     from pdserve.models.tokenizer import Tokenizer
 
     torch.set_num_threads(ns.threads)
-    model_dir = make_tiny_model(Path(tempfile.mkdtemp(prefix="pdserve-specbench-")) / "model", size=ns.size,
-                                train_steps=ns.train_steps)
+    work_dir = Path(tempfile.mkdtemp(prefix="pdserve-specbench-"))
+    model_dir = make_tiny_model(work_dir / "model", size=ns.size, train_steps=ns.train_steps)
+    draft_dir = make_tiny_model(work_dir / "draft", size=ns.draft_size, train_steps=ns.train_steps,
+                                tokenizer_size=ns.size)
     model, config = load_model(model_dir, dtype="float32")
+    draft = load_model(draft_dir, dtype="float32")
     tokenizer = Tokenizer.from_dir(model_dir)
-    speculative = SpeculativeConfig(num_speculative_tokens=ns.num_speculative_tokens,
-                                    max_batch_seqs=ns.speculative_max_batch)
+    methods = {"ngram": (SpeculativeConfig(num_speculative_tokens=ns.num_speculative_tokens,
+                                           max_batch_seqs=ns.speculative_max_batch), None),
+               "draft": (SpeculativeConfig("draft", num_speculative_tokens=ns.num_speculative_tokens,
+                                           max_batch_seqs=ns.speculative_max_batch, draft_model=str(draft_dir)),
+                         draft)}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip() or "unknown"
     result: dict = {"commit": commit, "date": time.strftime("%Y-%m-%d"), "model": f"make-tiny-model {ns.size} "
-                    f"trained {ns.train_steps} steps", "tokens": ns.tokens, "threads": ns.threads,
-                    "speculative": vars(speculative), "rows": []}
+                    f"trained {ns.train_steps} steps", "draft": f"make-tiny-model {ns.draft_size} (the model's "
+                    f"tokenizer) trained {ns.train_steps} steps", "tokens": ns.tokens, "threads": ns.threads,
+                    "num_speculative_tokens": ns.num_speculative_tokens,
+                    "speculative_max_batch": ns.speculative_max_batch, "rows": []}
     ok = True
     for name, prompts in _workloads(tokenizer, config.vocab_size, max(BATCH_SIZES)).items():
         for batch in BATCH_SIZES:
             chosen = prompts[:8] if batch == 1 else prompts
-            plain_runs, spec_runs = [], []
-            for _ in range(ns.repeats):  # alternated, so that drifting load hits both alike
-                plain_tokens, tps, _ = _decode(model, config, tokenizer, chosen, batch, ns.tokens, None)
-                plain_runs.append(tps)
-                spec_tokens, tps, c = _decode(model, config, tokenizer, chosen, batch, ns.tokens, speculative)
-                spec_runs.append(tps)
-            plain_tps, spec_tps = statistics.median(plain_runs), statistics.median(spec_runs)
-            row = {"workload": name, "batch": batch, "prompts": len(chosen), "plain_tokens_per_s": plain_tps,
-                   "speculative_tokens_per_s": spec_tps, "ratio": spec_tps / plain_tps,
-                   "identical": spec_tokens == plain_tokens, "acceptance_rate": c.speculative_acceptance_rate,
-                   "accepted_per_chunk": c.mean_speculative_accepted_length,
-                   "speculative_chunks": c.num_speculative_chunks,
-                   "accepted_by_position": [n / c.num_speculative_chunks if c.num_speculative_chunks else 0.0
-                                            for n in c.speculative_accepted_by_position]}
-            result["rows"].append(row)
-            ok &= row["identical"]
-            print(f"{name:6s} batch {batch:2d}: {plain_tps:7.1f} -> {spec_tps:7.1f} tokens/s ({row['ratio']:.2f}x), "
-                  f"acceptance {row['acceptance_rate']:.2f}, {row['accepted_per_chunk']:.2f} accepted per chunk, "
-                  f"identical {row['identical']}", flush=True)
+            runs: dict[str, list[float]] = {"plain": [], **{m: [] for m in methods}}
+            outputs, counters = {}, {}
+            for _ in range(ns.repeats):  # alternated, so that drifting load hits all alike
+                outputs["plain"], tps, _ = _decode(model, config, tokenizer, chosen, batch, ns.tokens, None)
+                runs["plain"].append(tps)
+                for method, (speculative, method_draft) in methods.items():
+                    outputs[method], tps, counters[method] = _decode(model, config, tokenizer, chosen, batch,
+                                                                     ns.tokens, speculative, method_draft)
+                    runs[method].append(tps)
+            plain_tps = statistics.median(runs["plain"])
+            for method in methods:
+                c, spec_tps = counters[method], statistics.median(runs[method])
+                row = {"workload": name, "batch": batch, "method": method, "prompts": len(chosen),
+                       "plain_tokens_per_s": plain_tps, "speculative_tokens_per_s": spec_tps,
+                       "ratio": spec_tps / plain_tps, "identical": outputs[method] == outputs["plain"],
+                       "acceptance_rate": c.speculative_acceptance_rate,
+                       "accepted_per_chunk": c.mean_speculative_accepted_length,
+                       "speculative_chunks": c.num_speculative_chunks,
+                       "accepted_by_position": [n / c.num_speculative_chunks if c.num_speculative_chunks else 0.0
+                                                for n in c.speculative_accepted_by_position]}
+                result["rows"].append(row)
+                ok &= row["identical"]
+                print(f"{name:8s} batch {batch:2d} {method:5s}: {plain_tps:7.1f} -> {spec_tps:7.1f} tokens/s "
+                      f"({row['ratio']:.2f}x), acceptance {row['acceptance_rate']:.2f}, "
+                      f"{row['accepted_per_chunk']:.2f} accepted per chunk, identical {row['identical']}", flush=True)
     if ns.out:
         Path(ns.out).mkdir(parents=True, exist_ok=True)
         (Path(ns.out) / "speculative.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -133,11 +133,12 @@ def _register_tensor_parallel(bench: argparse._SubParsersAction) -> None:
 
 
 def _register_speculative(bench: argparse._SubParsersAction) -> None:
-    p = bench.add_parser("speculative", help="n-gram speculative decoding against plain decoding: batch 1 and 32, "
-                                             "an edit-like and a random workload, one run",
-                         description="Greedy decoding with --speculative ngram and without on one engine "
+    p = bench.add_parser("speculative", help="n-gram and draft-model speculative decoding against plain decoding: "
+                                             "batch 1 and 32, edit-like, continuation and random workloads, one run",
+                         description="Greedy decoding with --speculative ngram, draft and without on one engine "
                                      "(services/bench/speculative_bench.py): tokens/s ratio, acceptance, identical tokens")
     p.add_argument("--size", default="small", help="make-tiny-model size")
+    p.add_argument("--draft-size", default="tiny", help="make-tiny-model size of the draft (the model's tokenizer)")
     p.add_argument("--train-steps", type=int, default=600, help="train the model this many steps (it then continues "
                    "its training text, which the edit workload quotes)")
     p.add_argument("--tokens", type=int, default=56, help="output tokens per request (the edit workload's passage: 64)")

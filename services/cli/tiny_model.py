@@ -15,6 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-steps", type=int, default=0, metavar="N",
                    help="then train the random weights N AdamW steps on the start of the packaged corpus "
                         "(peaked, real-model-like distributions; tiny: 600 steps ~20 s); default 0: random")
+    p.add_argument("--tokenizer-size", default=None, help="use this size's tokenizer (a draft model for "
+                   "--speculative draft shares its model's: e.g. --size tiny --tokenizer-size small)")
     p.set_defaults(run=run)
 
 
@@ -22,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
     """Write the checkpoint and say where it is."""
     from pdserve.models.tiny_model import make_tiny_model
 
-    path = make_tiny_model(args.dir, arch=args.arch, seed=args.seed, size=args.size, train_steps=args.train_steps)
+    path = make_tiny_model(args.dir, arch=args.arch, seed=args.seed, size=args.size, train_steps=args.train_steps,
+                           tokenizer_size=args.tokenizer_size)
     trained = f", trained {args.train_steps} steps" if args.train_steps else ""
     print(f"wrote {args.arch} ({args.size}, seed {args.seed}{trained}) checkpoint to {path}")
     return 0

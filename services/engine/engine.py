@@ -279,11 +279,13 @@ class LLMEngine:
     def _propose(self, request: Request, sample: Sample, max_tokens: int) -> list[int]:
         """Speculative proposals for a sample about to decode one token (the scheduler asks): at most
         num_speculative_tokens, max_tokens (the step's budget left), and what its max_tokens and the
-        model length leave after the token the step draws anyway."""
-        limit = min(self.config.speculative.num_speculative_tokens, max_tokens,
+        model length leave after the token the step draws anyway, and what the sample's pace allows."""
+        if not request.params.speculative:
+            return []
+        limit = min(sample.speculation_pace.limit(self.config.speculative.num_speculative_tokens), max_tokens,
                     request.params.max_tokens - len(sample.output_token_ids) - 1,
                     self.max_model_len - sample.num_tokens - 1)
-        if limit <= 0 or not request.params.speculative:
+        if limit <= 0:
             return []
         return self.proposer.propose(sample.prompt_token_ids + sample.output_token_ids, limit)
 
@@ -302,6 +304,7 @@ class LLMEngine:
             sample = v.sample
             if sample.is_finished:  # its blocks are freed with it
                 continue
+            sample.speculation_pace.record(v.num_proposed, v.num_accepted, self.config.speculative.num_speculative_tokens)
             sample.num_computed_tokens += v.num_accepted
             # A draft model's KV stays valid up to the first token it was not shown (see draft_proposer).
             sample.num_draft_tokens = min(sample.num_draft_tokens, sample.num_tokens - 1)

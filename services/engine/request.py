@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pdserve.engine.speculation import SpeculationPace
 from pdserve.models.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -31,7 +32,8 @@ class Sample:
     of them have KV in block_table (position p lives in block_table[p // block_size]).
     block_hashes / prefix_uids describe the full blocks registered (or matched) in the prefix cache.
     num_draft_tokens: with a draft model speculating, how many of the sequence's first tokens have the draft's KV
-    in the draft cache (the same block_table, the draft model's own cache tensors).
+    in the draft cache (the same block_table, the draft model's own cache tensors); speculation_pace: how many
+    tokens it proposes next (pdserve.engine.speculation).
     pending_text: text of tokens generated elsewhere (before this engine continued the sample),
     handed out with the sample's next output.
     """
@@ -48,6 +50,7 @@ class Sample:
     finish_reason: str | None = None
     stop_checker: StopChecker | None = None
     pending_text: str = ""
+    speculation_pace: SpeculationPace = field(default_factory=SpeculationPace)
 
     @property
     def num_tokens(self) -> int:

@@ -63,6 +63,40 @@ class SpeculativeConfig:
                              "and --draft-model needs --speculative draft")
 
 
+MAX_BACKOFF_STEPS = 32
+
+
+@dataclass
+class SpeculationPace:
+    """How much one sample speculates, from how its recent proposals fared (proposals cost a verification
+    each; a workload the proposer cannot predict must not pay for them every step).
+
+    length: proposals to make next (at most num_speculative_tokens): one more than were accepted last time
+    (so it grows by one while all are accepted). After a chunk with nothing accepted the sample sits out 2, 4, 8 ..
+    (at most MAX_BACKOFF_STEPS) decode steps before proposing again; any acceptance ends the back-off."""
+
+    length: int | None = None  # None: num_speculative_tokens
+    misses: int = 0
+    skip_steps: int = 0
+
+    def limit(self, num_speculative_tokens: int) -> int:
+        """Proposals to make this step (0 while backing off; a call per decode step that could speculate)."""
+        if self.skip_steps > 0:
+            self.skip_steps -= 1
+            return 0
+        return num_speculative_tokens if self.length is None else min(self.length, num_speculative_tokens)
+
+    def record(self, num_proposed: int, num_accepted: int, num_speculative_tokens: int) -> None:
+        """Update after a verification of num_proposed proposals of which num_accepted led."""
+        if num_accepted == 0:
+            self.misses += 1
+            self.skip_steps = min(2 ** self.misses, MAX_BACKOFF_STEPS)
+            self.length = 1
+            return
+        self.misses = 0
+        self.length = min(num_accepted + 1, num_speculative_tokens)
+
+
 class Proposer:
     """What the engine asks for proposals. The scheduler calls propose() for each sample about to decode one
     token (how many, and which when they are known then); once the step's blocks are allocated, complete()
