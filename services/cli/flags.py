@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")  # pdserve.kernels.kv_quant.KV_CACHE_DTYPES (checked by a test)
 CPU_LINEAR_BACKENDS = ("auto", "native", "onednn", "none")  # pdserve.models.cpu_packed_linear's (tested)
-SPECULATIVE_METHODS = ("none", "ngram")  # pdserve.engine.speculation.SPECULATIVE_METHODS (tested)
+SPECULATIVE_METHODS = ("none", "ngram", "draft")  # pdserve.engine.speculation.SPECULATIVE_METHODS (tested)
 
 
 def env_default(flag: str, default=None, kind=str):

@@ -301,3 +301,22 @@ def test_a_draft_runner_must_fit_the_engine(trained, drafts):
                   EngineConfig(block_size=BLOCK_SIZE, speculative=_draft_config()), ModelRunner(model, config, 32, 16))
     with pytest.raises(ValueError, match="--draft-model"):
         SpeculativeConfig(method="draft")
+
+
+def test_build_engine_loads_a_draft_and_refuses_one_with_another_tokenizer(tmp_path):
+    from pdserve.engine.setup import EngineArgs, build_engine
+
+    model_dir = make_tiny_model(tmp_path / "model", size="tiny")
+    args = EngineArgs(model=str(model_dir), kv_cache_mb=4, speculative="draft", draft_model=str(model_dir))
+    engine, _ = build_engine(args)
+    assert engine.proposer.runner.num_blocks == engine.runner.num_blocks
+    foreign = make_tiny_model(tmp_path / "foreign", size="tiny", tokenizer_size="small")
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        build_engine(EngineArgs(model=str(model_dir), kv_cache_mb=4, speculative="draft", draft_model=str(foreign)))
+
+
+def test_the_flag_offers_every_speculative_method():
+    from pdserve.cli import flags
+    from pdserve.engine import speculation
+
+    assert flags.SPECULATIVE_METHODS == speculation.SPECULATIVE_METHODS  # the flag module stays torch-free
