@@ -12,6 +12,7 @@ once), without speculation, with --speculative ngram and with --speculative draf
 the tokens must be identical. Reported: output tokens per second (the median of --repeats alternated runs) and
 the ratio to plain decoding, the acceptance rate, accepted tokens per speculative chunk, acceptance by position.
 At batch 32 the default policy (--speculative-max-batch 8) turns speculation off; the row shows what that costs.
+The crossover rows run batches of 2, 4, 8 and 16 with speculation on whatever the batch: where it stops paying.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 BATCH_SIZES = (1, 32)
+CROSSOVER_BATCH_SIZES = (2, 4, 8, 16)
 PASSAGE_TOKENS = 64
 PROMPT_CUE_TOKENS = 8
 
@@ -79,9 +81,41 @@ def _decode(model, config, tokenizer, prompts: list[list[int]], batch: int, toke
     return out, len(prompts) * tokens / decode_s, engine.stats().counters
 
 
+def _compare(model, config, tokenizer, prompts, batch: int, methods: dict, ns: argparse.Namespace,
+             workload: str) -> list[dict]:
+    """Plain decoding and each method on the same prompts, --repeats alternated runs; a row per method."""
+    runs: dict[str, list[float]] = {"plain": [], **{m: [] for m in methods}}
+    outputs, counters = {}, {}
+    for _ in range(ns.repeats):  # alternated, so that drifting load hits all alike
+        outputs["plain"], tps, _ = _decode(model, config, tokenizer, prompts, batch, ns.tokens, None)
+        runs["plain"].append(tps)
+        for method, (speculative, draft) in methods.items():
+            outputs[method], tps, counters[method] = _decode(model, config, tokenizer, prompts, batch, ns.tokens,
+                                                             speculative, draft)
+            runs[method].append(tps)
+    plain_tps = statistics.median(runs["plain"])
+    rows = []
+    for method in methods:
+        c, spec_tps = counters[method], statistics.median(runs[method])
+        row = {"workload": workload, "batch": batch, "method": method, "prompts": len(prompts),
+               "max_batch_seqs": methods[method][0].max_batch_seqs,
+               "plain_tokens_per_s": plain_tps, "speculative_tokens_per_s": spec_tps,
+               "ratio": spec_tps / plain_tps, "identical": outputs[method] == outputs["plain"],
+               "acceptance_rate": c.speculative_acceptance_rate,
+               "accepted_per_chunk": c.mean_speculative_accepted_length,
+               "speculative_chunks": c.num_speculative_chunks,
+               "accepted_by_position": [n / c.num_speculative_chunks if c.num_speculative_chunks else 0.0
+                                        for n in c.speculative_accepted_by_position]}
+        rows.append(row)
+        print(f"{workload:8s} batch {batch:2d} {method:5s}: {plain_tps:7.1f} -> {spec_tps:7.1f} tokens/s "
+              f"({row['ratio']:.2f}x), acceptance {row['acceptance_rate']:.2f}, "
+              f"{row['accepted_per_chunk']:.2f} accepted per chunk, identical {row['identical']}", flush=True)
+    return rows
+
+
 def run(ns: argparse.Namespace) -> int:
-    """Run every workload at both batch sizes, print, write speculative.json to --out; exit 1 when the
-    tokens differ."""
+    """Run every workload at both batch sizes, then the crossover batches, print, write speculative.json to
+    --out; exit 1 when the tokens differ."""
     from pdserve.engine.speculation import SpeculativeConfig
     from pdserve.models.loader import load_model
     from pdserve.models.tiny_model import make_tiny_model
@@ -95,47 +129,32 @@ def run(ns: argparse.Namespace) -> int:
     model, config = load_model(model_dir, dtype="float32")
     draft = load_model(draft_dir, dtype="float32")
     tokenizer = Tokenizer.from_dir(model_dir)
-    methods = {"ngram": (SpeculativeConfig(num_speculative_tokens=ns.num_speculative_tokens,
-                                           max_batch_seqs=ns.speculative_max_batch), None),
-               "draft": (SpeculativeConfig("draft", num_speculative_tokens=ns.num_speculative_tokens,
-                                           max_batch_seqs=ns.speculative_max_batch, draft_model=str(draft_dir)),
-                         draft)}
+
+    def methods(max_batch_seqs: int) -> dict:
+        return {"ngram": (SpeculativeConfig(num_speculative_tokens=ns.num_speculative_tokens,
+                                            max_batch_seqs=max_batch_seqs), None),
+                "draft": (SpeculativeConfig("draft", num_speculative_tokens=ns.num_speculative_tokens,
+                                            max_batch_seqs=max_batch_seqs, draft_model=str(draft_dir)), draft)}
+
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip() or "unknown"
     result: dict = {"commit": commit, "date": time.strftime("%Y-%m-%d"), "model": f"make-tiny-model {ns.size} "
                     f"trained {ns.train_steps} steps", "draft": f"make-tiny-model {ns.draft_size} (the model's "
                     f"tokenizer) trained {ns.train_steps} steps", "tokens": ns.tokens, "threads": ns.threads,
                     "num_speculative_tokens": ns.num_speculative_tokens,
-                    "speculative_max_batch": ns.speculative_max_batch, "rows": []}
-    ok = True
-    for name, prompts in _workloads(tokenizer, config.vocab_size, max(BATCH_SIZES)).items():
+                    "speculative_max_batch": ns.speculative_max_batch, "rows": [], "crossover": []}
+    workloads = _workloads(tokenizer, config.vocab_size, max(BATCH_SIZES))
+    for name, prompts in workloads.items():
         for batch in BATCH_SIZES:
             chosen = prompts[:8] if batch == 1 else prompts
-            runs: dict[str, list[float]] = {"plain": [], **{m: [] for m in methods}}
-            outputs, counters = {}, {}
-            for _ in range(ns.repeats):  # alternated, so that drifting load hits all alike
-                outputs["plain"], tps, _ = _decode(model, config, tokenizer, chosen, batch, ns.tokens, None)
-                runs["plain"].append(tps)
-                for method, (speculative, method_draft) in methods.items():
-                    outputs[method], tps, counters[method] = _decode(model, config, tokenizer, chosen, batch,
-                                                                     ns.tokens, speculative, method_draft)
-                    runs[method].append(tps)
-            plain_tps = statistics.median(runs["plain"])
-            for method in methods:
-                c, spec_tps = counters[method], statistics.median(runs[method])
-                row = {"workload": name, "batch": batch, "method": method, "prompts": len(chosen),
-                       "plain_tokens_per_s": plain_tps, "speculative_tokens_per_s": spec_tps,
-                       "ratio": spec_tps / plain_tps, "identical": outputs[method] == outputs["plain"],
-                       "acceptance_rate": c.speculative_acceptance_rate,
-                       "accepted_per_chunk": c.mean_speculative_accepted_length,
-                       "speculative_chunks": c.num_speculative_chunks,
-                       "accepted_by_position": [n / c.num_speculative_chunks if c.num_speculative_chunks else 0.0
-                                                for n in c.speculative_accepted_by_position]}
-                result["rows"].append(row)
-                ok &= row["identical"]
-                print(f"{name:8s} batch {batch:2d} {method:5s}: {plain_tps:7.1f} -> {spec_tps:7.1f} tokens/s "
-                      f"({row['ratio']:.2f}x), acceptance {row['acceptance_rate']:.2f}, "
-                      f"{row['accepted_per_chunk']:.2f} accepted per chunk, identical {row['identical']}", flush=True)
+            result["rows"] += _compare(model, config, tokenizer, chosen, batch, methods(ns.speculative_max_batch),
+                                       ns, name)
+    print("crossover: speculation on at every batch size (what --speculative-max-batch is chosen from)")
+    for batch in CROSSOVER_BATCH_SIZES:
+        for name in ("edit", "continue"):
+            result["crossover"] += _compare(model, config, tokenizer, workloads[name][:batch], batch,
+                                            methods(max(CROSSOVER_BATCH_SIZES)), ns, name)
+    ok = all(row["identical"] for row in result["rows"] + result["crossover"])
     if ns.out:
         Path(ns.out).mkdir(parents=True, exist_ok=True)
         (Path(ns.out) / "speculative.json").write_text(json.dumps(result, indent=2) + "\n")
