@@ -2,17 +2,22 @@
 
     pdserve bench speculative [--size small] [--draft-size tiny] [--train-steps 600] [--tokens 56] [--out DIR]
 
-The model: make-tiny-model --size trained --train-steps; the draft: --draft-size with the model's tokenizer,
-trained as long on the same text. Workload "edit" (what prompt lookup is for: an edit or a summary repeats its
-source): each prompt is a passage of the text the models were trained on, a separator, and the passage's first
-words again; the model continues the passage, prompt lookup proposes it from the prompt. Workload "continue"
-(what a draft model is for: text both models know): the passage's first words alone. Workload "random" (random
-prompt ids, for contrast). Each is decoded greedily at batch 1 (prompts one after another) and at batch 32 (all at
-once), without speculation, with --speculative ngram and with --speculative draft, on the same engine settings;
-the tokens must be identical. Reported: output tokens per second (the median of --repeats alternated runs) and
-the ratio to plain decoding, the acceptance rate, accepted tokens per speculative chunk, acceptance by position.
-At batch 32 the default policy (--speculative-max-batch 8) turns speculation off; the row shows what that costs.
-The crossover rows run batches of 2, 4, 8 and 16 with speculation on whatever the batch: where it stops paying.
+The model: make-tiny-model of --size, trained --train-steps steps; the draft: make-tiny-model of --draft-size with
+the model's tokenizer, trained as long on the same text. Workloads, from that text (which both models reproduce
+when cued with its own words):
+- "edit" (what prompt lookup is for: the output repeats the prompt, as an edit or a summary repeats its source):
+  64 tokens of the text, a blank line, then the 8 tokens that precede them in the text; the model goes on with
+  the text, which the prompt holds, so prompt lookup finds it (if the model follows it);
+- "continue" (what a draft model is for: text both models predict): 16 tokens of the text alone;
+- "random": random prompt ids, for contrast.
+Each is decoded greedily at batch 1 (8 prompts one after another) and at batch 32 (all at once), without
+speculation, with --speculative ngram and with --speculative draft, on the same engine settings (prefix caching
+on: each prompt is prefilled once before the timed run, which then decodes); the tokens must be identical in every
+run. Reported: output tokens per second (the median of --repeats alternated runs, and the range of the per-run
+ratios) and the ratio to plain decoding, the acceptance rate, accepted tokens per speculative chunk, acceptance by
+position. At batch 32 the default policy (--speculative-max-batch 8) turns speculation off; the row shows what
+that costs (and the noise: both sides then decode alike). The crossover rows run batches of 2, 4, 8 and 16 with
+speculation on whatever the batch: where it stops paying.
 """
 
 from __future__ import annotations
@@ -34,8 +39,7 @@ PROMPT_CUE_TOKENS = 8
 
 
 def _workloads(tokenizer, vocab_size: int, count: int) -> dict[str, list[list[int]]]:
-    """count "edit" prompts (a training-text passage, a separator, its first words), count "continue" ones (the
-    first words of a passage) and count random ones."""
+    """count prompts of each workload (see the module doc): "edit", "continue" and "random"."""
     from pdserve.models.tiny_model_train import training_tokens
 
     text = training_tokens(tokenizer.backend).tolist()
@@ -54,7 +58,7 @@ def _workloads(tokenizer, vocab_size: int, count: int) -> dict[str, list[list[in
 
 def _decode(model, config, tokenizer, prompts: list[list[int]], batch: int, tokens: int, speculative, draft=None):
     """Greedy decode of prompts, batch at a time (draft: the draft's (model, config) for --speculative draft);
-    (tokens per prompt, output tokens/s, counters)."""
+    (tokens per prompt, output tokens/s, counters of the timed runs)."""
     from pdserve.engine.config import EngineConfig
     from pdserve.engine.engine import LLMEngine
     from pdserve.engine.model_runner import ModelRunner
@@ -65,7 +69,7 @@ def _decode(model, config, tokenizer, prompts: list[list[int]], batch: int, toke
     draft_runner = ModelRunner(*draft, blocks, 16, cpu_linear="none") if draft is not None else None
     engine = LLMEngine(ModelRunner(model, config, blocks, 16, cpu_linear="none"), tokenizer,
                        EngineConfig(block_size=16, max_num_seqs=batch, max_num_batched_tokens=2048,
-                                    enable_prefix_caching=False, speculative=speculative), draft_runner)
+                                    enable_prefix_caching=True, speculative=speculative), draft_runner)
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     engine.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm up
     engine.counters = EngineCounters()  # count the timed runs only
@@ -85,14 +89,15 @@ def _compare(model, config, tokenizer, prompts, batch: int, methods: dict, ns: a
              workload: str) -> list[dict]:
     """Plain decoding and each method on the same prompts, --repeats alternated runs; a row per method."""
     runs: dict[str, list[float]] = {"plain": [], **{m: [] for m in methods}}
-    outputs, counters = {}, {}
+    identical, counters = dict.fromkeys(methods, True), {}
     for _ in range(ns.repeats):  # alternated, so that drifting load hits all alike
-        outputs["plain"], tps, _ = _decode(model, config, tokenizer, prompts, batch, ns.tokens, None)
+        plain, tps, _ = _decode(model, config, tokenizer, prompts, batch, ns.tokens, None)
         runs["plain"].append(tps)
         for method, (speculative, draft) in methods.items():
-            outputs[method], tps, counters[method] = _decode(model, config, tokenizer, prompts, batch, ns.tokens,
-                                                             speculative, draft)
+            tokens, tps, counters[method] = _decode(model, config, tokenizer, prompts, batch, ns.tokens,
+                                                    speculative, draft)
             runs[method].append(tps)
+            identical[method] &= tokens == plain
     plain_tps = statistics.median(runs["plain"])
     rows = []
     for method in methods:
@@ -100,7 +105,8 @@ def _compare(model, config, tokenizer, prompts, batch: int, methods: dict, ns: a
         row = {"workload": workload, "batch": batch, "method": method, "prompts": len(prompts),
                "max_batch_seqs": methods[method][0].max_batch_seqs,
                "plain_tokens_per_s": plain_tps, "speculative_tokens_per_s": spec_tps,
-               "ratio": spec_tps / plain_tps, "identical": outputs[method] == outputs["plain"],
+               "ratio": spec_tps / plain_tps, "identical": identical[method],
+               "run_ratios": [spec / plain for spec, plain in zip(runs[method], runs["plain"])],
                "acceptance_rate": c.speculative_acceptance_rate,
                "accepted_per_chunk": c.mean_speculative_accepted_length,
                "speculative_chunks": c.num_speculative_chunks,
@@ -108,7 +114,8 @@ def _compare(model, config, tokenizer, prompts, batch: int, methods: dict, ns: a
                                         for n in c.speculative_accepted_by_position]}
         rows.append(row)
         print(f"{workload:8s} batch {batch:2d} {method:5s}: {plain_tps:7.1f} -> {spec_tps:7.1f} tokens/s "
-              f"({row['ratio']:.2f}x), acceptance {row['acceptance_rate']:.2f}, "
+              f"({row['ratio']:.2f}x, runs {min(row['run_ratios']):.2f}-{max(row['run_ratios']):.2f}x), "
+              f"acceptance {row['acceptance_rate']:.2f}, "
               f"{row['accepted_per_chunk']:.2f} accepted per chunk, identical {row['identical']}", flush=True)
     return rows
 
@@ -121,6 +128,8 @@ def run(ns: argparse.Namespace) -> int:
     from pdserve.models.tiny_model import make_tiny_model
     from pdserve.models.tokenizer import Tokenizer
 
+    if ns.draft_size == ns.size:
+        raise ValueError("--draft-size must differ from --size (the same size, seed and training make the model itself)")
     torch.set_num_threads(ns.threads)
     work_dir = Path(tempfile.mkdtemp(prefix="pdserve-specbench-"))
     model_dir = make_tiny_model(work_dir / "model", size=ns.size, train_steps=ns.train_steps)

@@ -72,6 +72,10 @@ class EngineArgs:
     speculative_max_batch: int = 8  # speculate only in steps with at most this many running samples
     draft_model: str | None = None  # the draft checkpoint for --speculative draft
 
+    def __post_init__(self) -> None:
+        if self.draft_model and self.speculative != "draft":
+            raise ValueError(f"--draft-model is for --speculative draft (this server has --speculative {self.speculative})")
+
     def speculative_config(self) -> SpeculativeConfig | None:
         """The engine's speculative decoding settings (None when --speculative none)."""
         if self.speculative == "none":

@@ -34,16 +34,21 @@ PLACEHOLDER_TOKEN_ID = 0  # stands for a proposal until the draft computes it (n
 class DraftProposer(Proposer):
     """Proposals from a draft model over its own paged KV cache (see the module doc).
 
-    runner: the draft model's ModelRunner (num_blocks >= the engine's, the engine's block size, a vocabulary
-    no larger than the target's); sampler: the engine's sampler (the same seeded draws); vocab_size: the
-    target's vocabulary (a smaller draft vocabulary is padded with -inf logits).
+    runner: the draft model's ModelRunner (see check_draft_runner); sampler: the engine's sampler (the same
+    seeded draws); vocab_size: the model's vocabulary (draft logits are cut or padded with -inf to it; ids past
+    a smaller draft vocabulary are shown to the draft as id 0: its proposals there are merely guesses);
+    max_tokens_per_forward: the most tokens one draft forward computes (a long catch-up, such as a prompt
+    the prefill server computed, is split into forwards of at most this many tokens).
     """
 
-    def __init__(self, runner: ModelRunner, sampler: Sampler, vocab_size: int | None = None) -> None:
+    def __init__(self, runner: ModelRunner, sampler: Sampler, vocab_size: int, max_tokens_per_forward: int) -> None:
+        if max_tokens_per_forward < 1:
+            raise ValueError(f"max_tokens_per_forward must be >= 1, got {max_tokens_per_forward}")
         self.runner = runner
         self.sampler = sampler
         self.vocab_size = vocab_size
-        self.num_draft_forwards = 0  # draft model forwards run (each a batch of the step's speculating samples)
+        self.draft_vocab_size = runner.config.vocab_size
+        self.max_tokens_per_forward = max_tokens_per_forward
 
     def propose(self, token_ids: list[int], max_tokens: int) -> list[int]:
         """max_tokens placeholders: complete() computes the proposals once their blocks are allocated."""
@@ -55,23 +60,22 @@ class DraftProposer(Proposer):
         if not jobs:
             return
         tables = [[b.block_id for b in s.sample.block_table] for s in jobs]
+        starts = self._catch_up(jobs, tables)
         drafted: list[list[int]] = [[] for _ in jobs]
-        chunks = []
-        for s, table in zip(jobs, tables):
-            sample = s.sample
-            start = min(sample.num_draft_tokens, sample.num_tokens - 1)
-            chunks.append(ScheduledChunk(sample.seq_id, sample.token_slice(start, sample.num_tokens), start, table,
-                                         needs_logits=True))
         active = list(range(len(jobs)))
         for k in range(max(len(s.proposed_token_ids) for s in jobs)):
-            if k > 0:
+            if k == 0:  # what the draft has not seen of each sample, its last token included
+                chunks = [ScheduledChunk(s.sample.seq_id, self._ids(s.sample.token_slice(start, s.sample.num_tokens)),
+                                         start, table, needs_logits=True)
+                          for s, start, table in zip(jobs, starts, tables)]
+            else:
                 active = [i for i in active if len(jobs[i].proposed_token_ids) > k]
                 chunks = [ScheduledChunk(jobs[i].sample.seq_id, [drafted[i][-1]], jobs[i].sample.num_tokens + k - 1,
                                          tables[i], needs_logits=True) for i in active]
             logits = self.runner.execute(chunks)
-            if self.vocab_size is not None and logits.shape[1] < self.vocab_size:
-                logits = torch.nn.functional.pad(logits, (0, self.vocab_size - logits.shape[1]), value=float("-inf"))
-            self.num_draft_forwards += 1
+            if logits.shape[1] != self.vocab_size:  # draws must be ids of the model's vocabulary
+                logits = (logits[:, :self.vocab_size] if logits.shape[1] > self.vocab_size else
+                          torch.nn.functional.pad(logits, (0, self.vocab_size - logits.shape[1]), value=float("-inf")))
             rows = [self._row(jobs[i], drafted[i]) for i in active]
             for i, token_id in zip(active, self.sampler(logits, rows).token_ids.tolist()):
                 drafted[i].append(token_id)
@@ -79,6 +83,31 @@ class DraftProposer(Proposer):
             s.proposed_token_ids[:] = tokens
             # The draft computed every token but its last proposal.
             s.sample.num_draft_tokens = s.sample.num_tokens + len(tokens) - 1
+
+    def _catch_up(self, jobs: Sequence[ScheduledSample], tables: list[list[int]]) -> list[int]:
+        """Compute, in forwards of at most max_tokens_per_forward tokens, what the draft has not seen of the
+        samples while the first drawing forward would be larger than that; returns where each sample's
+        first drawing chunk starts."""
+        starts = [min(s.sample.num_draft_tokens, s.sample.num_tokens - 1) for s in jobs]
+        while sum(s.sample.num_tokens - start for s, start in zip(jobs, starts)) > self.max_tokens_per_forward:
+            room, chunks = self.max_tokens_per_forward, []
+            for i, s in enumerate(jobs):
+                take = min(s.sample.num_tokens - 1 - starts[i], room)
+                if take > 0:
+                    token_ids = self._ids(s.sample.token_slice(starts[i], starts[i] + take))
+                    chunks.append(ScheduledChunk(s.sample.seq_id, token_ids, starts[i], tables[i], needs_logits=False))
+                    starts[i] += take
+                    room -= take
+            if not chunks:  # only last tokens are left: the drawing forward takes them
+                break
+            self.runner.execute(chunks)
+        return starts
+
+    def _ids(self, token_ids: list[int]) -> list[int]:
+        """token_ids as the draft's embedding can take them (ids past its vocabulary become 0)."""
+        if self.draft_vocab_size >= self.vocab_size:
+            return token_ids
+        return [t if t < self.draft_vocab_size else PLACEHOLDER_TOKEN_ID for t in token_ids]
 
     @staticmethod
     def _row(s: ScheduledSample, drafted: list[int]) -> SamplingRow:
@@ -93,13 +122,12 @@ class DraftProposer(Proposer):
         self.runner.copy_blocks(pairs)
 
 
-def check_draft_runner(draft: ModelRunner, num_blocks: int, block_size: int, vocab_size: int | None) -> None:
+def check_draft_runner(draft: ModelRunner, num_blocks: int, block_size: int, max_model_len: int) -> None:
     """Raise ValueError when a draft runner cannot serve an engine of num_blocks blocks of block_size tokens
-    over a target vocabulary of vocab_size."""
+    and sequences of up to max_model_len tokens."""
     if draft.block_size != block_size or draft.num_blocks < num_blocks:
         raise ValueError(f"the draft model's KV cache ({draft.num_blocks} blocks of {draft.block_size} tokens) "
                          f"must cover the engine's ({num_blocks} blocks of {block_size})")
-    draft_vocab = draft.config.vocab_size
-    if vocab_size is not None and draft_vocab > vocab_size:
-        raise ValueError(f"the draft model's vocabulary ({draft_vocab} tokens) is larger than the model's "
-                         f"({vocab_size}): a draft must share the model's tokenizer")
+    if draft.config.max_position_embeddings < max_model_len:
+        raise ValueError(f"the draft model takes {draft.config.max_position_embeddings} positions, fewer than the "
+                         f"engine's max model length {max_model_len} (lower --max-model-len)")

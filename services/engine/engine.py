@@ -84,8 +84,9 @@ class LLMEngine:
             return NgramProposer(speculative)
         from pdserve.engine.draft_proposer import DraftProposer, check_draft_runner
 
-        check_draft_runner(draft_runner, self.num_blocks, self.config.block_size, self.vocab_size)
-        return DraftProposer(draft_runner, self.sampler, self.vocab_size)
+        check_draft_runner(draft_runner, self.num_blocks, self.config.block_size, self.max_model_len)
+        return DraftProposer(draft_runner, self.sampler, self.vocab_size or draft_runner.config.vocab_size,
+                             self.config.max_num_batched_tokens)
 
     def validate_request(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         """Raise RequestRejectedError (a ValueError) if the request can never be served."""

@@ -160,6 +160,9 @@ class Scheduler:
                 plan = [(sample, num_new - len(proposed), []) for sample, num_new, proposed in plan]
                 copies = self.kv.allocate([(sample, num_new) for sample, num_new, _ in plan])
             needs = [(sample, num_new) for sample, num_new, _ in plan]
+            while copies is None and (dropped := self._drop_proposals(out)):
+                budget += dropped
+                copies = self.kv.allocate(needs)
             while copies is None:
                 victim = self.running[-1]
                 self.preempt(victim)
@@ -171,6 +174,18 @@ class Scheduler:
             budget -= self._record(request, plan, out)
             index += 1
         return budget
+
+    def _drop_proposals(self, out: SchedulerOutput) -> int:
+        """Take the proposals out of the chunks scheduled so far this step and give back the blocks taken for them
+        (proposals never cost another request its blocks); returns the tokens dropped."""
+        dropped = 0
+        for s in out.scheduled:
+            if s.proposed_token_ids:
+                dropped += len(s.proposed_token_ids)
+                s.num_tokens -= len(s.proposed_token_ids)
+                s.proposed_token_ids = []
+                self.kv.trim(s.sample, s.start + s.num_tokens)
+        return dropped
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         self._maybe_open_static_batch()

@@ -3,6 +3,8 @@ workers and the benchmarks, so every role sizes its KV cache the same way."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from pdserve.engine.config import EngineArgs, EngineConfig
@@ -14,6 +16,8 @@ from pdserve.models.source import resolve_model
 from pdserve.models.tokenizer import Tokenizer
 
 __all__ = ["EngineArgs", "build_engine", "default_device"]
+
+logger = logging.getLogger(__name__)
 
 
 def default_device() -> str:
@@ -50,14 +54,18 @@ def build_engine(args: EngineArgs) -> tuple[LLMEngine, Tokenizer]:
 
 def _draft_runner(args: EngineArgs, tokenizer: Tokenizer, num_blocks: int) -> ModelRunner:
     """The draft model's runner for --speculative draft: its own KV cache of num_blocks blocks (the target's
-    count, addressed by the target's block tables), in the draft model's dtype, on rank 0's device."""
+    count, addressed by the target's block tables; memory on top of --kv-cache-mb, all heads, unquantized), in
+    --dtype (or the draft's own), on rank 0's device."""
     source = resolve_model(args.draft_model)
     if source.tokenizer().backend.get_vocab(with_added_tokens=True) != tokenizer.backend.get_vocab(with_added_tokens=True):
         raise ValueError(f"--draft-model {args.draft_model}: its tokenizer differs from --model's (a draft must "
                          "propose in the model's token ids)")
     model, model_config = load_model(source, dtype=args.dtype, device=args.device)
-    return ModelRunner(model, model_config, num_blocks, args.block_size,
-                       single_thread_step_tokens=args.single_thread_step_tokens, cpu_linear=args.cpu_linear)
+    runner = ModelRunner(model, model_config, num_blocks, args.block_size,
+                         single_thread_step_tokens=args.single_thread_step_tokens, cpu_linear=args.cpu_linear)
+    logger.info("draft model %s: KV cache of %d blocks, %.1f MiB on top of --kv-cache-mb", args.draft_model,
+                num_blocks, runner.kv_cache_bytes() / 2**20)
+    return runner
 
 
 def _tensor_parallel_runner(args: EngineArgs, source):

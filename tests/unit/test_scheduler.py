@@ -219,3 +219,19 @@ def test_resumed_request_reuses_its_own_cached_blocks():
     h.scheduler.preempt(r)
     out = h.step()
     assert chunks(out) == [("a", 0, 8, 1, True)] and out.num_cache_hit_tokens == 8
+
+
+def test_speculative_proposals_give_their_blocks_back_before_anyone_is_preempted():
+    h = Harness(4, max_num_batched_tokens=64, enable_prefix_caching=False)
+    a = h.add("a", 4, max_tokens=8)
+    b = h.add("b", 4, max_tokens=8)
+    h.step()  # both prompts computed: a block each, two free
+    h.scheduler.propose = lambda request, sample, max_tokens: [7] * min(4, max_tokens) if request is a else []
+    out = h.step()  # a's 4 proposals would take both free blocks and leave b none
+    assert out.preempted == []
+    assert [(s.request.request_id, s.num_tokens, s.proposed_token_ids) for s in out.scheduled] == [("a", 1, []),
+                                                                                                   ("b", 1, [])]
+    assert len(a.samples[0].block_table) == 2 and len(b.samples[0].block_table) == 2
+    h.scheduler.propose = None
+    h.run_to_completion()
+    assert h.pool.num_free_blocks == 4

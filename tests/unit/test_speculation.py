@@ -320,3 +320,37 @@ def test_the_flag_offers_every_speculative_method():
     from pdserve.engine import speculation
 
     assert flags.SPECULATIVE_METHODS == speculation.SPECULATIVE_METHODS  # the flag module stays torch-free
+
+
+def test_draft_catch_up_is_split_to_the_step_budget_and_identical(trained, drafts):
+    """A step budget of 8 tokens: the draft catches up on 30-token prompts in forwards of at most 8 tokens, and
+    still proposes what the model draws."""
+    rng = random.Random(25)
+    work = [(i, random_prompt(rng, 30), greedy(24)) for i in range(4)]
+    reference = run_with_arrivals(_engine(trained, None, max_num_batched_tokens=8), work)
+    engine = _engine(trained, _draft_config(num_speculative_tokens=3, max_batch_seqs=64), drafts["self"],
+                     max_num_batched_tokens=8)
+    sizes = []
+    execute = engine.proposer.runner.execute
+    engine.proposer.runner.execute = lambda chunks, **kw: sizes.append(sum(len(c.token_ids) for c in chunks)) or \
+        execute(chunks, **kw)
+    results = run_with_arrivals(engine, work)
+    assert {r: [s.token_ids for s in g.samples] for r, g in results.items()} == \
+        {r: [s.token_ids for s in g.samples] for r, g in reference.items()}
+    assert max(sizes) <= 8 and engine.stats().counters.speculative_acceptance_rate > 0.97
+
+
+def test_a_draft_with_a_smaller_vocabulary_takes_any_prompt(tmp_path):
+    """A draft whose vocabulary is smaller than the model's (as Qwen2.5-0.5B's for 7B): prompt ids past it reach
+    the draft as a stand-in id instead of crashing the step."""
+    model_dir = make_tiny_model(tmp_path / "model", size="tiny", tokenizer_size="small")  # 1024 ids
+    draft_dir = make_tiny_model(tmp_path / "draft", size="tiny")  # 512 ids
+    model, config = load_model(model_dir, dtype=torch.float32)
+    draft = load_model(draft_dir, dtype=torch.float32)
+    trained = (model, config, Tokenizer.from_dir(model_dir))
+    prompts = [[900, 1000, 5, 700, 6, 1020, 7] * 3, [600 + i for i in range(20)]]
+    want = _engine(trained, None).generate(prompts, greedy(16))
+    engine = _engine(trained, _draft_config(max_batch_seqs=64), draft)
+    got = engine.generate(prompts, greedy(16))
+    assert [r.samples[0].token_ids for r in got] == [r.samples[0].token_ids for r in want]
+    assert engine.stats().counters.num_speculative_proposed_tokens > 0
