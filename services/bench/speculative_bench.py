@@ -15,7 +15,7 @@ speculation, with --speculative ngram and with --speculative draft, on the same 
 on: each prompt is prefilled once before the timed run, which then decodes); the tokens must be identical in every
 run. Reported: output tokens per second (the median of --repeats alternated runs, and the range of the per-run
 ratios) and the ratio to plain decoding, the acceptance rate, accepted tokens per speculative chunk, acceptance by
-position. At batch 32 the default policy (--speculative-max-batch 8) turns speculation off; the row shows what
+position. At batch 32 the default policy (--speculative-max-batch 4) turns speculation off; the row shows what
 that costs (and the noise: both sides then decode alike). The crossover rows run batches of 2, 4, 8 and 16 with
 speculation on whatever the batch: where it stops paying.
 """

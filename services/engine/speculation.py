@@ -44,7 +44,7 @@ class SpeculativeConfig:
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
-    max_batch_seqs: int = 8
+    max_batch_seqs: int = 4  # the crossover measured by `pdserve bench speculative` (RESULTS.md)
     ngram_max: int = 4
     ngram_min: int = 2
     draft_model: str | None = None
