@@ -298,6 +298,8 @@ class LLMEngine:
             c.num_speculative_proposed_tokens += v.num_proposed
             c.num_speculative_accepted_tokens += v.num_accepted
             c.num_decode_tokens_computed += v.num_proposed  # run through the model, accepted or not
+            v.request.num_speculative_proposed_tokens += v.num_proposed
+            v.request.num_speculative_accepted_tokens += v.num_accepted
             by_position = c.speculative_accepted_by_position
             by_position.extend([0] * (v.num_proposed - len(by_position)))
             for i in range(v.num_accepted):
@@ -354,7 +356,8 @@ class LLMEngine:
             out = by_request.get(request.request_id)
             if out is None:
                 out = RequestOutput(request.request_id, [], request.num_prompt_tokens,
-                                    request.num_cached_tokens or 0, False, request.queue_time_s)
+                                    request.num_cached_tokens or 0, False, request.queue_time_s,
+                                    request.num_speculative_proposed_tokens, request.num_speculative_accepted_tokens)
                 by_request[request.request_id] = out
             out.samples.append(delta)
             if sample.is_finished:

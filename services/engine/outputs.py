@@ -41,7 +41,9 @@ class RequestOutput:
     prompt_tokens: prompt length; cached_tokens: prompt tokens served from the prefix cache;
     finished: every sample has finished (the last output of the request);
     queue_time_s: seconds the request waited in this engine's queue before it was first
-    scheduled (None on outputs of a request never scheduled here, e.g. aborted while waiting).
+    scheduled (None on outputs of a request never scheduled here, e.g. aborted while waiting);
+    speculative_proposed_tokens / speculative_accepted_tokens: the request's speculative proposals verified so
+    far and those accepted (over its samples, on this engine).
     """
 
     request_id: str
@@ -50,6 +52,8 @@ class RequestOutput:
     cached_tokens: int
     finished: bool
     queue_time_s: float | None = None
+    speculative_proposed_tokens: int = 0
+    speculative_accepted_tokens: int = 0
 
 
 @dataclass

@@ -100,6 +100,8 @@ class Request:
     num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache at first admission
     num_expected_cached_tokens: int = 0  # what the prefix cache held of the prompt at arrival, last token excepted
     num_preemptions: int = 0
+    num_speculative_proposed_tokens: int = 0  # over its samples, verified so far
+    num_speculative_accepted_tokens: int = 0
     arrival_time: float = field(default_factory=time.monotonic)  # when the engine got it
     first_scheduled_time: float | None = None  # when it first joined the running batch
 

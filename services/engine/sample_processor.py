@@ -54,6 +54,7 @@ class SamplingTarget:
 class Verification:
     """The outcome of one speculative chunk: proposals made, and how many led the tokens drawn."""
 
+    request: Request
     sample: Sample
     num_proposed: int
     num_accepted: int
@@ -119,7 +120,7 @@ class SampleProcessor:
                 accepted += 1
             delta = self._emit(sample, request.params, drawn, list(range(start, start + accepted + 1)))
             # A stop among the accepted tokens ends the sample there: proposals after it were never emitted.
-            verifications.append(Verification(sample, len(proposed), min(accepted, len(delta.token_ids))))
+            verifications.append(Verification(request, sample, len(proposed), min(accepted, len(delta.token_ids))))
             results.append((request, sample, delta))
         return results, verifications
 

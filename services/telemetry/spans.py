@@ -65,6 +65,8 @@ PDSERVE_KV_BLOCKS = "pdserve.kv.blocks"
 PDSERVE_KV_LAYERS = "pdserve.kv.layers"
 PDSERVE_KV_FRAMES = "pdserve.kv.frames"
 PDSERVE_KV_SECONDS = "pdserve.kv.seconds"
+PDSERVE_SPECULATIVE_PROPOSED = "pdserve.speculative.proposed_tokens"  # a request's proposals verified on a server
+PDSERVE_SPECULATIVE_ACCEPTED = "pdserve.speculative.accepted_tokens"
 PDSERVE_KV_DATA_PATH = "pdserve.kv.data_path"  # how the K/V bytes moved: tcp or nixl
 
 

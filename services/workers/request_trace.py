@@ -1,7 +1,8 @@
 """A worker RPC's span and per-request metrics, from the request's trace context and the
 engine's outputs: the server span (a child of the router's), the `queue` span and queue-time
 histogram from the first output's queue_time_s, the `prefill.forward` span and prefill time up
-to the first token, and finished samples by finish reason."""
+to the first token, finished samples by finish reason, and the request's speculative proposals and
+acceptances (span attributes, when it speculated)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class WorkerRequestTrace:
         self.span = spans.start(name, tracing.parent_from(carrier, grpc_context), SpanKind.SERVER)
         self.submitted_ns = time.time_ns()
         self.seen_first = False
+        self.speculative: tuple[int, int] = (0, 0)  # proposed, accepted (cumulative in each output)
         bind_request(request_id, self.span)
         if self.span.is_recording():
             self.span.set_attributes({spans.GEN_AI_REQUEST_ID: request_id, spans.PDSERVE_ROLE: role,
@@ -44,6 +46,8 @@ class WorkerRequestTrace:
         if not self.seen_first:
             self.seen_first = True
             self._first_output(output)
+        if output.speculative_proposed_tokens:
+            self.speculative = (output.speculative_proposed_tokens, output.speculative_accepted_tokens)
         if self.count_finished:
             for sample in output.samples:
                 if sample.finish_reason:
@@ -67,6 +71,10 @@ class WorkerRequestTrace:
 
     def end(self, error: BaseException | None = None, attributes: dict | None = None) -> None:
         """End the server span (failed when error is given), adding `attributes` if recorded."""
-        if attributes and self.span.is_recording():
-            self.span.set_attributes(attributes)
+        if self.span.is_recording():
+            if self.speculative[0]:
+                self.span.set_attributes({spans.PDSERVE_SPECULATIVE_PROPOSED: self.speculative[0],
+                                          spans.PDSERVE_SPECULATIVE_ACCEPTED: self.speculative[1]})
+            if attributes:
+                self.span.set_attributes(attributes)
         spans.end_with_error(self.span, error)

@@ -354,3 +354,18 @@ def test_a_draft_with_a_smaller_vocabulary_takes_any_prompt(tmp_path):
     got = engine.generate(prompts, greedy(16))
     assert [r.samples[0].token_ids for r in got] == [r.samples[0].token_ids for r in want]
     assert engine.stats().counters.num_speculative_proposed_tokens > 0
+
+
+def test_each_request_output_counts_its_own_speculation(trained, drafts):
+    rng = random.Random(27)
+    engine = _engine(trained, _draft_config(max_batch_seqs=64), drafts["other"])
+    for i in range(3):
+        engine.add_request(f"q{i}", _repetitive_prompt(rng), greedy(24, speculative=i != 2))
+    last = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            last[out.request_id] = (out.speculative_proposed_tokens, out.speculative_accepted_tokens)
+    counters = engine.stats().counters
+    assert last["q2"] == (0, 0)  # opted out
+    assert sum(p for p, _ in last.values()) == counters.num_speculative_proposed_tokens > 0
+    assert sum(a for _, a in last.values()) == counters.num_speculative_accepted_tokens

@@ -77,6 +77,26 @@ def test_spans_cross_carriers_and_reach_the_otlp_receiver(sink):
     assert got[spans.KV_RECEIVE].service == "pdserve-test"
 
 
+def test_a_decode_span_says_what_its_request_speculated(sink):
+    from pdserve.engine.outputs import RequestOutput, SampleOutput
+    from pdserve.telemetry.metrics import WorkerMetrics
+    from pdserve.workers.request_trace import WorkerRequestTrace
+
+    async def rpc():  # the request binding stays in the RPC's task, as in a worker
+        trace = WorkerRequestTrace(spans.DECODE, "req-spec", None, None, WorkerMetrics(new_registry()), "decode",
+                                   "d0", forward=False)
+        for proposed, accepted in ((4, 3), (8, 5), (0, 0)):  # cumulative; an output without speculation keeps them
+            trace.on_output(RequestOutput("req-spec", [SampleOutput(0, [7])], 12, 0, False, 0.001, proposed, accepted))
+        trace.end(None, {spans.GEN_AI_USAGE_COMPLETION_TOKENS: 3})
+
+    asyncio.run(rpc())
+    tracing.flush()
+    (span,) = [s for s in sink.wait_for(lambda got: any(s.name == spans.DECODE for s in got), timeout_s=20)
+               if s.name == spans.DECODE]
+    assert span.attributes[spans.PDSERVE_SPECULATIVE_PROPOSED] == 8
+    assert span.attributes[spans.PDSERVE_SPECULATIVE_ACCEPTED] == 5
+
+
 def _json_logger(name: str, service: str) -> tuple[logging.Logger, io.StringIO]:
     """A logger writing pdserve's JSON lines (request context included) into the returned buffer."""
     stream = io.StringIO()
