@@ -185,7 +185,7 @@ def _check_args(arch: str, seed: int, size: str, train_steps: int, tokenizer_siz
 
 
 def make_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, size: str = "tiny",
-                    train_steps: int = 0, tokenizer_size: str | None = None) -> Path:
+                    train_steps: int = 0, tokenizer_size: str | None = None, copy_training: bool = False) -> Path:
     """Write a random-weight `arch` checkpoint of preset `size` into `out_dir` and return its path.
 
     arch: "llama" | "qwen2" | "mistral"; size: "tiny" (fast on CPU) | "small" | "base" (~100M params).
@@ -195,7 +195,8 @@ def make_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, siz
     peaked distributions. Deterministic on a given machine and torch build (float rounding may
     differ elsewhere). tiny: 600 steps take ~20 s on one busy CPU core. 0 (default): random weights.
     tokenizer_size: use that size's tokenizer instead of this size's own (e.g. "small" for a "tiny" draft
-    model of a "small" one: drafts must share the model's tokenizer).
+    model of a "small" one: drafts must share the model's tokenizer). copy_training: half of the training
+    windows also teach copying a passage from the context (as real models do; what prompt lookup relies on).
     Existing files of the same names in `out_dir` are overwritten.
     """
     _check_args(arch, seed, size, train_steps, tokenizer_size)
@@ -212,7 +213,8 @@ def make_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, siz
     _write_json(out / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id})
     weights = build_weights(config, seed)
     if train_steps:
+        separator = tokenizer.encode("\n\n", add_special_tokens=False).ids if copy_training else None
         weights, _ = train_weights(weights, ModelConfig.from_dict(config), training_tokens(tokenizer),
-                                   train_steps, seed)
+                                   train_steps, seed, separator)
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out

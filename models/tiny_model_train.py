@@ -86,6 +86,20 @@ def training_tokens(tokenizer: BackendTokenizer) -> torch.Tensor:
     return torch.tensor(ids[:TRAIN_TEXT_TOKENS], dtype=torch.int64)
 
 
+def _copy_windows(windows: torch.Tensor, separator: list[int], gen: torch.Generator) -> torch.Tensor:
+    """windows [B, W] rewritten as: the first half of each, the separator, then the same half again from a
+    random offset in it (so the copy starts anywhere) up to W tokens; [B, W]."""
+    width = windows.shape[1]
+    half = (width - len(separator)) // 2
+    out = []
+    for row in windows:
+        passage = row[:half]
+        start = int(torch.randint(0, half // 2, (1,), generator=gen))
+        copy = torch.cat([passage, torch.tensor(separator, dtype=row.dtype), passage[start:], passage])
+        out.append(copy[:width])
+    return torch.stack(out)
+
+
 def _learning_rate(step: int, steps: int) -> float:
     """Linear warmup to PEAK_LR, then cosine decay to a tenth of it."""
     if step < WARMUP_STEPS:
@@ -95,10 +109,12 @@ def _learning_rate(step: int, steps: int) -> float:
 
 
 def train_weights(weights: dict[str, torch.Tensor], config: ModelConfig, tokens: torch.Tensor,
-                  steps: int, seed: int) -> tuple[dict[str, torch.Tensor], float]:
+                  steps: int, seed: int, copy_separator: list[int] | None = None) -> tuple[dict[str, torch.Tensor], float]:
     """AdamW on next-token loss for `steps` steps of BATCH_SIZE random WINDOW-token windows of
     tokens [N] (int64), drawn with `seed`; `weights` (HF names -> float32 tensors) are the start
     and are not modified. Returns (the trained weights under the same names, the last step's loss).
+    copy_separator: also teach copying from the context, as real models do (prompt lookup's premise): half of
+    each batch's windows are a passage, these separator ids, and the passage again (from a random start in it).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"train steps must be an int >= 0, got {steps!r}")
@@ -114,6 +130,8 @@ def train_weights(weights: dict[str, torch.Tensor], config: ModelConfig, tokens:
             # windows wrap around the end, so that every token is trained on equally often
             starts = torch.randint(0, tokens.numel(), (BATCH_SIZE,), generator=gen)
             batch = tokens[(starts[:, None] + offsets) % tokens.numel()]  # [B, WINDOW + 1]
+            if copy_separator is not None:
+                batch[BATCH_SIZE // 2:] = _copy_windows(batch[BATCH_SIZE // 2:], copy_separator, gen)
             logits = forward_logits(params, config, batch[:, :-1])
             step_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
             for group in optimizer.param_groups:

@@ -2,12 +2,13 @@
 
     pdserve bench speculative [--size small] [--draft-size tiny] [--train-steps 600] [--tokens 56] [--out DIR]
 
-The model: make-tiny-model of --size, trained --train-steps steps; the draft: make-tiny-model of --draft-size with
-the model's tokenizer, trained as long on the same text. Workloads, from that text (which both models reproduce
-when cued with its own words):
+The model: make-tiny-model of --size, trained --train-steps steps with copy training (half the windows teach
+copying a passage from the context, as real models do: a model trained only to recite its text does not follow
+a passage the prompt quotes); the draft: make-tiny-model of --draft-size with the model's tokenizer, trained the
+same way. Workloads, from the training text (which both models reproduce when cued with its own words):
 - "edit" (what prompt lookup is for: the output repeats the prompt, as an edit or a summary repeats its source):
-  64 tokens of the text, a blank line, then the 8 tokens that precede them in the text; the model goes on with
-  the text, which the prompt holds, so prompt lookup finds it (if the model follows it);
+  64 tokens of the text, a blank line, and their first 8 tokens again; the model repeats the passage, which
+  prompt lookup finds in the prompt;
 - "continue" (what a draft model is for: text both models predict): 16 tokens of the text alone;
 - "random": random prompt ids, for contrast.
 Each is decoded greedily at batch 1 (8 prompts one after another) and at batch 32 (all at once), without
@@ -49,8 +50,7 @@ def _workloads(tokenizer, vocab_size: int, count: int) -> dict[str, list[list[in
     for i in range(count):
         start = (i * 97) % (len(text) - PASSAGE_TOKENS)
         passage = text[start:start + PASSAGE_TOKENS]
-        edit.append(text[start + PROMPT_CUE_TOKENS:start + PROMPT_CUE_TOKENS + PASSAGE_TOKENS] + separator
-                    + passage[:PROMPT_CUE_TOKENS])
+        edit.append(passage + separator + passage[:PROMPT_CUE_TOKENS])
         cont.append(passage[:2 * PROMPT_CUE_TOKENS])
     random = [torch.randint(3, vocab_size, (PASSAGE_TOKENS,), generator=generator).tolist() for _ in range(count)]
     return {"edit": edit, "continue": cont, "random": random}
@@ -132,9 +132,9 @@ def run(ns: argparse.Namespace) -> int:
         raise ValueError("--draft-size must differ from --size (the same size, seed and training make the model itself)")
     torch.set_num_threads(ns.threads)
     work_dir = Path(tempfile.mkdtemp(prefix="pdserve-specbench-"))
-    model_dir = make_tiny_model(work_dir / "model", size=ns.size, train_steps=ns.train_steps)
+    model_dir = make_tiny_model(work_dir / "model", size=ns.size, train_steps=ns.train_steps, copy_training=True)
     draft_dir = make_tiny_model(work_dir / "draft", size=ns.draft_size, train_steps=ns.train_steps,
-                                tokenizer_size=ns.size)
+                                tokenizer_size=ns.size, copy_training=True)
     model, config = load_model(model_dir, dtype="float32")
     draft = load_model(draft_dir, dtype="float32")
     tokenizer = Tokenizer.from_dir(model_dir)
@@ -148,8 +148,9 @@ def run(ns: argparse.Namespace) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip() or "unknown"
     result: dict = {"commit": commit, "date": time.strftime("%Y-%m-%d"), "model": f"make-tiny-model {ns.size} "
-                    f"trained {ns.train_steps} steps", "draft": f"make-tiny-model {ns.draft_size} (the model's "
-                    f"tokenizer) trained {ns.train_steps} steps", "tokens": ns.tokens, "threads": ns.threads,
+                    f"trained {ns.train_steps} steps with copy training", "draft": f"make-tiny-model {ns.draft_size} "
+                    f"(the model's tokenizer) trained {ns.train_steps} steps with copy training",
+                    "tokens": ns.tokens, "threads": ns.threads,
                     "num_speculative_tokens": ns.num_speculative_tokens,
                     "speculative_max_batch": ns.speculative_max_batch, "rows": [], "crossover": []}
     workloads = _workloads(tokenizer, config.vocab_size, max(BATCH_SIZES))
