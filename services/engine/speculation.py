@@ -71,9 +71,11 @@ class SpeculationPace:
     """How much one sample speculates, from how its recent proposals fared (proposals cost a verification
     each; a workload the proposer cannot predict must not pay for them every step).
 
-    length: proposals to make next (at most num_speculative_tokens): one more than were accepted last time
-    (so it grows by one while all are accepted). After a chunk with nothing accepted the sample sits out 2, 4, 8 ..
-    (at most MAX_BACKOFF_STEPS) decode steps before proposing again; any acceptance ends the back-off."""
+    length: proposals to make next (at most num_speculative_tokens): one more than were accepted last time, or
+    twice as many as last time when all were accepted (a draft that missed one token is usually right again at
+    once). After a chunk with nothing accepted the sample sits out 2, 4, 8 .. (at most MAX_BACKOFF_STEPS) decode
+    steps before proposing one token again (a proposer wrong on a stretch of text is usually wrong at the next
+    token too); any acceptance ends the back-off."""
 
     length: int | None = None  # None: num_speculative_tokens
     misses: int = 0
@@ -94,7 +96,8 @@ class SpeculationPace:
             self.length = 1
             return
         self.misses = 0
-        self.length = min(num_accepted + 1, num_speculative_tokens)
+        grown = 2 * num_proposed if num_accepted == num_proposed else num_accepted + 1
+        self.length = min(grown, num_speculative_tokens)
 
 
 class Proposer:

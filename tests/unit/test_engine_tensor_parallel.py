@@ -77,3 +77,33 @@ def test_a_rank_killed_mid_generation_fails_the_step_and_leaves_no_process(train
     finally:
         runner.close()
     assert not process.is_alive() and runner.ranks.processes == []
+
+
+def test_speculation_on_two_ranks_gives_the_tokens_of_one(trained):
+    """n-gram and draft-model speculation on a tensor-parallel runner: verification chunks of 1 + K rows per
+    sample through the ranks' row mapping, the draft (one process, rank 0's) over the same block tables."""
+    from pdserve.engine.speculation import SpeculativeConfig
+
+    model, config = load_model(trained, dtype=torch.float32)
+    rng = random.Random(4)
+    work = []
+    for i in range(10):
+        phrase = random_prompt(rng, rng.randint(6, 14))
+        work.append((rng.randrange(8), random_prompt(rng, 5) + phrase + random_prompt(rng, 3) + phrase + phrase[:2],
+                     greedy(rng.randint(16, 40))))
+    reference = run_with_arrivals(_engine(ModelRunner(model, config, NUM_BLOCKS, BLOCK_SIZE), trained), work)
+    runner = tensor_parallel_runner(str(trained), TensorParallelSettings(size=2, timeout_s=30), NUM_BLOCKS, BLOCK_SIZE)
+    try:
+        for speculative, draft in ((SpeculativeConfig(max_batch_seqs=8), None),
+                                   (SpeculativeConfig("draft", max_batch_seqs=8, draft_model=str(trained)),
+                                    ModelRunner(model, config, NUM_BLOCKS, BLOCK_SIZE))):
+            engine = LLMEngine(runner, Tokenizer.from_dir(trained),
+                               EngineConfig(block_size=BLOCK_SIZE, max_num_seqs=8, max_num_batched_tokens=64,
+                                            speculative=speculative), draft)
+            results = run_with_arrivals(engine, work)
+            for request_id, result in reference.items():
+                assert [s.token_ids for s in results[request_id].samples] == [s.token_ids for s in result.samples], \
+                    (speculative.method, request_id)
+            assert engine.stats().counters.num_speculative_accepted_tokens > 0, speculative.method
+    finally:
+        runner.close()

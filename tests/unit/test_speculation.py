@@ -72,20 +72,22 @@ def test_ngram_proposer_continues_the_longest_earlier_match():
 
 def test_the_pace_backs_off_a_sample_whose_proposals_fail():
     pace = SpeculationPace()
-    assert pace.limit(4) == 4
-    pace.record(4, 2, 4)
-    assert pace.limit(4) == 3  # one more than were accepted
-    pace.record(3, 3, 4)
-    assert pace.limit(4) == 4
+    assert pace.limit(8) == 8
+    pace.record(8, 2, 8)
+    assert pace.limit(8) == 3  # one more than were accepted
+    pace.record(3, 3, 8)
+    assert pace.limit(8) == 6  # all accepted: twice as many
+    pace.record(6, 6, 8)
+    assert pace.limit(8) == 8
     skipped = []
     for _ in range(6):  # nothing accepted: sit out 2, 4, 8 ... steps, then try one token
-        pace.record(1, 0, 4)
+        pace.record(1, 0, 8)
         skipped.append(0)
-        while pace.limit(4) == 0:
+        while pace.limit(8) == 0:
             skipped[-1] += 1
     assert skipped == [2, 4, 8, 16, 32, MAX_BACKOFF_STEPS]
-    pace.record(1, 1, 4)
-    assert pace.limit(4) == 2 and pace.misses == 0
+    pace.record(1, 1, 8)
+    assert pace.limit(8) == 2 and pace.misses == 0
 
 
 def test_greedy_tokens_are_the_same_with_and_without_speculation(trained):
