@@ -145,7 +145,7 @@ def _register_speculative(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--speculative-max-batch", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--repeats", type=int, default=3, help="alternated runs of each configuration (median)")
+    p.add_argument("--repeats", type=int, default=5, help="alternated runs of each configuration (median)")
     p.add_argument("--out", default=None, help="write speculative.json into this folder")
     p.set_defaults(run=lambda ns: _lazy("pdserve.bench.speculative_bench").run(ns))
 
