@@ -16,9 +16,9 @@ speculation, with --speculative ngram and with --speculative draft, on the same 
 on: each prompt is prefilled once before the timed run, which then decodes); the tokens must be identical in every
 run. Reported: output tokens per second (the median of --repeats alternated runs, and the range of the per-run
 ratios) and the ratio to plain decoding, the acceptance rate, accepted tokens per speculative chunk, acceptance by
-position. At batch 32 the default policy (--speculative-max-batch 4) turns speculation off; the row shows what
-that costs (and the noise: both sides then decode alike). The crossover rows run batches of 2, 4, 8 and 16 with
-speculation on whatever the batch: where it stops paying.
+position. At batch 32 the default policy (--speculative-max-batch: 4 for ngram, 1 for draft) turns speculation
+off; the row shows what that costs (and the noise: both sides then decode alike). The crossover rows run batches
+of 2, 4, 8 and 16 with speculation on whatever the batch: where it stops paying.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def run(ns: argparse.Namespace) -> int:
     draft = load_model(draft_dir, dtype="float32")
     tokenizer = Tokenizer.from_dir(model_dir)
 
-    def methods(max_batch_seqs: int) -> dict:
+    def methods(max_batch_seqs: int | None) -> dict:
         return {"ngram": (SpeculativeConfig(num_speculative_tokens=ns.num_speculative_tokens,
                                             max_batch_seqs=max_batch_seqs), None),
                 "draft": (SpeculativeConfig("draft", num_speculative_tokens=ns.num_speculative_tokens,

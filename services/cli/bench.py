@@ -143,7 +143,7 @@ def _register_speculative(bench: argparse._SubParsersAction) -> None:
                    "its training text, which the edit workload quotes)")
     p.add_argument("--tokens", type=int, default=56, help="output tokens per request (the edit workload's passage: 64)")
     p.add_argument("--num-speculative-tokens", type=int, default=4)
-    p.add_argument("--speculative-max-batch", type=int, default=4)
+    p.add_argument("--speculative-max-batch", type=int, default=None, help="default: each method's own")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--repeats", type=int, default=5, help="alternated runs of each configuration (median)")
     p.add_argument("--out", default=None, help="write speculative.json into this folder")

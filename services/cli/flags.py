@@ -85,8 +85,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
              "the draft checkpoint for --speculative draft (directory, .gguf file or Hub id; the model's tokenizer); "
              "its KV cache has as many blocks as the model's")
     add_flag(parser, "--num-speculative-tokens", 4, int, "tokens proposed per sample and decode step, in [1, 16]")
-    add_flag(parser, "--speculative-max-batch", 4, int,
-             "speculate only in steps with at most this many running samples (larger batches are compute-bound)")
+    add_flag(parser, "--speculative-max-batch", None, int,
+             "speculate only in steps with at most this many running samples (larger batches are compute-bound; "
+             "default: 4 for ngram, 1 for draft, the crossovers measured on CPUs)")
     add_flag(parser, "--kv-cache-dtype", "auto", str,
              "KV cache dtype: auto (the model's) | int8 | fp8 (e4m3), with per-block scales",
              choices=KV_CACHE_DTYPES)

@@ -69,7 +69,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1  # rank processes the model is split over (pdserve.engine.tensor_parallel)
     speculative: str = "none"  # none | ngram | draft (pdserve.engine.speculation)
     num_speculative_tokens: int = 4
-    speculative_max_batch: int = 4  # speculate only in steps with at most this many running samples
+    speculative_max_batch: int | None = None  # speculate only in steps of at most this many samples (None: per method)
     draft_model: str | None = None  # the draft checkpoint for --speculative draft
 
     def __post_init__(self) -> None:

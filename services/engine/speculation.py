@@ -33,18 +33,23 @@ if TYPE_CHECKING:
     from pdserve.engine.scheduler import ScheduledSample
 
 SPECULATIVE_METHODS = ("none", "ngram", "draft")
+# Speculate only in steps of at most this many running samples: the crossovers `pdserve bench speculative` measured
+# on 2 CPU cores (services/bench/RESULTS.md). Prompt lookup costs nothing to propose and pays to batch 4-8 where it
+# is right; a draft costs K forwards per step and paid only at batch 1 unless right every time.
+DEFAULT_MAX_BATCH_SEQS = {"ngram": 4, "draft": 1}
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """method: "ngram" (prompt lookup) or "draft" (a draft model); num_speculative_tokens: K proposed per sample
-    and step; max_batch_seqs: speculate only in steps with at most this many running samples;
+    and step; max_batch_seqs: speculate only in steps with at most this many running samples (None: the
+    method's DEFAULT_MAX_BATCH_SEQS);
     ngram_max / ngram_min: the longest and shortest suffix matched (the longest that occurs wins);
     draft_model: the draft checkpoint (directory, GGUF file or Hub id) for method "draft"."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
-    max_batch_seqs: int = 4  # the crossover measured by `pdserve bench speculative` (RESULTS.md)
+    max_batch_seqs: int | None = None
     ngram_max: int = 4
     ngram_min: int = 2
     draft_model: str | None = None
@@ -54,6 +59,8 @@ class SpeculativeConfig:
             raise ValueError(f"speculative method must be one of {SPECULATIVE_METHODS[1:]}, got {self.method!r}")
         if not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError(f"--num-speculative-tokens must be in [1, 16], got {self.num_speculative_tokens}")
+        if self.max_batch_seqs is None:
+            object.__setattr__(self, "max_batch_seqs", DEFAULT_MAX_BATCH_SEQS[self.method])
         if self.max_batch_seqs < 1:
             raise ValueError(f"--speculative-max-batch must be >= 1, got {self.max_batch_seqs}")
         if not 1 <= self.ngram_min <= self.ngram_max:
