@@ -88,7 +88,7 @@ def training_tokens(tokenizer: BackendTokenizer) -> torch.Tensor:
 
 def _copy_windows(windows: torch.Tensor, separator: list[int], gen: torch.Generator) -> torch.Tensor:
     """windows [B, W] rewritten as: the first half of each, the separator, then the same half again from a
-    random offset in it (so the copy starts anywhere) up to W tokens; [B, W]."""
+    random offset in it (so the copy starts anywhere), wrapping to its start again until W tokens; [B, W]."""
     width = windows.shape[1]
     half = (width - len(separator)) // 2
     out = []

@@ -4,6 +4,7 @@ their PDSERVE_* variables) become the role's typed settings (pdserve.settings) h
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from pdserve.cli.flags import (
     add_engine_flags,
@@ -178,6 +179,9 @@ def settings_from(ns: argparse.Namespace):
                   heartbeat_s=ns.heartbeat_s, max_queued_requests=ns.max_queued_requests,
                   overload_retry_after_ms=ns.overload_retry_after_ms, stream_keepalive_s=ns.stream_keepalive_s)
     if role == "prefill":
+        # A prefill server computes each prompt's first token only: speculation (and a draft model to load) is the
+        # decode servers' (a cluster given PDSERVE_SPECULATIVE / PDSERVE_DRAFT_MODEL sets them for every role).
+        worker["engine"] = dataclasses.replace(worker["engine"], speculative="none", draft_model=None)
         return s.PrefillSettings(**worker, kv_connect_timeout_s=ns.kv_connect_timeout_s,
                                  kv_auth_token=ns.kv_auth_token or None, kv_transfer=ns.kv_transfer)
     if role == "decode":

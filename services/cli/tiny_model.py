@@ -17,6 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(peaked, real-model-like distributions; tiny: 600 steps ~20 s); default 0: random")
     p.add_argument("--tokenizer-size", default=None, help="use this size's tokenizer (a draft model for "
                    "--speculative draft shares its model's: e.g. --size tiny --tokenizer-size small)")
+    p.add_argument("--copy-training", action="store_true", help="half the training windows teach copying a passage "
+                   "from the context, as real models do (what n-gram speculation relies on)")
     p.set_defaults(run=run)
 
 
@@ -25,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.models.tiny_model import make_tiny_model
 
     path = make_tiny_model(args.dir, arch=args.arch, seed=args.seed, size=args.size, train_steps=args.train_steps,
-                           tokenizer_size=args.tokenizer_size)
+                           tokenizer_size=args.tokenizer_size, copy_training=args.copy_training)
     trained = f", trained {args.train_steps} steps" if args.train_steps else ""
     print(f"wrote {args.arch} ({args.size}, seed {args.seed}{trained}) checkpoint to {path}")
     return 0

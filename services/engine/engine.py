@@ -202,7 +202,8 @@ class LLMEngine:
         for sample in request.live_samples:
             sample.finish_reason = "abort"
         self._pending_outputs.append(RequestOutput(
-            request_id, aborted, request.num_prompt_tokens, request.num_cached_tokens or 0, True))
+            request_id, aborted, request.num_prompt_tokens, request.num_cached_tokens or 0, True, None,
+            request.num_speculative_proposed_tokens, request.num_speculative_accepted_tokens))
         return True
 
     def has_unfinished_requests(self) -> bool:

@@ -177,7 +177,8 @@ class Scheduler:
 
     def _drop_proposals(self, out: SchedulerOutput) -> int:
         """Take the proposals out of the chunks scheduled so far this step and give back the blocks taken for them
-        (proposals never cost another request its blocks); returns the tokens dropped."""
+        (proposals never get a running request preempted; a waiting request may wait a step longer for them);
+        returns the tokens dropped."""
         dropped = 0
         for s in out.scheduled:
             if s.proposed_token_ids:

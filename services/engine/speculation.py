@@ -80,9 +80,9 @@ class SpeculationPace:
 
     length: proposals to make next (at most num_speculative_tokens): one more than were accepted last time, or
     twice as many as last time when all were accepted (a draft that missed one token is usually right again at
-    once). After a chunk with nothing accepted the sample sits out 2, 4, 8 .. (at most MAX_BACKOFF_STEPS) decode
-    steps before proposing one token again (a proposer wrong on a stretch of text is usually wrong at the next
-    token too); any acceptance ends the back-off."""
+    once). After a chunk with nothing accepted the sample sits out its next 2, 4, 8 .. (at most MAX_BACKOFF_STEPS)
+    chances to speculate (decode steps of a speculating engine) before proposing one token again (a proposer
+    wrong on a stretch of text is usually wrong at the next token too); any acceptance ends the back-off."""
 
     length: int | None = None  # None: num_speculative_tokens
     misses: int = 0
@@ -103,7 +103,10 @@ class SpeculationPace:
             self.length = 1
             return
         self.misses = 0
-        grown = 2 * num_proposed if num_accepted == num_proposed else num_accepted + 1
+        if num_accepted == num_proposed:  # the step's budget or max_tokens may have cut the proposals: not a miss
+            grown = max(2 * num_proposed, self.length or num_speculative_tokens)
+        else:
+            grown = num_accepted + 1
         self.length = min(grown, num_speculative_tokens)
 
 

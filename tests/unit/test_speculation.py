@@ -371,3 +371,35 @@ def test_each_request_output_counts_its_own_speculation(trained, drafts):
     assert last["q2"] == (0, 0)  # opted out
     assert sum(p for p, _ in last.values()) == counters.num_speculative_proposed_tokens > 0
     assert sum(a for _, a in last.values()) == counters.num_speculative_accepted_tokens
+
+
+def test_each_method_has_its_measured_batch_default_and_prefill_servers_do_not_speculate(trained, drafts, tmp_path):
+    import argparse
+
+    from pdserve.cli import serve
+    from pdserve.engine.setup import EngineArgs
+
+    assert SpeculativeConfig().max_batch_seqs == 4 and _draft_config().max_batch_seqs == 1
+    args = EngineArgs(model="m", speculative="draft", draft_model="d")
+    assert args.speculative_config().max_batch_seqs == 1
+    engine = _engine(trained, _draft_config(), drafts["self"])  # the default: a batch of two does not speculate
+    rng = random.Random(29)
+    for i in range(2):
+        engine.add_request(f"d{i}", random_prompt(rng, 12), greedy(8))
+    engine.step()
+    engine.step()
+    assert engine.scheduler.propose is None and engine.stats().counters.num_speculative_proposed_tokens == 0
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers())
+    model_dir = make_tiny_model(tmp_path / "m", size="tiny")
+    for role, method in (("prefill", None), ("decode", "draft")):
+        ns = parser.parse_args(["serve", role, "--model", str(model_dir), "--speculative", "draft",
+                                "--draft-model", str(model_dir)])
+        config = serve.settings_from(ns).engine.speculative_config()
+        assert (config.method if config else None) == method, role
+
+
+def test_the_pace_keeps_its_length_when_the_budget_cut_the_proposals():
+    pace = SpeculationPace()
+    pace.record(1, 1, 4)  # the step's budget left room for one proposal, and it was accepted
+    assert pace.limit(4) == 4
