@@ -2,15 +2,17 @@
 
 The draft model has its own paged KV cache (a ModelRunner of as many blocks as the target's, same block size)
 addressed by the target's block tables: a sample's blocks hold the target's KV in the target cache and the
-draft's KV in the draft cache, so allocation, copy-on-write, trimming and freeing cover both, and no block
-of either cache can outlive its sample. Sample.num_draft_tokens says how many of the sample's first tokens
-have draft KV. Each speculating step, after the scheduler has allocated blocks for the sample's last token
-and K proposals, the draft runs K batched forwards: the first computes the tokens it has not seen (the prompt
-the prefill server computed, tokens decoded while speculation was off, the last token) and draws proposal 1,
-each later one feeds the previous proposal and draws the next. Draws use the target's sampler with the
-target's seeded noise of the same output position, so where the draft's distribution is close to the
-target's, the proposal is the token the target will draw (at temperature 0 and above). After verification
-the draft keeps the KV of the accepted proposals (the last proposal is never fed, so never more than K - 1).
+draft's KV in the draft cache, so allocation, trimming and freeing cover both, and no block of either cache can
+outlive its sample. Copy-on-write copies need no twin in the draft cache: a block is copied when a sample writes
+into a block it shares (the partial last block of a fresh fork, whose samples have no draft KV yet); full blocks
+shared through the prefix cache are never written again. Sample.num_draft_tokens says how many of the sample's
+first tokens have draft KV. Each speculating step, after the scheduler has allocated blocks for the sample's last
+token and K proposals, the draft runs K batched forwards: the first computes the tokens it has not seen (the
+prompt the prefill server computed, tokens decoded while speculation was off, the last token) and draws proposal
+1, each later one feeds the previous proposal and draws the next. Draws use the target's sampler with the
+target's seeded noise of the same output position, so where the draft's distribution is close to the target's,
+the proposal is the token the target will draw (at temperature 0 and above). After verification the draft keeps
+the KV of the accepted proposals (the last proposal is never fed, so never more than K - 1).
 
 Preemption frees a sample's blocks and resets num_draft_tokens; a draft cache entry of a block reused by
 another sample is never read, since a sample reads only positions below its own num_draft_tokens. Draft
@@ -24,11 +26,13 @@ from collections.abc import Sequence
 import torch
 
 from pdserve.engine.model_runner import ModelRunner, ScheduledChunk
+from pdserve.engine.request import Sample
 from pdserve.engine.scheduler import ScheduledSample
 from pdserve.engine.speculation import Proposer
 from pdserve.models.sampler import Sampler, SamplingRow
 
 PLACEHOLDER_TOKEN_ID = 0  # stands for a proposal until the draft computes it (never reaches the target)
+STAND_IN_TOKEN_ID = 0  # what the draft is shown for an id past its vocabulary
 
 
 class DraftProposer(Proposer):
@@ -50,7 +54,7 @@ class DraftProposer(Proposer):
         self.draft_vocab_size = runner.config.vocab_size
         self.max_tokens_per_forward = max_tokens_per_forward
 
-    def propose(self, token_ids: list[int], max_tokens: int) -> list[int]:
+    def propose(self, sample: Sample, max_tokens: int) -> list[int]:
         """max_tokens placeholders: complete() computes the proposals once their blocks are allocated."""
         return [PLACEHOLDER_TOKEN_ID] * max_tokens
 
@@ -107,7 +111,7 @@ class DraftProposer(Proposer):
         """token_ids as the draft's embedding can take them (ids past its vocabulary become 0)."""
         if self.draft_vocab_size >= self.vocab_size:
             return token_ids
-        return [t if t < self.draft_vocab_size else PLACEHOLDER_TOKEN_ID for t in token_ids]
+        return [t if t < self.draft_vocab_size else STAND_IN_TOKEN_ID for t in token_ids]
 
     @staticmethod
     def _row(s: ScheduledSample, drafted: list[int]) -> SamplingRow:
@@ -116,10 +120,6 @@ class DraftProposer(Proposer):
         return SamplingRow(request.params, request.seed, sample.sample_index,
                            len(sample.output_token_ids) + len(drafted), request.prompt_token_ids,
                            sample.output_token_ids + drafted)
-
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """The target cache's copy-on-write copies, made in the draft cache too."""
-        self.runner.copy_blocks(pairs)
 
 
 def check_draft_runner(draft: ModelRunner, num_blocks: int, block_size: int, max_model_len: int) -> None:

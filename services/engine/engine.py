@@ -234,10 +234,8 @@ class LLMEngine:
             return outputs
         self.counters.num_steps += 1
         self.runner.copy_blocks(sched.copy_pairs)
-        if self.proposer is not None:
-            self.proposer.copy_blocks(sched.copy_pairs)
-            if speculate:
-                self.proposer.complete(sched.scheduled)
+        if speculate:
+            self.proposer.complete(sched.scheduled)
         if aborting is not None and not any(s.num_sample_tokens > 1 for s in sched.scheduled):
             aborting = None  # a decode-only step is short (and keeps its CUDA graphs)
         infos = chunk_infos(sched.scheduled, self.config.block_size) if layer_hook is not None else None
@@ -289,7 +287,7 @@ class LLMEngine:
                     self.max_model_len - sample.num_tokens - 1)
         if limit <= 0:
             return []
-        return self.proposer.propose(sample.prompt_token_ids + sample.output_token_ids, limit)
+        return self.proposer.propose(sample, limit)
 
     def _settle_speculation(self, verifications: list[Verification]) -> None:
         """The accepted proposals' KV is the sample's now; blocks taken only for rejected ones go back."""

@@ -156,13 +156,13 @@ class Scheduler:
             request = self.running[index]
             plan = self._plan(request, budget, reserve=self._samples_after(index))
             copies = self.kv.allocate([(sample, num_new) for sample, num_new, _ in plan])
-            if copies is None and any(proposed for _, _, proposed in plan):  # guesses never cost another's blocks
-                plan = [(sample, num_new - len(proposed), []) for sample, num_new, proposed in plan]
-                copies = self.kv.allocate([(sample, num_new) for sample, num_new, _ in plan])
+            if copies is None:  # proposals, this request's and those scheduled before it, never cost a preemption
+                dropped = self._drop_proposals(out)
+                if dropped or any(proposed for _, _, proposed in plan):
+                    plan = [(sample, num_new - len(proposed), []) for sample, num_new, proposed in plan]
+                    budget += dropped
+                    copies = self.kv.allocate([(sample, num_new) for sample, num_new, _ in plan])
             needs = [(sample, num_new) for sample, num_new, _ in plan]
-            while copies is None and (dropped := self._drop_proposals(out)):
-                budget += dropped
-                copies = self.kv.allocate(needs)
             while copies is None:
                 victim = self.running[-1]
                 self.preempt(victim)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from pdserve.engine.request import Sample
     from pdserve.engine.scheduler import ScheduledSample
 
 SPECULATIVE_METHODS = ("none", "ngram", "draft")
@@ -113,17 +114,14 @@ class SpeculationPace:
 class Proposer:
     """What the engine asks for proposals. The scheduler calls propose() for each sample about to decode one
     token (how many, and which when they are known then); once the step's blocks are allocated, complete()
-    may fill in proposals computed over them; copy_blocks() follows the step's copy-on-write copies."""
+    may fill in proposals computed over them."""
 
-    def propose(self, token_ids: list[int], max_tokens: int) -> list[int]:
-        """Up to max_tokens proposed continuations of token_ids (prompt + output so far)."""
+    def propose(self, sample: Sample, max_tokens: int) -> list[int]:
+        """Up to max_tokens proposed continuations of the sample's tokens (prompt + output so far)."""
         raise NotImplementedError
 
     def complete(self, scheduled: Sequence[ScheduledSample]) -> None:
         """Fill in the step's proposals in place (their number fixed); nothing to do for most proposers."""
-
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy block src to dst in any cache the proposer keeps (copy-on-write, as the model's cache)."""
 
 
 class NgramProposer(Proposer):
@@ -133,9 +131,12 @@ class NgramProposer(Proposer):
     def __init__(self, config: SpeculativeConfig) -> None:
         self.config = config
 
-    def propose(self, token_ids: list[int], max_tokens: int) -> list[int]:
-        """Up to max_tokens proposed continuations of token_ids (prompt + output so far); [] when no
-        suffix of it occurs earlier."""
+    def propose(self, sample: Sample, max_tokens: int) -> list[int]:
+        """Up to max_tokens proposed continuations of the sample's prompt + output (see lookup)."""
+        return self.lookup(sample.prompt_token_ids + sample.output_token_ids, max_tokens)
+
+    def lookup(self, token_ids: list[int], max_tokens: int) -> list[int]:
+        """Up to max_tokens proposed continuations of token_ids; [] when no suffix of it occurs earlier."""
         if max_tokens <= 0 or len(token_ids) < 2:
             return []
         tokens = np.asarray(token_ids, dtype=np.int64)

@@ -63,11 +63,11 @@ def _repetitive_prompt(rng: random.Random) -> list[int]:
 
 def test_ngram_proposer_continues_the_longest_earlier_match():
     proposer = NgramProposer(SpeculativeConfig(ngram_max=3, ngram_min=1))
-    assert proposer.propose([1, 2, 3, 4, 5, 9, 2, 3], 2) == [4, 5]  # "2 3" occurred before: "4 5" followed
-    assert proposer.propose([7, 1, 2, 8, 5, 1, 2, 9, 1, 2], 3) == [9, 1, 2]  # the most recent occurrence
-    assert proposer.propose([4, 5, 6, 1, 5, 6, 2, 4, 5, 6], 1) == [1]  # "4 5 6" beats the later "5 6"
-    assert proposer.propose([1, 2, 3], 4) == []  # nothing repeats
-    assert proposer.propose([3, 3, 3, 3], 4) == [3]  # a run proposes what the matched occurrence has after it
+    assert proposer.lookup([1, 2, 3, 4, 5, 9, 2, 3], 2) == [4, 5]  # "2 3" occurred before: "4 5" followed
+    assert proposer.lookup([7, 1, 2, 8, 5, 1, 2, 9, 1, 2], 3) == [9, 1, 2]  # the most recent occurrence
+    assert proposer.lookup([4, 5, 6, 1, 5, 6, 2, 4, 5, 6], 1) == [1]  # "4 5 6" beats the later "5 6"
+    assert proposer.lookup([1, 2, 3], 4) == []  # nothing repeats
+    assert proposer.lookup([3, 3, 3, 3], 4) == [3]  # a run proposes what the matched occurrence has after it
 
 
 def test_the_pace_backs_off_a_sample_whose_proposals_fail():
@@ -172,8 +172,8 @@ class _RepeatProposer(Proposer):
     """Proposes at every step (the tokens that end the sequence, again): at temperature 1 n-gram lookup
     rarely matches, and the verification step is what this test is about."""
 
-    def propose(self, token_ids: list[int], max_tokens: int) -> list[int]:
-        return token_ids[-max_tokens:]
+    def propose(self, sample, max_tokens: int) -> list[int]:
+        return (sample.prompt_token_ids + sample.output_token_ids)[-max_tokens:]
 
 
 def _total_variation(a: list[tuple[int, ...]], b: list[tuple[int, ...]]) -> float:
