@@ -3,8 +3,8 @@
 Pipeline (vLLM v1 conventions), all in float32:
 1. logprobs = log_softmax(raw logits): the returned logprobs are these "raw" ones, taken
    before penalties, masks, temperature and filters.
-2. min_tokens: while output_position < min_tokens, the row's stop_token_ids and (unless
-   ignore_eos) the EOS ids are set to -inf.
+2. logit_bias is added; then min_tokens: while output_position < min_tokens, the row's
+   stop_token_ids and (unless ignore_eos) the EOS ids are set to -inf.
 3. Penalties (repetition over prompt + output, frequency and presence over the output); all
    penalty work is skipped when no row uses them.
 4. Greedy rows (temperature < 1e-5, like vLLM's epsilon): argmax (first index on ties).
@@ -93,12 +93,15 @@ class Sampler:
         return sorted(blocked)
 
     def _penalized_and_masked(self, raw: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        """raw with min_tokens masks and penalties applied; raw itself when nothing applies."""
+        """raw with logit biases, min_tokens masks and penalties applied; raw itself when nothing applies."""
         pairs = [(i, t) for i, row in enumerate(rows) for t in self.blocked_token_ids(row)]
         penalized = [i for i, row in enumerate(rows) if row.uses_penalties]
-        if not pairs and not penalized:
+        biased = [i for i, row in enumerate(rows) if row.params.logit_bias]
+        if not pairs and not penalized and not biased:
             return raw
         adjusted = raw.clone()  # raw may be the caller's tensor
+        if biased:
+            _add_logit_bias(adjusted, [(i, rows[i].params.logit_bias) for i in biased])
         mask_tokens(adjusted, pairs)
         if penalized:
             index = torch.tensor(penalized, dtype=torch.int64, device=raw.device)
@@ -150,6 +153,19 @@ def _top_logprobs(
         return None, None
     values, ids = logprobs.topk(count, dim=-1, sorted=True)
     return ids, values
+
+
+def _add_logit_bias(logits: torch.Tensor, biases: list[tuple[int, tuple[tuple[int, float], ...]]]) -> None:
+    """Add each row's (token id, bias) pairs to logits [B, V] in place (ids past V are ignored:
+    the engine checks them against the model's vocabulary, which may be padded)."""
+    entries = [(row, token, bias) for row, pairs in biases for token, bias in pairs if token < logits.shape[1]]
+    if not entries:
+        return
+    rows, tokens, values = zip(*entries)
+    device = logits.device
+    logits.index_put_((torch.tensor(rows, dtype=torch.int64, device=device),
+                       torch.tensor(tokens, dtype=torch.int64, device=device)),
+                      torch.tensor(values, dtype=logits.dtype, device=device), accumulate=True)
 
 
 def _param_tensor(rows: Sequence[SamplingRow], name: str, device: torch.device) -> torch.Tensor:

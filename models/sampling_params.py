@@ -9,6 +9,8 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024  # biased token ids per request
+MAX_LOGIT_BIAS_VALUE = 100.0  # OpenAI's range: -100 bans a token, 100 makes it all but certain
 # The widest values the wire messages carry (uint32 max_tokens, int32 top_k): a field past
 # them could not be sent on to a worker.
 MAX_MAX_TOKENS = 2**32 - 1
@@ -24,8 +26,11 @@ class SamplingParams:
     """How to pick tokens for one request (field names follow the established servers' APIs).
 
     top_k <= 0 means off; logprobs None means no logprobs, N >= 0 means the chosen token's
-    logprob plus the top-N alternatives. A seed of None is replaced by a random one when the
-    request is created, so every request samples reproducibly from (seed, sample index, position).
+    logprob plus the top-N alternatives; prompt_logprobs the same for every prompt token after the
+    first (each scored given the tokens before it). logit_bias: (token id, bias) pairs added to
+    the logits before penalties, masks and sampling (returned logprobs stay raw). A seed of None
+    is replaced by a random one when the request is created, so every request samples
+    reproducibly from (seed, sample index, position).
     """
 
     max_tokens: int = 16
@@ -44,11 +49,15 @@ class SamplingParams:
     logprobs: int | None = None
     min_tokens: int = 0
     speculative: bool = True  # False: this request's decode steps take no speculative proposals
+    prompt_logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         self._check_sizes()  # before copying the lists: a huge one costs nothing to refuse
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        bias = self.logit_bias.items() if hasattr(self.logit_bias, "items") else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in bias)))
         self._check_values()
 
     @property
@@ -69,6 +78,8 @@ class SamplingParams:
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise SamplingParamsError(f"stop_token_ids has {len(self.stop_token_ids)} ids; "
                                       f"the limit is {MAX_STOP_TOKEN_IDS}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise SamplingParamsError(f"logit_bias has {len(self.logit_bias)} entries; the limit is {MAX_LOGIT_BIAS}")
 
     def _check_values(self) -> None:
         bad_stop = next((s for s in self.stop if not 0 < len(s) <= MAX_STOP_STRING_CHARS), None)
@@ -94,6 +105,12 @@ class SamplingParams:
             (bad_stop is None, f"stop strings must be non-empty and at most {MAX_STOP_STRING_CHARS} characters, "
                                f"got one of {len(bad_stop or '')} characters"),
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be >= 0"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+             f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}"),
+            (all(t >= 0 for t, _ in self.logit_bias), "logit_bias token ids must be >= 0"),
+            (all(-MAX_LOGIT_BIAS_VALUE <= b <= MAX_LOGIT_BIAS_VALUE for _, b in self.logit_bias),
+             f"logit_bias values must be in [-{MAX_LOGIT_BIAS_VALUE:g}, {MAX_LOGIT_BIAS_VALUE:g}]"),
+            (len({t for t, _ in self.logit_bias}) == len(self.logit_bias), "logit_bias lists a token id twice"),
         ]
         for ok, message in checks:
             if not ok:

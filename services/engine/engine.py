@@ -14,6 +14,7 @@ from pdserve.engine.kv_cache_manager import KVCacheManager
 from pdserve.engine.model_runner import ScheduledChunk
 from pdserve.engine.outputs import GenerationResult, RequestOutput, SampleOutput
 from pdserve.engine.prefilled import attach_prompt_kv, check_progress, prime_samples
+from pdserve.engine.prompt_logprobs import PromptLogprobs, prompt_rows, score_prompt_rows
 from pdserve.engine.request import Request, Sample
 from pdserve.engine.reservations import BlockReservation, ReservationBook
 from pdserve.engine.sample_processor import SampleProcessor, SamplingTarget, Verification, make_stop_checker
@@ -99,9 +100,13 @@ class LLMEngine:
         """Queue a request. ValueError on a duplicate id, an empty prompt, or one that cannot fit."""
         self._check_new_request(request_id, prompt_token_ids, params)
         request = self._new_request(request_id, prompt_token_ids, params, range(params.n))
-        held = self.kv.find_cached_tokens(request.prompt_token_ids)
-        # The router balances on the rest; the last prompt token is always computed (its logits are needed).
-        request.num_expected_cached_tokens = min(len(held.blocks) * self.kv.block_size, len(prompt_token_ids) - 1)
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = PromptLogprobs(list(request.prompt_token_ids))
+        if not request.scores_prompt:  # (a scored prompt is computed whole)
+            held = self.kv.find_cached_tokens(request.prompt_token_ids)
+            # The router balances on the rest; the last prompt token is always computed (its logits are needed).
+            request.num_expected_cached_tokens = min(len(held.blocks) * self.kv.block_size,
+                                                     len(prompt_token_ids) - 1)
         self.requests[request_id] = request
         self.scheduler.add(request)
 
@@ -258,8 +263,9 @@ class LLMEngine:
                 infos = [info for info in infos if info.request_id not in leaving]
             return {j for j, s in enumerate(sched.scheduled) if s.request.request_id in leaving}
 
+        scored = [self._prompt_rows(s) for s in sched.scheduled]
         try:
-            logits = self.runner.execute([self._chunk(s) for s in sched.scheduled],
+            logits = self.runner.execute([self._chunk(s, rows) for s, rows in zip(sched.scheduled, scored)],
                                          layer_done=layer_done if layer_hook or aborting else None)
         except StepInterrupted:
             self.counters.num_interrupted_steps += 1
@@ -268,6 +274,9 @@ class LLMEngine:
         kept = sched.scheduled if aborting is None else [s for s in sched.scheduled
                                                          if s.request.request_id in computing]
         self.counters.num_dropped_chunks += len(sched.scheduled) - len(kept)
+        if any(scored):
+            rows_of = dict(zip(map(id, sched.scheduled), scored))
+            logits = self._score_prompts(logits, [(s, rows_of[id(s)]) for s in kept])
         self._advance(sched, kept)
         targets = [self._sampling_target(s) for s in kept if s.needs_logits]
         deltas, verifications = self.processor.sample(logits, targets)
@@ -313,16 +322,42 @@ class LLMEngine:
             self.kv.trim(sample, sample.num_tokens)
             self.kv.cache_full_blocks(sample)
 
-    def _chunk(self, s: ScheduledSample) -> ScheduledChunk:
+    def _chunk(self, s: ScheduledSample, num_prompt_rows: int) -> ScheduledChunk:
+        """The runner's chunk: logits rows for its sampling (1 + proposals) after its num_prompt_rows
+        prompt positions to score."""
         sample = s.sample
         return ScheduledChunk(
             seq_id=sample.seq_id,
             token_ids=sample.token_slice(s.start, s.start + s.num_sample_tokens) + s.proposed_token_ids,
             start_position=s.start,
             block_table=[b.block_id for b in sample.block_table],
-            needs_logits=s.needs_logits,
-            num_logits=1 + len(s.proposed_token_ids),
+            needs_logits=s.needs_logits or num_prompt_rows > 0,
+            num_logits=num_prompt_rows + (1 + len(s.proposed_token_ids) if s.needs_logits else 0),
         )
+
+    @staticmethod
+    def _prompt_rows(s: ScheduledSample) -> int:
+        """Prompt positions this chunk scores (pdserve.engine.prompt_logprobs)."""
+        request = s.request
+        return prompt_rows(request.prompt_logprobs, request.num_prompt_tokens, s.start, s.start + s.num_sample_tokens)
+
+    @staticmethod
+    def _score_prompts(logits: Any, chunks: list[tuple[ScheduledSample, int]]) -> Any:
+        """Score the prompt rows of the step's logits (chunks: the computed chunks, each with its number
+        of prompt rows, in step order); returns the sampling rows alone."""
+        sampling_rows: list[int] = []
+        row = 0
+        for s, num_prompt_rows in chunks:
+            if num_prompt_rows:
+                request = s.request
+                score_prompt_rows(request.prompt_logprobs, logits[row:row + num_prompt_rows],
+                                  request.params.prompt_logprobs or 0)
+                row += num_prompt_rows
+            if s.needs_logits:
+                num_sampling = 1 + len(s.proposed_token_ids)
+                sampling_rows.extend(range(row, row + num_sampling))
+                row += num_sampling
+        return logits[sampling_rows]
 
     def _advance(self, sched: SchedulerOutput, computed: Sequence[ScheduledSample]) -> None:
         """Mark the computed chunks' tokens, register full blocks, fork finished shared prompts."""
@@ -359,6 +394,8 @@ class LLMEngine:
                                     request.num_speculative_proposed_tokens, request.num_speculative_accepted_tokens)
                 by_request[request.request_id] = out
             out.samples.append(delta)
+            if request.prompt_logprobs is not None and not request.prompt_logprobs_sent:
+                out.prompt_logprobs, request.prompt_logprobs_sent = request.prompt_logprobs, True
             if sample.is_finished:
                 self.scheduler.free_sample(sample)
         for request_id, out in by_request.items():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pdserve.engine.prompt_logprobs import PromptLogprobs
+
 
 @dataclass
 class SampleOutput:
@@ -43,7 +45,9 @@ class RequestOutput:
     queue_time_s: seconds the request waited in this engine's queue before it was first
     scheduled (None on outputs of a request never scheduled here, e.g. aborted while waiting);
     speculative_proposed_tokens / speculative_accepted_tokens: the request's speculative proposals verified so
-    far and those accepted (over its samples, on this engine).
+    far and those accepted (over its samples, on this engine);
+    prompt_logprobs: the prompt's scores, once, in the output of the step that finished the prompt
+    (for a request that asked for them).
     """
 
     request_id: str
@@ -54,6 +58,7 @@ class RequestOutput:
     queue_time_s: float | None = None
     speculative_proposed_tokens: int = 0
     speculative_accepted_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 @dataclass
@@ -65,9 +70,12 @@ class GenerationResult:
     prompt_token_ids: list[int]
     samples: list[SampleOutput]
     cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None
 
     def add(self, output: RequestOutput) -> None:
         """Fold one step's output into the result."""
         self.cached_tokens = output.cached_tokens
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = output.prompt_logprobs
         for delta in output.samples:
             self.samples[delta.index].merge(delta)

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pdserve.engine.prompt_logprobs import PromptLogprobs
 from pdserve.engine.speculation import SpeculationPace
 from pdserve.models.sampling_params import SamplingParams
 
@@ -87,6 +88,8 @@ class Request:
     Until the prompt is in the KV cache only one sample (the lead sample, the first unfinished one)
     runs; when its prompt is complete the other samples fork from it, sharing the prompt's
     blocks. After a preemption the same happens again (forked goes back to False).
+    prompt_logprobs: the prompt's scores, for a request that asked for them (None otherwise, and
+    on a request continued from another server); prompt_logprobs_sent: they went out in an output.
     """
 
     request_id: str
@@ -104,6 +107,13 @@ class Request:
     num_speculative_accepted_tokens: int = 0
     arrival_time: float = field(default_factory=time.monotonic)  # when the engine got it
     first_scheduled_time: float | None = None  # when it first joined the running batch
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_logprobs_sent: bool = False
+
+    @property
+    def scores_prompt(self) -> bool:
+        """True while prompt positions remain to be scored (no prefix-cache hits meanwhile)."""
+        return self.prompt_logprobs is not None and self.prompt_logprobs.num_scored < len(self.prompt_token_ids) - 1
 
     @property
     def queue_time_s(self) -> float | None:

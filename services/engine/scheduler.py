@@ -198,8 +198,8 @@ class Scheduler:
                 break
             lead_sample = request.lead_sample
             target = request.target_length(lead_sample)
-            # A hit never covers the last token: its logits must be computed.
-            prefix = self.kv.find_cached_prefix(lead_sample, target - 1)
+            # A hit never covers the last token (its logits must be computed), nor any while the prompt is scored.
+            prefix = self.kv.find_cached_prefix(lead_sample, 0 if request.scores_prompt else target - 1)
             num_cached = len(prefix.blocks) * self.kv.block_size
             num_new = min(target - num_cached, budget)
             if not self.kv.admit(lead_sample, prefix, num_new):

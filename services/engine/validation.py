@@ -47,6 +47,9 @@ def validate_request(
         if not isinstance(token, numbers.Integral) or not 0 <= token < limit:
             raise RequestRejectedError(
                 f"prompt token {i} is {token!r}: token ids must be ints in [0, {limit})")
+    bad_bias = next((t for t, _ in params.logit_bias if t >= limit), None)
+    if bad_bias is not None:
+        raise RequestRejectedError(f"logit_bias token id {bad_bias} is outside the vocabulary [0, {limit})")
     total = len(prompt_token_ids) + params.max_tokens
     if total > max_model_len:
         raise RequestRejectedError(

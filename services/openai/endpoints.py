@@ -17,10 +17,19 @@ from typing import Any
 from aiohttp import web
 
 from pdserve.openai.body import read_body
+from pdserve.openai.echo import join_logprobs, prompt_logprobs_json, prompt_texts, read_echo, text_length, without_generation
 from pdserve.openai.frontend import Frontend, frontend_of
 from pdserve.openai.prompts import chat_prompt_ids, read_prompts
 from pdserve.openai.protocol import read_stream_flags, reject_if_set
-from pdserve.openai.responses import TokenEvent, Usage, chat_logprobs, collect, completion_logprobs, relay_stream
+from pdserve.openai.responses import (
+    ChoiceResult,
+    TokenEvent,
+    Usage,
+    chat_logprobs,
+    collect,
+    completion_logprobs,
+    relay_stream,
+)
 from pdserve.openai.sampling import read_sampling, to_proto
 from pdserve.v1 import router_pb2
 
@@ -40,47 +49,71 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     front = frontend_of(request)
     body = await read_body(request)
     model = front.check_model(body)
-    for name, allowed in (("echo", (None, False)), ("suffix", (None, "")), ("logit_bias", (None, {}))):
-        reject_if_set(body, name, allowed)
-    fields = read_sampling(body, front.limits, chat=False)
+    reject_if_set(body, "suffix", (None, ""))
+    echo, sampling_body = read_echo(body)
+    fields = read_sampling(sampling_body, front.limits, chat=False)
     prompts = read_prompts(body, front.limits.max_model_len, front.info.vocab_size)
     fields.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
+    if echo.on and "logprobs" in fields:
+        fields["prompt_logprobs"] = fields["logprobs"]
     reject_if_set(body, "best_of", (None, 1, fields.get("n", 1)))
     stream, include_usage = read_stream_flags(body)
     sampling = to_proto(fields)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     calls = [_generate_request(f"{request_id}-{i}", p, sampling) for i, p in enumerate(prompts)]
     n, want_logprobs = fields.get("n", 1), "logprobs" in fields
+    echoed = await front.prepare(prompt_texts, front.tokenizer, prompts) if echo.on else None
     head = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": None}
-    async with contextlib.aclosing(front.link.generate_many(calls, "prompt")) as events:
+    generated = front.link.generate_many(calls, "prompt")
+    async with contextlib.aclosing(without_generation(generated) if echo.only else generated) as events:
         if stream:
-            return await relay_stream(request, events, _CompletionChunks(front, head, want_logprobs),
+            return await relay_stream(request, events, _CompletionChunks(front, head, want_logprobs, n, echoed),
                                       include_usage, front.metrics)
-        choices, usage = await collect(events, len(prompts) * n)
+        scores: dict[int, router_pb2.PromptLogprobs] = {}
+        choices, usage = await collect(events, len(prompts) * n, scores)
     front.metrics.count_tokens(usage.as_json()["prompt_tokens"], usage.completion_tokens)
     return web.json_response({**head, "choices": [
-        {"index": i, "text": c.text, "finish_reason": c.finish_reason,
-         "logprobs": completion_logprobs(front.strings, c.token_ids, c.logprobs, c.top_logprobs, 0)
-         if want_logprobs else None}
+        _completion_choice(front, i, c, echoed[i // n] if echoed else "", scores.get(i // n), want_logprobs)
         for i, c in enumerate(choices)], "usage": usage.as_json()})
 
 
-class _CompletionChunks:
-    """Turns TokenEvents into text_completion stream chunks (text offsets tracked per choice)."""
+def _completion_choice(front: Frontend, index: int, choice: ChoiceResult, echoed: str,
+                       scores: router_pb2.PromptLogprobs | None, want_logprobs: bool) -> dict[str, Any]:
+    """One choice of a completions response: the echoed prompt (if any) and its scores lead."""
+    logprobs = None
+    if want_logprobs:
+        head = prompt_logprobs_json(front.strings, scores) if scores is not None else None
+        tail = completion_logprobs(front.strings, choice.token_ids, choice.logprobs, choice.top_logprobs,
+                                   text_length(head) if head else 0)
+        logprobs = join_logprobs(head, tail if choice.token_ids or head is None else None)
+    return {"index": index, "text": echoed + choice.text, "finish_reason": choice.finish_reason, "logprobs": logprobs}
 
-    def __init__(self, front: Frontend, head: dict[str, Any], want_logprobs: bool) -> None:
+
+class _CompletionChunks:
+    """Turns TokenEvents into text_completion stream chunks (text offsets tracked per choice). With
+    echo, each choice's first chunk is its prompt (text, and the prompt scores when they come)."""
+
+    def __init__(self, front: Frontend, head: dict[str, Any], want_logprobs: bool, n: int = 1,
+                 echoed: list[str] | None = None) -> None:
         self.front = front
         self.head = head
         self.want_logprobs = want_logprobs
+        self.n = n
+        self.echoed = echoed
         self.offsets: dict[int, int] = {}
 
     def opening(self) -> list[dict[str, Any]]:
-        """Nothing precedes the first tokens in a completions stream."""
-        return []
+        """Echo without logprobs: each choice's prompt text (with logprobs it waits for the scores)."""
+        if self.echoed is None or self.want_logprobs:
+            return []
+        return [{**self.head, "choices": [{"index": i, "text": self.echoed[i // self.n], "logprobs": None,
+                                           "finish_reason": None}]} for i in range(len(self.echoed) * self.n)]
 
     def chunk(self, event: TokenEvent) -> dict[str, Any] | None:
         """The chunk for one event (None for an empty one)."""
+        if event.prompt_logprobs is not None:
+            return self._echo_chunk(event.prompt_index, event.prompt_logprobs)
         if event.finish_reason is None and not event.text and not (self.want_logprobs and event.token_ids):
             return None  # tokens whose text is held back (a possible stop string, half a character)
         logprobs = None
@@ -91,6 +124,18 @@ class _CompletionChunks:
             self.offsets[event.choice] = offset + sum(len(t) for t in logprobs["tokens"])
         return {**self.head, "choices": [{"index": event.choice, "text": event.text, "logprobs": logprobs,
                                           "finish_reason": event.finish_reason}]}
+
+    def _echo_chunk(self, prompt_index: int, scores: router_pb2.PromptLogprobs) -> dict[str, Any] | None:
+        """The echoed prompt of each of the prompt's choices, with its scores."""
+        if self.echoed is None or not self.want_logprobs:
+            return None
+        logprobs = prompt_logprobs_json(self.front.strings, scores)
+        choices = []
+        for index in range(prompt_index * self.n, (prompt_index + 1) * self.n):
+            self.offsets[index] = text_length(logprobs)
+            choices.append({"index": index, "text": self.echoed[prompt_index], "logprobs": logprobs,
+                            "finish_reason": None})
+        return {**self.head, "choices": choices}
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         """The last chunk when stream_options.include_usage is set: no choices, the usage."""

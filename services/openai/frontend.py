@@ -152,6 +152,8 @@ def frontend_of(request: web.Request) -> Frontend:
 
 def event_from_response(response: router_pb2.GenerateResponse, prompt_index: int, n: int) -> TokenEvent:
     """The TokenEvent for one Generate response of prompt `prompt_index` (n samples per prompt)."""
+    if response.HasField("prompt_logprobs"):
+        return TokenEvent(prompt_index * n, prompt_index=prompt_index, prompt_logprobs=response.prompt_logprobs)
     if response.HasField("chunk"):
         c = response.chunk
         top = [list(zip(t.token_ids, t.logprobs)) for t in c.top_logprobs]

@@ -73,7 +73,6 @@ async def chat_prompt_ids(front: Frontend, body: dict[str, Any], max_tokens: int
     for name in ("tools", "functions", "tool_choice", "function_call"):
         reject_if_set(body, name, (None, [], "none"))
     reject_if_set(body, "response_format", (None, {"type": "text"}))
-    reject_if_set(body, "logit_bias", (None, {}))
     add_generation_prompt = opt_bool(body, "add_generation_prompt")
     extra = opt_dict(body, "chat_template_kwargs")
     budget = MAX_CHAT_CHARS - (json_chars(extra, "chat_template_kwargs", "chat_template_kwargs") if extra else 0)

@@ -29,6 +29,7 @@ from pdserve.models.tokenizer import Tokenizer
 from pdserve.openai.limits import HTTP_OPTIONS_KEY
 from pdserve.openai.metrics import Metrics
 from pdserve.openai.protocol import OpenAIError, internal
+from pdserve.v1 import router_pb2
 
 logger = logging.getLogger("pdserve.openai")
 
@@ -40,7 +41,8 @@ class TokenEvent:
     choice: the OpenAI choice index (prompt index * n + sample index); text, token_ids,
     logprobs (one per token id, may be empty) and top_logprobs (per token: [(id, logprob)],
     most likely first) are this event's additions; prompt_tokens/completion_tokens/
-    cached_tokens are set on the final event only.
+    cached_tokens are set on the final event only. An event with prompt_logprobs carries only
+    the scores of prompt `prompt_index` (sent once, before its choices' tokens).
     """
 
     choice: int
@@ -53,6 +55,7 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    prompt_logprobs: router_pb2.PromptLogprobs | None = None
 
 
 @dataclass
@@ -90,11 +93,17 @@ class Usage:
                 "prompt_tokens_details": {"cached_tokens": sum(self.cached_tokens_by_prompt.values())}}
 
 
-async def collect(events: AsyncIterator[TokenEvent], num_choices: int) -> tuple[list[ChoiceResult], Usage]:
-    """Run `events` to the end; returns the choices (by index) and the usage."""
+async def collect(events: AsyncIterator[TokenEvent], num_choices: int,
+                  prompt_scores: dict[int, router_pb2.PromptLogprobs] | None = None) -> tuple[list[ChoiceResult], Usage]:
+    """Run `events` to the end; returns the choices (by index) and the usage. Prompt scores go
+    into `prompt_scores` by prompt index."""
     choices = [ChoiceResult() for _ in range(num_choices)]
     usage = Usage()
     async for event in events:
+        if event.prompt_logprobs is not None:
+            if prompt_scores is not None:
+                prompt_scores[event.prompt_index] = event.prompt_logprobs
+            continue
         choice = choices[event.choice]
         choice.text += event.text
         choice.token_ids += event.token_ids

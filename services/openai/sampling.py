@@ -3,7 +3,8 @@
 OpenAI names map one to one (max_tokens, temperature, top_p, n, stop, seed, presence_penalty,
 frequency_penalty); chat's max_completion_tokens is max_tokens and its logprobs/top_logprobs
 become the router's `logprobs` count. vLLM's extensions top_k, min_p, repetition_penalty,
-ignore_eos, min_tokens, stop_token_ids and pdserve's no_speculation pass through. Ranges are the router's (see
+ignore_eos, min_tokens, stop_token_ids and pdserve's no_speculation pass through; logit_bias (token id
+strings to a bias in [-100, 100]) becomes a map of ids. Ranges are the router's (see
 models/sampling_params.py), within the protobuf field types (protos/pdserve/v1/router.proto).
 """
 
@@ -12,9 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.models.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SamplingParams, SamplingParamsError
+from pdserve.models.sampling_params import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_VALUE,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    SamplingParams,
+    SamplingParamsError,
+)
 from pdserve.openai.limits import INT32_MAX, MAX_STOP_TOKEN_IDS, UINT32_MAX
-from pdserve.openai.protocol import int_list, invalid, opt_bool, opt_float, opt_int, str_list
+from pdserve.openai.protocol import int_list, invalid, opt_bool, opt_dict, opt_float, opt_int, str_list
 from pdserve.v1 import router_pb2
 
 SEED_MIN, SEED_LIMIT = -(2**63), 2**64  # negative seeds (int64, as clients send) wrap to uint64
@@ -53,10 +61,31 @@ def read_sampling(body: dict[str, Any], limits: Limits, chat: bool) -> dict[str,
     fields["stop_token_ids"] = int_list(body, "stop_token_ids", 0, limits.vocab_size - 1, MAX_STOP_TOKEN_IDS)
     fields["ignore_eos"] = bool(opt_bool(body, "ignore_eos"))
     fields["no_speculation"] = bool(opt_bool(body, "no_speculation"))  # pdserve's extension, like ignore_eos
+    _put(fields, "logit_bias", _read_logit_bias(body, limits.vocab_size))
     # (Without max_tokens the caller's default applies, and to_proto checks min_tokens against it.)
     if "min_tokens" in fields and "max_tokens" in fields and fields["min_tokens"] > fields["max_tokens"]:
         raise invalid("min_tokens must not exceed max_tokens", "min_tokens")
     return fields
+
+
+def _read_logit_bias(body: dict[str, Any], vocab_size: int) -> dict[int, float] | None:
+    """logit_bias: {"token id": bias}, at most MAX_LOGIT_BIAS entries (counted before any is
+    read), ids in the vocabulary, biases in [-100, 100]."""
+    entries = opt_dict(body, "logit_bias")
+    if not entries:
+        return None
+    if len(entries) > MAX_LOGIT_BIAS:
+        raise invalid(f"logit_bias has {len(entries)} entries; at most {MAX_LOGIT_BIAS} are allowed", "logit_bias")
+    bias = {}
+    for key, value in entries.items():
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdecimal() and len(key) <= 10 else None
+        if token is None or token >= vocab_size:
+            raise invalid(f"logit_bias keys must be token ids in [0, {vocab_size}), got {key[:32]!r}", "logit_bias")
+        number = opt_float({"logit_bias": value}, "logit_bias", -MAX_LOGIT_BIAS_VALUE, MAX_LOGIT_BIAS_VALUE)
+        if number is None:
+            raise invalid(f"logit_bias values must be numbers, got null for token {token}", "logit_bias")
+        bias[token] = number
+    return bias
 
 
 def _read_logprobs(body: dict[str, Any], limits: Limits, chat: bool) -> int | None:

@@ -19,7 +19,10 @@ def sampling_params_to_proto(params: SamplingParams) -> router_pb2.SamplingParam
         top_k=params.top_k, min_p=params.min_p, repetition_penalty=params.repetition_penalty,
         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
         stop=params.stop, stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
-        n=params.n, min_tokens=params.min_tokens, no_speculation=not params.speculative)
+        n=params.n, min_tokens=params.min_tokens, no_speculation=not params.speculative,
+        logit_bias=dict(params.logit_bias))
+    if params.prompt_logprobs is not None:
+        msg.prompt_logprobs = params.prompt_logprobs
     if params.seed is not None:
         msg.seed = params.seed
     if params.logprobs is not None:
@@ -50,6 +53,8 @@ def stream_from_router(address: str, prompt: str, params: SamplingParams, timeou
 
 def _outputs(responses) -> Iterator[RequestOutput]:
     for response in responses:
+        if response.HasField("prompt_logprobs"):
+            continue  # (this client streams text)
         if response.HasField("chunk"):
             c = response.chunk
             sample = SampleOutput(index=c.index, token_ids=list(c.token_ids), text=c.text)

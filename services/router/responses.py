@@ -40,6 +40,7 @@ class StreamState:
     samples: list[SampleProgressState]
     cached_tokens: int = 0
     abort_requested: bool = False
+    prompt_logprobs_sent: bool = False
     owner: str = ""
     route: dict[str, str | int] = field(default_factory=dict)  # the last routing decisions, as span attributes
 
@@ -55,10 +56,16 @@ class StreamState:
 
 
 def responses_for(state: StreamState, output: worker_pb2.RequestOutput) -> list[router_pb2.GenerateResponse]:
-    """Turn one worker output into client responses (a chunk per sample that progressed, then a
-    completion per sample that finished), updating `state`."""
+    """Turn one worker output into client responses (the prompt's scores the first time a worker
+    sends them, a chunk per sample that progressed, then a completion per sample that finished),
+    updating `state`."""
     state.cached_tokens = max(state.cached_tokens, output.cached_tokens)
     responses = []
+    if output.HasField("prompt_logprobs") and not state.prompt_logprobs_sent:
+        # Once, before any chunk: a retried prefill scores the prompt again.
+        state.prompt_logprobs_sent = True
+        responses.append(router_pb2.GenerateResponse(request_id=state.request_id,
+                                                     prompt_logprobs=output.prompt_logprobs))
     for sample in output.samples:
         progress = state.samples[sample.index]
         if progress.finish_reason is not None:

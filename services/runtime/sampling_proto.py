@@ -19,7 +19,7 @@ from pdserve.v1 import router_pb2, worker_pb2
 SEED_BITS = 63  # drawn seeds fit a signed 64-bit integer, friendly to every client language
 
 # Optional scalar fields of the public message with the same name in SamplingParams.
-_OPTIONAL_FIELDS = ("max_tokens", "top_k", "seed", "n", "logprobs", "min_tokens")
+_OPTIONAL_FIELDS = ("max_tokens", "top_k", "seed", "n", "logprobs", "min_tokens", "prompt_logprobs")
 _OPTIONAL_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty",
                           "presence_penalty", "frequency_penalty")
 
@@ -37,7 +37,8 @@ def sampling_params_from_proto(message: router_pb2.SamplingParams | None) -> Sam
                   if message.HasField(name))
     # The repeated fields go in as they are: SamplingParams checks their lengths before copying.
     return SamplingParams(stop=message.stop, stop_token_ids=message.stop_token_ids,
-                          ignore_eos=message.ignore_eos, speculative=not message.no_speculation, **fields)
+                          ignore_eos=message.ignore_eos, speculative=not message.no_speculation,
+                          logit_bias=_Float32Bias(message.logit_bias), **fields)
 
 
 def with_resolved_seed(params: SamplingParams) -> SamplingParams:
@@ -58,7 +59,9 @@ def engine_sampling_params_to_proto(params: SamplingParams) -> worker_pb2.Engine
         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
         seed=params.seed, stop=params.stop, stop_token_ids=params.stop_token_ids,
         ignore_eos=params.ignore_eos, n=params.n, return_logprobs=params.logprobs is not None,
-        min_tokens=params.min_tokens, top_logprobs=params.logprobs or 0, no_speculation=not params.speculative)
+        min_tokens=params.min_tokens, top_logprobs=params.logprobs or 0, no_speculation=not params.speculative,
+        return_prompt_logprobs=params.prompt_logprobs is not None, prompt_logprobs=params.prompt_logprobs or 0,
+        logit_bias=dict(params.logit_bias))
 
 
 def sampling_params_from_engine_proto(message: worker_pb2.EngineSamplingParams) -> SamplingParams:
@@ -67,13 +70,33 @@ def sampling_params_from_engine_proto(message: worker_pb2.EngineSamplingParams) 
     if not message.return_logprobs and message.top_logprobs:
         raise InvalidRequestError("EngineSamplingParams.top_logprobs is set but "
                                   "return_logprobs is false")
+    if not message.return_prompt_logprobs and message.prompt_logprobs:
+        raise InvalidRequestError("EngineSamplingParams.prompt_logprobs is set but "
+                                  "return_prompt_logprobs is false")
     return SamplingParams(
         max_tokens=message.max_tokens, temperature=message.temperature, top_p=message.top_p,
         top_k=message.top_k, min_p=message.min_p, repetition_penalty=message.repetition_penalty,
         presence_penalty=message.presence_penalty, frequency_penalty=message.frequency_penalty,
         seed=message.seed, stop=message.stop, stop_token_ids=message.stop_token_ids,
         ignore_eos=message.ignore_eos, n=message.n, min_tokens=message.min_tokens,
-        logprobs=message.top_logprobs if message.return_logprobs else None, speculative=not message.no_speculation)
+        logprobs=message.top_logprobs if message.return_logprobs else None, speculative=not message.no_speculation,
+        prompt_logprobs=message.prompt_logprobs if message.return_prompt_logprobs else None,
+        logit_bias=message.logit_bias)
+
+
+class _Float32Bias:
+    """A public message's logit_bias map (float32 values) read as the decimals they stand for; its
+    length is known before any entry is read (SamplingParams bounds it first)."""
+
+    def __init__(self, entries) -> None:
+        self.entries = entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def items(self):
+        """(token id, bias) pairs."""
+        return ((token, _from_float32(bias)) for token, bias in self.entries.items())
 
 
 def _from_float32(value: float) -> float:

@@ -12,16 +12,22 @@ from pdserve.v1 import router_pb2, worker_pb2
 
 def request_output_to_proto(output: RequestOutput) -> worker_pb2.RequestOutput:
     """One engine step's output for a request as pdserve.v1.RequestOutput."""
-    samples = []
-    for s in output.samples:
-        top = [router_pb2.TopLogprobs(token_ids=[t for t, _ in row], logprobs=[lp for _, lp in row])
-               for row in (s.top_logprobs or [])]
-        samples.append(worker_pb2.SampleOutput(index=s.index, token_ids=s.token_ids, text=s.text,
-                                               logprobs=s.logprobs or [], top_logprobs=top,
-                                               finish_reason=s.finish_reason or ""))
-    return worker_pb2.RequestOutput(request_id=output.request_id, samples=samples,
-                                    prompt_tokens=output.prompt_tokens, cached_tokens=output.cached_tokens,
-                                    finished=output.finished)
+    samples = [worker_pb2.SampleOutput(index=s.index, token_ids=s.token_ids, text=s.text, logprobs=s.logprobs or [],
+                                       top_logprobs=_top_logprobs(s.top_logprobs or []),
+                                       finish_reason=s.finish_reason or "")
+               for s in output.samples]
+    message = worker_pb2.RequestOutput(request_id=output.request_id, samples=samples,
+                                       prompt_tokens=output.prompt_tokens, cached_tokens=output.cached_tokens,
+                                       finished=output.finished)
+    scores = output.prompt_logprobs
+    if scores is not None:
+        message.prompt_logprobs.CopyFrom(router_pb2.PromptLogprobs(
+            token_ids=scores.token_ids, logprobs=scores.logprobs, top_logprobs=_top_logprobs(scores.top_logprobs)))
+    return message
+
+
+def _top_logprobs(rows: list[list[tuple[int, float]]]) -> list[router_pb2.TopLogprobs]:
+    return [router_pb2.TopLogprobs(token_ids=[t for t, _ in row], logprobs=[lp for _, lp in row]) for row in rows]
 
 
 def stats_to_load_proto(stats: EngineStats) -> worker_pb2.WorkerLoad:

@@ -237,6 +237,7 @@ def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
             by_index[delta.index] = delta
     a.samples = [by_index[i] for i in sorted(by_index)]
     a.cached_tokens = max(a.cached_tokens, b.cached_tokens)
+    a.prompt_logprobs = a.prompt_logprobs or b.prompt_logprobs
     return a
 
 

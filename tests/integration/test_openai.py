@@ -230,6 +230,77 @@ def test_logprobs_in_both_shapes(client, model_dir):
                                           extra_body=NO_EOS).choices[0].logprobs is None
 
 
+def _reference_prompt_logprobs(model_dir, ids: list[int]) -> list[float]:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    return [logprobs[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+
+
+def test_echo_with_logprobs_scores_the_prompt_on_the_prefill_server(cluster, client, model_dir):
+    prompts = [[1, 17, 250, 31, 99, 4, 410], [1, 8, 8, 8, 300]]
+    response = client.completions.create(model=model_dir, prompt=prompts, max_tokens=0, echo=True, logprobs=1,
+                                         temperature=0)
+    for choice, ids in zip(response.choices, prompts, strict=True):
+        lp = choice.logprobs
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.tokens) == len(ids)
+        assert lp.token_logprobs[1:] == pytest.approx(_reference_prompt_logprobs(model_dir, ids), abs=1e-4)
+        assert all(len(top) in (1, 2) and max(top.values()) >= logprob - 1e-6
+                   for top, logprob in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+        assert choice.finish_reason == "length" and choice.text == "".join(lp.tokens)
+    assert response.usage.completion_tokens == 0 and response.usage.prompt_tokens == sum(map(len, prompts))
+    # The prompt's scores, then the generated tokens' after them; streamed the same.
+    generated = client.completions.create(model=model_dir, prompt=PROMPT, max_tokens=4, echo=True, logprobs=2,
+                                          temperature=0, extra_body=NO_EOS).choices[0]
+    plain = client.completions.create(model=model_dir, prompt=PROMPT, max_tokens=4, logprobs=2, temperature=0,
+                                      extra_body=NO_EOS).choices[0]
+    assert generated.text == PROMPT + plain.text
+    # (The plain request's prompt comes from the prefix cache: a different batch shape, float32 rounding.)
+    assert generated.logprobs.token_logprobs[-4:] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-4)
+    offsets = generated.logprobs.text_offset
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    streamed = list(client.completions.create(model=model_dir, prompt=PROMPT, max_tokens=4, echo=True, logprobs=2,
+                                              temperature=0, stream=True, extra_body=NO_EOS))
+    assert "".join(c.choices[0].text for c in streamed) == generated.text
+    assert [lp for c in streamed if c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs] \
+        == generated.logprobs.token_logprobs
+    no_logprobs = client.completions.create(model=model_dir, prompt=PROMPT, max_tokens=3, echo=True, temperature=0,
+                                            stream=True, extra_body=NO_EOS)
+    assert "".join(c.choices[0].text for c in no_logprobs).startswith(PROMPT)
+    _wait_idle_with_all_blocks_free(cluster)
+
+
+def test_prompt_logprobs_in_the_grpc_api_come_once_before_the_tokens(cluster):
+    ids = [1, 40, 41, 42, 43, 44, 45, 46, 47, 48]
+    request = router_pb2.GenerateRequest(prompt_token_ids=router_pb2.TokenIds(ids=ids), sampling=router_pb2.SamplingParams(
+        max_tokens=3, temperature=0.0, ignore_eos=True, prompt_logprobs=3, n=2))
+    with cluster.channel(cluster.router_address) as channel:
+        kinds = [r.WhichOneof("kind") for r in router_pb2_grpc.RouterStub(channel).Generate(request, timeout=120)]
+        scores = next(r.prompt_logprobs for r in router_pb2_grpc.RouterStub(channel).Generate(request, timeout=120)
+                      if r.HasField("prompt_logprobs"))
+    assert kinds[0] == "prompt_logprobs" and kinds.count("prompt_logprobs") == 1 and kinds.count("complete") == 2
+    assert list(scores.token_ids) == ids and len(scores.logprobs) == len(ids) - 1
+    assert list(scores.logprobs) == pytest.approx(_reference_prompt_logprobs(cluster.model_dir, ids), abs=1e-4)
+    assert all(len(top.token_ids) == 3 for top in scores.top_logprobs)
+
+
+def test_logit_bias_steers_the_tokens(client, model_dir):
+    from pdserve.models.tokenizer import Tokenizer
+
+    favoured = Tokenizer.from_dir(model_dir).decode([300], skip_special_tokens=False)
+    plain = client.completions.create(model=model_dir, prompt=PROMPT, max_tokens=4, temperature=0,
+                                      extra_body=NO_EOS).choices[0]
+    pushed = client.completions.create(model=model_dir, prompt=PROMPT, max_tokens=4, temperature=0,
+                                       logit_bias={"300": 100}, logprobs=0, extra_body=NO_EOS).choices[0]
+    assert pushed.logprobs.tokens == [favoured] * 4 and plain.text != pushed.text
+    chat = client.chat.completions.create(model=model_dir, messages=MESSAGES, max_tokens=3, temperature=0,
+                                          logit_bias={"300": 100}, logprobs=True, extra_body=NO_EOS)
+    assert [e.token for e in chat.choices[0].logprobs.content] == [favoured] * 3
+
+
 def test_max_tokens_bounds_the_output(client, model_dir):
     # (max_tokens 1 finishes at prefill, which leaves the decode reservation to its lease in the
     # current router; 2 keeps this module's block accounting exact.)
@@ -245,7 +316,9 @@ def test_max_tokens_bounds_the_output(client, model_dir):
     (dict(temperature=-1), "temperature"), (dict(n=0), "n"), (dict(top_p=1.5), "top_p"),
     (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=10**6), "max_tokens"), (dict(logprobs=50), "logprobs"),
     (dict(prompt=[]), "prompt"), (dict(prompt=[[]]), "prompt"), (dict(stop=["x"] * 20), "stop"),
-    (dict(stream_options={"include_usage": True}), "stream_options"), (dict(echo=True), "echo"),
+    (dict(stream_options={"include_usage": True}), "stream_options"), (dict(echo=1), "echo"),
+    (dict(logit_bias={"5": 101}), "logit_bias"), (dict(logit_bias={"x": 1}), "logit_bias"),
+    (dict(logit_bias={str(10**6): 1}), "logit_bias"), (dict(max_tokens=0, echo=False), "max_tokens"),
     (dict(prompt=[[1, 2, 10**6]]), "prompt"), (dict(extra_body={"top_k": -5}), "top_k"),
 ])
 def test_bad_completion_requests_get_400_in_openais_shape(client, model_dir, kwargs, param):

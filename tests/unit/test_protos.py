@@ -36,11 +36,17 @@ ROUTER_MESSAGES = {
         (9, "seed", "uint64", "optional"), (10, "stop", "string", "repeated"),
         (11, "stop_token_ids", "uint32", "repeated"), (12, "ignore_eos", "bool", ""),
         (13, "n", "uint32", "optional"), (14, "logprobs", "uint32", "optional"),
-        (15, "min_tokens", "uint32", "optional"),
+        (15, "min_tokens", "uint32", "optional"), (16, "no_speculation", "bool", ""),
+        (17, "prompt_logprobs", "uint32", "optional"),
+        (18, "logit_bias", "SamplingParams.LogitBiasEntry", "repeated"),
     ],
     "GenerateResponse": [
         (1, "request_id", "string", ""), (2, "chunk", "TokenChunk", "oneof kind"),
-        (3, "complete", "Completion", "oneof kind"),
+        (3, "complete", "Completion", "oneof kind"), (4, "prompt_logprobs", "PromptLogprobs", "oneof kind"),
+    ],
+    "PromptLogprobs": [
+        (1, "token_ids", "uint32", "repeated"), (2, "logprobs", "float", "repeated"),
+        (3, "top_logprobs", "TopLogprobs", "repeated"),
     ],
     "TokenChunk": [
         (1, "index", "uint32", ""), (2, "token_ids", "uint32", "repeated"),
