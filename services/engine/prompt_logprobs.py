@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+MAX_SCORED_TOKENS_PER_STEP = 512
+
 
 @dataclass
 class PromptLogprobs:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.kv_cache_manager import KVCacheManager
+from pdserve.engine.prompt_logprobs import MAX_SCORED_TOKENS_PER_STEP
 from pdserve.engine.request import Request, RequestStatus, Sample
 
 
@@ -66,6 +67,7 @@ class Scheduler:
     """Holds the waiting queue and the running list and produces a SchedulerOutput per step."""
 
     def __init__(self, config: EngineConfig, kv: KVCacheManager) -> None:
+        self._scoring_budget = MAX_SCORED_TOKENS_PER_STEP  # prompt tokens scored this step (prompt_logprobs)
         self.config = config
         self.kv = kv
         self.waiting: deque[Request] = deque()
@@ -131,6 +133,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Pick this step's chunks, allocating (and copying) blocks for them."""
         out = SchedulerOutput()
+        self._scoring_budget = MAX_SCORED_TOKENS_PER_STEP
         self._admit_ready()
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.preempted:
@@ -202,8 +205,12 @@ class Scheduler:
             prefix = self.kv.find_cached_prefix(lead_sample, 0 if request.scores_prompt else target - 1)
             num_cached = len(prefix.blocks) * self.kv.block_size
             num_new = min(target - num_cached, budget)
-            if not self.kv.admit(lead_sample, prefix, num_new):
+            if request.scores_prompt:
+                num_new = min(num_new, self._scoring_budget)
+            if num_new == 0 or not self.kv.admit(lead_sample, prefix, num_new):
                 break
+            if request.scores_prompt:
+                self._scoring_budget -= num_new
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             request.mark_scheduled()
@@ -236,6 +243,9 @@ class Scheduler:
             if budget <= 0:
                 break
             num_new = min(request.target_length(sample) - sample.num_computed_tokens, budget)
+            if request.scores_prompt:
+                num_new = min(num_new, self._scoring_budget)
+                self._scoring_budget -= num_new
             proposed: list[int] = []
             spare = budget - 1 - reserve - (len(samples) - position - 1)
             if (num_new == 1 and self.propose is not None and spare > 0 and not request.fork_pending

@@ -11,6 +11,7 @@ from helpers.engine_testing import assert_no_leaks, greedy, one_torch_thread, ra
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.prompt_logprobs import MAX_SCORED_TOKENS_PER_STEP
 from pdserve.models.loader import load_model
 from pdserve.models.sampling_params import SamplingParams, SamplingParamsError
 from pdserve.models.tiny_model import make_tiny_model
@@ -96,6 +97,27 @@ def test_prompt_logprobs_are_scored_once_through_preemption(tiny):
     assert engine.stats().num_preemptions >= 2
     for i, (_, prompt, _) in enumerate(workload):
         _check_scores(tiny, prompt, results[f"r{i}"].prompt_logprobs, 2)
+    assert_no_leaks(engine)
+
+
+def test_a_step_scores_a_bounded_number_of_prompt_tokens(tiny):
+    rng = random.Random(9)
+    prompts = [random_prompt(rng, 700), random_prompt(rng, 300)]
+    engine = tiny.engine(max_num_batched_tokens=2048, enable_prefix_caching=False)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, greedy(2, prompt_logprobs=0))
+    engine.add_request("plain", random_prompt(rng, 400), greedy(2))
+    engine.step()
+    counters = engine.stats().counters
+    # 512 scored tokens of the first prompt; the second scoring prompt waits, and the plain one behind it (FCFS).
+    assert counters.num_prefill_tokens_computed == MAX_SCORED_TOKENS_PER_STEP
+    results = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.prompt_logprobs is not None:
+                results[out.request_id] = out.prompt_logprobs
+    for i, prompt in enumerate(prompts):
+        _check_scores(tiny, prompt, results[f"r{i}"], 0)
     assert_no_leaks(engine)
 
 
