@@ -4,9 +4,11 @@ Pipeline (vLLM v1 conventions), all in float32:
 1. logprobs = log_softmax(raw logits): the returned logprobs are these "raw" ones, taken
    before penalties, masks, temperature and filters.
 2. logit_bias is added; then min_tokens: while output_position < min_tokens, the row's
-   stop_token_ids and (unless ignore_eos) the EOS ids are set to -inf.
+   stop_token_ids and (unless ignore_eos) the EOS ids are set to -inf (not on rows under a
+   structured-output constraint: the constraint decides where such an output may end).
 3. Penalties (repetition over prompt + output, frequency and presence over the output); all
-   penalty work is skipped when no row uses them.
+   penalty work is skipped when no row uses them. Then the constrained rows' token masks
+   (pdserve.models.grammar): tokens their constraint does not allow are set to -inf.
 4. Greedy rows (temperature < 1e-5, like vLLM's epsilon): argmax (first index on ties).
 5. Other rows: divide by temperature, then min-p, top-k, top-p (see models/sampling_filters.py),
    then Gumbel-max with noise that is a pure hash of (seed, sample_index, output_position, token)
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.models.grammar import mask_disallowed
 from pdserve.models.sampling_filters import apply_top_k_top_p_min_p
 from pdserve.models.sampling_noise import gumbel_noise, row_key, row_keys_tensor
 from pdserve.models.sampling_params import SamplingParams
@@ -71,12 +74,14 @@ class Sampler:
     def __init__(self, eos_token_ids: Iterable[int] = frozenset()) -> None:
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
-        """Pick a token for each row. logits: [B, V] float (any dtype; B = len(rows))."""
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                 allowed: tuple[list[int], torch.Tensor] | None = None) -> SamplerOutput:
+        """Pick a token for each row. logits: [B, V] float (any dtype; B = len(rows)); allowed: the
+        constrained rows' indices and their token bitmask [len(indices), ceil(V / 32)] int32."""
         _check_inputs(logits, rows)
         raw = logits.float()
         logprobs = torch.log_softmax(raw, dim=-1)
-        adjusted = self._penalized_and_masked(raw, rows)
+        adjusted = self._penalized_and_masked(raw, rows, allowed)
         token_ids = self._choose_tokens(adjusted, rows)
         chosen = logprobs.gather(1, token_ids[:, None]).squeeze(1)
         top_ids, top_values = _top_logprobs(logprobs, rows)
@@ -92,12 +97,15 @@ class Sampler:
             blocked |= self.eos_token_ids
         return sorted(blocked)
 
-    def _penalized_and_masked(self, raw: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        """raw with logit biases, min_tokens masks and penalties applied; raw itself when nothing applies."""
-        pairs = [(i, t) for i, row in enumerate(rows) for t in self.blocked_token_ids(row)]
+    def _penalized_and_masked(self, raw: torch.Tensor, rows: Sequence[SamplingRow],
+                              allowed: tuple[list[int], torch.Tensor] | None) -> torch.Tensor:
+        """raw with logit biases, min_tokens masks, penalties and constraint masks applied; raw itself when
+        nothing applies."""
+        constrained = set(allowed[0]) if allowed is not None else set()
+        pairs = [(i, t) for i, row in enumerate(rows) if i not in constrained for t in self.blocked_token_ids(row)]
         penalized = [i for i, row in enumerate(rows) if row.uses_penalties]
         biased = [i for i, row in enumerate(rows) if row.params.logit_bias]
-        if not pairs and not penalized and not biased:
+        if not pairs and not penalized and not biased and not constrained:
             return raw
         adjusted = raw.clone()  # raw may be the caller's tensor
         if biased:
@@ -114,6 +122,11 @@ class Sampler:
                 _param_tensor(chosen, "frequency_penalty", raw.device),
                 _param_tensor(chosen, "presence_penalty", raw.device),
             )
+        if allowed is not None:
+            index = torch.tensor(allowed[0], dtype=torch.int64, device=raw.device)
+            masked = adjusted[index]
+            mask_disallowed(masked, allowed[1])
+            adjusted[index] = masked
         return adjusted
 
     def _choose_tokens(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:

@@ -17,8 +17,36 @@ MAX_MAX_TOKENS = 2**32 - 1
 MAX_TOP_K = 2**31 - 1
 
 
+STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+MAX_STRUCTURED_CHARS = 200_000  # a schema, regex, choice list (as JSON) or grammar, as text
+
+
 class SamplingParamsError(ValueError):
     """A sampling field is out of range; the message names the field and the allowed range."""
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint every sample's output must satisfy (pdserve.models.grammar compiles it).
+
+    kind "json_schema": spec is a JSON schema's text; "json_object": any JSON object (spec "");
+    "regex": spec is a regular expression the whole output matches; "choice": spec is a JSON list
+    of the strings the output may be; "grammar": spec is a Lark grammar (llguidance's dialect,
+    which embeds JSON schemas with %json).
+    """
+
+    kind: str
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise SamplingParamsError(f"structured output kind must be one of {list(STRUCTURED_KINDS)}, "
+                                      f"got {str(self.kind)[:32]!r}")
+        if not isinstance(self.spec, str) or len(self.spec) > MAX_STRUCTURED_CHARS:
+            raise SamplingParamsError(f"a structured output's spec must be text of at most {MAX_STRUCTURED_CHARS} "
+                                      "characters")
+        if self.kind != "json_object" and not self.spec:
+            raise SamplingParamsError(f"structured output {self.kind} needs a spec")
 
 
 @dataclass(frozen=True)
@@ -28,7 +56,8 @@ class SamplingParams:
     top_k <= 0 means off; logprobs None means no logprobs, N >= 0 means the chosen token's
     logprob plus the top-N alternatives; prompt_logprobs the same for every prompt token after the
     first (each scored given the tokens before it). logit_bias: (token id, bias) pairs added to
-    the logits before penalties, masks and sampling (returned logprobs stay raw). A seed of None
+    the logits before penalties, masks and sampling (returned logprobs stay raw). structured: the
+    constraint the output must satisfy (tokens outside it are masked). A seed of None
     is replaced by a random one when the request is created, so every request samples
     reproducibly from (seed, sample index, position).
     """
@@ -51,6 +80,7 @@ class SamplingParams:
     speculative: bool = True  # False: this request's decode steps take no speculative proposals
     prompt_logprobs: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         self._check_sizes()  # before copying the lists: a huge one costs nothing to refuse

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,8 +23,24 @@ from pdserve.engine.scheduler import ScheduledSample, Scheduler, SchedulerOutput
 from pdserve.engine.speculation import NgramProposer, Proposer
 from pdserve.engine.stats import EngineCounters, EngineStats
 from pdserve.engine.validation import RequestRejectedError, validate_request
+from pdserve.models.grammar import GrammarCompiler, GrammarError
 from pdserve.models.sampler import Sampler
 from pdserve.models.sampling_params import SamplingParams
+
+logger = logging.getLogger("pdserve.engine")
+
+
+def _grammar_compiler(tokenizer: Any, vocab_size: int | None) -> GrammarCompiler | None:
+    """Structured outputs for the tokenizer (None without one, or when llguidance cannot read it: such an
+    engine refuses constrained requests)."""
+    backend = getattr(tokenizer, "backend", None)
+    if backend is None or vocab_size is None:
+        return None
+    try:
+        return GrammarCompiler(backend.to_str(), vocab_size, tokenizer.eos_token_ids)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        logger.warning("structured outputs are off: llguidance cannot read this tokenizer (%s)", exc)
+        return None
 
 
 class StepInterrupted(Exception):
@@ -62,11 +79,12 @@ class LLMEngine:
             model_config, "max_position_embeddings", num_blocks * config.block_size)
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) if tokenizer is not None else frozenset()
         self.sampler = Sampler(self.eos_token_ids)
+        self.grammars = _grammar_compiler(tokenizer, self.vocab_size)
         self.pool = BlockPool(num_blocks, enable_caching=config.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool, config.block_size)
         self.scheduler = Scheduler(config, self.kv)
         self.reservations = ReservationBook(self.pool, config.block_size, self.max_model_len)
-        self.processor = SampleProcessor(self.sampler)
+        self.processor = SampleProcessor(self.sampler, self.grammars)
         self.proposer = self._make_proposer(draft_runner)
         self.counters = EngineCounters()
         self.requests: dict[str, Request] = {}
@@ -95,6 +113,13 @@ class LLMEngine:
             prompt_token_ids, params, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
             max_num_seqs=self.config.max_num_seqs, num_blocks=self.num_blocks,
             block_size=self.config.block_size, can_detokenize=self.tokenizer is not None)
+        if params.structured is not None:
+            if self.grammars is None:
+                raise RequestRejectedError("structured output needs the model's tokenizer, and this engine has none")
+            try:
+                self.grammars.check(params.structured)
+            except GrammarError as exc:
+                raise RequestRejectedError(f"structured output ({params.structured.kind}): {exc}") from exc
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         """Queue a request. ValueError on a duplicate id, an empty prompt, or one that cannot fit."""
@@ -124,6 +149,8 @@ class LLMEngine:
         samples = [Sample(next(self._seq_ids), i, prompt) for i in sample_indices]
         for sample in samples:
             sample.stop_checker = make_stop_checker(self.tokenizer, prompt, params, self.eos_token_ids)
+            if params.structured is not None:
+                sample.grammar = self.grammars.matcher(params.structured)
         return Request(request_id, prompt, params, seed, next(self._arrivals), samples)
 
     def reserve(self, reservation_id: str, num_prompt_tokens: int, expires_at: float | None = None) -> list[int]:
@@ -172,13 +199,13 @@ class LLMEngine:
             self._check_new_request(request_id, prompt_token_ids, params)
             indices = check_progress(prompt_token_ids, params, generated, sample_indices,
                                      cached_tokens, self.vocab_size, reservation)
+            request = self._new_request(request_id, prompt_token_ids, params, indices)
+            finished = prime_samples(request, generated)
         except BaseException:
             if reservation is not None:
                 self.reservations.free(reservation)
             raise
-        request = self._new_request(request_id, prompt_token_ids, params, indices)
         request.num_cached_tokens = int(cached_tokens)
-        finished = prime_samples(request, generated)
         if finished:
             self._pending_outputs.append(RequestOutput(request_id, finished, request.num_prompt_tokens,
                                                        request.num_cached_tokens, request.is_finished))
@@ -289,7 +316,7 @@ class LLMEngine:
         """Speculative proposals for a sample about to decode one token (the scheduler asks): at most
         num_speculative_tokens, max_tokens (the step's budget left), and what its max_tokens and the
         model length leave after the token the step draws anyway, and what the sample's pace allows."""
-        if not request.params.speculative:
+        if not request.params.speculative or request.params.structured is not None:
             return []
         limit = min(sample.speculation_pace.limit(self.config.speculative.num_speculative_tokens), max_tokens,
                     request.params.max_tokens - len(sample.output_token_ids) - 1,

@@ -23,7 +23,7 @@ from pdserve.engine.kv_cache_manager import KVCacheManager
 from pdserve.engine.outputs import SampleOutput
 from pdserve.engine.request import Request
 from pdserve.engine.reservations import BlockReservation
-from pdserve.engine.sample_processor import make_stop_checker
+from pdserve.engine.sample_processor import advance_grammar, make_stop_checker
 from pdserve.engine.validation import RequestRejectedError
 from pdserve.models.sampling_params import SamplingParams
 
@@ -51,9 +51,11 @@ def outcome_after(engine: LLMEngine, prompt_token_ids: Sequence[int], params: Sa
     has produced `generated`: the text a stream of that sample has sent through its last token
     (text that may still start a stop string, or an incomplete character, is held back)."""
     checker = make_stop_checker(engine.tokenizer, list(prompt_token_ids), params, engine.eos_token_ids)
+    grammar = engine.grammars.matcher(params.structured) if params.structured is not None else None
     text = []
     for token in generated:
-        check = checker.append(int(token))
+        complete = grammar is not None and (not grammar.consume_token(int(token)) or grammar.is_stopped())
+        check = checker.append(int(token), complete)
         text.append(check.text_delta)
         if check.finish_reason is not None:
             return check.finish_reason, "".join(text)
@@ -113,15 +115,19 @@ def prime_samples(request: Request, generated: Sequence[Sequence[int]]) -> list[
 
     request.samples[k] continues generated[k]. The text the tokens release waits in the
     sample's pending_text for its next output. A sample that the tokens already finish (a stop
-    string in their text, a stop/EOS token, max_tokens) finishes now: its final output (no new
-    token ids, the text up to the stop) is returned.
+    string in their text, a stop/EOS token, max_tokens, its constraint complete) finishes now: its
+    final output (no new token ids, the text up to the stop) is returned. Tokens that leave the
+    request's structured-output constraint are refused (RequestRejectedError).
     """
     finished = []
     for sample, tokens in zip(request.samples, generated):
         for token in tokens:
             token = int(token)
+            if sample.grammar is not None and not sample.grammar.validate_tokens([token]):
+                raise RequestRejectedError(f"sample {sample.sample_index}: generated token {token} is outside the "
+                                           "request's structured-output constraint")
             sample.output_token_ids.append(token)
-            check = sample.stop_checker.append(token)
+            check = sample.stop_checker.append(token, advance_grammar(sample, token))
             sample.pending_text += check.text_delta
             if check.finish_reason is not None:
                 sample.finish_reason = check.finish_reason

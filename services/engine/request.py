@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pdserve.engine.prompt_logprobs import PromptLogprobs
 from pdserve.engine.speculation import SpeculationPace
@@ -36,7 +36,8 @@ class Sample:
     in the draft cache (the same block_table, the draft model's own cache tensors); speculation_pace: how many
     tokens it proposes next (pdserve.engine.speculation).
     pending_text: text of tokens generated elsewhere (before this engine continued the sample),
-    handed out with the sample's next output.
+    handed out with the sample's next output. grammar: the state of the request's structured-output
+    constraint after the sample's output tokens (pdserve.models.grammar), or None.
     """
 
     seq_id: int
@@ -52,6 +53,7 @@ class Sample:
     stop_checker: StopChecker | None = None
     pending_text: str = ""
     speculation_pace: SpeculationPace = field(default_factory=SpeculationPace)
+    grammar: Any = None  # the structured-output constraint's state (llguidance.LLMatcher), or None
 
     @property
     def num_tokens(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,8 +12,11 @@ import torch
 from pdserve.engine.outputs import SampleOutput
 from pdserve.engine.request import Request, Sample
 from pdserve.engine.stop_checker import StopChecker
+from pdserve.models.grammar import GrammarCompiler
 from pdserve.models.sampler import Sampler, SamplingRow
 from pdserve.models.sampling_params import SamplingParams
+
+logger = logging.getLogger("pdserve.engine")
 
 
 class _NoText:
@@ -61,10 +65,14 @@ class Verification:
 
 
 class SampleProcessor:
-    """Samples each target's tokens (verifying speculative proposals) and applies stop conditions."""
+    """Samples each target's tokens (verifying speculative proposals) and applies stop conditions.
 
-    def __init__(self, sampler: Sampler) -> None:
+    grammars: masks the rows of samples under a structured-output constraint (their Sample.grammar) and
+    is told each drawn token; None for an engine without constraints."""
+
+    def __init__(self, sampler: Sampler, grammars: GrammarCompiler | None = None) -> None:
         self.sampler = sampler
+        self.grammars = grammars
 
     def sample(self, logits: torch.Tensor, targets: Sequence[SamplingTarget]
                ) -> tuple[list[tuple[Request, Sample, SampleOutput]], list[Verification]]:
@@ -83,6 +91,7 @@ class SampleProcessor:
             raise RuntimeError(f"runner returned {logits.shape[0]} logits rows, the targets need {expected}")
         row_of: list[int] = []
         rows: list[SamplingRow] = []
+        constrained: list[tuple[int, Any]] = []  # (sampling row, its sample's grammar state)
         first_row: list[int] = []  # per target, its first sampling row
         next_logits_row = 0
         for target in targets:
@@ -90,6 +99,8 @@ class SampleProcessor:
             first_row.append(len(rows))
             if proposed:
                 (sample,) = target.samples
+                if sample.grammar is not None:
+                    raise RuntimeError("a constrained sample was given speculative proposals")
                 position = len(sample.output_token_ids)
                 for i in range(len(proposed) + 1):
                     row_of.append(next_logits_row + i)
@@ -98,6 +109,8 @@ class SampleProcessor:
                 next_logits_row += len(proposed) + 1
                 continue
             for sample in target.samples:
+                if sample.grammar is not None:
+                    constrained.append((len(rows), sample.grammar))
                 row_of.append(next_logits_row)
                 rows.append(SamplingRow(request.params, request.seed, sample.sample_index,
                                         len(sample.output_token_ids), request.prompt_token_ids,
@@ -105,7 +118,10 @@ class SampleProcessor:
             next_logits_row += 1
         if len(row_of) != logits.shape[0]:  # a fork's samples share a row
             logits = logits[torch.tensor(row_of, dtype=torch.int64, device=logits.device)]
-        out = self.sampler(logits, rows)
+        allowed = None
+        if constrained:
+            allowed = ([i for i, _ in constrained], self.grammars.fill_bitmask([g for _, g in constrained]))
+        out = self.sampler(logits, rows, allowed)
         drawn = _Draws(out)
         results, verifications = [], []
         for target, start in zip(targets, first_row):
@@ -130,7 +146,7 @@ class SampleProcessor:
         for row in rows:
             token_id = drawn.token_ids[row]
             sample.output_token_ids.append(token_id)
-            check = sample.stop_checker.append(token_id)
+            check = sample.stop_checker.append(token_id, advance_grammar(sample, token_id))
             delta.token_ids.append(token_id)
             delta.text += sample.pending_text + check.text_delta
             sample.pending_text = ""
@@ -144,6 +160,21 @@ class SampleProcessor:
                 sample.finish_reason = delta.finish_reason = check.finish_reason
                 break
         return delta
+
+
+def advance_grammar(sample: Sample, token_id: int) -> bool:
+    """Tell the sample's constraint (if any) its next token; True when the constraint is complete with
+    nothing allowed after it (the sample then stops). A token the constraint refuses cannot come from a
+    masked draw (a continued sample's tokens are checked first, see prefilled.py): it ends the sample."""
+    grammar = sample.grammar
+    if grammar is None:
+        return False
+    if not grammar.consume_token(token_id):
+        # (Not the matcher's error text: it quotes the client's grammar, which stays out of the logs.)
+        logger.warning("sample %d: token %d is outside its structured-output constraint; ending it",
+                       sample.seq_id, token_id)
+        return True
+    return grammar.is_stopped()
 
 
 class _Draws:

@@ -6,7 +6,8 @@ Order of checks for each new token (vLLM semantics):
 2. A stop string completed by the new text (matched on the detokenized text, so it may span
    token boundaries): finish "stop"; the text is cut before the stop string -- once at least
    min_tokens tokens exist.
-3. max_tokens reached: finish "length".
+3. A structured-output constraint complete with nothing allowed after it: finish "stop".
+4. max_tokens reached: finish "length".
 While a sample runs, text that could be the beginning of a stop string is held back until the
 following tokens decide it.
 """
@@ -53,14 +54,18 @@ class StopChecker:
         self.num_emitted = 0  # characters of self.text already released
         self.num_tokens = 0
 
-    def append(self, token_id: int) -> StopCheck:
-        """Account for one new output token and say what to release and whether to stop."""
+    def append(self, token_id: int, constraint_complete: bool = False) -> StopCheck:
+        """Account for one new output token and say what to release and whether to stop;
+        constraint_complete: the sample's structured-output constraint allows nothing after it."""
         self.num_tokens += 1
         may_stop = self.num_tokens >= self.params.min_tokens
         if may_stop and (token_id in self.stop_token_ids or token_id in self.eos_token_ids):
             self._add_text(self.detokenizer.flush(), may_stop)
             return self._finish("stop")
         if self._add_text(self.detokenizer.push([token_id]), may_stop):
+            return self._finish("stop")
+        if constraint_complete:
+            self._add_text(self.detokenizer.flush(), may_stop)
             return self._finish("stop")
         if self.num_tokens >= self.params.max_tokens:
             matched = self._add_text(self.detokenizer.flush(), may_stop)

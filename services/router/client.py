@@ -9,6 +9,7 @@ import grpc
 from pdserve.engine.outputs import RequestOutput, SampleOutput
 from pdserve.models.sampling_params import SamplingParams
 from pdserve.runtime.channels import CHANNEL_OPTIONS, PLAINTEXT, ClientSecurity
+from pdserve.runtime.sampling_proto import structured_to_proto
 from pdserve.v1 import router_pb2, router_pb2_grpc
 
 
@@ -20,7 +21,7 @@ def sampling_params_to_proto(params: SamplingParams) -> router_pb2.SamplingParam
         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
         stop=params.stop, stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
         n=params.n, min_tokens=params.min_tokens, no_speculation=not params.speculative,
-        logit_bias=dict(params.logit_bias))
+        logit_bias=dict(params.logit_bias), structured_output=structured_to_proto(params.structured))
     if params.prompt_logprobs is not None:
         msg.prompt_logprobs = params.prompt_logprobs
     if params.seed is not None:

@@ -7,12 +7,13 @@ apply it without defaults logic.
 
 from __future__ import annotations
 
+import json
 import secrets
 from dataclasses import replace
 
 import numpy as np
 
-from pdserve.models.sampling_params import SamplingParams
+from pdserve.models.sampling_params import MAX_STRUCTURED_CHARS, SamplingParams, SamplingParamsError, StructuredOutput
 from pdserve.runtime.errors import InvalidRequestError
 from pdserve.v1 import router_pb2, worker_pb2
 
@@ -38,7 +39,7 @@ def sampling_params_from_proto(message: router_pb2.SamplingParams | None) -> Sam
     # The repeated fields go in as they are: SamplingParams checks their lengths before copying.
     return SamplingParams(stop=message.stop, stop_token_ids=message.stop_token_ids,
                           ignore_eos=message.ignore_eos, speculative=not message.no_speculation,
-                          logit_bias=_Float32Bias(message.logit_bias), **fields)
+                          logit_bias=_Float32Bias(message.logit_bias), structured=_structured_of(message), **fields)
 
 
 def with_resolved_seed(params: SamplingParams) -> SamplingParams:
@@ -61,7 +62,7 @@ def engine_sampling_params_to_proto(params: SamplingParams) -> worker_pb2.Engine
         ignore_eos=params.ignore_eos, n=params.n, return_logprobs=params.logprobs is not None,
         min_tokens=params.min_tokens, top_logprobs=params.logprobs or 0, no_speculation=not params.speculative,
         return_prompt_logprobs=params.prompt_logprobs is not None, prompt_logprobs=params.prompt_logprobs or 0,
-        logit_bias=dict(params.logit_bias))
+        logit_bias=dict(params.logit_bias), structured_output=structured_to_proto(params.structured))
 
 
 def sampling_params_from_engine_proto(message: worker_pb2.EngineSamplingParams) -> SamplingParams:
@@ -81,7 +82,39 @@ def sampling_params_from_engine_proto(message: worker_pb2.EngineSamplingParams) 
         ignore_eos=message.ignore_eos, n=message.n, min_tokens=message.min_tokens,
         logprobs=message.top_logprobs if message.return_logprobs else None, speculative=not message.no_speculation,
         prompt_logprobs=message.prompt_logprobs if message.return_prompt_logprobs else None,
-        logit_bias=message.logit_bias)
+        logit_bias=message.logit_bias, structured=_structured_of(message))
+
+
+def structured_to_proto(structured: StructuredOutput | None) -> router_pb2.StructuredOutput | None:
+    """The message of a constraint (None for none)."""
+    if structured is None:
+        return None
+    if structured.kind == "json_object":
+        return router_pb2.StructuredOutput(json_object=True)
+    if structured.kind == "choice":
+        return router_pb2.StructuredOutput(choice=router_pb2.StringList(values=json.loads(structured.spec)))
+    return router_pb2.StructuredOutput(**{structured.kind: structured.spec})
+
+
+def _structured_of(message) -> StructuredOutput | None:
+    """The constraint of a SamplingParams / EngineSamplingParams message (its structured_output field);
+    a choice list's size is bounded before it is copied."""
+    if not message.HasField("structured_output"):
+        return None
+    constraint = message.structured_output
+    kind = constraint.WhichOneof("constraint")
+    if kind is None:
+        return None
+    if kind == "json_object":
+        if not constraint.json_object:
+            raise SamplingParamsError("structured_output.json_object must be true when set")
+        return StructuredOutput("json_object")
+    if kind == "choice":
+        values = constraint.choice.values
+        if len(values) > MAX_STRUCTURED_CHARS // 2 or sum(len(v) for v in values) > MAX_STRUCTURED_CHARS:
+            raise SamplingParamsError(f"structured_output.choice must hold at most {MAX_STRUCTURED_CHARS} characters")
+        return StructuredOutput("choice", json.dumps(list(values)))
+    return StructuredOutput(kind, getattr(constraint, kind))
 
 
 class _Float32Bias:

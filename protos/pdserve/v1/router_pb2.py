@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/router.proto\x12\npdserve.v1\"\xc9\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x30\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x0e\n\x06resume\x18\x05 \x01(\x08\x12\x17\n\x0freceived_tokens\x18\x06 \x03(\rB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xd1\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x0e\n\x01n\x18\r \x01(\rH\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0f \x01(\rH\x0b\x88\x01\x01\x12\x16\n\x0eno_speculation\x18\x10 \x01(\x08\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\rH\x0c\x88\x01\x01\x12=\n\nlogit_bias\x18\x12 \x03(\x0b\x32).pdserve.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x04\n\x02_nB\x0b\n\t_logprobsB\r\n\x0b_min_tokensB\x12\n\x10_prompt_logprobs\"\xba\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.pdserve.v1.TokenChunkH\x00\x12*\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x16.pdserve.v1.CompletionH\x00\x12\x35\n\x0fprompt_logprobs\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.PromptLogprobsH\x00\x42\x06\n\x04kind\"d\n\x0ePromptLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12-\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x17.pdserve.v1.TopLogprobs\"}\n\nTokenChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12-\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x17.pdserve.v1.TopLogprobs\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"{\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\r\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\".\n\x10TokenizeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x15\n\x13GetModelInfoRequest\"\xeb\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x19\n\x0c\x62os_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nblock_size\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\r\n\x05max_n\x18\t \x01(\r\x12\x14\n\x0cmax_logprobs\x18\n \x01(\rB\x0f\n\r_bos_token_id2\x9e\x02\n\x06Router\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12\x45\n\x08Tokenize\x12\x1b.pdserve.v1.TokenizeRequest\x1a\x1c.pdserve.v1.TokenizeResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.pdserve.v1.GetModelInfoRequest\x1a\x15.pdserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/router.proto\x12\npdserve.v1\"\xc9\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x30\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x0e\n\x06resume\x18\x05 \x01(\x08\x12\x17\n\x0freceived_tokens\x18\x06 \x03(\rB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x8a\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x0e\n\x01n\x18\r \x01(\rH\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0f \x01(\rH\x0b\x88\x01\x01\x12\x16\n\x0eno_speculation\x18\x10 \x01(\x08\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\rH\x0c\x88\x01\x01\x12=\n\nlogit_bias\x18\x12 \x03(\x0b\x32).pdserve.v1.SamplingParams.LogitBiasEntry\x12\x37\n\x11structured_output\x18\x13 \x01(\x0b\x32\x1c.pdserve.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x04\n\x02_nB\x0b\n\t_logprobsB\r\n\x0b_min_tokensB\x12\n\x10_prompt_logprobs\"\x9c\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x16.pdserve.v1.StringListH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x0c\n\nconstraint\"\x1c\n\nStringList\x12\x0e\n\x06values\x18\x01 \x03(\t\"\xba\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.pdserve.v1.TokenChunkH\x00\x12*\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x16.pdserve.v1.CompletionH\x00\x12\x35\n\x0fprompt_logprobs\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.PromptLogprobsH\x00\x42\x06\n\x04kind\"d\n\x0ePromptLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12-\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x17.pdserve.v1.TopLogprobs\"}\n\nTokenChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12-\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x17.pdserve.v1.TopLogprobs\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"{\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\r\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\".\n\x10TokenizeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x15\n\x13GetModelInfoRequest\"\xeb\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x19\n\x0c\x62os_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nblock_size\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\r\n\x05max_n\x18\t \x01(\r\x12\x14\n\x0cmax_logprobs\x18\n \x01(\rB\x0f\n\r_bos_token_id2\x9e\x02\n\x06Router\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12\x45\n\x08Tokenize\x12\x1b.pdserve.v1.TokenizeRequest\x1a\x1c.pdserve.v1.TokenizeResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.pdserve.v1.GetModelInfoRequest\x1a\x15.pdserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,31 +38,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=243
   _globals['_TOKENIDS']._serialized_end=266
   _globals['_SAMPLINGPARAMS']._serialized_start=269
-  _globals['_SAMPLINGPARAMS']._serialized_end=990
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=752
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=800
-  _globals['_GENERATERESPONSE']._serialized_start=993
-  _globals['_GENERATERESPONSE']._serialized_end=1179
-  _globals['_PROMPTLOGPROBS']._serialized_start=1181
-  _globals['_PROMPTLOGPROBS']._serialized_end=1281
-  _globals['_TOKENCHUNK']._serialized_start=1283
-  _globals['_TOKENCHUNK']._serialized_end=1408
-  _globals['_TOPLOGPROBS']._serialized_start=1410
-  _globals['_TOPLOGPROBS']._serialized_end=1460
-  _globals['_COMPLETION']._serialized_start=1462
-  _globals['_COMPLETION']._serialized_end=1585
-  _globals['_ABORTREQUEST']._serialized_start=1587
-  _globals['_ABORTREQUEST']._serialized_end=1621
-  _globals['_ABORTRESPONSE']._serialized_start=1623
-  _globals['_ABORTRESPONSE']._serialized_end=1653
-  _globals['_TOKENIZEREQUEST']._serialized_start=1655
-  _globals['_TOKENIZEREQUEST']._serialized_end=1714
-  _globals['_TOKENIZERESPONSE']._serialized_start=1716
-  _globals['_TOKENIZERESPONSE']._serialized_end=1762
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1764
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1785
-  _globals['_MODELINFO']._serialized_start=1788
-  _globals['_MODELINFO']._serialized_end=2023
-  _globals['_ROUTER']._serialized_start=2026
-  _globals['_ROUTER']._serialized_end=2312
+  _globals['_SAMPLINGPARAMS']._serialized_end=1047
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=809
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=857
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=1050
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1206
+  _globals['_STRINGLIST']._serialized_start=1208
+  _globals['_STRINGLIST']._serialized_end=1236
+  _globals['_GENERATERESPONSE']._serialized_start=1239
+  _globals['_GENERATERESPONSE']._serialized_end=1425
+  _globals['_PROMPTLOGPROBS']._serialized_start=1427
+  _globals['_PROMPTLOGPROBS']._serialized_end=1527
+  _globals['_TOKENCHUNK']._serialized_start=1529
+  _globals['_TOKENCHUNK']._serialized_end=1654
+  _globals['_TOPLOGPROBS']._serialized_start=1656
+  _globals['_TOPLOGPROBS']._serialized_end=1706
+  _globals['_COMPLETION']._serialized_start=1708
+  _globals['_COMPLETION']._serialized_end=1831
+  _globals['_ABORTREQUEST']._serialized_start=1833
+  _globals['_ABORTREQUEST']._serialized_end=1867
+  _globals['_ABORTRESPONSE']._serialized_start=1869
+  _globals['_ABORTRESPONSE']._serialized_end=1899
+  _globals['_TOKENIZEREQUEST']._serialized_start=1901
+  _globals['_TOKENIZEREQUEST']._serialized_end=1960
+  _globals['_TOKENIZERESPONSE']._serialized_start=1962
+  _globals['_TOKENIZERESPONSE']._serialized_end=2008
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2010
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2031
+  _globals['_MODELINFO']._serialized_start=2034
+  _globals['_MODELINFO']._serialized_end=2269
+  _globals['_ROUTER']._serialized_start=2272
+  _globals['_ROUTER']._serialized_end=2558
 # @@protoc_insertion_point(module_scope)

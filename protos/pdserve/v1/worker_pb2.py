@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import router_pb2 as pdserve_dot_v1_dot_router__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x17pdserve/v1/router.proto\"\x9b\x04\n\x14\x45ngineSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x01\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x01\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\t\n\x01n\x18\r \x01(\r\x12\x17\n\x0freturn_logprobs\x18\x0e \x01(\x08\x12\x12\n\nmin_tokens\x18\x0f \x01(\r\x12\x14\n\x0ctop_logprobs\x18\x10 \x01(\r\x12\x16\n\x0eno_speculation\x18\x11 \x01(\x08\x12\x17\n\x0fprompt_logprobs\x18\x12 \x01(\r\x12\x43\n\nlogit_bias\x18\x13 \x03(\x0b\x32/.pdserve.v1.EngineSamplingParams.LogitBiasEntry\x12\x1e\n\x16return_prompt_logprobs\x18\x14 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x96\x01\n\x0cSampleOutput\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12-\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x17.pdserve.v1.TopLogprobs\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\"\xc3\x01\n\rRequestOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x07samples\x18\x02 \x03(\x0b\x32\x18.pdserve.v1.SampleOutput\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x33\n\x0fprompt_logprobs\x18\x06 \x01(\x0b\x32\x1a.pdserve.v1.PromptLogprobs\"<\n\x0eSampleProgress\x12\r\n\x05index\x18\x01 \x01(\r\x12\x1b\n\x13generated_token_ids\x18\x02 \x03(\r\"(\n\x12WorkerAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"$\n\x13WorkerAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest\"\xc4\x02\n\nWorkerLoad\x12!\n\x19num_waiting_prompt_tokens\x18\x01 \x01(\x04\x12\x1c\n\x14num_running_requests\x18\x02 \x01(\r\x12\x18\n\x10num_running_seqs\x18\x03 \x01(\r\x12\x1c\n\x14num_waiting_requests\x18\x04 \x01(\r\x12\x17\n\x0fnum_blocks_free\x18\x05 \x01(\r\x12\x18\n\x10num_blocks_total\x18\x06 \x01(\r\x12\x19\n\x11num_blocks_cached\x18\x07 \x01(\r\x12\x18\n\x10num_reservations\x18\x08 \x01(\r\x12\x1b\n\x13num_blocks_reserved\x18\t \x01(\r\x12\x19\n\x11timestamp_unix_ms\x18\n \x01(\x04\x12\x1d\n\x15num_finished_requests\x18\x0b \x01(\x04\"\x16\n\x14GetWorkerInfoRequest\"\x91\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12$\n\x05model\x18\x03 \x01(\x0b\x32\x15.pdserve.v1.ModelInfo\x12\x13\n\x0bkv_endpoint\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t*u\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x19\n\x15WORKER_ROLE_COLOCATED\x10\x03\x32\xe3\x01\n\rWorkerControl\x12H\n\x05\x41\x62ort\x12\x1e.pdserve.v1.WorkerAbortRequest\x1a\x1f.pdserve.v1.WorkerAbortResponse\x12=\n\x07GetLoad\x12\x1a.pdserve.v1.GetLoadRequest\x1a\x16.pdserve.v1.WorkerLoad\x12I\n\rGetWorkerInfo\x12 .pdserve.v1.GetWorkerInfoRequest\x1a\x16.pdserve.v1.WorkerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x17pdserve/v1/router.proto\"\xd4\x04\n\x14\x45ngineSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x01\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x01\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\t\n\x01n\x18\r \x01(\r\x12\x17\n\x0freturn_logprobs\x18\x0e \x01(\x08\x12\x12\n\nmin_tokens\x18\x0f \x01(\r\x12\x14\n\x0ctop_logprobs\x18\x10 \x01(\r\x12\x16\n\x0eno_speculation\x18\x11 \x01(\x08\x12\x17\n\x0fprompt_logprobs\x18\x12 \x01(\r\x12\x43\n\nlogit_bias\x18\x13 \x03(\x0b\x32/.pdserve.v1.EngineSamplingParams.LogitBiasEntry\x12\x1e\n\x16return_prompt_logprobs\x18\x14 \x01(\x08\x12\x37\n\x11structured_output\x18\x15 \x01(\x0b\x32\x1c.pdserve.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x96\x01\n\x0cSampleOutput\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12-\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x17.pdserve.v1.TopLogprobs\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\"\xc3\x01\n\rRequestOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x07samples\x18\x02 \x03(\x0b\x32\x18.pdserve.v1.SampleOutput\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x33\n\x0fprompt_logprobs\x18\x06 \x01(\x0b\x32\x1a.pdserve.v1.PromptLogprobs\"<\n\x0eSampleProgress\x12\r\n\x05index\x18\x01 \x01(\r\x12\x1b\n\x13generated_token_ids\x18\x02 \x03(\r\"(\n\x12WorkerAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"$\n\x13WorkerAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest\"\xc4\x02\n\nWorkerLoad\x12!\n\x19num_waiting_prompt_tokens\x18\x01 \x01(\x04\x12\x1c\n\x14num_running_requests\x18\x02 \x01(\r\x12\x18\n\x10num_running_seqs\x18\x03 \x01(\r\x12\x1c\n\x14num_waiting_requests\x18\x04 \x01(\r\x12\x17\n\x0fnum_blocks_free\x18\x05 \x01(\r\x12\x18\n\x10num_blocks_total\x18\x06 \x01(\r\x12\x19\n\x11num_blocks_cached\x18\x07 \x01(\r\x12\x18\n\x10num_reservations\x18\x08 \x01(\r\x12\x1b\n\x13num_blocks_reserved\x18\t \x01(\r\x12\x19\n\x11timestamp_unix_ms\x18\n \x01(\x04\x12\x1d\n\x15num_finished_requests\x18\x0b \x01(\x04\"\x16\n\x14GetWorkerInfoRequest\"\x91\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12$\n\x05model\x18\x03 \x01(\x0b\x32\x15.pdserve.v1.ModelInfo\x12\x13\n\x0bkv_endpoint\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t*u\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x19\n\x15WORKER_ROLE_COLOCATED\x10\x03\x32\xe3\x01\n\rWorkerControl\x12H\n\x05\x41\x62ort\x12\x1e.pdserve.v1.WorkerAbortRequest\x1a\x1f.pdserve.v1.WorkerAbortResponse\x12=\n\x07GetLoad\x12\x1a.pdserve.v1.GetLoadRequest\x1a\x16.pdserve.v1.WorkerLoad\x12I\n\rGetWorkerInfo\x12 .pdserve.v1.GetWorkerInfoRequest\x1a\x16.pdserve.v1.WorkerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,30 +34,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENGINESAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_ENGINESAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_WORKERROLE']._serialized_start=1616
-  _globals['_WORKERROLE']._serialized_end=1733
+  _globals['_WORKERROLE']._serialized_start=1673
+  _globals['_WORKERROLE']._serialized_end=1790
   _globals['_ENGINESAMPLINGPARAMS']._serialized_start=65
-  _globals['_ENGINESAMPLINGPARAMS']._serialized_end=604
-  _globals['_ENGINESAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=556
-  _globals['_ENGINESAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=604
-  _globals['_SAMPLEOUTPUT']._serialized_start=607
-  _globals['_SAMPLEOUTPUT']._serialized_end=757
-  _globals['_REQUESTOUTPUT']._serialized_start=760
-  _globals['_REQUESTOUTPUT']._serialized_end=955
-  _globals['_SAMPLEPROGRESS']._serialized_start=957
-  _globals['_SAMPLEPROGRESS']._serialized_end=1017
-  _globals['_WORKERABORTREQUEST']._serialized_start=1019
-  _globals['_WORKERABORTREQUEST']._serialized_end=1059
-  _globals['_WORKERABORTRESPONSE']._serialized_start=1061
-  _globals['_WORKERABORTRESPONSE']._serialized_end=1097
-  _globals['_GETLOADREQUEST']._serialized_start=1099
-  _globals['_GETLOADREQUEST']._serialized_end=1115
-  _globals['_WORKERLOAD']._serialized_start=1118
-  _globals['_WORKERLOAD']._serialized_end=1442
-  _globals['_GETWORKERINFOREQUEST']._serialized_start=1444
-  _globals['_GETWORKERINFOREQUEST']._serialized_end=1466
-  _globals['_WORKERINFO']._serialized_start=1469
-  _globals['_WORKERINFO']._serialized_end=1614
-  _globals['_WORKERCONTROL']._serialized_start=1736
-  _globals['_WORKERCONTROL']._serialized_end=1963
+  _globals['_ENGINESAMPLINGPARAMS']._serialized_end=661
+  _globals['_ENGINESAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=613
+  _globals['_ENGINESAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=661
+  _globals['_SAMPLEOUTPUT']._serialized_start=664
+  _globals['_SAMPLEOUTPUT']._serialized_end=814
+  _globals['_REQUESTOUTPUT']._serialized_start=817
+  _globals['_REQUESTOUTPUT']._serialized_end=1012
+  _globals['_SAMPLEPROGRESS']._serialized_start=1014
+  _globals['_SAMPLEPROGRESS']._serialized_end=1074
+  _globals['_WORKERABORTREQUEST']._serialized_start=1076
+  _globals['_WORKERABORTREQUEST']._serialized_end=1116
+  _globals['_WORKERABORTRESPONSE']._serialized_start=1118
+  _globals['_WORKERABORTRESPONSE']._serialized_end=1154
+  _globals['_GETLOADREQUEST']._serialized_start=1156
+  _globals['_GETLOADREQUEST']._serialized_end=1172
+  _globals['_WORKERLOAD']._serialized_start=1175
+  _globals['_WORKERLOAD']._serialized_end=1499
+  _globals['_GETWORKERINFOREQUEST']._serialized_start=1501
+  _globals['_GETWORKERINFOREQUEST']._serialized_end=1523
+  _globals['_WORKERINFO']._serialized_start=1526
+  _globals['_WORKERINFO']._serialized_end=1671
+  _globals['_WORKERCONTROL']._serialized_start=1793
+  _globals['_WORKERCONTROL']._serialized_end=2020
 # @@protoc_insertion_point(module_scope)
