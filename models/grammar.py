@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import llguidance
 import torch
 
 from pdserve.models.sampling_params import StructuredOutput
+
+logger = logging.getLogger("pdserve.models")
 
 GRAMMAR_CACHE_SIZE = 256
 MASK_THREADS = 2  # threads filling masks (the fill releases the GIL)
@@ -96,6 +100,19 @@ class GrammarCompiler:
         self.executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
                                               bitmask.shape[1] * 4, len(matchers))
         return bitmask
+
+
+def compiler_for(tokenizer: Any, vocab_size: int | None) -> GrammarCompiler | None:
+    """Constraints for a pdserve Tokenizer (None without one, or when llguidance cannot read it: the
+    caller then refuses constrained requests)."""
+    backend = getattr(tokenizer, "backend", None)
+    if backend is None or not vocab_size:
+        return None
+    try:
+        return GrammarCompiler(backend.to_str(), vocab_size, tokenizer.eos_token_ids)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        logger.warning("structured outputs are off: llguidance cannot read this tokenizer (%s)", exc)
+        return None
 
 
 def mask_disallowed(logits: torch.Tensor, bitmask: torch.Tensor) -> None:

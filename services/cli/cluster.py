@@ -107,18 +107,28 @@ class LocalCluster:
             self._wait_ready(router, timeout_s)
             self._wait_serving(router.address, timeout_s)
             if self.openai:
-                args = ["--router", router.address, *self.openai_args]
-                self._wait_ready(self._spawn("openai", 0, self.openai_port or free_port(), args), timeout_s)
+                self.add_openai_server(self.openai_args, self.openai_port, timeout_s=timeout_s)
             return self
         except BaseException:
             self.stop()
             raise
 
-    def _spawn(self, role: str, index: int, port: int, args: list[str] | None = None) -> ServerProcess:
+    def add_openai_server(self, args: list[str], port: int = 0, model_dir: str | None = None,
+                          timeout_s: float = 120.0) -> ServerProcess:
+        """Start (another) `serve openai` in front of the running router; `model_dir` (default the cluster's) gives
+        its tokenizer and chat template, which may differ from the workers' checkpoint only in the template."""
+        router = next(p for p in self.processes if p.role == "router")
+        index = sum(p.role == "openai" for p in self.processes)
+        proc = self._spawn("openai", index, port or free_port(), ["--router", router.address, *args], model_dir)
+        self._wait_ready(proc, timeout_s)
+        return proc
+
+    def _spawn(self, role: str, index: int, port: int, args: list[str] | None = None,
+               model_dir: str | None = None) -> ServerProcess:
         """Start `pdserve serve ROLE`; `args` replace the cluster's extra_args (engine flags)."""
         log_path = self.log_dir / f"{role}-{index}.log"
         # -P: the caller's directory stays off sys.path (a checkout's kernels/ or models/ would shadow).
-        cmd = [sys.executable, "-P", "-m", "pdserve.cli", "serve", role, "--model", self.model_dir,
+        cmd = [sys.executable, "-P", "-m", "pdserve.cli", "serve", role, "--model", model_dir or self.model_dir,
                "--port", str(port), *self._redis_url_arg(), "--redis-prefix", self.prefix,
                "--worker-id", f"{role}-{index}", "--threads", str(self.threads_per_worker),
                "--metrics-port", "0", *(self.security.args() if self.security else []),

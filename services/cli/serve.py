@@ -106,6 +106,8 @@ CHAT_FLAGS = (
                                                        "event loop (default 2)"),
     ("--chat-max-preparing", "max_preparing", int, "chat prompts being prepared or waiting for a thread; beyond "
                                                    "it 503 with Retry-After (default 16)"),
+    ("--tool-call-parser", "tool_call_parser", str, "the format the model writes tool calls in: hermes, "
+                                                    "llama3_json or mistral (default: the chat template's)"),
 )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import logging
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,24 +22,9 @@ from pdserve.engine.scheduler import ScheduledSample, Scheduler, SchedulerOutput
 from pdserve.engine.speculation import NgramProposer, Proposer
 from pdserve.engine.stats import EngineCounters, EngineStats
 from pdserve.engine.validation import RequestRejectedError, validate_request
-from pdserve.models.grammar import GrammarCompiler, GrammarError
+from pdserve.models.grammar import GrammarError, compiler_for
 from pdserve.models.sampler import Sampler
 from pdserve.models.sampling_params import SamplingParams
-
-logger = logging.getLogger("pdserve.engine")
-
-
-def _grammar_compiler(tokenizer: Any, vocab_size: int | None) -> GrammarCompiler | None:
-    """Structured outputs for the tokenizer (None without one, or when llguidance cannot read it: such an
-    engine refuses constrained requests)."""
-    backend = getattr(tokenizer, "backend", None)
-    if backend is None or vocab_size is None:
-        return None
-    try:
-        return GrammarCompiler(backend.to_str(), vocab_size, tokenizer.eos_token_ids)
-    except (ValueError, RuntimeError, TypeError) as exc:
-        logger.warning("structured outputs are off: llguidance cannot read this tokenizer (%s)", exc)
-        return None
 
 
 class StepInterrupted(Exception):
@@ -79,7 +63,7 @@ class LLMEngine:
             model_config, "max_position_embeddings", num_blocks * config.block_size)
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) if tokenizer is not None else frozenset()
         self.sampler = Sampler(self.eos_token_ids)
-        self.grammars = _grammar_compiler(tokenizer, self.vocab_size)
+        self.grammars = compiler_for(tokenizer, self.vocab_size)
         self.pool = BlockPool(num_blocks, enable_caching=config.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool, config.block_size)
         self.scheduler = Scheduler(config, self.kv)

@@ -97,13 +97,14 @@ class ChatTemplate:
             raise ValueError(f"the chat template does not compile: {exc}") from exc
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-               extra: dict[str, Any] | None = None) -> str:
+               extra: dict[str, Any] | None = None, tools: list[dict[str, Any]] | None = None) -> str:
         """The prompt text for `messages` (validated, see normalize_messages). `extra` are the
-        request's chat_template_kwargs. Raises OpenAIError (400) when the template rejects the
-        conversation (raise_exception) or fails on it."""
+        request's chat_template_kwargs; `tools` the request's tool definitions (None: no tools).
+        Raises OpenAIError (400) when the template rejects the conversation (raise_exception) or
+        fails on it."""
         variables = {**(extra or {}), "messages": messages, "add_generation_prompt": add_generation_prompt,
                      "bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
-                     "tools": None, "documents": None}
+                     "tools": tools or None, "documents": None}
         try:
             return self.template.render(**variables)
         except jinja2.exceptions.SecurityError as exc:

@@ -16,11 +16,12 @@ from typing import Any
 
 from aiohttp import web
 
+from pdserve.models.sampling_params import StructuredOutput
 from pdserve.openai.body import read_body
 from pdserve.openai.echo import join_logprobs, prompt_logprobs_json, prompt_texts, read_echo, text_length, without_generation
 from pdserve.openai.frontend import Frontend, frontend_of
 from pdserve.openai.prompts import chat_prompt_ids, read_prompts
-from pdserve.openai.protocol import read_stream_flags, reject_if_set
+from pdserve.openai.protocol import invalid, read_stream_flags, reject_if_set
 from pdserve.openai.responses import (
     ChoiceResult,
     TokenEvent,
@@ -31,6 +32,8 @@ from pdserve.openai.responses import (
     relay_stream,
 )
 from pdserve.openai.sampling import read_sampling, to_proto
+from pdserve.openai.structured import check_constraint, read_structured
+from pdserve.openai.tools import ToolCallStream, ToolRequest, parse_reply, read_tools, tool_grammar
 from pdserve.v1 import router_pb2
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the completions API
@@ -56,6 +59,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     fields.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
     if echo.on and "logprobs" in fields:
         fields["prompt_logprobs"] = fields["logprobs"]
+    await _constrain(front, fields, read_structured(body))
     reject_if_set(body, "best_of", (None, 1, fields.get("n", 1)))
     stream, include_usage = read_stream_flags(body)
     sampling = to_proto(fields)
@@ -142,13 +146,42 @@ class _CompletionChunks:
         return {**self.head, "choices": [], "usage": usage.as_json()}
 
 
+async def _constrain(front: Frontend, fields: dict[str, Any], constraint: tuple[StructuredOutput, str] | None) -> None:
+    """Compile the request's output constraint (a 400 naming its field when it does not) and add it to the fields."""
+    if constraint is not None:
+        await front.prepare(check_constraint, front.grammars, *constraint)
+        fields["structured"] = constraint[0]
+
+
+def _tool_setup(front: Frontend, body: dict[str, Any]) -> tuple[ToolRequest | None, str | None,
+                                                                 tuple[StructuredOutput, str] | None]:
+    """The request's tools, the format its reply is parsed in (None: not parsed), and its output constraint
+    (its response format's, or the calls a forced tool choice allows)."""
+    tools = read_tools(body)
+    constraint = read_structured(body)
+    if tools is None or not tools.parses:
+        return tools, None, constraint
+    call_format = front.tool_call_format
+    if call_format is None:
+        raise invalid("this model's chat template renders no tools (start the server with --tool-call-parser to "
+                      "name the format the model writes calls in)", "tools")
+    if tools.forced:
+        if constraint is not None:
+            raise invalid(f"tool_choice {tools.choice!r} cannot be combined with {constraint[1]}", "tool_choice")
+        constraint = (StructuredOutput("grammar", tool_grammar(tools, call_format)), "tool_choice")
+    return tools, call_format, constraint
+
+
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     """Handle POST /v1/chat/completions (JSON response, or server-sent events with stream true)."""
     front = frontend_of(request)
     body = await read_body(request)
     model = front.check_model(body)
     fields = read_sampling(body, front.limits, chat=True)
-    prompt_ids = await chat_prompt_ids(front, body, fields.get("max_tokens"))
+    tools, call_format, constraint = _tool_setup(front, body)
+    await _constrain(front, fields, constraint)
+    prompt_ids = await chat_prompt_ids(front, body, fields.get("max_tokens"),
+                                       tools.tools if tools is not None and tools.parses else None)
     # OpenAI's chat default: generate until the context is full (or a stop/eos comes first).
     fields.setdefault("max_tokens", max(1, front.limits.max_model_len - len(prompt_ids)))
     stream, include_usage = read_stream_flags(body)
@@ -161,26 +194,41 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     async with contextlib.aclosing(front.link.generate_many([call], "messages")) as events:
         if stream:
             chunk_head = {**head, "object": "chat.completion.chunk"}
-            return await relay_stream(request, events, _ChatChunks(front, chunk_head, n, want_logprobs),
+            return await relay_stream(request, events, _ChatChunks(front, chunk_head, n, want_logprobs, call_format),
                                       include_usage, front.metrics)
         choices, usage = await collect(events, n)
     front.metrics.count_tokens(usage.as_json()["prompt_tokens"], usage.completion_tokens)
-    return web.json_response({**head, "choices": [
-        {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
-         "logprobs": chat_logprobs(front.strings, c.token_ids, c.logprobs, c.top_logprobs)
-         if want_logprobs else None}
-        for i, c in enumerate(choices)], "usage": usage.as_json()})
+    return web.json_response({**head, "choices": [_chat_choice(front, i, c, want_logprobs, call_format)
+                                                  for i, c in enumerate(choices)], "usage": usage.as_json()})
+
+
+def _chat_choice(front: Frontend, index: int, choice: ChoiceResult, want_logprobs: bool,
+                 call_format: str | None) -> dict[str, Any]:
+    """One choice of a chat response; with tools, the reply's calls parsed out of its text."""
+    message: dict[str, Any] = {"role": "assistant", "content": choice.text}
+    finish_reason = choice.finish_reason
+    if call_format is not None:
+        reply = parse_reply(choice.text, call_format)
+        if reply.tool_calls:
+            message = {"role": "assistant", "content": reply.content, "tool_calls": reply.tool_calls}
+            finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+    return {"index": index, "message": message, "finish_reason": finish_reason,
+            "logprobs": chat_logprobs(front.strings, choice.token_ids, choice.logprobs, choice.top_logprobs)
+            if want_logprobs else None}
 
 
 class _ChatChunks:
     """Turns TokenEvents into chat.completion.chunk objects: a role delta per choice first,
     content deltas, then an empty delta carrying the finish_reason."""
 
-    def __init__(self, front: Frontend, head: dict[str, Any], num_choices: int, want_logprobs: bool) -> None:
+    def __init__(self, front: Frontend, head: dict[str, Any], num_choices: int, want_logprobs: bool,
+                 call_format: str | None = None) -> None:
         self.front = front
         self.head = head
         self.num_choices = num_choices
         self.want_logprobs = want_logprobs
+        # With tools, each choice's text goes through a ToolCallStream (content and call deltas).
+        self.tool_streams = {i: ToolCallStream(call_format) for i in range(num_choices)} if call_format else None
 
     def opening(self) -> list[dict[str, Any]]:
         """One chunk per choice announcing the assistant role."""
@@ -188,6 +236,8 @@ class _ChatChunks:
 
     def chunk(self, event: TokenEvent) -> dict[str, Any] | None:
         """The chunk for one event (None for an empty one)."""
+        if self.tool_streams is not None:
+            return self._tool_chunk(event)
         if event.finish_reason is not None:
             return self._chunk(event.choice, {}, None, event.finish_reason)
         if not event.text and not (self.want_logprobs and event.token_ids):
@@ -196,6 +246,29 @@ class _ChatChunks:
         if self.want_logprobs and event.token_ids:
             logprobs = chat_logprobs(self.front.strings, event.token_ids, event.logprobs, event.top_logprobs)
         return self._chunk(event.choice, {"content": event.text}, logprobs, None)
+
+    def _tool_chunk(self, event: TokenEvent) -> dict[str, Any] | None:
+        """A tools reply's chunk: its text's content and call deltas merged into one delta (logprobs go with
+        the tokens that released them)."""
+        stream = self.tool_streams[event.choice]
+        deltas = stream.push(event.text) if event.text else []
+        finish_reason = event.finish_reason
+        if finish_reason is not None:
+            last, made_calls = stream.finish()
+            deltas += last
+            finish_reason = "tool_calls" if made_calls and finish_reason == "stop" else finish_reason
+        delta: dict[str, Any] = {}
+        for part in deltas:
+            if "content" in part:
+                delta["content"] = delta.get("content", "") + part["content"]
+            else:
+                delta["tool_calls"] = delta.get("tool_calls", []) + part["tool_calls"]
+        logprobs = None
+        if self.want_logprobs and event.token_ids:
+            logprobs = chat_logprobs(self.front.strings, event.token_ids, event.logprobs, event.top_logprobs)
+        if not delta and finish_reason is None and logprobs is None:
+            return None
+        return self._chunk(event.choice, delta, logprobs, finish_reason)
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         """The last chunk when stream_options.include_usage is set: no choices, the usage."""

@@ -24,6 +24,7 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pdserve.models.grammar import compiler_for
 from pdserve.models.source import resolve_model
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.openai.chat_template import ChatTemplate
@@ -32,6 +33,8 @@ from pdserve.openai.metrics import Metrics
 from pdserve.openai.protocol import UNAVAILABLE, OpenAIError, from_rpc_error, invalid
 from pdserve.openai.responses import TokenEvent, TokenStrings
 from pdserve.openai.sampling import Limits
+from pdserve.openai.tools import FORMATS as TOOL_CALL_FORMATS
+from pdserve.openai.tools import format_of_template
 from pdserve.runtime.channels import CHANNEL_OPTIONS, PLAINTEXT, ClientSecurity
 from pdserve.v1 import router_pb2, router_pb2_grpc
 
@@ -48,7 +51,8 @@ class FrontendConfig:
     `Authorization: Bearer` keys (empty: no key needed); router_wait_s: how long to wait for
     the router at start; router_security: TLS and the API key for the front end's channel to the router;
     prepare_threads: threads that render and tokenize chat prompts, with at most max_preparing jobs
-    running or waiting (beyond: 503 with Retry-After).
+    running or waiting (beyond: 503 with Retry-After); tool_call_parser: the format the model writes
+    tool calls in (pdserve.openai.tools), None to take the chat template's.
     """
 
     router: str
@@ -59,8 +63,11 @@ class FrontendConfig:
     router_security: ClientSecurity = PLAINTEXT
     prepare_threads: int = PREPARE_THREADS
     max_preparing: int = MAX_PREPARING
+    tool_call_parser: str | None = None  # the tool-call format; None: the chat template's (openai/tools.py)
 
     def __post_init__(self) -> None:
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_FORMATS:
+            raise ValueError(f"--tool-call-parser must be one of {list(TOOL_CALL_FORMATS)}, got {self.tool_call_parser!r}")
         if self.prepare_threads < 1 or self.max_preparing < 1:
             raise ValueError(f"--chat-prepare-threads ({self.prepare_threads}) and --chat-max-preparing "
                              f"({self.max_preparing}) must be >= 1")
@@ -84,6 +91,8 @@ class Frontend:
         self.created = int(time.time())
         source = tokenizer.chat_template
         self.chat_template = ChatTemplate(source, tokenizer.bos_token, tokenizer.eos_token) if source else None
+        self.tool_call_format = config.tool_call_parser or format_of_template(source)
+        self.grammars = compiler_for(tokenizer, info.vocab_size)
         self.max_preparing = config.max_preparing
         self.preparing = 0  # jobs submitted to the pool and not finished (running or queued)
         self._pool = ThreadPoolExecutor(config.prepare_threads, thread_name_prefix="pdserve-openai-prepare")

@@ -17,6 +17,7 @@ from pdserve.openai.chat_template import ChatTemplate, json_chars, normalize_mes
 from pdserve.openai.frontend import Frontend
 from pdserve.openai.limits import MAX_CHAT_CHARS, MAX_PROMPT_CHARS, MAX_PROMPTS, MAX_RENDERED_CHARS
 from pdserve.openai.protocol import OpenAIError, invalid, opt_bool, opt_dict, reject_if_set, require_text
+from pdserve.openai.tools import template_messages
 
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 
@@ -64,23 +65,23 @@ def _is_token(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-async def chat_prompt_ids(front: Frontend, body: dict[str, Any], max_tokens: int | None) -> list[int]:
-    """The token ids of the rendered conversation. 400 when the model has no chat template, the
-    messages are malformed or over the bounds, the request asks for tools or a structured
-    response format, or the prompt (plus max_tokens, when given) does not fit the context."""
+async def chat_prompt_ids(front: Frontend, body: dict[str, Any], max_tokens: int | None,
+                          tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """The token ids of the rendered conversation (the template sees `tools` when given). 400 when the
+    model has no chat template, the messages are malformed or over the bounds, the request uses the
+    deprecated functions fields, or the prompt (plus max_tokens, when given) does not fit the context."""
     if front.chat_template is None:
         raise invalid("this model has no chat template; use /v1/completions", "messages")
-    for name in ("tools", "functions", "tool_choice", "function_call"):
+    for name in ("functions", "function_call"):
         reject_if_set(body, name, (None, [], "none"))
-    reject_if_set(body, "response_format", (None, {"type": "text"}))
     add_generation_prompt = opt_bool(body, "add_generation_prompt")
     extra = opt_dict(body, "chat_template_kwargs")
     budget = MAX_CHAT_CHARS - (json_chars(extra, "chat_template_kwargs", "chat_template_kwargs") if extra else 0)
     if budget < 0:
         raise invalid(f"chat_template_kwargs has over {MAX_CHAT_CHARS} characters", "chat_template_kwargs")
-    messages = normalize_messages(body.get("messages"), budget)
+    messages = template_messages(normalize_messages(body.get("messages"), budget))
     ids = await front.prepare(render_and_tokenize, front.chat_template, front.tokenizer, messages,
-                              True if add_generation_prompt is None else add_generation_prompt, extra)
+                              True if add_generation_prompt is None else add_generation_prompt, extra, tools)
     if not ids:
         raise invalid("the rendered conversation is empty", "messages")
     context = front.limits.max_model_len
@@ -94,11 +95,12 @@ async def chat_prompt_ids(front: Frontend, body: dict[str, Any], max_tokens: int
 
 
 def render_and_tokenize(template: ChatTemplate, tokenizer: Tokenizer, messages: list[dict[str, Any]],
-                        add_generation_prompt: bool, extra: dict[str, Any] | None) -> list[int]:
+                        add_generation_prompt: bool, extra: dict[str, Any] | None,
+                        tools: list[dict[str, Any]] | None = None) -> list[int]:
     """The prompt's token ids (no special tokens added: the template has them). Runs on a
     preparation thread; raises OpenAIError (400, "messages") for a rendering over
     MAX_RENDERED_CHARS or one that is not valid Unicode."""
-    text = template.render(messages, add_generation_prompt, extra)
+    text = template.render(messages, add_generation_prompt, extra, tools)
     if len(text) > MAX_RENDERED_CHARS:
         raise invalid(f"the rendered conversation has {len(text)} characters; at most {MAX_RENDERED_CHARS} "
                       "are allowed", "messages")

@@ -23,6 +23,7 @@ from pdserve.models.sampling_params import (
 )
 from pdserve.openai.limits import INT32_MAX, MAX_STOP_TOKEN_IDS, UINT32_MAX
 from pdserve.openai.protocol import int_list, invalid, opt_bool, opt_dict, opt_float, opt_int, str_list
+from pdserve.runtime.sampling_proto import structured_to_proto
 from pdserve.v1 import router_pb2
 
 SEED_MIN, SEED_LIMIT = -(2**63), 2**64  # negative seeds (int64, as clients send) wrap to uint64
@@ -108,7 +109,8 @@ def to_proto(fields: dict[str, Any]) -> router_pb2.SamplingParams:
         SamplingParams(**checked, speculative=not fields.get("no_speculation", False))
     except SamplingParamsError as exc:
         raise invalid(str(exc), str(exc).split(" ", 1)[0]) from exc
-    return router_pb2.SamplingParams(**fields)
+    message = {name: value for name, value in fields.items() if name != "structured"}
+    return router_pb2.SamplingParams(**message, structured_output=structured_to_proto(fields.get("structured")))
 
 
 def _put(fields: dict[str, Any], name: str, value: Any) -> None:

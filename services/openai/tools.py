@@ -7,11 +7,12 @@ Three output formats, picked from the checkpoint's chat template (or the server'
   after `<|python_tag|>`; several calls separated by `;`).
 - "mistral": `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`.
 
-`tool_choice`: "none" renders no tools and parses nothing; "auto" parses what the model writes; "required"
-and a named function are guaranteed by constrained decoding (tool_grammar gives the JSON schema of the
-calls the format allows). A streamed reply's calls are sent as OpenAI streams them: content deltas up to
-the format's opening marker, then each call in one delta (index, id, type, name and the whole arguments
-string) once its text is complete; text that turns out not to be a call is sent as content at the end.
+`tool_choice`: "none" renders no tools and parses nothing; "auto" parses what the model writes (any number
+of calls); "required" and a named function are guaranteed by constrained decoding: the reply is exactly one
+call of an allowed function, with arguments that satisfy its parameters schema (tool_grammar). A streamed
+reply's calls are sent as OpenAI streams them: content deltas up to the format's opening marker, then each
+call in one delta (index, id, type, name and the whole arguments string) once its text is complete; text
+that turns out not to be a call is sent as content at the end.
 """
 
 from __future__ import annotations
@@ -127,6 +128,30 @@ def _is_name(name: Any) -> bool:
             and all(c.isascii() and (c.isalnum() or c in "_-") for c in name))
 
 
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages as chat templates expect them: an assistant turn's tool-call arguments, which OpenAI
+    sends as JSON text, as the object they encode (templates print them with tojson)."""
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls")
+        if message.get("role") == "assistant" and isinstance(calls, list):
+            message = {**message, "tool_calls": [_decoded_arguments(call) for call in calls]}
+        out.append(message)
+    return out
+
+
+def _decoded_arguments(call: Any) -> Any:
+    function = call.get("function") if isinstance(call, dict) else None
+    arguments = function.get("arguments") if isinstance(function, dict) else None
+    if not isinstance(arguments, str):
+        return call
+    try:
+        decoded = json.loads(arguments)
+    except (json.JSONDecodeError, RecursionError):
+        return call
+    return {**call, "function": {**function, "arguments": decoded}} if isinstance(decoded, dict) else call
+
+
 def calls_schema(request: ToolRequest, call_format: str) -> dict[str, Any]:
     """The JSON schema of the calls a forced reply may make (the part of the format that is JSON):
     one call object per allowed function, {"name": const, <arguments key>: its parameters}."""
@@ -135,16 +160,18 @@ def calls_schema(request: ToolRequest, call_format: str) -> dict[str, Any]:
                "required": ["name", key], "additionalProperties": False} for name in request.allowed()]
     call = one_of[0] if len(one_of) == 1 else {"anyOf": one_of}
     if call_format == "mistral":
-        return {"type": "array", "items": call, "minItems": 1}
+        return {"type": "array", "items": call, "minItems": 1, "maxItems": 1}
     return call
 
 
 def tool_grammar(request: ToolRequest, call_format: str) -> str:
-    """A Lark grammar (llguidance's dialect, JSON schemas inlined with %json) for a forced reply: one call
-    in the format's syntax, or (hermes, mistral) one or more."""
-    schema = json.dumps(calls_schema(request, call_format), separators=(",", ":"))
+    """A Lark grammar (llguidance's dialect, JSON schemas inlined with %json) for a forced reply: exactly one
+    call in the format's syntax (a reply that may go on calling could call until max_tokens cut it)."""
+    # Compact JSON (as for response formats): a model must not be able to pad a forced call with whitespace.
+    schema = json.dumps({**calls_schema(request, call_format), "x-guidance": {"whitespace_flexible": False}},
+                        separators=(",", ":"))
     if call_format == "hermes":
-        return f'start: call+\ncall: "{_HERMES_OPEN}\\n" body "\\n{_HERMES_CLOSE}"\nbody: %json {schema}\n'
+        return f'start: "{_HERMES_OPEN}\\n" body "\\n{_HERMES_CLOSE}"\nbody: %json {schema}\n'
     if call_format == "mistral":
         return f'start: "{_MISTRAL_OPEN}" body\nbody: %json {schema}\n'
     return f"start: body\nbody: %json {schema}\n"
