@@ -21,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_routing(bench)
     _register_tensor_parallel(bench)
     _register_speculative(bench)
+    _register_structured(bench)
 
 
 def _register_serve(bench: argparse._SubParsersAction) -> None:
@@ -148,6 +149,20 @@ def _register_speculative(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=5, help="alternated runs of each configuration (median)")
     p.add_argument("--out", default=None, help="write speculative.json into this folder")
     p.set_defaults(run=lambda ns: _lazy("pdserve.bench.speculative_bench").run(ns))
+
+
+def _register_structured(bench: argparse._SubParsersAction) -> None:
+    p = bench.add_parser("structured", help="the throughput cost of structured outputs: half a batch under a JSON "
+                                            "schema against none, one run",
+                         description="Greedy decoding of a batch with every other request under a JSON schema, "
+                                     "and with none (services/bench/structured_bench.py): tokens/s ratio, mask time")
+    p.add_argument("--size", default="base", help="make-tiny-model size (random weights)")
+    p.add_argument("--batch", type=int, default=32, help="requests decoded together")
+    p.add_argument("--tokens", type=int, default=64, help="output tokens per request")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--repeats", type=int, default=5, help="alternated runs of each configuration (median)")
+    p.add_argument("--out", default=None, help="write structured.json into this folder")
+    p.set_defaults(run=lambda ns: _lazy("pdserve.bench.structured_bench").run(ns))
 
 
 def _lazy(module: str):
