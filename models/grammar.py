@@ -30,7 +30,7 @@ from pdserve.models.sampling_params import StructuredOutput
 
 logger = logging.getLogger("pdserve.models")
 
-GRAMMAR_CACHE_SIZE = 256
+GRAMMAR_CACHE_SIZE = 64  # compiled constraints kept (a constraint's text is at most 200,000 characters)
 MASK_THREADS = 2  # threads filling masks (the fill releases the GIL)
 
 
@@ -78,7 +78,7 @@ class GrammarCompiler:
         eos = sorted(int(t) for t in eos_token_ids)
         self.vocab_size = vocab_size
         self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos or None)
-        self.executor = llguidance.LLExecutor(num_threads=MASK_THREADS)
+        self._executor: llguidance.LLExecutor | None = None  # its threads start with the first mask
 
     def check(self, structured: StructuredOutput) -> None:
         """Raise GrammarError naming what is wrong when the constraint cannot be used with this tokenizer."""
@@ -96,8 +96,10 @@ class GrammarCompiler:
 
     def fill_bitmask(self, matchers: Sequence[llguidance.LLMatcher]) -> torch.Tensor:
         """[len(matchers), ceil(V / 32)] int32 on the CPU: bit t of row i set when matchers[i] allows token t."""
-        bitmask = torch.full(((len(matchers)), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
-        self.executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor(num_threads=MASK_THREADS)
+        bitmask = torch.full((len(matchers), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+        self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
                                               bitmask.shape[1] * 4, len(matchers))
         return bitmask
 
