@@ -59,7 +59,7 @@ def grammar_text(structured: StructuredOutput) -> str:
             if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
                 raise GrammarError("choice must be a non-empty list of non-empty strings")
             return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
-        return llguidance.LLMatcher.grammar_from_lark(structured.spec)
+        return llguidance.grammar_from("grammar", structured.spec)  # Lark, or GBNF (llama.cpp's) converted
     except (json.JSONDecodeError, RecursionError) as exc:
         raise GrammarError(f"not valid JSON: {exc}") from exc
     except GrammarError:
@@ -88,7 +88,12 @@ class GrammarCompiler:
             raise GrammarError(messages[0] if messages else "the constraint does not compile")
 
     def matcher(self, structured: StructuredOutput) -> llguidance.LLMatcher:
-        """A fresh grammar state at the output's start. Raises GrammarError."""
+        """A fresh grammar state at the output's start: a copy of the constraint's compiled start state (compiled
+        once, kept for the GRAMMAR_CACHE_SIZE constraints last used). Raises GrammarError."""
+        return self._start_state(structured).deep_copy()
+
+    @functools.lru_cache(maxsize=GRAMMAR_CACHE_SIZE)  # noqa: B019 - one compiler per engine, kept for its life
+    def _start_state(self, structured: StructuredOutput) -> llguidance.LLMatcher:
         matcher = llguidance.LLMatcher(self.tokenizer, grammar_text(structured), log_level=0)
         if matcher.is_error():
             raise GrammarError(matcher.get_error())

@@ -32,7 +32,7 @@ class StructuredOutput:
     kind "json_schema": spec is a JSON schema's text; "json_object": any JSON object (spec "");
     "regex": spec is a regular expression the whole output matches; "choice": spec is a JSON list
     of the strings the output may be; "grammar": spec is a Lark grammar (llguidance's dialect,
-    which embeds JSON schemas with %json).
+    which embeds JSON schemas with %json) or a GBNF one (llama.cpp's).
     """
 
     kind: str

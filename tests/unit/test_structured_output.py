@@ -139,3 +139,14 @@ def test_constraints_that_do_not_compile_are_refused_naming_the_problem(tiny, st
     with pytest.raises(RequestRejectedError, match=re.escape(message)):
         engine.add_request("r", [1, 2, 3], greedy(4, structured=structured))
     assert not engine.has_unfinished_requests()
+
+
+def test_grammars_in_lark_and_gbnf_hold(tiny):
+    make_engine, tokenizer = tiny
+    engine = make_engine()
+    prompt = tokenizer.encode("The answer:")
+    for spec in ('start: "yes" | "no" | "later"', 'root ::= "yes" | "no" | "later"'):
+        result = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=1.0, seed=2, n=6,
+                                                          structured=StructuredOutput("grammar", spec)))[0]
+        assert all(s.text in ("yes", "no", "later") and s.finish_reason == "stop" for s in result.samples)
+    assert_no_leaks(engine)
