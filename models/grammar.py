@@ -3,8 +3,9 @@ the per-step token masks.
 
 Why llguidance (measured against xgrammar 0.2.9 on this project's tokenizers, CPU): no runtime
 dependencies (xgrammar imports transformers and pulls triton), the tokenizer comes straight from
-tokenizer.json, ~1 ms to compile any constraint at 32k-128k vocabularies with no cache needed,
-unsupported schema keywords named at compile time (xgrammar ignores `uniqueItems`, `not`, unknown
+tokenizer.json, ~1-3 ms to compile a typical constraint at 32k-128k vocabularies (a 100k-character schema:
+~0.4 s, so compiled constraints are cached and compiled off the serving threads), unsupported schema
+keywords named at compile time (xgrammar ignores `uniqueItems`, `not`, unknown
 formats), and 150/150 schema-valid random samples where xgrammar let raw control characters into
 length-bounded strings. Its masks cost more (median ~20 us, p99 ~0.6 ms per matcher at 32k), so they
 are filled in parallel on an executor's threads, which release the GIL.
@@ -81,11 +82,10 @@ class GrammarCompiler:
         self._executor: llguidance.LLExecutor | None = None  # its threads start with the first mask
 
     def check(self, structured: StructuredOutput) -> None:
-        """Raise GrammarError naming what is wrong when the constraint cannot be used with this tokenizer."""
-        text = grammar_text(structured)
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text, self.tokenizer)
-        if is_error:
-            raise GrammarError(messages[0] if messages else "the constraint does not compile")
+        """Compile the constraint (kept for matcher()); GrammarError naming what is wrong when it cannot be
+        used with this tokenizer. A large schema takes a while (0.1-0.3 s for 100k characters at 128k
+        tokens): callers run this off their event loop and the engine's thread."""
+        self._start_state(structured)
 
     def matcher(self, structured: StructuredOutput) -> llguidance.LLMatcher:
         """A fresh grammar state at the output's start: a copy of the constraint's compiled start state (compiled
@@ -124,8 +124,9 @@ def compiler_for(tokenizer: Any, vocab_size: int | None) -> GrammarCompiler | No
 
 def mask_disallowed(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     """Set logits [R, V] to -inf where the bitmask [R, ceil(V / 32)] has no bit (any device; the mask may be
-    on the CPU). Tokens past the bitmask's width are left alone (there are none when V matches)."""
+    on the CPU). Tokens past the bitmask's width (a padded vocabulary) are never allowed."""
     bits = torch.arange(32, dtype=torch.int32, device=logits.device)
     allowed = ((bitmask.to(logits.device, non_blocking=True).unsqueeze(-1) >> bits) & 1).bool()
     allowed = allowed.view(bitmask.shape[0], -1)[:, :logits.shape[1]]
     logits[:, :allowed.shape[1]].masked_fill_(~allowed, float("-inf"))
+    logits[:, allowed.shape[1]:] = float("-inf")

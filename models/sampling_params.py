@@ -88,6 +88,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         bias = self.logit_bias.items() if hasattr(self.logit_bias, "items") else self.logit_bias
         object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in bias)))
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise SamplingParamsError(f"structured must be a StructuredOutput, got {type(self.structured).__name__}")
         self._check_values()
 
     @property

@@ -94,6 +94,7 @@ class AsyncEngine:
         """
         self._check_open(request_id)
         self.engine.validate_request(prompt_token_ids, params)  # pure: reads only config
+        await asyncio.to_thread(self.engine.prepare_constraint, params)  # may take long: off loop and engine thread
         prompt = [int(t) for t in prompt_token_ids]
 
         def command(engine_id: str) -> Add:
@@ -117,6 +118,7 @@ class AsyncEngine:
         """
         try:
             self._check_open(request_id)
+            await asyncio.to_thread(self.engine.prepare_constraint, params)
         except BaseException:
             if reservation_id is not None and self._thread is not None:
                 self._commands.put(Call(lambda engine: engine.release_reservation(reservation_id)))

@@ -97,13 +97,19 @@ class LLMEngine:
             prompt_token_ids, params, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
             max_num_seqs=self.config.max_num_seqs, num_blocks=self.num_blocks,
             block_size=self.config.block_size, can_detokenize=self.tokenizer is not None)
-        if params.structured is not None:
-            if self.grammars is None:
-                raise RequestRejectedError("structured output needs the model's tokenizer, and this engine has none")
-            try:
-                self.grammars.check(params.structured)
-            except GrammarError as exc:
-                raise RequestRejectedError(f"structured output ({params.structured.kind}): {exc}") from exc
+        if params.structured is not None and self.grammars is None:
+            raise RequestRejectedError("structured output needs the model's tokenizer, and this engine has none")
+
+    def prepare_constraint(self, params: SamplingParams) -> None:
+        """Compile the request's structured-output constraint, if any (cached: later requests with the same
+        one, and the engine's own use of it, find it compiled); RequestRejectedError when it does not compile.
+        Thread-safe: AsyncEngine runs it on a worker thread before the request reaches the engine's."""
+        if params.structured is None or self.grammars is None:
+            return
+        try:
+            self.grammars.check(params.structured)
+        except GrammarError as exc:
+            raise RequestRejectedError(f"structured output ({params.structured.kind}): {exc}") from exc
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         """Queue a request. ValueError on a duplicate id, an empty prompt, or one that cannot fit."""
@@ -125,6 +131,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise RequestRejectedError(f"request id {request_id!r} is already in use")
         self.validate_request(prompt_token_ids, params)
+        self.prepare_constraint(params)
 
     def _new_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
                      sample_indices: Sequence[int]) -> Request:
@@ -405,8 +412,8 @@ class LLMEngine:
                                     request.num_speculative_proposed_tokens, request.num_speculative_accepted_tokens)
                 by_request[request.request_id] = out
             out.samples.append(delta)
-            if request.prompt_logprobs is not None and not request.prompt_logprobs_sent:
-                out.prompt_logprobs, request.prompt_logprobs_sent = request.prompt_logprobs, True
+            if request.prompt_logprobs is not None and not request.scores_prompt:
+                out.prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None  # sent once, not kept
             if sample.is_finished:
                 self.scheduler.free_sample(sample)
         for request_id, out in by_request.items():

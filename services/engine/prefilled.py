@@ -54,8 +54,7 @@ def outcome_after(engine: LLMEngine, prompt_token_ids: Sequence[int], params: Sa
     grammar = engine.grammars.matcher(params.structured) if params.structured is not None else None
     text = []
     for token in generated:
-        complete = grammar is not None and (not grammar.consume_token(int(token)) or grammar.is_stopped())
-        check = checker.append(int(token), complete)
+        check = checker.append(int(token), advance_grammar(grammar, int(token)))
         text.append(check.text_delta)
         if check.finish_reason is not None:
             return check.finish_reason, "".join(text)
@@ -127,7 +126,7 @@ def prime_samples(request: Request, generated: Sequence[Sequence[int]]) -> list[
                 raise RequestRejectedError(f"sample {sample.sample_index}: generated token {token} is outside the "
                                            "request's structured-output constraint")
             sample.output_token_ids.append(token)
-            check = sample.stop_checker.append(token, advance_grammar(sample, token))
+            check = sample.stop_checker.append(token, advance_grammar(sample.grammar, token))
             sample.pending_text += check.text_delta
             if check.finish_reason is not None:
                 sample.finish_reason = check.finish_reason

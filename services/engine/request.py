@@ -90,8 +90,8 @@ class Request:
     Until the prompt is in the KV cache only one sample (the lead sample, the first unfinished one)
     runs; when its prompt is complete the other samples fork from it, sharing the prompt's
     blocks. After a preemption the same happens again (forked goes back to False).
-    prompt_logprobs: the prompt's scores, for a request that asked for them (None otherwise, and
-    on a request continued from another server); prompt_logprobs_sent: they went out in an output.
+    prompt_logprobs: the prompt's scores while the request computes them (None when it did not ask,
+    on a request continued from another server, and once they went out in an output).
     """
 
     request_id: str
@@ -110,7 +110,6 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)  # when the engine got it
     first_scheduled_time: float | None = None  # when it first joined the running batch
     prompt_logprobs: PromptLogprobs | None = None
-    prompt_logprobs_sent: bool = False
 
     @property
     def scores_prompt(self) -> bool:

@@ -146,7 +146,7 @@ class SampleProcessor:
         for row in rows:
             token_id = drawn.token_ids[row]
             sample.output_token_ids.append(token_id)
-            check = sample.stop_checker.append(token_id, advance_grammar(sample, token_id))
+            check = sample.stop_checker.append(token_id, advance_grammar(sample.grammar, token_id))
             delta.token_ids.append(token_id)
             delta.text += sample.pending_text + check.text_delta
             sample.pending_text = ""
@@ -162,17 +162,17 @@ class SampleProcessor:
         return delta
 
 
-def advance_grammar(sample: Sample, token_id: int) -> bool:
-    """Tell the sample's constraint (if any) its next token; True when the constraint is complete with
-    nothing allowed after it (the sample then stops). A token the constraint refuses cannot come from a
-    masked draw (a continued sample's tokens are checked first, see prefilled.py): it ends the sample."""
-    grammar = sample.grammar
+def advance_grammar(grammar: Any, token_id: int) -> bool:
+    """Tell a sample's constraint state (None: unconstrained) its next token; True when the constraint is
+    complete with nothing allowed after it (the sample then stops). A token the constraint refuses cannot come
+    from a masked draw (a continued sample's tokens are checked first, see prefilled.py), but a grammar that
+    ran past llguidance's parser limits refuses every token: either way the sample ends."""
     if grammar is None:
         return False
     if not grammar.consume_token(token_id):
         # (Not the matcher's error text: it quotes the client's grammar, which stays out of the logs.)
-        logger.warning("sample %d: token %d is outside its structured-output constraint; ending it",
-                       sample.seq_id, token_id)
+        logger.warning("token %d refused by a structured-output constraint (or its parser limits); "
+                       "the sample ends there", token_id)
         return True
     return grammar.is_stopped()
 

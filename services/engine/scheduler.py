@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.kv_cache_manager import KVCacheManager
-from pdserve.engine.prompt_logprobs import MAX_SCORED_TOKENS_PER_STEP
+from pdserve.engine.prompt_logprobs import MAX_SCORED_TOKENS_PER_STEP, prompt_rows
 from pdserve.engine.request import Request, RequestStatus, Sample
 
 
@@ -193,12 +193,16 @@ class Scheduler:
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         self._maybe_open_static_batch()
+        deferred: list[Request] = []  # prompts to score, past this step's scoring budget: they keep their places
         while self.waiting and budget > 0:
             request = self.waiting[0]
             if self._static_batch and request.request_id not in self._static_batch:
                 break
             if self.num_running_seqs + len(request.live_samples) > self.config.max_num_seqs:
                 break
+            if request.scores_prompt and self._scoring_budget == 0:
+                deferred.append(self.waiting.popleft())
+                continue
             lead_sample = request.lead_sample
             target = request.target_length(lead_sample)
             # A hit never covers the last token (its logits must be computed), nor any while the prompt is scored.
@@ -206,11 +210,9 @@ class Scheduler:
             num_cached = len(prefix.blocks) * self.kv.block_size
             num_new = min(target - num_cached, budget)
             if request.scores_prompt:
-                num_new = min(num_new, self._scoring_budget)
-            if num_new == 0 or not self.kv.admit(lead_sample, prefix, num_new):
+                num_new = self._within_scoring_budget(request, num_cached, num_new)
+            if not self.kv.admit(lead_sample, prefix, num_new):
                 break
-            if request.scores_prompt:
-                self._scoring_budget -= num_new
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             request.mark_scheduled()
@@ -220,6 +222,16 @@ class Scheduler:
             out.num_cache_hit_tokens += num_cached
             out.num_cache_query_tokens += target
             budget -= self._record(request, [(lead_sample, num_new, [])], out, admitted=True)
+        self.waiting.extendleft(reversed(deferred))
+
+    def _within_scoring_budget(self, request: Request, start: int, num_new: int) -> int:
+        """num_new cut so that the chunk from `start` scores no more prompt positions than this step's scoring
+        budget has left (positions already scored, recomputed after a preemption, cost nothing); charges them."""
+        scores = request.prompt_logprobs
+        first = max(start, scores.num_scored)
+        num_new = min(num_new, first + self._scoring_budget - start)
+        self._scoring_budget -= prompt_rows(scores, request.num_prompt_tokens, start, start + num_new)
+        return num_new
 
     def _maybe_open_static_batch(self) -> None:
         """Static mode: once the previous batch is done, the next k waiting requests form one."""
@@ -244,8 +256,7 @@ class Scheduler:
                 break
             num_new = min(request.target_length(sample) - sample.num_computed_tokens, budget)
             if request.scores_prompt:
-                num_new = min(num_new, self._scoring_budget)
-                self._scoring_budget -= num_new
+                num_new = self._within_scoring_budget(request, sample.num_computed_tokens, num_new)
             proposed: list[int] = []
             spare = budget - 1 - reserve - (len(samples) - position - 1)
             if (num_new == 1 and self.propose is not None and spare > 0 and not request.fork_pending

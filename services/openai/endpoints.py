@@ -77,17 +77,18 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
         scores: dict[int, router_pb2.PromptLogprobs] = {}
         choices, usage = await collect(events, len(prompts) * n, scores)
     front.metrics.count_tokens(usage.as_json()["prompt_tokens"], usage.completion_tokens)
+    prompt_json = {index: prompt_logprobs_json(front.strings, s) for index, s in scores.items()}  # once per prompt
     return web.json_response({**head, "choices": [
-        _completion_choice(front, i, c, echoed[i // n] if echoed else "", scores.get(i // n), want_logprobs)
+        _completion_choice(front, i, c, echoed[i // n] if echoed else "", prompt_json.get(i // n), want_logprobs)
         for i, c in enumerate(choices)], "usage": usage.as_json()})
 
 
 def _completion_choice(front: Frontend, index: int, choice: ChoiceResult, echoed: str,
-                       scores: router_pb2.PromptLogprobs | None, want_logprobs: bool) -> dict[str, Any]:
-    """One choice of a completions response: the echoed prompt (if any) and its scores lead."""
+                       prompt_json: dict[str, Any] | None, want_logprobs: bool) -> dict[str, Any]:
+    """One choice of a completions response: the echoed prompt (if any) and its scores' logprobs object lead."""
     logprobs = None
     if want_logprobs:
-        head = prompt_logprobs_json(front.strings, scores) if scores is not None else None
+        head = prompt_json
         tail = completion_logprobs(front.strings, choice.token_ids, choice.logprobs, choice.top_logprobs,
                                    text_length(head) if head else 0)
         logprobs = join_logprobs(head, tail if choice.token_ids or head is None else None)
@@ -194,16 +195,26 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     async with contextlib.aclosing(front.link.generate_many([call], "messages")) as events:
         if stream:
             chunk_head = {**head, "object": "chat.completion.chunk"}
-            return await relay_stream(request, events, _ChatChunks(front, chunk_head, n, want_logprobs, call_format),
-                                      include_usage, front.metrics)
+            chunks = _ChatChunks(front, chunk_head, n, want_logprobs, call_format, _named(tools))
+            return await relay_stream(request, events, chunks, include_usage, front.metrics)
         choices, usage = await collect(events, n)
     front.metrics.count_tokens(usage.as_json()["prompt_tokens"], usage.completion_tokens)
-    return web.json_response({**head, "choices": [_chat_choice(front, i, c, want_logprobs, call_format)
+    return web.json_response({**head, "choices": [_chat_choice(front, i, c, want_logprobs, call_format, _named(tools))
                                                   for i, c in enumerate(choices)], "usage": usage.as_json()})
 
 
+def _named(tools: ToolRequest | None) -> bool:
+    """The request names the function its reply calls."""
+    return tools is not None and tools.forced and tools.choice != "required"
+
+
+def _calls_finish(finish_reason: str | None, named: bool) -> str | None:
+    """A reply with calls ends with "tool_calls", as OpenAI's do, except under a named tool_choice ("stop")."""
+    return ("stop" if named else "tool_calls") if finish_reason == "stop" else finish_reason
+
+
 def _chat_choice(front: Frontend, index: int, choice: ChoiceResult, want_logprobs: bool,
-                 call_format: str | None) -> dict[str, Any]:
+                 call_format: str | None, named: bool) -> dict[str, Any]:
     """One choice of a chat response; with tools, the reply's calls parsed out of its text."""
     message: dict[str, Any] = {"role": "assistant", "content": choice.text}
     finish_reason = choice.finish_reason
@@ -211,7 +222,7 @@ def _chat_choice(front: Frontend, index: int, choice: ChoiceResult, want_logprob
         reply = parse_reply(choice.text, call_format)
         if reply.tool_calls:
             message = {"role": "assistant", "content": reply.content, "tool_calls": reply.tool_calls}
-            finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+            finish_reason = _calls_finish(finish_reason, named)
     return {"index": index, "message": message, "finish_reason": finish_reason,
             "logprobs": chat_logprobs(front.strings, choice.token_ids, choice.logprobs, choice.top_logprobs)
             if want_logprobs else None}
@@ -222,13 +233,14 @@ class _ChatChunks:
     content deltas, then an empty delta carrying the finish_reason."""
 
     def __init__(self, front: Frontend, head: dict[str, Any], num_choices: int, want_logprobs: bool,
-                 call_format: str | None = None) -> None:
+                 call_format: str | None = None, named: bool = False) -> None:
         self.front = front
         self.head = head
         self.num_choices = num_choices
         self.want_logprobs = want_logprobs
         # With tools, each choice's text goes through a ToolCallStream (content and call deltas).
         self.tool_streams = {i: ToolCallStream(call_format) for i in range(num_choices)} if call_format else None
+        self.named = named
 
     def opening(self) -> list[dict[str, Any]]:
         """One chunk per choice announcing the assistant role."""
@@ -256,7 +268,7 @@ class _ChatChunks:
         if finish_reason is not None:
             last, made_calls = stream.finish()
             deltas += last
-            finish_reason = "tool_calls" if made_calls and finish_reason == "stop" else finish_reason
+            finish_reason = _calls_finish(finish_reason, self.named) if made_calls else finish_reason
         delta: dict[str, Any] = {}
         for part in deltas:
             if "content" in part:

@@ -37,6 +37,10 @@ def read_structured(body: dict[str, Any]) -> tuple[StructuredOutput, str] | None
     if outputs is not None:
         if not isinstance(outputs, dict):
             raise invalid("structured_outputs must be an object", "structured_outputs")
+        unknown = sorted(str(k)[:32] for k in outputs if k not in _STRUCTURED_OUTPUTS_KEYS)
+        if unknown:
+            raise invalid(f"structured_outputs: {unknown} not supported (use one of {list(_STRUCTURED_OUTPUTS_KEYS)})",
+                          "structured_outputs")
         for key, kind in _STRUCTURED_OUTPUTS_KEYS.items():
             if outputs.get(key) not in (None, False):
                 found.append((_constraint(kind, outputs[key], "structured_outputs"), "structured_outputs"))

@@ -5,6 +5,7 @@ Three output formats, picked from the checkpoint's chat template (or the server'
   text before the first tag is the message's content.
 - "llama3_json" (Llama 3.1+): the reply is a JSON object `{"name": ..., "parameters": {...}}` (optionally
   after `<|python_tag|>`; several calls separated by `;`).
+Text after a reply's last well-formed call is dropped (OpenAI's message has no place for it).
 - "mistral": `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`.
 
 `tool_choice`: "none" renders no tools and parses nothing; "auto" parses what the model writes (any number
@@ -213,57 +214,52 @@ def _call_start(text: str, call_format: str) -> int | None:
 
 
 def _parse_calls(text: str, call_format: str) -> list[tuple[str, Any]] | None:
-    """(name, arguments) of each call in text (which starts at the calls); None if any is malformed."""
-    try:
-        if call_format == "hermes":
-            objects = []
-            rest = text
-            while rest.strip():
-                if not rest.lstrip().startswith(_HERMES_OPEN):
-                    return None
-                body, closed, rest = rest.lstrip()[len(_HERMES_OPEN):].partition(_HERMES_CLOSE)
-                if not closed:
-                    return None
-                objects.append(json.loads(body))
-            key = "arguments"
-        elif call_format == "mistral":
-            objects = json.loads(text[len(_MISTRAL_OPEN):])
-            if not isinstance(objects, list):
-                objects = [objects]
-            key = "arguments"
-        else:
-            body = text.strip().removeprefix(_PYTHON_TAG)
-            objects = [json.loads(part) for part in _split_top_level(body, ";")]
-            key = "parameters"
-    except (json.JSONDecodeError, RecursionError):
-        return None
+    """(name, arguments) of the well-formed calls that lead `text` (which starts at the calls), in order; what
+    follows the last of them is not a call and is dropped. None when not even the first call is well-formed.
+    The streamed and the whole reply are parsed by this one function, so both give the same calls."""
+    decoder = json.JSONDecoder()
+    objects: list[Any] = []
+    if call_format == "hermes":
+        rest = text
+        while rest.lstrip().startswith(_HERMES_OPEN):
+            body, closed, after = rest.lstrip()[len(_HERMES_OPEN):].partition(_HERMES_CLOSE)
+            parsed = _json_value(decoder, body.strip()) if closed else None
+            if parsed is None or body.strip()[parsed[1]:].strip():
+                break
+            objects.append(parsed[0])
+            rest = after
+        key = "arguments"
+    elif call_format == "mistral":
+        parsed = _json_value(decoder, text[len(_MISTRAL_OPEN):].lstrip())
+        objects = [] if parsed is None else (parsed[0] if isinstance(parsed[0], list) else [parsed[0]])
+        key = "arguments"
+    else:
+        rest = text.lstrip().removeprefix(_PYTHON_TAG).lstrip()
+        while rest:
+            parsed = _json_value(decoder, rest)
+            if parsed is None:
+                break
+            objects.append(parsed[0])
+            rest = rest[parsed[1]:].lstrip()
+            if not rest.startswith(";"):
+                break
+            rest = rest[1:].lstrip()
+        key = "parameters"
     calls = []
     for obj in objects:
         arguments = obj.get(key, obj.get("arguments", {})) if isinstance(obj, dict) else None
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not isinstance(arguments, dict):
-            return None
+            break
         calls.append((obj["name"], arguments))
     return calls or None
 
 
-def _split_top_level(text: str, separator: str) -> list[str]:
-    """text split at `separator` characters outside JSON strings and brackets."""
-    parts, depth, in_string, escaped, start = [], 0, False, False, 0
-    for i, ch in enumerate(text):
-        if in_string:
-            escaped, in_string = (not escaped and ch == "\\"), in_string and (escaped or ch != '"')
-            continue
-        if ch == '"':
-            in_string = True
-        elif ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-        elif ch == separator and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    parts.append(text[start:])
-    return [p for p in parts if p.strip()]
+def _json_value(decoder: json.JSONDecoder, text: str) -> tuple[Any, int] | None:
+    """The JSON value text starts with and where it ends, or None."""
+    try:
+        return decoder.raw_decode(text)
+    except (json.JSONDecodeError, RecursionError):
+        return None
 
 
 def _openai_call(name: str, arguments: Any) -> dict[str, Any]:
@@ -292,7 +288,8 @@ class ToolCallStream:
             # Hold back what could still be the start of the opening marker.
             return self._content_up_to(len(self.text) - self._possible_marker_prefix())
         deltas = self._content_up_to(self.calls_from)
-        calls = self._complete_calls()
+        # A call can only have completed with a closing character: parse again only then (not at every token).
+        calls = self._complete_calls() if any(c in text for c in "}]>") else None
         if calls is not None and len(calls) > self.num_calls_sent:
             deltas.append({"tool_calls": [self._call_delta(i, *calls[i])
                                           for i in range(self.num_calls_sent, len(calls))]})
@@ -305,8 +302,6 @@ class ToolCallStream:
             return self._content_up_to(len(self.text)), False
         calls = _parse_calls(self.text[self.calls_from:], self.call_format)
         if calls is None:  # not calls after all: the rest is content
-            if self.num_calls_sent:
-                return [], True  # (calls already out: trailing text is dropped, as OpenAI has no place for it)
             return self._content_up_to(len(self.text)), False
         deltas = []
         if len(calls) > self.num_calls_sent:
@@ -332,12 +327,8 @@ class ToolCallStream:
         return 0
 
     def _complete_calls(self) -> list[tuple[str, Any]] | None:
-        """The calls whose text is complete so far (hermes: closed tags; others: the whole text parses)."""
-        text = self.text[self.calls_from:]
-        if self.call_format == "hermes":
-            end = text.rfind(_HERMES_CLOSE)
-            return _parse_calls(text[:end + len(_HERMES_CLOSE)], "hermes") if end >= 0 else None
-        return _parse_calls(text, self.call_format)
+        """The calls whose text is complete so far."""
+        return _parse_calls(self.text[self.calls_from:], self.call_format)
 
     def _call_delta(self, index: int, name: str, arguments: Any) -> dict[str, Any]:
         return {"index": index, **_openai_call(name, arguments)}

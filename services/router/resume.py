@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from pdserve.engine.stop_checker import StopChecker
 from pdserve.models.detokenizer import IncrementalDetokenizer
-from pdserve.models.sampling_params import SamplingParams
+from pdserve.models.sampling_params import SamplingParams, StructuredOutput
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.router.responses import SampleProgressState, StreamState, completion
 from pdserve.runtime.errors import InvalidRequestError
@@ -28,16 +28,25 @@ def params_from_record(record: RequestRecord) -> SamplingParams:
     fields = dict(record.params)
     for name in ("stop", "stop_token_ids"):
         fields[name] = tuple(fields.get(name, ()))
+    fields["logit_bias"] = tuple(tuple(pair) for pair in fields.get("logit_bias", ()))
+    structured = fields.get("structured")
+    fields["structured"] = StructuredOutput(**structured) if structured else None
     fields["seed"] = record.seed
     return SamplingParams(**fields)
 
 
 def released_text(tokenizer: Tokenizer, prompt: Sequence[int], params: SamplingParams,
-                  tokens: Sequence[int]) -> list[str]:
-    """The text a stream of one sample released with each of `tokens` (same length)."""
+                  tokens: Sequence[int], finished: bool = False) -> list[str]:
+    """The text a stream of one sample released with each of `tokens` (same length); `finished`: the sample
+    ended with its last token, so that token released all the text held (also when it ended for a reason the
+    checker cannot see here: its structured-output constraint completed)."""
     checker = StopChecker(IncrementalDetokenizer(tokenizer, prompt_ids=list(prompt)), params,
                           tokenizer.eos_token_ids)
-    return [checker.append(int(t)).text_delta for t in tokens]
+    texts = []
+    for i, token in enumerate(tokens):
+        check = checker.append(int(token), constraint_complete=finished and i == len(tokens) - 1)
+        texts.append(check.text_delta)
+    return texts
 
 
 def resumed_state(record: RequestRecord, params: SamplingParams, received: Sequence[int],
@@ -68,7 +77,8 @@ def resumed_state(record: RequestRecord, params: SamplingParams, received: Seque
             raise InvalidRequestError(f"received_tokens[{index}] = {have} exceeds max_tokens {params.max_tokens}")
         sample = state.samples[index]
         agreed = 0 if restart and finished is None else min(have, len(tokens))
-        texts = released_text(tokenizer, record.prompt_token_ids, params, tokens if finished else tokens[:agreed])
+        texts = released_text(tokenizer, record.prompt_token_ids, params, tokens if finished else tokens[:agreed],
+                              finished == "stop")
         sample.token_ids = list(tokens[:agreed])
         sample.text_chars = sum(len(t) for t in texts[:agreed])
         sample.skip_tokens = have - agreed

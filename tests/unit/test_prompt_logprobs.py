@@ -109,8 +109,10 @@ def test_a_step_scores_a_bounded_number_of_prompt_tokens(tiny):
     engine.add_request("plain", random_prompt(rng, 400), greedy(2))
     engine.step()
     counters = engine.stats().counters
-    # 512 scored tokens of the first prompt; the second scoring prompt waits, and the plain one behind it (FCFS).
-    assert counters.num_prefill_tokens_computed == MAX_SCORED_TOKENS_PER_STEP
+    # 512 scored tokens of the first prompt; the second scoring prompt waits for the next step's budget, and the
+    # plain one behind it does not wait for it.
+    assert counters.num_prefill_tokens_computed == MAX_SCORED_TOKENS_PER_STEP + 400
+    assert engine.requests["r1"].status.value == "waiting" and engine.requests["plain"].status.value == "running"
     results = {}
     while engine.has_unfinished_requests():
         for out in engine.step():

@@ -96,6 +96,14 @@ def _record(tokens: list[list[int]], finished: list[str | None], params: Samplin
     return RequestRecord("req", [3, 4, 5], params_record(params), params.seed, tokens, finished)
 
 
+def test_a_record_keeps_every_sampling_field():
+    from pdserve.models.sampling_params import StructuredOutput
+
+    params = SamplingParams(max_tokens=10, seed=7, logit_bias={5: -2.5, 9: 100.0}, prompt_logprobs=3,
+                            structured=StructuredOutput("json_schema", '{"type": "object"}'))
+    assert params_from_record(_record([[1]], [None], params)) == params
+
+
 def test_resume_from_a_record_that_lags_or_leads_the_client(tokenizer):
     params = SamplingParams(max_tokens=10, temperature=0.0, n=3, seed=7, stop=("zz",))
     record = _record([[10, 11, 12], [20, 21], [30, 31, 32]], [None, None, "stop"], params)

@@ -79,3 +79,22 @@ def test_tool_choice_reads():
     named = read_tools({"tools": [WEATHER, TIME], "tool_choice": {"type": "function", "function": {"name": "get_time"}}})
     assert named.forced and named.allowed() == ["get_time"]
     assert read_tools({"tools": [WEATHER, TIME], "tool_choice": "required"}).allowed() == ["get_weather", "get_time"]
+
+
+@pytest.mark.parametrize("call_format, text", [
+    ("hermes", '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call> and then some words'),
+    ("hermes", '<tool_call>{"name": "get_time", "arguments": {}}</tool_call> x <tool_call>{"name": "a", '
+               '"arguments": {}}</tool_call>'),
+    ("llama3_json", '{"name": "get_time", "parameters": {}} trailing prose'),
+    ("mistral", '[TOOL_CALLS][{"name": "get_time", "arguments": {}}] done.'),
+])
+def test_text_after_the_calls_is_dropped_alike_whole_and_streamed(call_format, text):
+    whole = parse_reply(text, call_format)
+    assert [c["function"]["name"] for c in whole.tool_calls] == ["get_time"]
+    stream, deltas = ToolCallStream(call_format), []
+    for i in range(0, len(text), 2):
+        deltas += stream.push(text[i:i + 2])
+    last, made_calls = stream.finish()
+    streamed = [c for d in deltas + last for c in d.get("tool_calls", [])]
+    assert made_calls and [c["function"]["name"] for c in streamed] == ["get_time"]
+    assert "".join(d.get("content", "") for d in deltas + last).strip() == (whole.content or "")
