@@ -80,8 +80,9 @@ def _mutate_field(rng: random.Random, message: Message, field: FieldDescriptor, 
     value = getattr(message, field.name)
     if _is_map(field):
         value.clear()
+        key_field, value_field = field.message_type.fields_by_name["key"], field.message_type.fields_by_name["value"]
         for _ in range(rng.randint(0, 5)):
-            value[rng.choice(STRINGS)] = rng.choice(STRINGS)
+            value[_scalar(rng, key_field)] = _scalar(rng, value_field)
     elif field.is_repeated and field.cpp_type == FD.CPPTYPE_MESSAGE:
         if rng.random() < 0.3:
             del value[:]
