@@ -94,7 +94,7 @@ class AsyncEngine:
         """
         self._check_open(request_id)
         self.engine.validate_request(prompt_token_ids, params)  # pure: reads only config
-        await asyncio.to_thread(self.engine.prepare_constraint, params)  # may take long: off loop and engine thread
+        await self._prepare_constraint(params)
         prompt = [int(t) for t in prompt_token_ids]
 
         def command(engine_id: str) -> Add:
@@ -118,7 +118,7 @@ class AsyncEngine:
         """
         try:
             self._check_open(request_id)
-            await asyncio.to_thread(self.engine.prepare_constraint, params)
+            await self._prepare_constraint(params)
         except BaseException:
             if reservation_id is not None and self._thread is not None:
                 self._commands.put(Call(lambda engine: engine.release_reservation(reservation_id)))
@@ -135,6 +135,12 @@ class AsyncEngine:
         async with contextlib.aclosing(self._stream(request_id, command)) as outputs:
             async for output in outputs:
                 yield output
+
+    async def _prepare_constraint(self, params: SamplingParams) -> None:
+        """Compile a structured-output constraint on a worker thread (it may take long: off the event loop and the
+        engine's thread); unconstrained requests go on at once (no thread hop)."""
+        if params.structured is not None:
+            await asyncio.to_thread(self.engine.prepare_constraint, params)
 
     def _check_open(self, request_id: str) -> None:
         """Raise unless a new stream with this id may open now."""
